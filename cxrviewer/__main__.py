@@ -1,0 +1,65 @@
+"""Command line: the GUI by default, headless sub-commands otherwise.
+
+    cxrviewer [PATH ...] [--demo]      open the desktop app
+    cxrviewer info PATH ... [--json]   metadata of studies, one line each
+    cxrviewer analyze PATH ... --out DIR   run the pipeline headless
+
+Sub-commands live in :mod:`cxrviewer.cli`, one module each, imported
+explicitly here (explicit imports survive PyInstaller).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .cli import analyze as _analyze
+from .cli import info as _info
+
+#: name -> module with ``add_arguments(parser)`` and ``run(args) -> int``
+SUBCOMMANDS = {
+    "info": _info,
+    "analyze": _analyze,
+}
+
+
+def _gui_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cxrviewer",
+        description="Chest X-ray explainability and annotation desktop. "
+        f"Sub-commands: {', '.join(SUBCOMMANDS)} (cxrviewer SUBCOMMAND --help).",
+    )
+    p.add_argument("paths", nargs="*", help="DICOM/PNG/JPEG files, folders or NIH ChestX-ray14 folders to open")
+    p.add_argument("--demo", action="store_true", help="open the bundled demo studies")
+    p.add_argument("--models", default=None, help="folder of model bundles (default: resources/models)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    p.add_argument("--version", action="version", version=f"cxrviewer {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cxrviewer`` console script."""
+    multiprocessing.freeze_support()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        mod = SUBCOMMANDS[argv[0]]
+        p = argparse.ArgumentParser(prog=f"cxrviewer {argv[0]}", description=mod.__doc__)
+        p.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+        mod.add_arguments(p)
+        args = p.parse_args(argv[1:])
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return int(mod.run(args))
+    args = _gui_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .gui.app import run_gui  # Qt only when the GUI is asked for
+
+    return int(run_gui(args.paths, demo=args.demo, models_dir=args.models))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

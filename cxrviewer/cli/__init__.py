@@ -1,0 +1,1 @@
+"""Headless sub-commands of ``cxrviewer`` (one module each: ``add_arguments``, ``run``)."""

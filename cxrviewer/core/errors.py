@@ -1,0 +1,63 @@
+"""Typed errors with user-readable messages.
+
+Every error cxrviewer raises on purpose derives from :class:`CxrError`, so a
+caller (GUI, CLI, training) can catch one class and show ``str(err)`` to a
+person. Messages name the file and say what is wrong and, where possible, what
+to do about it.
+"""
+from __future__ import annotations
+
+
+class CxrError(Exception):
+    """Base class of every error cxrviewer raises deliberately."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+# ---- study loading -------------------------------------------------------
+class StudyLoadError(CxrError):
+    """A study file could not be read."""
+
+
+class UnsupportedFormatError(StudyLoadError):
+    """The file is not a format cxrviewer reads (or not what its name says)."""
+
+
+class CorruptFileError(StudyLoadError):
+    """The file is truncated, malformed or internally inconsistent."""
+
+
+class MissingDecoderError(StudyLoadError):
+    """Compressed pixel data needs a decoder plugin that is not installed."""
+
+
+class DecodeTimeoutError(StudyLoadError):
+    """The pixel decoder did not finish in time (or crashed) in its child process."""
+
+
+class ImageTooLargeError(StudyLoadError):
+    """Declared image size exceeds the safety limit (checked before allocation)."""
+
+
+class InvalidPixelTransformError(StudyLoadError):
+    """Rescale slope/intercept or VOI window in the header is unusable."""
+
+
+# ---- models, bundles, devices --------------------------------------------
+class BundleError(CxrError):
+    """A model bundle is missing, truncated, unsafe or disagrees with its manifest."""
+
+
+class ModelError(CxrError):
+    """A network could not be built or run (unknown architecture, bad arguments)."""
+
+
+# ---- annotations -----------------------------------------------------------
+class AnnotationStoreError(CxrError):
+    """An annotation store cannot be opened or written."""
+
+
+class ExportError(CxrError):
+    """An export or import failed; nothing was written over the target."""

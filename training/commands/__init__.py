@@ -1,0 +1,1 @@
+"""``cxr-train`` sub-commands, one module each (``add_arguments``, ``run``)."""
