@@ -54,6 +54,10 @@ class ModelError(CxrError):
     """A network could not be built or run (unknown architecture, bad arguments)."""
 
 
+class ExplainError(CxrError):
+    """An explanation method cannot run on this model/output (unknown method, missing output)."""
+
+
 # ---- annotations -----------------------------------------------------------
 class AnnotationStoreError(CxrError):
     """An annotation store cannot be opened or written."""

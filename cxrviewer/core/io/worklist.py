@@ -32,7 +32,12 @@ class StudyRef:
         if self.labels is not None:
             study.labels = dict(self.labels)
         if self.gt_boxes:
-            study.gt_boxes = list(self.gt_boxes)
+            boxes = list(self.gt_boxes)
+            frame = self.extra.get("box_frame")  # NIH boxes live in a 1024 x 1024 frame
+            if frame and study.shape != (int(frame), int(frame)):
+                h, w = study.shape
+                boxes = [b.scaled(w / int(frame), h / int(frame)) for b in boxes]
+            study.gt_boxes = boxes
         if self.patient_id and not study.meta.patient_id:
             study.meta.patient_id = self.patient_id
         if self.view_position and not study.meta.view_position:
