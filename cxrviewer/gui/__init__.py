@@ -1,0 +1,1 @@
+"""Qt desktop: the only package that imports PySide6 / pyqtgraph."""

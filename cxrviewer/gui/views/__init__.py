@@ -1,0 +1,1 @@
+"""Graphics views: the image panel and the layers drawn over it."""

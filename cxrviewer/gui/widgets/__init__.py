@@ -1,0 +1,1 @@
+"""Small widgets: the study list and the message log."""
