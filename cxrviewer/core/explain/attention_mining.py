@@ -1,0 +1,237 @@
+"""Attention mining (AM): iterative-attention-mining.txt Eq. 1-3 (training erasure), Eq. 7-8 (maps).
+
+At step ``t`` (``M_0 = 1``)::
+
+    H_t = (X * M_{t-1}) . w^c                                   (Eq. 7)
+
+``H_t`` is rescaled to [0, 1] and binarised at 0.5; ``M_t`` is ``M_{t-1}`` with the connected
+component that contains the global maximum set to 0. The final map is::
+
+    H_f = 1/T sum_{t=1..T} [ H_t + sum_{t'<t} H_{t'} * (1 - M_{t'}) ]   (Eq. 8)
+
+``M_t`` is cumulative (the paper: "M_t is updated from M_{t-1}"), 1 = kept, 0 = erased.
+Eq. 7 has no bias term, so none is used. Two details the paper leaves open, decided here:
+the global maximum is searched among the not-yet-erased cells (an erased cell can only hold
+the value 0, which is the maximum only when every kept cell is negative), and a constant map
+(nothing left to rank) erases nothing.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrviewer.core.explain._components import label_components, normalize01
+from cxrviewer.core.explain.registry import Explainer, register_explainer, to_numpy
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AttentionMiningExplainer",
+    "AttentionMiningResult",
+    "attention_mining",
+    "erase_features",
+    "erasure_masks",
+    "erasure_step",
+    "masked_class_logits",
+]
+
+
+def erasure_step(heat: np.ndarray, keep: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """One AM erasure (iterative-attention-mining.txt Sec. 3.2): new keep-mask ``M_t`` from ``H_t``.
+
+    ``heat`` ``[h, w]`` raw map, ``keep`` ``[h, w]`` current mask ``M_{t-1}`` (1 kept, 0 erased).
+    The map is min-max normalised, binarised at ``threshold`` and the 8-connected component
+    holding the maximum over kept cells is zeroed in the returned copy of ``keep``.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    out = keep.copy()
+    if not keep.any():
+        return out
+    norm = normalize01(heat)
+    if float(norm.max()) <= 0.0:  # constant map: nothing to mine
+        return out
+    masked = np.where(keep, norm, -np.inf)
+    peak = np.unravel_index(int(np.argmax(masked)), masked.shape)
+    binary = (norm >= threshold) & keep
+    if not binary[peak]:  # kept maximum below threshold (rare: all kept cells are low)
+        return out
+    lab, _ = label_components(binary)
+    out[lab == lab[peak]] = False
+    return out
+
+
+@dataclass
+class AttentionMiningResult:
+    """Per-step maps of attention mining for one class, batched ``[B, h, w]``.
+
+    ``heatmaps[t-1]`` is ``H_t`` (Eq. 7), ``masks[t-1]`` is ``M_t`` (1 kept, 0 erased, cumulative),
+    ``final`` is ``H_f`` (Eq. 8).
+    """
+
+    heatmaps: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    final: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return len(self.heatmaps)
+
+    @property
+    def erased(self) -> list[torch.Tensor]:
+        """``1 - M_t``: the regions erased up to and including step ``t``."""
+        return [1.0 - m for m in self.masks]
+
+
+def attention_mining(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    class_index: int,
+    steps: int = 3,
+    threshold: float = 0.5,
+    scale: torch.Tensor | None = None,
+) -> AttentionMiningResult:
+    """Run ``steps`` AM steps (T = 3 is the paper's choice) on ``features`` for one class.
+
+    features ``[B, K, h, w]`` (or ``[K, h, w]``), weight ``[C, K]`` (the classifier's ``W`` from
+    ``model.cam_weights()``). Implements iterative-attention-mining.txt Eq. 7-8; never re-runs
+    the backbone. ``scale`` (broadcastable to ``[B, h, w]``) multiplies the features of this
+    class first: for DM models ``1 + psi_c``, so that ``H_1`` is the attention-guided CAM of
+    disease-masks-attention.txt Eq. 4-5.
+    """
+    if features.dim() == 3:
+        features = features.unsqueeze(0)
+    if steps < 1:
+        raise ValueError("attention mining needs at least one step")
+    with torch.no_grad():
+        x = features.detach().float()
+        w = weight.detach().float()[class_index].to(x.device)  # [K]
+        b, _, h, wd = x.shape
+        keep = torch.ones(b, h, wd, dtype=torch.float32, device=x.device)  # M_0
+        heatmaps: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        for _ in range(steps):
+            ht = torch.einsum("bkhw,k->bhw", x * keep.unsqueeze(1), w)  # Eq. 7
+            if scale is not None:
+                ht = ht * scale.to(ht)
+            ht_np = ht.cpu().numpy()
+            keep_np = keep.cpu().numpy() > 0.5
+            new = np.stack([erasure_step(ht_np[i], keep_np[i], threshold) for i in range(b)])
+            keep = torch.from_numpy(new.astype(np.float32)).to(x.device)
+            heatmaps.append(ht)
+            masks.append(keep)
+        # Eq. 8: fill erased regions from the earlier heat maps, then average.
+        total = torch.zeros_like(heatmaps[0])
+        fill = torch.zeros_like(heatmaps[0])  # sum_{t'<t} H_t' * (1 - M_t')
+        for ht, mt in zip(heatmaps, masks):
+            total = total + ht + fill
+            fill = fill + ht * (1.0 - mt)
+        final = total / steps
+    return AttentionMiningResult(heatmaps=heatmaps, masks=masks, final=final)
+
+
+def erasure_masks(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    classes: torch.Tensor | Sequence[int] | None = None,
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """Class-specific erasure masks ``M^c`` for training (iterative-attention-mining.txt Eq. 1, Sec. 3.2).
+
+    The mask of class ``c`` is one AM step from ``M_0 = 1`` on the CAM of ``c``. With ``classes``
+    ``[B]`` (one class per sample) returns ``[B, h, w]``; with ``None`` every class: ``[B, C, h, w]``.
+    Masks carry no gradient (they are a discrete choice).
+    """
+    with torch.no_grad():
+        x = features.detach().float()
+        cams = torch.einsum("bkhw,ck->bchw", x, weight.detach().float().to(x.device)).cpu().numpy()
+        b, c, h, w = cams.shape
+        ones = np.ones((h, w), dtype=bool)
+        if classes is None:
+            out = np.stack(
+                [np.stack([erasure_step(cams[i, k], ones, threshold) for k in range(c)]) for i in range(b)]
+            )
+        else:
+            cls = [int(v) for v in torch.as_tensor(classes).reshape(-1).tolist()]
+            if len(cls) != b:
+                raise ValueError(f"need one class per sample: {len(cls)} classes for batch {b}")
+            out = np.stack([erasure_step(cams[i, cls[i]], ones, threshold) for i in range(b)])
+    return torch.from_numpy(out.astype(np.float32)).to(features.device, features.dtype)
+
+
+def erase_features(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    classes: torch.Tensor | Sequence[int],
+    threshold: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Erased feature map ``X_hat = X * M^c`` (iterative-attention-mining.txt Eq. 1), one class per sample.
+
+    Returns ``(erased [B, K, h, w], mask [B, h, w])``; gradients flow to ``features`` through the
+    kept cells only.
+    """
+    mask = erasure_masks(features, weight, classes, threshold)
+    return features * mask.unsqueeze(1), mask
+
+
+def masked_class_logits(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    masks: torch.Tensor,
+) -> torch.Tensor:
+    """Branch logits ``(w^c)^T GAP(X * M^c) (+ b_c)`` for every class (iterative-attention-mining.txt Eq. 2).
+
+    ``masks [B, C, h, w]``. Computed without materialising ``C`` erased copies of ``X``:
+    ``w^c . GAP(X * M^c) = mean_hw(M^c * (w^c . X))``. Feed to BCE-with-logits and average over
+    classes for ``L_cls`` (Eq. 3).
+    """
+    cams = torch.einsum("bkhw,ck->bchw", features, weight.to(features.dtype))
+    logits = (cams * masks.to(cams.dtype)).mean(dim=(-2, -1))
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return logits
+
+
+@register_explainer("attention_mining")
+class AttentionMiningExplainer(Explainer):
+    """AM steps on the model's "features" with its CAM weights (Eq. 7-8); never re-runs the backbone."""
+
+    title = "Attention mining (AM)"
+    families = ("classifier",)
+    needs_model = True
+    steps = 3
+
+    def explain(
+        self,
+        output: Mapping[str, torch.Tensor],
+        class_index: int,
+        *,
+        model: torch.nn.Module | None = None,
+        inputs: Any = None,
+        **context: Any,
+    ) -> dict[str, np.ndarray]:
+        feats = self._require(output, "features")
+        weight = context.get("weight")
+        if weight is None:
+            if model is None or not hasattr(model, "cam_weights"):
+                from cxrviewer.core.errors import ExplainError
+
+                raise ExplainError("attention mining needs the model (its cam_weights()) or weight=")
+            weight, _ = model.cam_weights()
+        scale = context.get("scale")
+        if scale is None and model is not None and hasattr(model, "class_scale"):
+            cs = model.class_scale(feats)  # DM models: 1 + psi_c (Eq. 4); None for the others
+            scale = None if cs is None else cs[:, class_index]
+        res = attention_mining(
+            feats, weight, class_index, steps=int(context.get("steps", self.steps)), scale=scale
+        )
+        maps: dict[str, np.ndarray] = {"final": to_numpy(res.final)}
+        for t, (ht, mt) in enumerate(zip(res.heatmaps, res.masks), start=1):
+            maps[f"step{t}"] = to_numpy(ht)
+            maps[f"erased{t}"] = to_numpy(1.0 - mt)
+        return maps

@@ -1,0 +1,151 @@
+"""Heat map -> boxes.
+
+- :func:`heatmap_to_boxes`: normalise to [0, 1] (for extraction only), threshold, one box per
+  8-connected component (ChestX-ray8 procedure as used in baseline-cam-space-attention-gated.txt
+  Sec. 4.1: heat map scaled to [0, 255], threshold 180, i.e. 180/255 ~ 0.7 here).
+- :func:`ranked_boxes`: iterative-attention-mining.txt Sec. 3.2 "Bbox Generation": three boxes per
+  map at decreasing thresholds, ranked by the mean heat inside.
+- :func:`grid_to_boxes`: CIA-Net's test procedure (cia-net-alignment-contrast-attention.txt
+  Sec. 3.3): grid cells with probability above 0.5 are positive; components -> boxes.
+- :func:`box_to_grid`: the grid labels of CIA-Net's box loss (Sec. 3.2: a cell is 1 when it
+  overlaps the projected ground-truth box).
+
+Boxes are :class:`cxrviewer.core.geometry.Box` in image pixels; the map is assumed to cover the
+whole image (``image_size=(H, W)``; default: the map's own size). Scores are the mean of the map
+(as given, raw values) over the box's cells. For boxes finer than a feature cell, resize the map
+first (``cam.upsample_maps``), as ChestX-ray8 does before thresholding.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from cxrviewer.core.explain._components import label_components, normalize01
+from cxrviewer.core.geometry import Box
+
+__all__ = [
+    "CHESTXRAY8_THRESHOLD",
+    "AM_THRESHOLDS",
+    "box_to_grid",
+    "grid_to_boxes",
+    "heatmap_to_boxes",
+    "ranked_boxes",
+]
+
+#: ChestX-ray8 / baseline-cam Sec. 4.1: threshold 180 on a [0, 255] heat map.
+CHESTXRAY8_THRESHOLD = 180.0 / 255.0
+#: Decreasing thresholds for the AM "three boxes" scheme (values not given in the paper).
+AM_THRESHOLDS: tuple[float, ...] = (0.75, 0.5, 0.25)
+
+
+def _as_2d(heat: np.ndarray | torch.Tensor) -> np.ndarray:
+    a = heat.detach().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat)
+    a = np.squeeze(a.astype(np.float64))
+    if a.ndim != 2:
+        raise ValueError(f"a heat map must be 2-D, got shape {a.shape}")
+    return a
+
+
+def _component_boxes(
+    raw: np.ndarray, binary: np.ndarray, label: str, image_size: tuple[int, int] | None, min_cells: int
+) -> list[Box]:
+    h, w = raw.shape
+    ih, iw = image_size if image_size is not None else (h, w)
+    sy, sx = ih / h, iw / w
+    lab, n = label_components(binary)
+    boxes = []
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None or int((lab[sl] == k).sum()) < min_cells:
+            continue
+        ys, xs = sl
+        score = float(raw[sl].mean())
+        boxes.append(
+            Box(label, xs.start * sx, ys.start * sy, (xs.stop - xs.start) * sx, (ys.stop - ys.start) * sy, score)
+        )
+    return boxes
+
+
+def heatmap_to_boxes(
+    heat: np.ndarray | torch.Tensor,
+    threshold: float = CHESTXRAY8_THRESHOLD,
+    *,
+    label: str = "",
+    image_size: tuple[int, int] | None = None,
+    min_cells: int = 1,
+) -> list[Box]:
+    """Boxes of the connected components of ``N(heat) >= threshold``, best score first.
+
+    ``heat`` ``[h, w]`` (raw values; rescaled to [0, 1] here only to threshold). Box coordinates
+    are scaled from map cells to ``image_size = (H, W)``; score = mean raw heat inside the box.
+    """
+    raw = _as_2d(heat)
+    boxes = _component_boxes(raw, normalize01(raw) >= threshold, label, image_size, min_cells)
+    return sorted(boxes, key=lambda b: -(b.score or 0.0))
+
+
+def ranked_boxes(
+    heat: np.ndarray | torch.Tensor,
+    thresholds: Sequence[float] = AM_THRESHOLDS,
+    *,
+    n: int = 3,
+    label: str = "",
+    image_size: tuple[int, int] | None = None,
+) -> list[Box]:
+    """Up to ``n`` boxes from one map at decreasing thresholds, ranked by mean heat inside.
+
+    iterative-attention-mining.txt Sec. 3.2. The paper does not say which box a threshold gives;
+    our reading: at each threshold every connected component gives a box (the component holding
+    the maximum grows as the threshold falls, separate findings give their own boxes); duplicates
+    are dropped, all are ranked by mean heat and ``n`` kept (the paper: "H_f would just allow to
+    generate fewer than 3 bboxes").
+    """
+    raw = _as_2d(heat)
+    norm = normalize01(raw)
+    seen: set[tuple[float, float, float, float]] = set()
+    cands: list[Box] = []
+    for t in sorted(thresholds, reverse=True):
+        for b in _component_boxes(raw, norm >= t, label, image_size, 1):
+            key = (round(b.x, 6), round(b.y, 6), round(b.w, 6), round(b.h, 6))
+            if key not in seen:
+                seen.add(key)
+                cands.append(b)
+    cands.sort(key=lambda b: -(b.score or 0.0))
+    return cands[:n]
+
+
+def grid_to_boxes(
+    grid_probs: np.ndarray | torch.Tensor,
+    threshold: float = 0.5,
+    *,
+    label: str = "",
+    image_size: tuple[int, int] | None = None,
+) -> list[Box]:
+    """CIA-Net grid ``[gh, gw]`` of probabilities -> boxes of the components of cells ``> threshold``.
+
+    cia-net Sec. 3.3 (no normalisation: the grid already holds probabilities). Best score first.
+    """
+    raw = _as_2d(grid_probs)
+    boxes = _component_boxes(raw, raw > threshold, label, image_size, 1)
+    return sorted(boxes, key=lambda b: -(b.score or 0.0))
+
+
+def box_to_grid(box: Box, image_size: tuple[int, int], grid: tuple[int, int] = (16, 16)) -> np.ndarray:
+    """0/1 grid ``[gh, gw]``: cells that overlap ``box`` (positive area) projected onto the grid.
+
+    CIA-Net box labels (cia-net Sec. 3.2, following Li et al.).
+    """
+    ih, iw = image_size
+    gh, gw = grid
+    ch, cw = ih / gh, iw / gw
+    out = np.zeros((gh, gw), dtype=np.float32)
+    x0, x1 = max(box.x, 0.0), min(box.x2, float(iw))
+    y0, y1 = max(box.y, 0.0), min(box.y2, float(ih))
+    if x1 <= x0 or y1 <= y0:
+        return out
+    c0, c1 = int(np.floor(x0 / cw)), int(np.ceil(x1 / cw))
+    r0, r1 = int(np.floor(y0 / ch)), int(np.ceil(y1 / ch))
+    out[r0:r1, c0:c1] = 1.0
+    return out
