@@ -1,0 +1,29 @@
+"""Annotations: a crash-safe SQLite store, an undoable edit log, exports and imports.
+
+Qt-free; the GUI box editor drives :class:`AnnotationStore` + :class:`UndoStack`,
+``cxr-train`` reads a store through :func:`iter_training_records`.
+"""
+from __future__ import annotations
+
+from .export import (
+    EXPORTERS, IMPORTERS, NIH_BBOX_HEADER, atomic_write, export_coco, export_store, export_nih_csv, export_voc, export_yolo,
+    import_coco, import_nih_csv, read_nih_csv,
+)
+from .migrations import MIGRATIONS, SCHEMA_VERSION
+from .model import (
+    BOX_SOURCES, LABEL_CODES, LABEL_STATES, PROPOSAL_STATUSES, REVIEW_STATUSES, AnnotatedBox,
+    Edit, EditConflictError, InvalidBoxError, Op, Proposal, StudyIdentity, StudyRecord,
+    TrainingRecord, clamp_box,
+)
+from .store import (
+    SUFFIX, AnnotationStore, BatchResult, HistoryEntry, UndoStack, iter_training_records,
+)
+
+__all__ = [
+    "AnnotatedBox", "AnnotationStore", "BOX_SOURCES", "BatchResult", "Edit", "EditConflictError",
+    "HistoryEntry", "InvalidBoxError", "LABEL_CODES", "LABEL_STATES", "MIGRATIONS", "Op",
+    "PROPOSAL_STATUSES", "Proposal", "REVIEW_STATUSES", "SCHEMA_VERSION", "SUFFIX",
+    "StudyIdentity", "StudyRecord", "TrainingRecord", "UndoStack", "clamp_box",
+    "iter_training_records", "EXPORTERS", "IMPORTERS", "export_store", "NIH_BBOX_HEADER", "atomic_write", "export_coco", "export_nih_csv",
+    "export_voc", "export_yolo", "import_coco", "import_nih_csv", "read_nih_csv",
+]

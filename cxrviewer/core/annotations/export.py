@@ -1,0 +1,446 @@
+"""Exports (COCO, Pascal VOC, YOLO, NIH ``BBox_List_2017.csv``) and imports (NIH CSV, COCO).
+
+Every file is written atomically: a temp file in the target's folder, fsync,
+``os.replace`` over the target, fsync of the folder. A failing export raises
+:class:`~cxrviewer.core.errors.ExportError` and leaves an existing target
+untouched. Exports carry no patient data: the store keeps none, and the SOP
+Instance UID and the last-seen path (folders may carry a patient's name) are
+written only with ``include_identifiers=True``. File names are base names.
+
+Coordinates are original-image pixels, floats, top-left origin: COCO ``bbox`` is
+``[x, y, w, h]``; VOC ``bndbox`` is the 0-based pixel-edge box ``x, y, x+w, y+h``;
+YOLO is ``class cx cy w h`` normalised by the image size; the NIH CSV is
+``x, y, w, h`` with NIH class spellings ("Infiltrate"). Floats are written with
+``repr`` (shortest exact), so COCO and NIH CSV round-trip bit-exactly.
+
+Imports run in one transaction (nothing is written if any row is bad) and add
+their boxes as one batch edit (a single undo step); studies are
+matched by identity where the file carries one (``cxr_sop_uid``/``cxr_sha256``)
+and otherwise created *unresolved* by file name, to be resolved the first time
+the image is opened (:meth:`AnnotationStore.ensure_study`).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import IO, Any
+
+from ..classes import CLASSES, canonical
+from ..errors import AnnotationStoreError, ExportError
+from .model import AnnotatedBox, Edit, LABEL_STATES, REVIEW_STATUSES, StudyIdentity, StudyRecord
+from .store import AnnotationStore
+
+log = logging.getLogger(__name__)
+
+#: Header line of the NIH release's ``BBox_List_2017.csv`` (sic: 6 columns, 9 header cells).
+NIH_BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+#: NIH spellings that differ from the canonical class names.
+NIH_NAMES: dict[str, str] = {"Infiltration": "Infiltrate"}
+#: Size of the released NIH ChestX-ray14 PNGs (the CSV's boxes are in this space).
+NIH_IMAGE_SIZE = (1024, 1024)
+
+
+# ---- atomic writing ----------------------------------------------------------
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        _fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[IO[bytes]], None] | bytes) -> Path:
+    """Write ``target`` via a temp file in the same folder + fsync + ``os.replace``.
+
+    ``write`` is the bytes or a callable filling a binary file object. On any
+    error the temp file is removed, the target is left as it was and
+    :class:`ExportError` is raised.
+    """
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    tmp: str | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as fh:
+            if isinstance(write, (bytes, bytearray)):
+                fh.write(write)
+            else:
+                write(fh)
+            fh.flush()
+            _fsync(fh.fileno())
+        os.replace(tmp, target)
+        tmp = None
+        _fsync_dir(folder)
+    except (OSError, ValueError, TypeError, AnnotationStoreError) as exc:
+        raise ExportError(f"could not write ({exc}); any existing file was left unchanged",
+                          path=str(target)) from exc
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return target
+
+
+# ---- collecting ------------------------------------------------------------------
+@dataclass
+class _Item:
+    study: StudyRecord
+    name: str  # unique output stem/file name
+    labels: dict[str, str]
+    boxes: list[AnnotatedBox]
+
+
+def _collect(store: AnnotationStore, status: str | Iterable[str] | None,
+             with_empty: bool = True) -> list[_Item]:
+    items: list[_Item] = []
+    used: set[str] = set()
+    for rec in store.studies(status):
+        boxes = store.boxes(rec.id)
+        labels = store.labels(rec.id)
+        if not with_empty and not boxes:
+            continue
+        name = PurePath(rec.identity.file_name).name or f"study_{rec.id}"
+        if name.lower() in used:  # two different images with one file name
+            p = PurePath(name)
+            name = f"{p.stem}_{rec.id}{p.suffix}"
+        used.add(name.lower())
+        items.append(_Item(rec, name, labels, boxes))
+    return items
+
+
+def _num(v: float) -> str:
+    """Shortest exact decimal; integral values without ``.0`` (as in the NIH release)."""
+    r = repr(float(v))
+    return r[:-2] if r.endswith(".0") else r
+
+
+def _nih_name(label: str) -> str:
+    return NIH_NAMES.get(label, label)
+
+
+# ---- COCO ------------------------------------------------------------------------
+def coco_dict(store: AnnotationStore, *, include_identifiers: bool = False,
+              status: str | Iterable[str] | None = None) -> dict:
+    """The store as a COCO detection dict (categories 1..14 in ``CLASSES`` order)."""
+    from .model import utc_now
+
+    images, anns = [], []
+    for it in _collect(store, status):
+        rec = it.study
+        img: dict[str, Any] = {"id": rec.id, "file_name": it.name, "width": rec.width,
+                               "height": rec.height, "cxr_status": rec.status,
+                               "cxr_labels": dict(sorted(it.labels.items()))}
+        if rec.identity.sha256:
+            img["cxr_sha256"] = rec.identity.sha256
+        if include_identifiers:
+            img["cxr_sop_uid"] = rec.identity.sop_uid
+            img["cxr_path"] = rec.path
+        images.append(img)
+        for b in it.boxes:
+            anns.append({"id": b.id, "image_id": rec.id, "category_id": CLASSES.index(b.label) + 1,
+                         "bbox": [b.x, b.y, b.w, b.h], "area": b.w * b.h, "iscrowd": 0,
+                         "cxr_source": b.source, "cxr_model": b.model_name, "cxr_score": b.score,
+                         "cxr_annotator": b.annotator, "cxr_created": b.created,
+                         "cxr_modified": b.modified})
+    return {
+        "info": {"description": "cxrviewer annotations", "version": "1.0",
+                 "date_created": utc_now()},
+        "licenses": [],
+        "categories": [{"id": i + 1, "name": c, "supercategory": "finding"}
+                       for i, c in enumerate(CLASSES)],
+        "images": images,
+        "annotations": anns,
+    }
+
+
+def export_coco(store: AnnotationStore, target: str | os.PathLike, *,
+                include_identifiers: bool = False,
+                status: str | Iterable[str] | None = None) -> Path:
+    """Write a COCO JSON file (atomically)."""
+    data = coco_dict(store, include_identifiers=include_identifiers, status=status)
+    return atomic_write(target, json.dumps(data, indent=1).encode("utf-8"))
+
+
+def import_coco(store: AnnotationStore, source: str | os.PathLike, *,
+                images_dir: str | os.PathLike | None = None,
+                skip_duplicates: bool = True) -> Edit:
+    """Import a COCO JSON (ours or another tool's): boxes, and labels/status if present.
+
+    Category names are matched to the 14 classes (aliases accepted); images are
+    matched by ``cxr_sop_uid``/``cxr_sha256`` when present, else by file name.
+    Returns the batch :class:`Edit` (one undo step).
+    """
+    source = Path(source)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+        cats: dict[int, str] = {}
+        unknown: dict[int, str] = {}
+        for c in data.get("categories", []):
+            try:
+                cats[int(c["id"])] = canonical(str(c["name"]))
+            except KeyError:
+                unknown[int(c["id"])] = str(c.get("name"))
+        images = {int(im["id"]): im for im in data["images"]}
+        anns = list(data.get("annotations", []))
+    except KeyError as exc:
+        raise ExportError(f"not a COCO file this version understands (missing or unknown {exc})",
+                          path=str(source)) from exc
+    except (OSError, ValueError, TypeError) as exc:
+        raise ExportError(f"cannot read the COCO file ({exc})", path=str(source)) from exc
+    sids: dict[int, int] = {}
+    with store.batch(f"import {source.name}") as batch:  # one transaction, one undo step
+        for iid, im in images.items():
+            name = PurePath(str(im["file_name"])).name
+            ident = StudyIdentity(name, im.get("cxr_sop_uid") or None,
+                                  im.get("cxr_sha256") or None)
+            path = (str(Path(images_dir) / name) if images_dir is not None
+                    else im.get("cxr_path") or None)
+            sids[iid] = store.ensure_study(ident, width=int(im["width"]),
+                                           height=int(im["height"]), path=path).id
+        existing = {sid: _box_keys(store, sid) for sid in set(sids.values())}
+        for a in anns:
+            sid = sids[int(a["image_id"])]
+            try:
+                label = cats[int(a["category_id"])]
+            except KeyError:
+                cid = a.get("category_id")
+                what = unknown.get(cid, cid) if isinstance(cid, int) else cid
+                raise ExportError(f"annotation {a.get('id')} has category {what!r}, not one of the "
+                                  "14 classes; nothing was imported", path=str(source)) from None
+            x, y, w, h = (float(v) for v in a["bbox"])
+            if skip_duplicates and (label, x, y, w, h) in existing[sid]:
+                continue
+            existing[sid].add((label, x, y, w, h))
+            source_kind = a.get("cxr_source") if a.get("cxr_source") in ("manual", "model") \
+                else "manual"
+            model_name = a.get("cxr_model") if source_kind == "model" else None
+            if source_kind == "model" and not model_name:
+                source_kind = "manual"
+            store.add_box(sid, label, x, y, w, h, source=source_kind, model_name=model_name,
+                          score=a.get("cxr_score", a.get("score")))
+        for iid, im in images.items():
+            for cls, state in (im.get("cxr_labels") or {}).items():
+                if state in LABEL_STATES:
+                    store.set_label(sids[iid], cls, state)
+            if im.get("cxr_status") in REVIEW_STATUSES and im["cxr_status"] != "unseen":
+                store.set_status(sids[iid], im["cxr_status"])
+    assert batch.edit is not None
+    log.info("imported %d boxes from %s", len(batch.edit.box_ids), source)
+    return batch.edit
+
+
+def _box_keys(store: AnnotationStore, sid: int) -> set[tuple]:
+    return {(b.label, b.x, b.y, b.w, b.h) for b in store.boxes(sid)}
+
+
+# ---- NIH BBox_List_2017.csv ------------------------------------------------------
+def nih_csv_text(store: AnnotationStore, *, status: str | Iterable[str] | None = None) -> str:
+    """The boxes in the NIH ``BBox_List_2017.csv`` layout (header exactly as released)."""
+    buf = io.StringIO()
+    buf.write(NIH_BBOX_HEADER + "\n")
+    w = csv.writer(buf, lineterminator="\n")
+    for it in _collect(store, status, with_empty=False):
+        for b in it.boxes:
+            w.writerow([it.name, _nih_name(b.label), _num(b.x), _num(b.y), _num(b.w), _num(b.h)])
+    return buf.getvalue()
+
+
+def export_nih_csv(store: AnnotationStore, target: str | os.PathLike, *,
+                   include_identifiers: bool = False,
+                   status: str | Iterable[str] | None = None) -> Path:
+    """Write the NIH box CSV (atomically). Image-level labels are not part of this layout.
+
+    ``include_identifiers`` is accepted for a uniform signature; the layout has no
+    field for them (file base names only).
+    """
+    return atomic_write(target, nih_csv_text(store, status=status).encode("utf-8"))
+
+
+def read_nih_csv(source: str | os.PathLike) -> dict[str, list[tuple[str, float, float, float, float]]]:
+    """Parse an NIH box CSV (``.csv`` or ``.csv.gz``): image name -> [(class, x, y, w, h)]."""
+    source = Path(source)
+    out: dict[str, list[tuple[str, float, float, float, float]]] = {}
+    try:
+        raw = source.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"cannot read the NIH box CSV ({exc})", path=str(source)) from exc
+    for n, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if n == 1 and row[0].strip().lower() == "image index":
+            continue
+        try:
+            name = row[0].strip()
+            label = canonical(row[1])
+            x, y, w, h = (float(v) for v in row[2:6])
+        except (IndexError, ValueError, KeyError) as exc:
+            raise ExportError(f"line {n}: not an NIH box row ({exc}): {row!r}",
+                              path=str(source)) from exc
+        out.setdefault(name, []).append((label, x, y, w, h))
+    return out
+
+
+def import_nih_csv(store: AnnotationStore, source: str | os.PathLike, *,
+                   image_size: tuple[int, int] | Callable[[str], tuple[int, int]] = NIH_IMAGE_SIZE,
+                   images_dir: str | os.PathLike | None = None,
+                   identity_fn: Callable[[Path], StudyIdentity] | None = None,
+                   skip_duplicates: bool = True) -> Edit:
+    """Import an NIH box CSV as one batch edit (boxes become "manual" boxes).
+
+    ``image_size`` is ``(width, height)`` of the images the boxes refer to (the
+    released PNGs are 1024 x 1024) or a callable of the image name. With
+    ``images_dir`` the path hint is ``images_dir/name``; with ``identity_fn`` too,
+    existing files get their real identity now (else it is resolved when opened).
+    """
+    rows = read_nih_csv(source)
+    sids: dict[str, int] = {}
+    with store.batch(f"import {Path(source).name}") as batch:  # one transaction, one undo step
+        for name in rows:
+            w, h = image_size(name) if callable(image_size) else image_size
+            path = Path(images_dir) / name if images_dir is not None else None
+            ident = StudyIdentity(PurePath(name).name)
+            if identity_fn is not None and path is not None and path.is_file():
+                ident = identity_fn(path)
+            sids[name] = store.ensure_study(ident, width=w, height=h,
+                                            path=None if path is None else str(path)).id
+        for name, boxes in rows.items():
+            sid = sids[name]
+            existing = _box_keys(store, sid) if skip_duplicates else set()
+            for label, x, y, w, h in boxes:
+                if (label, x, y, w, h) in existing:
+                    continue
+                existing.add((label, x, y, w, h))
+                store.add_box(sid, label, x, y, w, h)
+    assert batch.edit is not None
+    return batch.edit
+
+
+# ---- Pascal VOC and YOLO (one file per image; folder or .zip) ------------------------
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+def voc_xml(item: _Item, include_identifiers: bool = False) -> bytes:
+    """One Pascal VOC annotation XML (0-based float pixel edges; see module docstring)."""
+    rec = item.study
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = (str(PurePath(rec.path).parent)
+                                          if include_identifiers and rec.path else "images")
+    ET.SubElement(root, "filename").text = item.name
+    if include_identifiers and rec.path:
+        ET.SubElement(root, "path").text = rec.path
+    src = ET.SubElement(root, "source")
+    ET.SubElement(src, "database").text = "cxrviewer"
+    size = ET.SubElement(root, "size")
+    ET.SubElement(size, "width").text = str(rec.width)
+    ET.SubElement(size, "height").text = str(rec.height)
+    ET.SubElement(size, "depth").text = "1"
+    ET.SubElement(root, "segmented").text = "0"
+    for b in item.boxes:
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = b.label
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        ET.SubElement(obj, "truncated").text = "0"
+        ET.SubElement(obj, "difficult").text = "0"
+        bb = ET.SubElement(obj, "bndbox")
+        for tag, v in (("xmin", b.x), ("ymin", b.y), ("xmax", b.x + b.w), ("ymax", b.y + b.h)):
+            ET.SubElement(bb, tag).text = _fmt(v)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def yolo_txt(item: _Item) -> bytes:
+    """YOLO lines ``class cx cy w h`` (class = index in ``CLASSES``, coordinates in [0, 1])."""
+    W, H = float(item.study.width), float(item.study.height)
+    lines = [f"{CLASSES.index(b.label)} {(b.x + b.w / 2) / W:.8f} {(b.y + b.h / 2) / H:.8f} "
+             f"{b.w / W:.8f} {b.h / H:.8f}" for b in item.boxes]
+    return ("\n".join(lines) + ("\n" if lines else "")).encode("ascii")
+
+
+def _write_many(target: Path, files: Mapping[str, bytes]) -> Path:
+    """Write ``files`` into a folder (each atomically) or, for ``*.zip``, one atomic zip."""
+    if target.suffix.lower() == ".zip":
+        def fill(fh: IO[bytes]) -> None:
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for name, data in files.items():
+                    zf.writestr(name, data)
+        return atomic_write(target, fill)
+    for name, data in files.items():
+        atomic_write(target / name, data)
+    return target
+
+
+def export_voc(store: AnnotationStore, target: str | os.PathLike, *,
+               include_identifiers: bool = False,
+               status: str | Iterable[str] | None = None) -> Path:
+    """Pascal VOC: one ``<image stem>.xml`` per image, in the folder ``target`` or a ``.zip``."""
+    files = {f"{PurePath(it.name).stem}.xml": voc_xml(it, include_identifiers)
+             for it in _collect(store, status)}
+    return _write_many(Path(target), files)
+
+
+def export_yolo(store: AnnotationStore, target: str | os.PathLike, *,
+                include_identifiers: bool = False,
+                status: str | Iterable[str] | None = None) -> Path:
+    """YOLO: ``classes.txt`` + ``labels/<image stem>.txt`` per image (folder or ``.zip``).
+
+    ``include_identifiers`` is accepted for a uniform signature (YOLO has no such field).
+    """
+    files = {"classes.txt": ("\n".join(CLASSES) + "\n").encode("ascii")}
+    for it in _collect(store, status):
+        files[f"labels/{PurePath(it.name).stem}.txt"] = yolo_txt(it)
+    return _write_many(Path(target), files)
+
+
+#: Export functions by format name (for the CLI / GUI menus); same signature each:
+#: ``fn(store, target, *, include_identifiers=False, status=None) -> Path``.
+EXPORTERS: dict[str, Callable[..., Path]] = {
+    "coco": export_coco,
+    "voc": export_voc,
+    "yolo": export_yolo,
+    "nih-csv": export_nih_csv,
+}
+#: Import functions by format name: ``fn(store, source, ...) -> Edit`` (one undo step).
+IMPORTERS: dict[str, Callable[..., Edit]] = {
+    "coco": import_coco,
+    "nih-csv": import_nih_csv,
+}
+
+
+def export_store(store: AnnotationStore, target: str | os.PathLike, fmt: str, *,
+                 include_identifiers: bool = False,
+                 status: str | Iterable[str] | None = None) -> Path:
+    """Export in format ``fmt`` (a key of :data:`EXPORTERS`)."""
+    try:
+        fn = EXPORTERS[fmt.lower()]
+    except KeyError:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of "
+                          f"{', '.join(EXPORTERS)}", path=str(target)) from None
+    return fn(store, target, include_identifiers=include_identifiers, status=status)
