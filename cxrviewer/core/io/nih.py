@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm")
 #: Pixel frame of the official boxes (the released PNGs are 1024 x 1024).
 BOX_FRAME = 1024
+#: Optional file in a folder stating its own box frame (one integer; synthetic phantoms write it).
+BOX_FRAME_FILE = "box_frame.txt"
+
+
+def _box_frame(root: Path) -> int:
+    try:
+        return int((root / BOX_FRAME_FILE).read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return BOX_FRAME
 
 
 def _find(folder: Path, prefix: str) -> Path | None:
@@ -123,6 +132,7 @@ def read_nih_folder(path: str | Path) -> Worklist:
         raise StudyLoadError("is not an NIH ChestX-ray14 folder (needs images/ and Data_Entry_2017*.csv)",
                              path=str(root))
     images = _index_images(root / "images")
+    frame = str(_box_frame(root))
     wl = Worklist(source=str(root))
     try:
         box_file = _find(root, "BBox_List_2017")
@@ -166,7 +176,7 @@ def read_nih_folder(path: str | Path) -> Worklist:
                     except KeyError:
                         if name not in class_set:
                             wl.errors.append(f"{stem}: unknown finding label {name!r} ignored")
-                extra = {"box_frame": str(BOX_FRAME)}
+                extra = {"box_frame": frame}
                 if i_age is not None:
                     extra["age"] = row[i_age].strip()
                 if i_sex is not None:
