@@ -1,0 +1,139 @@
+"""Run the explanation pipeline headless on studies and write results per study.
+
+    cxrviewer analyze PATH ... [--models DIR] --out DIR [--device auto|cpu|cuda] [--classes NAME ...]
+
+For each study: ``OUT/<study-id>/results.h5`` (all maps, boxes, timings; layout in
+``cxrviewer.core.io.results``), ``summary.json`` (probabilities, boxes, per-stage
+timings, device, models) and ``panels.png`` (original, CAM, aligned, attention
+mining, contrast + paired normal, disease mask, lung/heart masks, as available).
+A study that cannot be read or analysed gets a one-line error; the others go on
+and the exit status is non-zero at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="DICOM/PNG/JPEG files, folders or NIH ChestX-ray14 folders")
+    p.add_argument("--models", default=None, help="folder of *.cxrbundle model bundles (default: resources/models)")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per study)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                   help="classes to mine (attention-mining steps) and draw; the first is drawn in panels.png "
+                        "(default: the most probable class)")
+    p.add_argument("--map-size", type=int, default=512, help="longest side of stored maps (default 512)")
+    p.add_argument("--no-panels", action="store_true", help="do not write panels.png")
+
+
+def _safe_name(study_id: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", study_id).strip("._") or "study"
+    return s[:120]
+
+
+def _box_json(b: Any) -> dict[str, Any]:
+    return {"label": b.label, "x": b.x, "y": b.y, "w": b.w, "h": b.h, "score": b.score}
+
+
+def summary_dict(results: Any, files: dict[str, str]) -> dict[str, Any]:
+    """The JSON summary of one analysed study."""
+    r = results
+    probs = ({n: float(p) for n, p in zip(r.classes, r.probabilities)} if r.probabilities is not None else {})
+    return {
+        "study_id": r.study_id,
+        "source_path": r.source_path,
+        "pixel_sha256": r.pixel_sha256,
+        "image_shape": list(r.image_shape),
+        "classes": list(r.classes),
+        "probabilities": probs,
+        "top_classes": [r.classes[i] for i in r.top_classes(3)],
+        "boxes": {src: [_box_json(b) for b in bs] for src, bs in r.boxes.items()},
+        "timings": r.timings,
+        "total_seconds": float(sum(r.timings.values())),
+        "device": r.device,
+        "models": r.models,
+        "disease_mask_source": r.disease_mask_source,
+        "paired_normal_id": r.paired_normal_id,
+        "notices": list(r.notices),
+        "files": files,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from cxrviewer.core.bundle import default_models_dir
+    from cxrviewer.core.classes import canonical
+    from cxrviewer.core.errors import CxrError
+    from cxrviewer.core.io import open_worklist
+    from cxrviewer.core.io.results import write_results
+    from cxrviewer.core.pipeline import Pipeline
+    from cxrviewer.core.render import save_panels
+
+    def err(msg: str) -> None:
+        print(f"cxrviewer analyze: {msg}", file=sys.stderr)
+
+    models = Path(args.models) if args.models else default_models_dir()
+    classes: list[str] = []
+    for name in args.classes or []:
+        try:
+            classes.append(canonical(name))
+        except KeyError:
+            err(f"unknown class {name!r}")
+            return 2
+    try:
+        pipeline = Pipeline.from_dirs(models, args.device, map_max_side=args.map_size, am_classes=classes)
+    except CxrError as exc:
+        err(str(exc))
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wl = open_worklist(args.paths)
+    failures = len(wl.errors)
+    for e in wl.errors:
+        err(e)
+    if not wl.refs and not wl.errors:
+        err("no studies found in " + ", ".join(args.paths))
+        return 1
+    used: set[str] = set()
+    for ref in wl.refs:
+        t0 = time.perf_counter()
+        try:
+            study = ref.load()
+            results = pipeline.run(study)
+            name = _safe_name(study.study_id)
+            k = 2
+            base = name
+            while name in used:
+                name, k = f"{base}_{k}", k + 1
+            used.add(name)
+            d = out / name
+            d.mkdir(parents=True, exist_ok=True)
+            files = {"results": "results.h5", "summary": "summary.json"}
+            write_results(results, d / "results.h5")
+            if not args.no_panels:
+                c = results.classes.index(classes[0]) if classes and classes[0] in results.classes else None
+                save_panels(study, results, d / "panels.png", class_index=c)
+                files["panels"] = "panels.png"
+            (d / "summary.json").write_text(json.dumps(summary_dict(results, files), indent=2) + "\n",
+                                            encoding="utf-8")
+        except CxrError as exc:
+            failures += 1
+            err(str(exc) if str(ref.path) in str(exc) else f"{ref.path}: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
+            failures += 1
+            log.debug("analysis failed", exc_info=True)
+            err(f"{ref.path}: analysis failed ({type(exc).__name__}: {exc})")
+            continue
+        top = results.top_classes(1)
+        best = f"{results.classes[top[0]]} p={results.probabilities[top[0]]:.3f}" if top else "no classifier"
+        print(f"{study.study_id}: {best}, {time.perf_counter() - t0:.1f} s on {results.device} -> {d}")
+    return 1 if failures else 0

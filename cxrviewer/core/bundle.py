@@ -1,0 +1,534 @@
+"""Model bundles: weights + a JSON manifest + optional arrays, loaded safely.
+
+A bundle is a folder ``NAME.cxrbundle/`` holding
+
+``manifest.json``
+    what the network is (registry architecture name + kwargs, family, class
+    names), how to feed it (input size, normalisation, crop, canonical chest),
+    how it was trained (provenance) and the SHA-256 and size of every other file.
+``weights.pt``
+    a plain ``state_dict`` written by :func:`torch.save`; read with
+    ``torch.load(weights_only=True)``, so a pickle payload is refused instead of
+    run.
+``extras.npz`` (optional)
+    numeric/string arrays read with ``allow_pickle=False``: the CIA normal bank
+    (``normal_bank_images`` uint8 [N,S,S], ``normal_bank_codes`` float32
+    [N,256], ``normal_bank_ids`` str [N]) and disease masks (``disease_masks``
+    float32 [C,h,w], disease-masks Eq. 3).
+
+A folder (not a single archive) keeps each part inspectable with ordinary
+tools, lets the weights be memory-mapped by torch and lets PyInstaller ship
+bundles as data files. See ``resources/models/README.md``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import BundleError, ModelError
+
+log = logging.getLogger(__name__)
+
+#: Manifest format this code writes; bundles with a larger number are refused.
+FORMAT_VERSION = 1
+BUNDLE_SUFFIX = ".cxrbundle"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.pt"
+EXTRAS = "extras.npz"
+
+#: Normalisation kinds understood by :mod:`cxrviewer.core.preprocess`.
+NORMALISATION_KINDS = ("minus1_1", "zero_one", "mean_std")
+FAMILIES = ("classifier", "alignment", "cia", "segmentation")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _registry():
+    """The model registry (imported lazily so bundle.py loads without it)."""
+    from . import models  # noqa: F401  (importing the package registers every family)
+    from .models import create_model, get_spec
+
+    return create_model, get_spec
+
+
+def _cxr_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _git_commit() -> str | None:
+    """The checkout's HEAD commit, or ``None`` (frozen app, no git, no commits)."""
+    head = Path(__file__).resolve().parents[2] / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            ref_path = head.parent / ref[5:]
+            return ref_path.read_text().strip() if ref_path.is_file() else None
+        return ref or None
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+@dataclass
+class Manifest:
+    """The parsed ``manifest.json`` of a bundle (see module docstring)."""
+
+    architecture: str
+    family: str
+    classes: tuple[str, ...]
+    input_size: tuple[int, int]  # (height, width)
+    normalisation: dict[str, Any] = field(default_factory=lambda: {"kind": "minus1_1"})
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    crop: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    canonical_chest: dict[str, Any] | None = None  # {"file": name, "sha256": hex}
+    name: str = ""
+    description: str = ""
+    role: str | None = None  # optional pipeline role hint, e.g. "dm"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {sha256, bytes}
+    extras_info: dict[str, Any] = field(default_factory=dict)  # e.g. {"normal_bank": {"synthetic": true}}
+    inference: dict[str, Any] = field(default_factory=dict)  # e.g. CIA {"upsample_to": 128}
+    format_version: int = FORMAT_VERSION
+    cxrviewer_version: str = ""
+    created: str = ""
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.files.get(WEIGHTS, {}).get("sha256")
+
+    @property
+    def research_demo(self) -> bool:
+        return bool(self.provenance.get("research_demo", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "description": self.description,
+            "architecture": self.architecture,
+            "arch_kwargs": self.arch_kwargs,
+            "family": self.family,
+            "role": self.role,
+            "classes": list(self.classes),
+            "input_size": list(self.input_size),
+            "normalisation": self.normalisation,
+            "crop": self.crop,
+            "canonical_chest": self.canonical_chest,
+            "provenance": self.provenance,
+            "files": self.files,
+            "extras_info": self.extras_info,
+            "inference": self.inference,
+            "cxrviewer_version": self.cxrviewer_version,
+            "created": self.created,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Short JSON-able description for results files and the GUI."""
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "family": self.family,
+            "role": self.role,
+            "input_size": list(self.input_size),
+            "weights_sha256": self.weights_sha256,
+            "research_demo": self.research_demo,
+            "trained": bool(self.provenance.get("trained", True)),
+            "cxrviewer_version": self.cxrviewer_version,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, path: str | None = None) -> "Manifest":
+        if not isinstance(d, Mapping):
+            raise BundleError("manifest.json is not a JSON object", path=path)
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError("manifest.json has no integer 'format_version'", path=path)
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {version} is newer than this cxrviewer reads "
+                f"({FORMAT_VERSION}); update cxrviewer", path=path)
+        for key in ("architecture", "family", "classes", "input_size"):
+            if key not in d:
+                raise BundleError(f"manifest.json lacks '{key}'", path=path)
+        size = d["input_size"]
+        if isinstance(size, int):
+            size = [size, size]
+        if (not isinstance(size, (list, tuple)) or len(size) != 2
+                or not all(isinstance(s, int) and s > 0 for s in size)):
+            raise BundleError(f"manifest 'input_size' must be N or [H, W], got {d['input_size']!r}", path=path)
+        classes = d["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise BundleError("manifest 'classes' must be a list of names", path=path)
+        norm = d.get("normalisation") or {"kind": "minus1_1"}
+        if not isinstance(norm, Mapping) or norm.get("kind") not in NORMALISATION_KINDS:
+            raise BundleError(f"manifest 'normalisation' kind must be one of {NORMALISATION_KINDS}, "
+                              f"got {norm!r}", path=path)
+        crop = d.get("crop") or {"kind": "none"}
+        if not isinstance(crop, Mapping) or crop.get("kind") not in ("none", "box"):
+            raise BundleError(f"manifest 'crop' must be {{'kind': 'none'}} or {{'kind': 'box', ...}}, "
+                              f"got {crop!r}", path=path)
+        return cls(
+            architecture=str(d["architecture"]),
+            family=str(d["family"]),
+            classes=tuple(classes),
+            input_size=(int(size[0]), int(size[1])),
+            normalisation=dict(norm),
+            arch_kwargs=dict(d.get("arch_kwargs") or {}),
+            crop=dict(crop),
+            canonical_chest=d.get("canonical_chest"),
+            name=str(d.get("name") or ""),
+            description=str(d.get("description") or ""),
+            role=d.get("role"),
+            provenance=dict(d.get("provenance") or {}),
+            files=dict(d.get("files") or {}),
+            extras_info=dict(d.get("extras_info") or {}),
+            inference=dict(d.get("inference") or {}),
+            format_version=version,
+            cxrviewer_version=str(d.get("cxrviewer_version") or ""),
+            created=str(d.get("created") or ""),
+        )
+
+
+@dataclass
+class LoadedBundle:
+    """A bundle ready to run: the network (eval mode, no grad), manifest and arrays."""
+
+    model: torch.nn.Module
+    manifest: Manifest
+    extras: dict[str, np.ndarray]
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name or self.path.stem
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.manifest.classes
+
+
+# ---------------------------------------------------------------------------
+def _bundle_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.name == MANIFEST:
+        p = p.parent
+    return p
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Parse and validate ``manifest.json`` of the bundle at ``path`` (no weights read)."""
+    d = _bundle_dir(path)
+    mpath = d / MANIFEST
+    if not d.is_dir():
+        raise BundleError("not a model bundle folder", path=str(d))
+    if not mpath.is_file():
+        raise BundleError("bundle has no manifest.json", path=str(d))
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest.json is not valid JSON ({exc})", path=str(d)) from exc
+    return Manifest.from_dict(raw, path=str(d))
+
+
+def find_bundles(dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Bundle folders (``*.cxrbundle`` with a manifest) directly inside ``dirs``, sorted."""
+    if isinstance(dirs, (str, os.PathLike)):
+        dirs = [dirs]
+    found: list[Path] = []
+    for d in dirs:
+        d = Path(d)
+        if (d / MANIFEST).is_file():
+            found.append(d)
+            continue
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            if p.is_dir() and p.name.endswith(BUNDLE_SUFFIX) and (p / MANIFEST).is_file():
+                found.append(p)
+    return found
+
+
+def _model_num_outputs(model: torch.nn.Module) -> int | None:
+    """Number of output classes a network produces, if it can be told cheaply."""
+    cam_weights = getattr(model, "cam_weights", None)
+    if callable(cam_weights):
+        try:
+            w = cam_weights()[0]
+            return int(w.shape[0])
+        except Exception:  # noqa: BLE001 - a model without a linear head
+            pass
+    kw = getattr(model, "arch_kwargs", None) or {}
+    n = kw.get("num_classes")
+    return int(n) if isinstance(n, int) else None
+
+
+def _check_classes(model: torch.nn.Module, manifest: Manifest, path: str) -> None:
+    if manifest.family in ("classifier", "cia", "segmentation"):
+        n = _model_num_outputs(model)
+        if n is not None and n != len(manifest.classes):
+            raise BundleError(
+                f"manifest lists {len(manifest.classes)} classes but the network "
+                f"'{manifest.architecture}' produces {n} outputs", path=path)
+
+
+def _check_state_dict(model: torch.nn.Module, state: Mapping[str, Any], path: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise BundleError(f"weights lack tensor '{missing[0]}'{more} expected by "
+                          f"architecture '{getattr(model, 'arch', '?')}'", path=path)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise BundleError(f"weights hold unexpected tensor '{unexpected[0]}'{more} not in "
+                          f"architecture '{getattr(model, 'arch', '?')}'", path=path)
+    for k, t in expected.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor):
+            raise BundleError(f"weights entry '{k}' is not a tensor", path=path)
+        if tuple(v.shape) != tuple(t.shape):
+            raise BundleError(f"tensor '{k}' has shape {tuple(v.shape)} in the weights but the "
+                              f"architecture expects {tuple(t.shape)}", path=path)
+
+
+def _check_file(d: Path, name: str, manifest: Manifest, *, required: bool) -> Path | None:
+    p = d / name
+    info = manifest.files.get(name)
+    if not p.is_file():
+        if required or info is not None:
+            raise BundleError(f"bundle file {name} is missing", path=str(d))
+        return None
+    if info is None:
+        if required:
+            raise BundleError(f"manifest.json has no checksum for {name}", path=str(d))
+        log.warning("%s: %s is not listed in the manifest; ignored", d, name)
+        return None
+    size = p.stat().st_size
+    want = info.get("bytes")
+    if isinstance(want, int) and size != want:
+        what = "truncated" if size < want else "longer than recorded"
+        raise BundleError(f"{name} is {what} ({size} bytes, manifest says {want})", path=str(d))
+    sha = _sha256_file(p)
+    if info.get("sha256") and sha != info["sha256"]:
+        raise BundleError(f"{name} SHA-256 {sha[:12]}... does not match the manifest "
+                          f"({str(info['sha256'])[:12]}...); the file was changed or damaged", path=str(d))
+    return p
+
+
+def _load_state_dict(p: Path, bundle: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise BundleError(f"{WEIGHTS} holds objects other than tensors and was refused "
+                          f"(unsafe pickle payload; never executed): {str(exc).splitlines()[0]}",
+                          path=bundle) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise BundleError(f"{WEIGHTS} cannot be read (truncated or not a torch file): "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                          path=bundle) from exc
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise BundleError(f"{WEIGHTS} is not a state_dict (got {type(state).__name__})", path=bundle)
+    return dict(state)
+
+
+def _load_extras(p: Path | None, bundle: str) -> dict[str, np.ndarray]:
+    if p is None:
+        return {}
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except ValueError as exc:  # object arrays need pickle: refused
+        raise BundleError(f"{EXTRAS} holds object arrays and was refused: {exc}", path=bundle) from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BundleError(f"{EXTRAS} cannot be read: {exc}", path=bundle) from exc
+
+
+def build_model(manifest: Manifest, *, path: str | None = None) -> torch.nn.Module:
+    """Construct the (random-weight) network a manifest describes."""
+    create_model, get_spec = _registry()
+    try:
+        spec = get_spec(manifest.architecture)
+    except (ModelError, KeyError) as exc:
+        raise BundleError(f"unknown architecture '{manifest.architecture}' (not in the model "
+                          f"registry of this cxrviewer)", path=path) from exc
+    if spec.family != manifest.family:
+        raise BundleError(f"manifest family '{manifest.family}' disagrees with the registry "
+                          f"('{manifest.architecture}' is a {spec.family})", path=path)
+    try:
+        return create_model(manifest.architecture, **manifest.arch_kwargs)
+    except ModelError as exc:
+        raise BundleError(f"cannot build '{manifest.architecture}': {exc}", path=path) from exc
+    except TypeError as exc:
+        raise BundleError(f"bad arch_kwargs for '{manifest.architecture}': {exc}", path=path) from exc
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedBundle:
+    """Read, verify and build a bundle; the model is in eval mode with ``requires_grad`` off.
+
+    Checks (each a :class:`BundleError` naming the problem): manifest JSON and
+    format version, known architecture, file sizes and SHA-256, tensors only in
+    the weights (``torch.load(weights_only=True)``), tensor names and shapes,
+    class count versus the network's outputs.
+    """
+    d = _bundle_dir(path)
+    manifest = read_manifest(d)
+    bundle = str(d)
+    wpath = _check_file(d, WEIGHTS, manifest, required=True)
+    assert wpath is not None
+    epath = _check_file(d, EXTRAS, manifest, required=False)
+    model = build_model(manifest, path=bundle)
+    _check_classes(model, manifest, bundle)
+    state = _load_state_dict(wpath, bundle)
+    _check_state_dict(model, state, bundle)
+    model.load_state_dict(state, strict=True)
+    extras = _load_extras(epath, bundle)
+    if "disease_masks" in extras and callable(getattr(model, "set_disease_masks", None)):
+        model.set_disease_masks(torch.from_numpy(np.asarray(extras["disease_masks"], dtype=np.float32)))
+    model.eval()
+    model.requires_grad_(False)
+    model.to(device)
+    return LoadedBundle(model=model, manifest=manifest, extras=extras, path=d)
+
+
+# ---------------------------------------------------------------------------
+def _check_extras(extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in extras.items():
+        a = np.asarray(v)
+        if a.dtype == object:
+            raise BundleError(f"extra array '{k}' has dtype object; only numeric/string arrays are allowed")
+        out[str(k)] = a
+    return out
+
+
+def save_bundle(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    classes: Iterable[str],
+    input_size: int | tuple[int, int],
+    normalisation: Mapping[str, Any] | None = None,
+    crop: Mapping[str, Any] | None = None,
+    canonical_chest: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    description: str = "",
+    role: str | None = None,
+    extras: Mapping[str, Any] | None = None,
+    extras_info: Mapping[str, Any] | None = None,
+    inference: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    weights_dtype: str | None = None,
+) -> Path:
+    """Write ``model`` as a bundle folder at ``path`` (``.cxrbundle`` appended if absent).
+
+    The model must come from the registry (attributes ``arch``, ``arch_kwargs``,
+    ``family``). The folder is written beside the target and renamed into place,
+    so a reader never sees half a bundle. Returns the bundle path.
+
+    ``weights_dtype="float16"`` stores floating-point tensors in half precision
+    (half the size on disk, for the bundles shipped in ``resources/``); loading
+    casts them back to the network's own dtype.
+    """
+    if weights_dtype not in (None, "float32", "float16", "bfloat16"):
+        raise BundleError(f"weights_dtype must be float32, float16 or bfloat16, not {weights_dtype!r}")
+    store_dtype = {None: None, "float32": None, "float16": torch.float16,
+                   "bfloat16": torch.bfloat16}[weights_dtype]
+    p = Path(path)
+    if not p.name.endswith(BUNDLE_SUFFIX):
+        p = p.with_name(p.name + BUNDLE_SUFFIX)
+    arch = getattr(model, "arch", None)
+    family = getattr(model, "family", None)
+    if not arch or not family:
+        raise BundleError("model has no 'arch'/'family' attributes; build it with "
+                          "cxrviewer.core.models.create_model", path=str(p))
+    size = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+    prov: dict[str, Any] = {"research_demo": False, "trained": True}
+    prov.update(dict(provenance or {}))
+    prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    prov.setdefault("git_commit", _git_commit())
+    manifest = Manifest(
+        architecture=str(arch),
+        family=str(family),
+        classes=tuple(classes),
+        input_size=(size[0], size[1]),
+        normalisation=dict(normalisation or {"kind": "minus1_1"}),
+        arch_kwargs=dict(getattr(model, "arch_kwargs", {}) or {}),
+        crop=dict(crop or {"kind": "none"}),
+        canonical_chest=dict(canonical_chest) if canonical_chest else None,
+        name=name or p.name[: -len(BUNDLE_SUFFIX)],
+        description=description,
+        role=role,
+        provenance=prov,
+        extras_info=dict(extras_info or {}),
+        inference=dict(inference or {}),
+        cxrviewer_version=_cxr_version(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    Manifest.from_dict(manifest.to_dict(), path=str(p))  # validate what we write
+    _check_classes(model, manifest, str(p))
+    arrays = _check_extras(extras or {})
+    if p.exists() and not overwrite:
+        raise BundleError("bundle already exists (pass overwrite=True)", path=str(p))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if store_dtype is not None:
+            state = {k: (v.to(store_dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        torch.save(state, tmp / WEIGHTS)
+        files = {WEIGHTS: {"sha256": _sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}}
+        if arrays:
+            with open(tmp / EXTRAS, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+            files[EXTRAS] = {"sha256": _sha256_file(tmp / EXTRAS), "bytes": (tmp / EXTRAS).stat().st_size}
+        manifest.files = files
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n",
+                                    encoding="utf-8")
+        if p.exists():
+            old = p.with_name(f".{p.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(p, old)
+            os.replace(tmp, p)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote bundle %s (%s, %d classes)", p, arch, len(manifest.classes))
+    return p
+
+
+def default_models_dir() -> Path:
+    """``resources/models`` of the checkout, or of the frozen app (PyInstaller ``_MEIPASS``)."""
+    import sys
+
+    base = getattr(sys, "_MEIPASS", None)
+    root = Path(base) if base else Path(__file__).resolve().parents[2]
+    return root / "resources" / "models"

@@ -1,0 +1,203 @@
+"""Headless rendering: colour look-up tables and the ``panels.png`` figure (numpy + Pillow).
+
+No matplotlib: the colormaps are 256-entry RGB LUTs (:data:`COLORMAPS`),
+``jet`` computed analytically, the perceptual ones interpolated from anchor
+colours of the published maps (close to, not bit-identical with, matplotlib's).
+The GUI uses the same LUTs (e.g. ``pyqtgraph.ColorMap(np.linspace(0, 1, 256), lut)``).
+Normalising a map to [0, 1] is a display choice made here, never in the data.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+log = logging.getLogger(__name__)
+
+
+def _interp_lut(anchors: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    a = np.asarray(anchors, np.float64)
+    xs = np.linspace(0.0, 1.0, len(a))
+    t = np.linspace(0.0, 1.0, 256)
+    return np.stack([np.interp(t, xs, a[:, k]) for k in range(3)], 1).round().astype(np.uint8)
+
+
+def _jet() -> np.ndarray:
+    t = np.linspace(0.0, 1.0, 256)
+    r = np.clip(1.5 - np.abs(4 * t - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * t - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * t - 1), 0, 1)
+    return (np.stack([r, g, b], 1) * 255).round().astype(np.uint8)
+
+
+#: name -> ``[256, 3]`` uint8 RGB look-up table.
+COLORMAPS: dict[str, np.ndarray] = {
+    "gray": np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1),
+    "jet": _jet(),
+    "viridis": _interp_lut([(68, 1, 84), (72, 36, 117), (65, 68, 135), (53, 95, 141), (42, 120, 142),
+                            (33, 145, 140), (34, 168, 132), (68, 191, 112), (122, 209, 81),
+                            (189, 223, 38), (253, 231, 37)]),
+    "inferno": _interp_lut([(0, 0, 4), (22, 11, 57), (66, 10, 104), (106, 23, 110), (147, 38, 103),
+                            (188, 55, 84), (221, 81, 58), (243, 120, 25), (252, 165, 10),
+                            (246, 215, 70), (252, 255, 164)]),
+    "hot": _interp_lut([(0, 0, 0), (230, 0, 0), (255, 210, 0), (255, 255, 255)]),
+}
+
+#: RGB of the segmentation classes (left lung, right lung, heart).
+SEGMENTATION_COLOURS: tuple[tuple[int, int, int], ...] = ((230, 60, 60), (60, 200, 90), (70, 120, 255))
+
+
+def colormap(name: str) -> np.ndarray:
+    """The ``[256, 3]`` uint8 LUT called ``name`` (KeyError lists the known ones)."""
+    try:
+        return COLORMAPS[name]
+    except KeyError:
+        raise KeyError(f"unknown colormap {name!r}; known: {', '.join(COLORMAPS)}") from None
+
+
+def normalise01(a: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """Min-max (or ``vmin``/``vmax``) scale to [0, 1]; a constant map gives zeros."""
+    a = np.asarray(a, np.float32)
+    lo = float(np.nanmin(a)) if vmin is None else float(vmin)
+    hi = float(np.nanmax(a)) if vmax is None else float(vmax)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros_like(a)
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+
+
+def apply_colormap(values01: np.ndarray, name: str = "jet") -> np.ndarray:
+    """``[H, W]`` values in [0, 1] -> ``[H, W, 3]`` uint8 RGB."""
+    idx = np.clip(np.nan_to_num(np.asarray(values01, np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return colormap(name)[idx]
+
+
+def gray_rgb(img01: np.ndarray) -> np.ndarray:
+    """Grayscale [0, 1] -> ``[H, W, 3]`` uint8."""
+    g = np.clip(np.asarray(img01, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, 2)
+
+
+def _fit(arr: np.ndarray, shape: tuple[int, int], *, nearest: bool = False) -> np.ndarray:
+    """Resize a 2-D float array (or ``[H, W, 3]`` uint8) to ``shape`` with Pillow."""
+    h, w = shape
+    if arr.shape[:2] == (h, w):
+        return arr
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    if arr.ndim == 3:
+        return np.asarray(Image.fromarray(arr).resize((w, h), resample))
+    return np.asarray(Image.fromarray(np.asarray(arr, np.float32), mode="F").resize((w, h), resample))
+
+
+def overlay(base01: np.ndarray, heat: np.ndarray, name: str = "jet", alpha: float = 0.45,
+            *, normalise: bool = True) -> np.ndarray:
+    """Heat map blended over a grayscale image (both resized to the base's shape) -> RGB uint8."""
+    base = gray_rgb(base01).astype(np.float32)
+    h = _fit(np.asarray(heat, np.float32), base01.shape)
+    col = apply_colormap(normalise01(h) if normalise else h, name).astype(np.float32)
+    return np.clip(base * (1 - alpha) + col * alpha + 0.5, 0, 255).astype(np.uint8)
+
+
+def mask_overlay(base01: np.ndarray, masks: np.ndarray,
+                 colours: Sequence[tuple[int, int, int]] = SEGMENTATION_COLOURS, alpha: float = 0.4) -> np.ndarray:
+    """Binary masks ``[K, h, w]`` painted in ``colours`` over a grayscale image."""
+    out = gray_rgb(base01).astype(np.float32)
+    for k, m in enumerate(masks):
+        mk = _fit(np.asarray(m, np.float32), base01.shape, nearest=True) > 0.5
+        out[mk] = out[mk] * (1 - alpha) + np.asarray(colours[k % len(colours)], np.float32) * alpha
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _tile(rgb: np.ndarray, caption: Sequence[str], tile: int, font: Any) -> Image.Image:
+    h, w = rgb.shape[:2]
+    s = tile / max(h, w)
+    im = Image.fromarray(rgb).resize((max(1, int(w * s)), max(1, int(h * s))), Image.Resampling.BILINEAR)
+    line_h = int(font.size * 1.25) if hasattr(font, "size") else 13
+    out = Image.new("RGB", (tile, tile + line_h * len(caption) + 6), (20, 20, 20))
+    out.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
+    d = ImageDraw.Draw(out)
+    for i, text in enumerate(caption):
+        d.text((4, tile + 3 + i * line_h), text, fill=(235, 235, 235), font=font)
+    return out
+
+
+def panel_tiles(study: Any, results: Any, *, class_index: int | None = None) -> list[tuple[np.ndarray, list[str]]]:
+    """The (RGB image, caption lines) of every panel the results allow, in figure order."""
+    base = np.asarray(study.display_image(), np.float32)
+    base_small = _fit(base, results.map_shape)
+    r = results
+    tiles: list[tuple[np.ndarray, list[str]]] = [(gray_rgb(base_small), ["Original", str(r.study_id)[:40]])]
+    model = {role: m.get("name", "?") for role, m in r.models.items()}
+    c = class_index if class_index is not None else (r.top_classes(1) or [None])[0]
+    cname = r.classes[c] if c is not None and c < len(r.classes) else ""
+    prob = f"p={r.probabilities[c]:.3f}" if c is not None and r.probabilities is not None else ""
+    if r.cam is not None and c is not None:
+        tiles.append((overlay(base_small, r.cam[c]), [f"CAM: {cname} {prob}", model.get("classifier", "")]))
+    if r.gradcam is not None and c is not None:
+        tiles.append((overlay(base_small, r.gradcam[c]), [f"Grad-CAM: {cname}", model.get("classifier", "")]))
+    if r.aligned_image is not None:
+        tiles.append((gray_rgb(r.aligned_image), ["Aligned", model.get("alignment", "")]))
+    if cname in r.am_steps:
+        for t, step in enumerate(r.am_steps[cname], start=1):
+            tiles.append((overlay(base_small, step), [f"AM step {t}: {cname}", model.get("classifier", "")]))
+    if r.am_final is not None and c is not None:
+        tiles.append((overlay(base_small, r.am_final[c]), [f"AM final: {cname} {prob}", model.get("classifier", "")]))
+    if r.contrast is not None:
+        ci = r.cia_classes.index(cname) if cname in r.cia_classes else None
+        cap = f"CIA contrast ({cname} max p={r.cia_grid_raw[ci].max():.2f})" if ci is not None and \
+            r.cia_grid_raw is not None else "CIA contrast dM"
+        tiles.append((overlay(base_small, r.contrast, "inferno"), [cap, model.get("cia", "")]))
+    if r.paired_normal is not None:
+        tiles.append((gray_rgb(r.paired_normal.astype(np.float32) / 255.0),
+                      ["Paired normal", str(r.paired_normal_id or "")[:40]]))
+    if r.disease_mask is not None and c is not None and c < r.disease_mask.shape[0]:
+        tiles.append((overlay(base_small, r.disease_mask[c], "viridis", normalise=False),
+                      [f"Disease mask ({r.disease_mask_source}): {cname}",
+                       model.get("dm", model.get("classifier", "")) if r.disease_mask_source != "pdm"
+                       else model.get("segmentation", "")]))
+    if r.segmentation is not None:
+        tiles.append((mask_overlay(base_small, r.segmentation),
+                      ["Lung/heart: L red, R green, heart blue", model.get("segmentation", "")]))
+    return tiles
+
+
+def render_panels(study: Any, results: Any, *, class_index: int | None = None, tile: int = 256,
+                  columns: int = 4) -> Image.Image:
+    """Side-by-side figure of every available panel with class, probability and model burned in."""
+    font = _font(max(10, tile // 20))
+    tiles = [_tile(rgb, cap, tile, font) for rgb, cap in panel_tiles(study, results, class_index=class_index)]
+    cols = max(1, min(columns, len(tiles)))
+    rows = (len(tiles) + cols - 1) // cols
+    th = max(t.height for t in tiles)
+    line = int(getattr(font, "size", 11) * 1.3) + 2
+    models = ", ".join(f"{role}={m.get('name', '?')}" + ("" if m.get("trained", True) else " (untrained)")
+                       for role, m in results.models.items())
+    width = cols * (tile + 4) + 4
+    chars = max(20, int(width / (0.6 * getattr(font, "size", 11))))
+    text = f"{results.study_id} | {results.device} | {models}"
+    lines = [text[i:i + chars] for i in range(0, min(len(text), 4 * chars), chars)]
+    header = line * len(lines) + 6
+    fig = Image.new("RGB", (width, header + rows * (th + 4) + 4), (0, 0, 0))
+    d = ImageDraw.Draw(fig)
+    for i, t in enumerate(lines):
+        d.text((6, 3 + i * line), t, fill=(255, 255, 160), font=font)
+    for i, t in enumerate(tiles):
+        fig.paste(t, (4 + (i % cols) * (tile + 4), header + (i // cols) * (th + 4)))
+    return fig
+
+
+def save_panels(study: Any, results: Any, path: str | Path, **kw: Any) -> Path:
+    """Render :func:`render_panels` to a PNG file."""
+    p = Path(path)
+    render_panels(study, results, **kw).save(p, format="PNG")
+    return p

@@ -1,0 +1,121 @@
+"""``cxrviewer analyze`` and ``cxr-train init-bundle`` end to end with random-weight tiny bundles."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from _tiny_bundles import make_tiny_bundles
+from cxrviewer.__main__ import main
+from cxrviewer.core.bundle import load_bundle, read_manifest
+from cxrviewer.core.io import load_study
+from cxrviewer.core.io.results import read_results
+from cxrviewer.core.pipeline import Pipeline, assign_roles
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    make_tiny_bundles(d, input_size=128)
+    return d
+
+
+def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["analyze", str(rg1_uncr), "--models", str(models_dir), "--out", str(out),
+               "--device", "cpu", "--map-size", "128"])
+    assert rc == 0
+    dirs = list(out.iterdir())
+    assert len(dirs) == 1
+    d = dirs[0]
+    assert sorted(p.name for p in d.iterdir()) == ["panels.png", "results.h5", "summary.json"]
+    summary = json.loads((d / "summary.json").read_text())
+    for stage in ("preprocess", "alignment", "segmentation", "classifier", "gradcam", "attention_mining",
+                  "disease_mask", "cia", "boxes"):
+        assert stage in summary["timings"], stage
+    assert set(summary["probabilities"]) == set(summary["classes"]) and len(summary["classes"]) == 14
+    assert set(summary["boxes"]) == {"cam", "am", "cia"} and summary["device"].startswith("cpu")
+    assert summary["models"]["classifier"]["architecture"] == "msa"
+    assert capsys.readouterr().out.count("\n") == 1
+
+    # results.h5 reloads to the same arrays a direct pipeline run gives
+    back = read_results(d / "results.h5")
+    study = load_study(rg1_uncr)
+    assert back.study_id == study.study_id == summary["study_id"] and back.pixel_sha256 == study.pixel_sha256()
+    pl = Pipeline(assign_roles([load_bundle(p) for p in sorted(models_dir.iterdir())]), "cpu", map_max_side=128)
+    ref = pl.run(study)
+    for name in ("probabilities", "cam", "gradcam", "am_final", "contrast", "disease_mask", "segmentation",
+                 "aligned_image", "affine"):
+        np.testing.assert_allclose(getattr(back, name), getattr(ref, name), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert [b.label for b in back.boxes["am"]] == [b.label for b in ref.boxes["am"]]
+
+    from PIL import Image
+
+    with Image.open(d / "panels.png") as im:
+        assert im.width > 500 and im.height > 500
+
+
+def test_bad_input_reported_and_others_continue(models_dir, rg1_uncr, tmp_path, capsys):
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"DICM" * 10)
+    out = tmp_path / "out"
+    rc = main(["analyze", str(bad), str(rg1_uncr), "--models", str(models_dir), "--out", str(out),
+               "--device", "cpu", "--map-size", "64", "--no-panels", "--classes", "Nodule"])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.dcm" in err[0]
+    (d,) = out.iterdir()
+    assert sorted(p.name for p in d.iterdir()) == ["results.h5", "summary.json"]
+    assert "Nodule" in read_results(d / "results.h5").am_steps
+
+
+def test_missing_models_is_one_line_error(tmp_path, rg1_uncr, capsys):
+    rc = main(["analyze", str(rg1_uncr), "--models", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "no model bundles" in capsys.readouterr().err
+
+
+def test_init_bundle_cli(tmp_path):
+    from training.cli import main as train_main
+
+    out = tmp_path / "cia"
+    rc = train_main(["init-bundle", "--arch", "cia", "--kwargs", '{"backbone": "tiny", "head_channels": 8}',
+                     "--out", str(out), "--input-size", "64", "--bank-size", "4"])
+    assert rc == 0
+    m = read_manifest(tmp_path / "cia.cxrbundle")
+    assert m.architecture == "cia" and m.input_size == (64, 64)
+    assert m.provenance["trained"] is False and m.provenance["research_demo"] is True
+    assert m.extras_info["normal_bank"]["synthetic"] is True
+    b = load_bundle(tmp_path / "cia.cxrbundle")
+    assert b.extras["normal_bank_images"].shape == (4, 64, 64) and b.extras["normal_bank_codes"].shape == (4, 256)
+    assert train_main(["init-bundle", "--arch", "nope", "--out", str(tmp_path / "x")]) == 1
+    assert train_main(["init-bundle", "--arch", "unet", "--kwargs", "[1]", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_init_bundle_with_real_normals(jsrt_dir, tmp_path):
+    from training.commands.init_bundle import init_bundle
+
+    p = init_bundle("cia", tmp_path / "cia", kwargs={"backbone": "tiny", "head_channels": 8}, input_size=64,
+                    normals=jsrt_dir / "images", bank_size=3)
+    b = load_bundle(p)
+    assert b.manifest.extras_info["normal_bank"]["synthetic"] is False
+    assert [str(i) for i in b.extras["normal_bank_ids"]][0].startswith("JPC")
+
+
+def test_init_bundle_bank_from_canonical_chest(tmp_path):
+    from PIL import Image
+
+    from training.commands.init_bundle import init_bundle
+
+    yy, xx = np.mgrid[0:80, 0:80]
+    canon = tmp_path / "canonical_chest.png"
+    Image.fromarray((((xx - 40) ** 2 + (yy - 40) ** 2 < 900) * 200 + 30).astype(np.uint8)).save(canon)
+    p = init_bundle("cia", tmp_path / "cia", kwargs={"backbone": "tiny", "head_channels": 8}, input_size=64,
+                    bank_size=3, canonical=canon)
+    b = load_bundle(p)
+    assert b.manifest.canonical_chest["file"] == "canonical_chest.png"
+    assert len(b.manifest.canonical_chest["sha256"]) == 64
+    assert b.manifest.extras_info["normal_bank"]["synthetic"] is True
+    bank = b.extras["normal_bank_images"].astype(float)
+    assert bank[:, 32, 32].mean() > 180 and bank[:, 2, 2].mean() < 80  # the disc survives the jitter

@@ -1,0 +1,235 @@
+"""The pipeline: one classifier forward, every map in original coordinates, stages and cancel."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny_bundles import make_tiny_bundles, synthetic_study
+from cxrviewer.core.bundle import load_bundle
+from cxrviewer.core.errors import BundleError
+from cxrviewer.core.pipeline import STAGES, Pipeline, PipelineCancelled, _Mapper, assign_roles
+
+
+@pytest.fixture(scope="module")
+def bundle_paths(tmp_path_factory):
+    return make_tiny_bundles(tmp_path_factory.mktemp("bundles"))
+
+
+def _load(paths, roles):
+    return {r: load_bundle(paths[r]) for r in roles}
+
+
+@pytest.fixture(scope="module")
+def full_run(bundle_paths):
+    pl = Pipeline(_load(bundle_paths, ("alignment", "segmentation", "classifier", "dm", "cia")), "cpu",
+                  map_max_side=128, am_top_k=2)
+    calls = []
+    hook = pl.bundles["classifier"].model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    seen = []
+    study = synthetic_study()
+    res = pl.run(study, on_stage=lambda name, r: seen.append((name, r)))
+    hook.remove()
+    return pl, study, res, seen, calls
+
+
+def test_all_stages_run_in_order_and_timed(full_run):
+    _, _, res, seen, _ = full_run
+    names = [n for n, _ in seen]
+    assert names == list(STAGES)
+    assert all(r is res for _, r in seen)  # partial results object filled progressively
+    assert set(res.timings) == set(STAGES) and all(t >= 0 for t in res.timings.values())
+    assert res.device.startswith("cpu")
+    assert set(res.models) == {"alignment", "segmentation", "classifier", "dm", "cia"}
+    assert res.models["classifier"]["architecture"] == "msa" and res.models["classifier"]["trained"] is False
+
+
+def test_one_backbone_pass_shared_by_cam_gradcam_and_am(full_run):
+    _, _, res, _, calls = full_run
+    assert len(calls) == 1
+    assert res.cam is not None and res.gradcam is not None and res.am_final is not None
+
+
+def test_maps_are_in_original_coordinates(full_run):
+    _, study, res, _, _ = full_run
+    h, w = study.shape  # 300 x 260 -> longest side 128
+    assert res.image_shape == (h, w) and res.map_shape == (128, 111)
+    C = len(res.classes)
+    mh, mw = res.map_shape
+    for arr, shape in [(res.cam, (C, mh, mw)), (res.gradcam, (C, mh, mw)), (res.am_final, (C, mh, mw)),
+                       (res.disease_mask, (C, mh, mw)), (res.cia_grid, (C, mh, mw)), (res.contrast, (mh, mw)),
+                       (res.segmentation, (3, mh, mw)), (res.dm_cam, (C, mh, mw))]:
+        assert arr is not None and arr.shape == shape
+        assert np.isfinite(arr).all()
+    assert res.probabilities.shape == (C,) and ((res.probabilities > 0) & (res.probabilities < 1)).all()
+    assert res.aligned_image.shape == (h, w) and res.affine.shape == (2, 3)
+    np.testing.assert_allclose(res.alignment_params, [1, 1, 0, 0, 0], atol=1e-6)  # identity at init
+    assert res.segmentation.dtype == np.uint8 and set(np.unique(res.segmentation)) <= {0, 1}
+    assert res.disease_mask_source == "dm"
+    assert res.paired_normal.dtype == np.uint8 and res.paired_normal_id.startswith("synthetic_")
+    assert res.map_scale == pytest.approx((h / mh, w / mw))
+
+
+def test_boxes_in_original_pixels(full_run):
+    _, study, res, _, _ = full_run
+    h, w = study.shape
+    assert set(res.boxes) == {"cam", "am", "cia"}
+    assert res.boxes["cam"] and res.boxes["am"]
+    for b in (b for bs in res.boxes.values() for b in bs):
+        assert b.label in res.classes
+        assert -1e-6 <= b.x and b.x2 <= w + 1e-6 and -1e-6 <= b.y and b.y2 <= h + 1e-6
+    # AM gives at most three boxes per class (iterative-attention-mining Sec. 3.2)
+    for c in res.classes:
+        assert len(res.boxes_for(c, "am")) <= 3
+
+
+def test_attention_mining_top_k_and_on_demand(full_run):
+    pl, _, res, _, _ = full_run
+    top = [res.classes[i] for i in res.top_classes(2)]
+    assert sorted(res.am_steps) == sorted(top) == sorted(res.am_erased)
+    for name in top:
+        assert res.am_steps[name].shape == (3, *res.map_shape)
+        er = res.am_erased[name]
+        assert er.dtype == np.uint8 and (np.diff(er.astype(int), axis=0) >= 0).all()  # erasure is cumulative
+    other = next(i for i, n in enumerate(res.classes) if n not in top)
+    pl.compute_class(res, other)
+    assert res.am_steps[res.classes[other]].shape == (3, *res.map_shape)
+
+
+def test_gradcam_matches_relu_cam_for_gap_linear_head(bundle_paths):
+    # With GAP -> linear, dy_c/dA_k = W[c,k]/hw, so Grad-CAM = ReLU(CAM)/hw (up to resampling).
+    pl = Pipeline(_load(bundle_paths, ("classifier",)), "cpu", map_max_side=64)
+    res = pl.run(synthetic_study())
+    c = res.top_classes(1)[0]
+    g, cam = res.gradcam[c], np.maximum(res.cam[c], 0)
+    assert np.corrcoef(g.ravel(), cam.ravel())[0, 1] > 0.95
+    assert "alignment" not in res.timings and res.aligned_image is None
+
+
+def test_cancel_between_stages(bundle_paths):
+    pl = Pipeline(_load(bundle_paths, ("segmentation", "classifier")), "cpu", map_max_side=64)
+    seen = []
+    with pytest.raises(PipelineCancelled, match="cancelled after classifier"):
+        pl.run(synthetic_study(), on_stage=lambda n, r: seen.append(n), cancel=lambda: "classifier" in seen)
+    assert seen == ["preprocess", "segmentation", "classifier"]
+
+
+def test_pdm_from_segmentation_without_dm(bundle_paths):
+    pl = Pipeline(_load(bundle_paths, ("segmentation", "classifier")), "cpu", map_max_side=64)
+    res = pl.run(synthetic_study())
+    assert res.disease_mask_source == "pdm"
+    seg = res.segmentation
+    cardio = res.classes.index("Cardiomegaly")
+    assert np.array_equal(res.disease_mask[cardio] > 0.5, seg[2] > 0)  # heart region
+    assert np.array_equal(res.disease_mask[res.classes.index("Mass")] > 0.5, (seg[0] | seg[1]) > 0)
+
+
+def test_cia_pairs_the_nearest_normal(bundle_paths):
+    b = load_bundle(bundle_paths["cia"])
+    bank = b.extras["normal_bank_images"]
+    study = synthetic_study()
+    img = bank[5].astype(np.float32) / 255.0
+    study.model_input = img
+    study.stored = bank[5].astype(np.uint16)
+    study.modality = img.copy()
+    res = Pipeline({"cia": b}, "cpu").run(study)
+    assert res.paired_normal_id == str(b.extras["normal_bank_ids"][5])
+    assert np.array_equal(res.paired_normal, bank[5])
+    assert res.classes == b.manifest.classes and res.cia_grid_raw.shape[0] == len(res.classes)
+    assert res.cia_grid_raw.shape[1:] == (4, 4)  # 128 px input, stride 32
+    b.manifest.inference = {"upsample_to": 16}  # cia-net Sec. 3.3 test-time upsampling
+    res = Pipeline({"cia": b}, "cpu").run(study)
+    assert res.cia_grid_raw.shape[1:] == (16, 16) and res.contrast.shape == res.map_shape
+
+
+def test_inverse_warp_maps_back_to_original():
+    from cxrviewer.core.models.alignment import affine_matrix, invert_affine, warp
+
+    h, w = 120, 100
+    img = torch.zeros(1, 1, h, w)
+    img[..., 30:50, 20:36] = 1.0  # a blob
+    theta = affine_matrix(torch.tensor([[0.8, 0.9, 0.2, -0.1, 0.15]]))
+    aligned = warp(img, theta)
+    assert not torch.allclose(aligned, img, atol=0.1)
+    back = _Mapper((h, w), (h, w), None, invert_affine(theta))(aligned[0])[0]
+
+    def centroid(a):
+        ys, xs = np.nonzero(a > 0.5)
+        return ys.mean(), xs.mean()
+
+    assert np.allclose(centroid(back), centroid(img[0, 0].numpy()), atol=1.5)
+
+
+def test_roles_and_validation(bundle_paths):
+    loaded = [load_bundle(p) for p in bundle_paths.values()]
+    roles = assign_roles(loaded)
+    assert set(roles) == {"alignment", "segmentation", "classifier", "dm", "cia"}
+    assert roles["dm"].manifest.architecture == "dm" and roles["classifier"].manifest.architecture == "msa"
+    only_dm = assign_roles([load_bundle(bundle_paths["dm"])])
+    assert set(only_dm) == {"classifier"}
+    with pytest.raises(BundleError, match="cannot serve as the classifier"):
+        Pipeline({"classifier": load_bundle(bundle_paths["segmentation"])}, "cpu")
+    res = Pipeline(only_dm, "cpu", map_max_side=64).run(synthetic_study())
+    assert res.disease_mask_source == "classifier" and res.disease_mask.shape[0] == 14
+
+
+def test_preprocess_from_manifest_and_back():
+    from types import SimpleNamespace
+
+    from cxrviewer.core.preprocess import denormalise, maps_to_frame, normalise, prepare_input
+
+    img = np.linspace(0, 1, 100 * 80, dtype=np.float32).reshape(100, 80)
+    man = SimpleNamespace(crop={"kind": "box", "box": [0.25, 0.0, 1.0, 0.5]}, input_size=(32, 24),
+                          normalisation={"kind": "minus1_1"})
+    x, box = prepare_input(img, man)
+    assert x.shape == (1, 1, 32, 24) and box == (0, 50, 20, 80)
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 0.0  # top half only: values <= 0.5 -> <= 0
+    for norm in ({"kind": "zero_one"}, {"kind": "mean_std", "mean": 0.4, "std": 0.2}, {"kind": "minus1_1"}):
+        t = torch.rand(5)
+        assert torch.allclose(denormalise(normalise(t, norm), norm), t, atol=1e-6)
+    back = maps_to_frame(torch.ones(2, 8, 6), (100, 80), box, fill=-5.0)
+    assert back.shape == (2, 100, 80)
+    assert torch.allclose(back[:, :50, 20:], torch.ones(1)) and (back[:, 50:] == -5).all()
+    assert (back[:, :, :20] == -5).all()
+    # the map-back of a frame half the size scales the crop box
+    half = maps_to_frame(torch.ones(1, 8, 6), (50, 40), box, (100, 80))
+    assert torch.allclose(half[0, :25, 10:], torch.ones(1)) and float(half[0, 25:].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("spec", [s.name for s in __import__("cxrviewer.core.models", fromlist=["x"]).list_models(
+    family="classifier")])
+def test_every_registered_classifier_runs(spec, tmp_path):
+    """Registry-parametrised: each classifier family member gives probabilities, CAM, Grad-CAM and AM."""
+    from cxrviewer.core.models import get_spec
+    from training.commands.init_bundle import init_bundle
+
+    kw = dict(get_spec(spec).test_kwargs)
+    b = load_bundle(init_bundle(spec, tmp_path / spec, kwargs=kw, input_size=64, canonical=False))
+    res = Pipeline({"classifier": b}, "cpu", map_max_side=48, am_top_k=1).run(synthetic_study())
+    C = len(res.classes)
+    assert res.probabilities.shape == (C,) and np.isfinite(res.probabilities).all()
+    assert res.cam.shape == (C, *res.map_shape) and np.isfinite(res.cam).all()
+    assert res.gradcam is not None and res.gradcam.shape == res.cam.shape
+    assert res.am_final is not None and len(res.am_steps) == 1
+    assert res.boxes["cam"] and res.boxes["am"]
+
+
+def test_oom_on_gpu_reruns_on_cpu_with_notice(bundle_paths, monkeypatch):
+    from cxrviewer.core.device import DeviceInfo
+
+    pl = Pipeline(_load(bundle_paths, ("classifier",)), "cpu", map_max_side=48)
+    pl.device = DeviceInfo(torch.device("cuda", 0), torch.bfloat16, "Fake GPU")
+    real_run = pl._run
+    moved = []
+    monkeypatch.setattr(pl, "_move", lambda d: moved.append(d.device.type))
+
+    def run(study, on_stage, cancel, *, device):
+        if device.is_cuda:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_run(study, on_stage, cancel, device=device)
+
+    monkeypatch.setattr(pl, "_run", run)
+    res = pl.run(synthetic_study())
+    assert res.probabilities is not None and res.device.startswith("cpu")
+    assert any("out of memory" in n and "Fake GPU" in n for n in res.notices)
+    assert moved[-1] == "cpu"
