@@ -1,0 +1,47 @@
+"""Train a classifier (baseline CAM network or any classifier-family architecture) with
+weighted BCE (disease-masks Eq. 10) and write a bundle the app loads.
+
+    cxr-train classify --data DIR --arch resnet50 --size 512 --epochs 5 --out resources/models/cls.cxrbundle
+    torchrun --nproc_per_node 2 -m training.cli classify ...   (DistributedDataParallel)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="cam_classifier", help="registry name or alias (e.g. resnet50, tiny, msa)")
+    p.add_argument("--arch-kwargs", default=None, help='JSON kwargs, e.g. \'{"backbone": "tiny"}\'')
+    add_data_arguments(p)
+    add_train_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cxrviewer.core.models import create_model, get_spec
+
+    from ..trainers.classify import provenance, save_classifier_bundle, train_classifier
+    from ..trainers.loop import dist_info
+
+    if get_spec(args.arch).family != "classifier":
+        raise SystemExit(f"{args.arch} is not a classifier-family architecture")
+    model = create_model(args.arch, **parse_kwargs(args.arch_kwargs))
+    _, train_ds, val_ds, train_r, val_r = datasets(args)
+    cfg = train_config(args, arch=model.arch)
+    if args.no_resume:
+        from pathlib import Path
+
+        (Path(cfg.out_dir) / "checkpoint.pt").unlink(missing_ok=True)
+    model, history = train_classifier(model, train_ds, val_ds, cfg)
+    if dist_info()[0] == 0:
+        prov = provenance(command_line(), cfg, args.data, history, fold=args.fold, n_folds=args.n_folds,
+                          n_train=len(train_r), n_val=len(val_r))
+        path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov)
+        final = history[-1].get("metrics", {}) if history else {}
+        print(json.dumps({"bundle": str(path), "mean_auroc": final.get("mean_auroc")}))
+    return 0

@@ -1,0 +1,91 @@
+"""Arguments and data set-up shared by the training sub-commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from ..trainers.loop import TrainConfig
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="NIH-layout folder (real NIH or phantoms)")
+    g.add_argument("--cache", default=None,
+                   help="HDF5 cache (cxr-train cache); built here first if the file does not exist")
+    g.add_argument("--size", type=int, default=256, help="input size in pixels (default 256)")
+    g.add_argument("--fold", type=int, default=0,
+                   help="held-out patient-wise fold (default 0); -1 = the official split if present")
+    g.add_argument("--n-folds", type=int, default=5)
+    g.add_argument("--limit", type=int, default=0, help="use only the first N records (0 = all)")
+    g.add_argument("--no-augment", action="store_true", help="turn augmentation off")
+
+
+def add_train_arguments(p: argparse.ArgumentParser, *, epochs: int = 5, batch_size: int = 16,
+                        lr: float = 1e-4, optimizer: str = "adam") -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=batch_size)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default=optimizer)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr-step-epochs", type=int, default=0, help="divide the lr by 10 every N epochs")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--run-dir", default=None, help="checkpoints and log.jsonl (default: OUT.run)")
+    g.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    g.add_argument("--out", required=True, help="bundle to write")
+
+
+def train_config(args: argparse.Namespace, **extra) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, lr_step_epochs=args.lr_step_epochs, seed=args.seed,
+                       num_workers=args.workers, device=args.device,
+                       out_dir=args.run_dir or (str(args.out).rstrip("/") + ".run"), extra=extra)
+
+
+def command_line() -> str:
+    return "cxr-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def datasets(args: argparse.Namespace, *, augment: bool = True):
+    """(records, train_ds, val_ds, train_records, val_records) for the requested fold."""
+    from pathlib import Path
+
+    from ..data import AugmentConfig, CachedDataset, ChestDataset, build_cache, load_records, split_records
+
+    records = load_records(args.data)
+    if args.limit:
+        records = records[: args.limit]
+    train_r, val_r = split_records(records, fold=args.fold, n_folds=args.n_folds, seed=args.seed,
+                                   folder=args.data)
+    aug = None if (args.no_augment or not augment) else AugmentConfig()
+    if args.cache:
+        cache = Path(args.cache)
+        if not cache.is_file():
+            build_cache(records, cache, args.size)
+        ds = CachedDataset(cache)
+        index = {k: i for i, k in enumerate(ds.keys)}
+        missing = [r.key for r in train_r + val_r if r.key not in index]
+        if missing:
+            raise SystemExit(f"cache {cache} lacks {len(missing)} records of {args.data} (rebuild it)")
+        train_ds = CachedDataset(cache, [index[r.key] for r in train_r], augment_cfg=aug, seed=args.seed)
+        val_ds = CachedDataset(cache, [index[r.key] for r in val_r], seed=args.seed)
+    else:
+        train_ds = ChestDataset(train_r, args.size, augment_cfg=aug, seed=args.seed)
+        val_ds = ChestDataset(val_r, args.size, seed=args.seed)
+    return records, train_ds, val_ds, train_r, val_r
+
+
+def parse_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--arch-kwargs must be a JSON object: {err}") from err
+    if not isinstance(d, dict):
+        raise SystemExit("--arch-kwargs must be a JSON object")
+    return d

@@ -1,0 +1,82 @@
+"""Torch datasets over :class:`~training.data.records.Record` lists.
+
+Items are dicts: ``image`` [1, S, S] float32 in the network range, ``labels``
+[C] float32, ``boxes`` [M, 5] float32 rows of (class index, x, y, w, h) in the
+S-pixel space, ``index`` (int). :func:`collate` stacks images/labels and keeps
+boxes as a list. Augmentation randomness is seeded by (seed, epoch, index), so
+a run is reproducible and a resumed run sees the same augmentations.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cxrviewer.core.classes import CLASSES
+from cxrviewer.core.geometry import Box
+
+from .records import Record
+from .transforms import AugmentConfig, augment, normalise, resize_image_and_boxes
+
+
+def load_pixels(path) -> np.ndarray:
+    """float32 [H, W] in [0, 1] through cxrviewer's study loader (DICOM, PNG, JPEG, TIFF)."""
+    from cxrviewer.core.io import load_study
+
+    return load_study(path).model_input
+
+
+def boxes_to_array(boxes: list[Box]) -> np.ndarray:
+    rows = [(CLASSES.index(b.label), b.x, b.y, b.w, b.h) for b in boxes if b.label in CLASSES]
+    return np.asarray(rows, np.float32).reshape(-1, 5)
+
+
+class _AugmentedBase(Dataset):
+    def __init__(self, size: int, augment_cfg: AugmentConfig | None, normalisation: str, seed: int) -> None:
+        self.size = size
+        self.augment_cfg = augment_cfg
+        self.normalisation = normalisation
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _finish(self, img: np.ndarray, boxes: list[Box], labels: np.ndarray, index: int) -> dict:
+        if self.augment_cfg is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            img, boxes = augment(img, boxes, rng, self.augment_cfg)
+        x = normalise(torch.from_numpy(np.ascontiguousarray(img, np.float32))[None], self.normalisation)
+        return {"image": x, "labels": torch.from_numpy(np.asarray(labels, np.float32)),
+                "boxes": torch.from_numpy(boxes_to_array(boxes)), "index": index}
+
+
+class ChestDataset(_AugmentedBase):
+    """Decodes files on every access (see :class:`~training.data.cache.CachedDataset` for speed)."""
+
+    def __init__(self, records: list[Record], size: int = 256, augment_cfg: AugmentConfig | None = None,
+                 normalisation: str = "minus1_1", seed: int = 0) -> None:
+        super().__init__(size, augment_cfg, normalisation, seed)
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.stack([r.labels for r in self.records]) if self.records else np.zeros((0, len(CLASSES)))
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        img, boxes = resize_image_and_boxes(load_pixels(r.path), r.boxes, self.size)
+        return self._finish(img, boxes, r.labels, i)
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack images and labels; boxes stay a list of [M_i, 5] tensors."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "labels": torch.stack([it["labels"] for it in items]),
+        "boxes": [it["boxes"] for it in items],
+        "index": torch.tensor([it["index"] for it in items]),
+    }

@@ -1,0 +1,1 @@
+"""Trainers: one shared loop (:mod:`training.trainers.loop`), one module per method."""

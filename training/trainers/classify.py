@@ -1,0 +1,95 @@
+"""Baseline classifier training with weighted BCE (disease-masks Eq. 10).
+
+The same function trains every classifier-family network of the registry
+(baseline CAM, space attention, attention-gated, MSA, lung/heart); the
+method-specific trainers reuse :func:`predict` and :func:`auroc_table`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cxrviewer.core.classes import CLASSES
+
+from ..losses import weighted_bce
+from .loop import TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, ds: Dataset, *, batch_size: int = 32, device=None,
+            forward=None) -> np.ndarray:
+    """Sigmoid probabilities [N, C] of ``model`` on ``ds`` (eval mode, no augmentation)."""
+    from ..data import collate
+
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        x = batch["image"].to(device)
+        res = forward(model, x) if forward is not None else model(x)
+        out.append(torch.sigmoid(res["logits"].float()).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def auroc_table(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """AUROC per class (NaN where a class has only one label value) and their mean."""
+    from cxrviewer.core.explain.metrics import auroc_per_class
+
+    per = {c: float(v) for c, v in zip(CLASSES, auroc_per_class(probs, labels))}
+    vals = [v for v in per.values() if np.isfinite(v)]
+    return {"auroc": per, "mean_auroc": float(np.mean(vals)) if vals else float("nan")}
+
+
+def classification_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Weighted BCE on the logits (disease-masks Eq. 10)."""
+    out = model(batch["image"])
+    loss = weighted_bce(out["logits"].float(), batch["labels"])
+    return loss, {}
+
+
+def train_classifier(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None,
+                     cfg: TrainConfig, *, loss_fn=classification_loss, stop_after_epoch: int | None = None,
+                     ) -> tuple[torch.nn.Module, list[dict]]:
+    """Train with the shared loop; evaluates AUROC on ``val_ds`` after each epoch."""
+    from ..data import collate
+
+    def eval_fn(m: torch.nn.Module) -> dict:
+        if val_ds is None or len(val_ds) == 0:
+            return {}
+        probs = predict(m, val_ds, batch_size=cfg.batch_size)
+        return auroc_table(np.asarray(val_ds.labels), probs)
+
+    trainer = Trainer(model, train_ds, loss_fn, cfg, eval_fn=eval_fn, collate_fn=collate)
+    try:
+        history = trainer.fit(stop_after_epoch=stop_after_epoch)
+    finally:
+        trainer.close()
+    return trainer.model, history
+
+
+def provenance(command: str, cfg: TrainConfig, data: str, history: list[dict], **extra) -> dict:
+    """Recipe recorded in the bundle manifest: command, seed, data, epochs, final metrics."""
+    last = history[-1] if history else {}
+    return {"command": command, "seed": cfg.seed, "data": str(data), "config": asdict(cfg),
+            "epochs_trained": len(history), "final": last, **extra}
+
+
+def save_classifier_bundle(model: torch.nn.Module, out: str | Path, *, input_size: int, provenance: dict,
+                           research_demo: bool = True, extras: dict | None = None) -> Path:
+    """Write ``model`` as a bundle the app loads (``cxrviewer.core.bundle``)."""
+    from cxrviewer.core.bundle import save_bundle
+
+    prov = dict(provenance)
+    prov.setdefault("research_demo", research_demo)
+    return save_bundle(model.cpu(), out, classes=list(CLASSES), input_size=input_size,
+                       normalisation={"kind": "minus1_1"}, provenance=prov, extras=extras,
+                       overwrite=True)
