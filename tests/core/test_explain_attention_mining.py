@@ -40,18 +40,35 @@ def test_step_one_erases_the_stronger_blob_and_final_keeps_both() -> None:
     background = float(hf[5, 5])
     assert float(hf[1:4, 1:4].min()) > background + 0.5
     assert float(hf[8:11, 7:10].min()) > background + 0.2
-    # with a single step the final map is H_1 itself
+    # with a single step the final map is H_1 itself, rescaled to [0, 1]
     one = attention_mining(x, w, 0, steps=1)
-    assert torch.allclose(one.final, one.heatmaps[0])
+    h = one.heatmaps[0]
+    assert torch.allclose(one.final, (h - h.min()) / (h.max() - h.min()))
 
 
 def test_eq8_by_hand() -> None:
+    """Eq. 8 on the per-step maps rescaled to [0, 1] over the cells kept at that step."""
     x, w = _two_blobs()
     res = attention_mining(x, w, 0, steps=2)
     h1, h2 = res.heatmaps[0], res.heatmaps[1]
     m1 = res.masks[0]
-    expected = 0.5 * (h1 + (h2 + h1 * (1 - m1)))
-    assert torch.allclose(res.final, expected)
+    n1 = (h1 - h1.min()) / (h1.max() - h1.min())  # all cells kept at t=1
+    kept = m1 > 0.5
+    lo, hi = h2[kept].min(), h2[kept].max()
+    n2 = torch.where(kept, (h2 - lo) / (hi - lo), torch.zeros_like(h2))
+    expected = 0.5 * (n1 + (n2 + n1 * (1 - m1)))
+    assert torch.allclose(res.final, expected, atol=1e-6)
+
+
+def test_mining_lifts_the_weaker_finding() -> None:
+    """What mining is for: relative to the strong blob, the weak one is brighter in H_f than in H_1."""
+    x, w = _two_blobs()
+    res = attention_mining(x, w, 0, steps=3)
+    h1, hf = res.heatmaps[0][0], res.final[0]
+    ratio_h1 = float(h1[8:11, 7:10].max() / h1[1:4, 1:4].max())
+    ratio_hf = float(hf[8:11, 7:10].max() / hf[1:4, 1:4].max())
+    assert ratio_h1 == np.float32(0.4)
+    assert ratio_hf > ratio_h1 + 0.3
 
 
 def test_erasure_step_ignores_already_erased_cells_and_constant_maps() -> None:

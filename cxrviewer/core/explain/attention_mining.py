@@ -7,7 +7,15 @@ At step ``t`` (``M_0 = 1``)::
 ``H_t`` is rescaled to [0, 1] and binarised at 0.5; ``M_t`` is ``M_{t-1}`` with the connected
 component that contains the global maximum set to 0. The final map is::
 
-    H_f = 1/T sum_{t=1..T} [ H_t + sum_{t'<t} H_{t'} * (1 - M_{t'}) ]   (Eq. 8)
+    H_f = 1/T sum_{t=1..T} [ N(H_t) + sum_{t'<t} N(H_{t'}) * (1 - M_{t'}) ]   (Eq. 8)
+
+where ``N`` is the [0, 1] rescaling over the cells still kept at step ``t`` (erased cells 0).
+The paper normalises "these CAMs" right after Eq. 7 and Eq. 8 sums them; with the RAW maps
+Eq. 8 would collapse to ``H_1``: erasing feature cells makes ``H_t = H_1 * M_{t-1}`` exactly
+(the classifier is linear in X), and the fill term puts back what was erased. Rescaling each
+step lifts the weaker regions found after erasure, which is the point of mining, so the
+normalised reading is the one implemented. ``heatmaps`` keep the raw ``H_t``; ``final`` is in
+the units of the normalised maps (0..1).
 
 ``M_t`` is cumulative (the paper: "M_t is updated from M_{t-1}"), 1 = kept, 0 = erased.
 Eq. 7 has no bias term, so none is used. Two details the paper leaves open, decided here:
@@ -63,6 +71,17 @@ def erasure_step(heat: np.ndarray, keep: np.ndarray, threshold: float = 0.5) -> 
     lab, _ = label_components(binary)
     out[lab == lab[peak]] = False
     return out
+
+
+def _normalise_kept(heat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Min-max rescale ``heat [B, h, w]`` to [0, 1] over the kept cells; erased cells become 0."""
+    k = keep > 0.5
+    big = torch.finfo(heat.dtype).max
+    lo = torch.where(k, heat, torch.full_like(heat, big)).amin(dim=(-2, -1), keepdim=True)
+    hi = torch.where(k, heat, torch.full_like(heat, -big)).amax(dim=(-2, -1), keepdim=True)
+    span = (hi - lo).clamp_min(1e-12)
+    out = ((heat - lo) / span).clamp(0.0, 1.0)
+    return torch.where(k, out, torch.zeros_like(out))
 
 
 @dataclass
@@ -127,9 +146,12 @@ def attention_mining(
         # Eq. 8: fill erased regions from the earlier heat maps, then average.
         total = torch.zeros_like(heatmaps[0])
         fill = torch.zeros_like(heatmaps[0])  # sum_{t'<t} H_t' * (1 - M_t')
-        for ht, mt in zip(heatmaps, masks):
-            total = total + ht + fill
-            fill = fill + ht * (1.0 - mt)
+        # Eq. 8 on the per-step maps rescaled to [0, 1] over the cells kept at that step.
+        kept_before = [torch.ones_like(masks[0])] + masks[:-1]
+        normed = [_normalise_kept(ht, kb) for ht, kb in zip(heatmaps, kept_before)]
+        for nt, mt in zip(normed, masks):
+            total = total + nt + fill
+            fill = fill + nt * (1.0 - mt)
         final = total / steps
     return AttentionMiningResult(heatmaps=heatmaps, masks=masks, final=final)
 
