@@ -1,0 +1,85 @@
+"""Attention mining (M2): train the MSA network plainly (or start from --init), then fine-tune it with
+class-specific erasure (iterative-attention-mining Eq. 1-3) and knowledge preservation (Eq. 4-6).
+
+    cxr-train mine --data DIR --arch msa --size 512 --pretrain-epochs 5 --epochs 3 --kp kp \
+        --out resources/models/msa_am.cxrbundle
+    cxr-train mine --data DIR --init msa.cxrbundle --kp vanilla --epochs 3 --out am_vanilla.cxrbundle
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("attention mining")
+    g.add_argument("--arch", default="msa", help="classifier architecture when not starting from --init")
+    g.add_argument("--arch-kwargs", default=None, help='JSON kwargs, e.g. \'{"backbone": "tiny"}\'')
+    g.add_argument("--init", default=None, help="start from this trained classifier bundle (no pre-training)")
+    g.add_argument("--pretrain-epochs", type=int, default=5,
+                   help="plain weighted-BCE epochs before mining when no --init (default 5)")
+    g.add_argument("--pretrain-lr", type=float, default=None, help="lr of the plain phase (default: --lr)")
+    g.add_argument("--kp", choices=["none", "vanilla", "kp"], default="kp",
+                   help="none: erase every image; vanilla: first N/8 only; kp: vanilla + frozen-copy loss")
+    g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 6 (default 0.5)")
+    g.add_argument("--erase-fraction", type=float, default=0.125, help="n/N for vanilla and kp (default 1/8)")
+    g.add_argument("--erase", choices=["all", "positive"], default="all",
+                   help="erase every class's peak (paper) or only the labelled classes'")
+    g.add_argument("--steps", type=int, default=3, help="AM steps T recorded for the viewer (default 3)")
+    add_data_arguments(p)
+    add_train_arguments(p, epochs=3)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cxrviewer.core.bundle import load_bundle
+    from cxrviewer.core.models import create_model, get_spec
+
+    from ..trainers.classify import provenance, save_classifier_bundle, train_classifier
+    from ..trainers.loop import dist_info
+    from ..trainers.mine import MiningConfig, mine
+
+    _, train_ds, val_ds, train_r, val_r = datasets(args)
+    cfg = train_config(args, kp=args.kp, lam=args.lam, erase_fraction=args.erase_fraction, erase=args.erase)
+    run_dir = Path(cfg.out_dir)
+    if args.no_resume:
+        for sub in ("pretrain", "mine"):
+            (run_dir / sub / "checkpoint.pt").unlink(missing_ok=True)
+    pre_history: list[dict] = []
+    if args.init:
+        b = load_bundle(args.init)
+        if b.manifest.family != "classifier":
+            raise SystemExit(f"{args.init} is not a classifier bundle")
+        model = b.model
+        model.requires_grad_(True)
+        model.train()
+    else:
+        if get_spec(args.arch).family != "classifier":
+            raise SystemExit(f"{args.arch} is not a classifier-family architecture")
+        model = create_model(args.arch, **parse_kwargs(args.arch_kwargs))
+        if args.pretrain_epochs > 0:
+            pre_cfg = replace(cfg, epochs=args.pretrain_epochs, lr=args.pretrain_lr or cfg.lr,
+                              out_dir=str(run_dir / "pretrain"))
+            model, pre_history = train_classifier(model, train_ds, val_ds, pre_cfg)
+    if not hasattr(model, "cam_weights"):
+        raise SystemExit(f"{model.arch} has no CAM head; attention mining needs one")
+    mining = MiningConfig(kp=args.kp, lam=args.lam, erase_fraction=args.erase_fraction, erase=args.erase)
+    mine_cfg = replace(cfg, out_dir=str(run_dir / "mine"))
+    model, history = mine(model, train_ds, val_ds, mine_cfg, mining)
+    if dist_info()[0] == 0:
+        mining_d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(mining).items()}
+        prov = provenance(command_line(), mine_cfg, args.data, history, fold=args.fold, n_folds=args.n_folds,
+                          n_train=len(train_r), n_val=len(val_r), init=args.init,
+                          pretrain_epochs=len(pre_history), mining=mining_d, am_steps=args.steps,
+                          pretrain_final=(pre_history[-1].get("metrics", {}).get("mean_auroc")
+                                          if pre_history else None))
+        path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov)
+        final = history[-1].get("metrics", {}) if history else {}
+        print(json.dumps({"bundle": str(path), "kp": args.kp, "mean_auroc": final.get("mean_auroc")}))
+    return 0
