@@ -12,9 +12,11 @@ Roles (any subset; see :data:`ROLES`):
 Order of stages: ``preprocess``, ``alignment``, ``segmentation``, ``classifier``,
 ``gradcam``, ``attention_mining``, ``disease_mask``, ``cia``, ``boxes``.
 
-* Alignment runs first; later networks see the aligned image, and every map
-  they produce is drawn back onto the original through the inverse warp
-  (``warp(map, invert_affine(theta))``).
+* Alignment runs first; the classifier, DM and CIA networks see the aligned
+  image, and every map they produce is drawn back onto the original through the
+  inverse warp (``warp(map, invert_affine(theta))``). The lung/heart U-Net is
+  trained on unaligned radiographs, so it segments the original frame and its
+  masks are warped forward for the lung/heart-weighted classifier (M3).
 * The classifier runs ONCE. Its output gives the probabilities and CAM; a
   forward hook on ``model.feature_layer()`` turns the feature map into a leaf
   that requires grad, so Grad-CAM for every class is a backward through the
@@ -47,7 +49,8 @@ from .bundle import LoadedBundle, find_bundles, load_bundle
 from .device import DeviceInfo, run_with_oom_fallback, select_device
 from .errors import BundleError, CxrError
 from .geometry import Box
-from .preprocess import CropBox, as_image_tensor, crop_box_pixels, maps_to_frame, normalise, resize
+from .preprocess import (CropBox, apply_stretch, as_image_tensor, crop_box_pixels, maps_to_frame, normalise,
+                         resize)
 from .study import Study
 
 log = logging.getLogger(__name__)
@@ -178,7 +181,7 @@ def _input01(frame: torch.Tensor, manifest: Any) -> tuple[torch.Tensor, CropBox 
     if box is not None:
         y0, y1, x0, x1 = box
         t = t[..., y0:y1, x0:x1]
-    return resize(t, tuple(manifest.input_size)), box
+    return apply_stretch(resize(t, tuple(manifest.input_size)), manifest), box
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -346,6 +349,7 @@ class Pipeline:
 
         # -- alignment ------------------------------------------------------------------
         theta_inv_cpu = None
+        theta = None
         work = frame
         if "alignment" in self.bundles:
             from .models.alignment import invert_affine, warp
@@ -369,12 +373,21 @@ class Pipeline:
         seg_work = None  # [1, 3, fh, fw] probabilities in the working frame (for M3)
         if "segmentation" in self.bundles:
             b = self.bundles["segmentation"]
-            x01, box = _input01(work, b.manifest)
+            # The U-Net is trained on unaligned radiographs (JSRT), so it segments the
+            # original frame; the masks are warped into the aligned frame for M3.
+            x01, box = _input01(frame, b.manifest)
             with torch.no_grad(), device.autocast():
                 logits = b.model(normalise(x01, b.manifest.normalisation))["logits"]
             probs = torch.sigmoid(logits.float())[0]
-            seg_work = maps_to_frame(probs, frame_shape, box)[None]
-            res.segmentation = (mapper(box)(probs) > 0.5).astype(np.uint8)
+            seg_frame = maps_to_frame(probs, frame_shape, box)[None]
+            if theta is not None:
+                from .models.alignment import warp
+
+                seg_work = warp(seg_frame, theta)
+            else:
+                seg_work = seg_frame
+            unaligned = _Mapper(map_shape, frame_shape, box, None)
+            res.segmentation = (unaligned(probs) > 0.5).astype(np.uint8)
             names = getattr(b.model, "classes", None) or b.manifest.classes
             res.segmentation_classes = tuple(names)
             stage("segmentation")

@@ -96,6 +96,46 @@ def resize(t: torch.Tensor, size: tuple[int, int], *, mode: str = "bilinear") ->
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
+def percentile_stretch(x01: torch.Tensor, low: float = 1.0, high: float = 99.0) -> torch.Tensor:
+    """Per-image contrast stretch of ``[B, 1, H, W]`` (or ``[H, W]``) values to [0, 1].
+
+    ``(x - p_low) / (p_high - p_low)`` clipped, percentiles per image; an almost
+    flat image is returned unchanged. Used by bundles trained on low-contrast data
+    (the JSRT U-Net) whose manifest asks for it.
+    """
+    shape = x01.shape
+    x = x01.reshape(-1, shape[-2] * shape[-1]) if x01.dim() >= 3 else x01.reshape(1, -1)
+    q = torch.quantile(x.float(), torch.tensor([low / 100.0, high / 100.0], device=x.device), dim=1)
+    lo, hi = q[0][:, None], q[1][:, None]
+    span = hi - lo
+    ok = span > 1e-3
+    y = torch.where(ok, (x - lo) / span.clamp_min(1e-3), x).clamp(0.0, 1.0)
+    return y.reshape(shape).to(x01.dtype)
+
+
+def stretch_spec(manifest: Any) -> Mapping[str, Any] | None:
+    """The contrast stretch a bundle expects before normalisation, or None.
+
+    Read from ``normalisation.stretch`` or, for bundles that recorded it with their
+    training recipe, ``provenance.preprocess`` (``{"kind": "percentile_stretch",
+    "low": 1, "high": 99}``).
+    """
+    spec = (getattr(manifest, "normalisation", None) or {}).get("stretch")
+    if spec is None:
+        spec = (getattr(manifest, "provenance", None) or {}).get("preprocess")
+    if isinstance(spec, Mapping) and spec.get("kind") == "percentile_stretch":
+        return spec
+    return None
+
+
+def apply_stretch(t01: torch.Tensor, manifest: Any) -> torch.Tensor:
+    """Apply the manifest's contrast stretch (if any) to an image in [0, 1]."""
+    spec = stretch_spec(manifest)
+    if spec is None:
+        return t01
+    return percentile_stretch(t01, float(spec.get("low", 1.0)), float(spec.get("high", 99.0)))
+
+
 def prepare_input(image01: np.ndarray | torch.Tensor, manifest: Any,
                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, CropBox | None]:
     """Crop, resize and normalise an image in [0, 1] as the bundle ``manifest`` says.
@@ -107,7 +147,7 @@ def prepare_input(image01: np.ndarray | torch.Tensor, manifest: Any,
     if box is not None:
         y0, y1, x0, x1 = box
         t = t[..., y0:y1, x0:x1]
-    t = resize(t.to(device), tuple(manifest.input_size))
+    t = apply_stretch(resize(t.to(device), tuple(manifest.input_size)), manifest)
     return normalise(t, manifest.normalisation), box
 
 

@@ -233,3 +233,31 @@ def test_oom_on_gpu_reruns_on_cpu_with_notice(bundle_paths, monkeypatch):
     assert res.probabilities is not None and res.device.startswith("cpu")
     assert any("out of memory" in n and "Fake GPU" in n for n in res.notices)
     assert moved[-1] == "cpu"
+
+
+def test_segmentation_bundle_contrast_stretch_is_applied(tmp_path):
+    """A bundle whose manifest asks for a percentile stretch gets it before normalisation."""
+    import torch as _torch
+
+    from cxrviewer.core.bundle import read_manifest
+    from cxrviewer.core.preprocess import apply_stretch, percentile_stretch, stretch_spec
+
+    class _M:
+        normalisation = {"kind": "minus1_1"}
+        provenance = {"preprocess": {"kind": "percentile_stretch", "low": 1.0, "high": 99.0}}
+
+    x = _torch.linspace(0.4, 0.6, 100 * 100).reshape(1, 1, 100, 100)  # low contrast, like JSRT
+    y = apply_stretch(x, _M())
+    assert float(y.min()) == 0.0 and float(y.max()) == 1.0
+    _torch.testing.assert_close(y, percentile_stretch(x, 1.0, 99.0))
+
+    class _Plain:
+        normalisation = {"kind": "minus1_1"}
+        provenance = {}
+
+    assert stretch_spec(_Plain()) is None and apply_stretch(x, _Plain()) is x
+    from pathlib import Path
+
+    bundled = Path(__file__).resolve().parents[2] / "resources" / "models" / "segmentation.cxrbundle"
+    if bundled.is_dir():
+        assert stretch_spec(read_manifest(bundled)) is not None
