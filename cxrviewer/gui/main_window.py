@@ -1,31 +1,46 @@
 """The main window: menus, docks, actions and wiring only.
 
 Behaviour lives elsewhere: state in :mod:`.state`, background jobs in
-:mod:`.workers`, drawing in :mod:`.views.image_panel`, W/L maths in
-:mod:`.windowing`. This module connects them.
+:mod:`.workers`, drawing in :mod:`.views.image_panel` and the linked
+:mod:`.views.panel_grid`, progressive inference and result caches in
+:mod:`.inference`, exports in :mod:`.export`, W/L maths in :mod:`.windowing`.
+This module connects them.
+
+Layout (OHIF/Weasis habits): worklist on the left (filter box, sortable
+columns with top findings and annotation status), the linked panel grid in the
+centre with a view toolbar (layout, link, colour map, opacity, colour scale +
+legend), findings and models on the right, progress, per-stage times, device
+and model badges in the status bar.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from PySide6.QtCore import Qt
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox,
-                               QTextBrowser, QWidget)
+from PySide6.QtCore import QSignalBlocker, Qt
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+from PySide6.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QMainWindow,
+                               QMessageBox, QProgressBar, QSlider, QTextBrowser, QToolBar, QVBoxLayout,
+                               QWidget)
 
 from .. import __version__
-from ..core import io as cio
 from ..core.errors import CxrError
 from ..core.io.worklist import Worklist
 from ..core.study import Study
 from . import settings, windowing
+from . import inference as inf
+from .export import caption_lines, export_findings_csv, export_png
 from .state import ViewerState
-from .views.image_panel import ImagePanel
+from .views.explain_panels import PANEL_SPECS, SCALE_MODES
+from .views.panel_grid import LAYOUTS, PanelGrid
+from .widgets.colorbar import ColorBar
+from .widgets.findings import FindingsPanel
 from .widgets.log_panel import LogPanel, QtLogHandler
+from .widgets.model_picker import ModelPicker, badge_html
 from .widgets.study_list import StudyList
 
 log = logging.getLogger(__name__)
@@ -39,7 +54,8 @@ SHORTCUTS_HTML = """
 <table cellpadding="3">
 <tr><td><b>Right drag</b></td><td>window/level: left&ndash;right = width (right = wider, less
 contrast), up&ndash;down = centre (down = darker); steps scale with the current width</td></tr>
-<tr><td><b>Left drag</b></td><td>pan (window/level instead while <b>W/L mode</b> is on, key W)</td></tr>
+<tr><td><b>Left drag</b></td><td>pan (window/level instead while <b>W/L mode</b> is on, key Shift+W)</td></tr>
+<tr><td><b>Click</b></td><td>make a panel active (the colour bar shows its scale)</td></tr>
 <tr><td><b>Middle drag</b></td><td>pan</td></tr>
 <tr><td><b>Wheel</b></td><td>zoom about the cursor</td></tr>
 </table>
@@ -47,13 +63,17 @@ contrast), up&ndash;down = centre (down = darker); steps scale with the current 
 <table cellpadding="3">
 {presets}
 <tr><td><b>I</b></td><td>invert grey scale</td></tr>
-<tr><td><b>W</b></td><td>W/L mode: left drag does window/level</td></tr>
+<tr><td><b>Shift+W</b></td><td>W/L mode: left drag does window/level</td></tr>
+<tr><td><b>E, W/N, Ctrl+Z …</b></td><td>annotation mode, draw a box, undo …: all annotation keys (rebindable) in Help &gt; Keyboard shortcuts (edit)… (Ctrl+/)</td></tr>
 <tr><td><b>G</b></td><td>show/hide ground-truth boxes</td></tr>
 <tr><td><b>Space</b></td><td>reset: fit image and header window</td></tr>
 <tr><td><b>F</b></td><td>fit image to the panel</td></tr>
 <tr><td><b>+ / &minus;</b></td><td>zoom in / out</td></tr>
 <tr><td><b>&rarr; &darr; Page Down</b></td><td>next study</td></tr>
 <tr><td><b>&larr; &uarr; Page Up</b></td><td>previous study</td></tr>
+<tr><td><b>L</b></td><td>link / unlink zoom, pan and window/level of all panels</td></tr>
+<tr><td><b>Alt+1 &hellip; Alt+4</b></td><td>layout: all panels, 1x1, 2x2, 1xN</td></tr>
+<tr><td><b>Ctrl+E / Ctrl+Shift+E</b></td><td>export panels (PNG) / findings (CSV)</td></tr>
 <tr><td><b>Ctrl+O / Ctrl+Shift+O</b></td><td>open files / open folder</td></tr>
 </table>
 <p>Presets 3&ndash;5 are fractions of the image's robust range (1st&ndash;99th percentile of
@@ -77,44 +97,90 @@ def _num(v: float) -> str:
 
 
 class MainWindow(QMainWindow):
-    """Study list (left dock), image panel (centre), messages (bottom dock)."""
+    """Worklist (left), linked panel grid (centre), findings + models (right), messages (bottom).
+
+    ``models_dir``: the bundled model folder (default ``resources/models``);
+    ``device``: a DeviceInfo or "auto"/"cpu"/"cuda" (default ``$CXRVIEWER_DEVICE`` or auto);
+    ``cache_folder``: the HDF5 results cache (default ``<config>/results-cache``).
+    """
 
     def __init__(self, parent: QWidget | None = None, *, popup_errors: bool = False,
-                 models_dir: str | None = None) -> None:
+                 models_dir: str | None = None, device: object = None,
+                 cache_folder: str | None = None) -> None:
         super().__init__(parent)
+        from ..core.device import DeviceInfo, select_device
         from .workers import JobRunner
 
         self.popup_errors = popup_errors  # QMessageBox (non-modal) on load errors
-        self.models_dir = models_dir  # for the model panels (issue 5)
+        self.models_dir = models_dir or os.environ.get("CXRVIEWER_MODELS") or None
+        self._auto_layout = True  # all panels with models, one big panel without; until the user picks
         self.setWindowTitle(APP_TITLE)
-        self.resize(1280, 860)
+        self.resize(1440, 900)
         self.setAcceptDrops(True)
 
         self.state = ViewerState(self)
-        self.runner = JobRunner(self)
+        self.runner = JobRunner(self)  # decoding, worklists (I/O)
+        # torch on its own single thread: paging through studies never waits for a model stage
+        self.model_runner = JobRunner(self)
         self._cache: OrderedDict[str, Study] = OrderedDict()
         self._load_rows: dict[int, int] = {}  # load seq -> worklist row
         self._closing = False
         self._error_box: QMessageBox | None = None
 
-        self.panel = ImagePanel(self)
-        self.panel.bind(self.state)
-        self.setCentralWidget(self.panel)
+        if not isinstance(device, DeviceInfo):
+            device = select_device(str(device or os.environ.get("CXRVIEWER_DEVICE") or "auto"))
+        self.device = device
+        self.inference = inf.InferenceController(
+            self.model_runner, self, device=device, cache_folder=Path(cache_folder) if cache_folder else None)
+        self.results: object = None  # what the grid shows (partial while running)
+
+        self.grid = PanelGrid(self.state, self)
+        self.panel = self.grid.original  # the original image panel (bound to the state via the grid)
+        central = QWidget(self)
+        lay = QVBoxLayout(central)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(0)
+        self.view_bar = QToolBar("View", central)  # layout, focus panel, link
+        self.legend_bar = QToolBar("Colours", central)  # colour map, opacity, scale, colour bar
+        lay.addWidget(self.view_bar)
+        lay.addWidget(self.legend_bar)
+        lay.addWidget(self.grid, 1)
+        self.setCentralWidget(central)
 
         self.study_list = StudyList(self.state, self)
+        self.filter_box = QLineEdit(self)
+        self.filter_box.setPlaceholderText("Filter studies (name, label, finding)…")
+        self.filter_box.setClearButtonEnabled(True)
+        self.filter_box.textChanged.connect(self.study_list.set_filter)
         self.study_dock = self._dock("Studies", self.study_list, Qt.DockWidgetArea.LeftDockWidgetArea)
+        title = QWidget(self.study_dock)  # the filter box lives in the dock's title bar
+        tlay = QHBoxLayout(title)
+        tlay.setContentsMargins(4, 2, 2, 2)
+        tlay.addWidget(QLabel("<b>Studies</b>"))
+        tlay.addWidget(self.filter_box, 1)
+        self.study_dock.setTitleBarWidget(title)
+        self.findings = FindingsPanel(self)
+        self.findings_dock = self._dock("Findings", self.findings, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.model_picker = ModelPicker(self)
+        self.models_dock = self._dock("Models", self.model_picker, Qt.DockWidgetArea.RightDockWidgetArea)
         self.log_panel = LogPanel(self)
         self.log_dock = self._dock("Messages", self.log_panel, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.log_dock.hide()
         self._log_handler = QtLogHandler(self.log_panel)
         logging.getLogger("cxrviewer").addHandler(self._log_handler)
 
-        self.resizeDocks([self.study_dock], [340], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.study_dock, self.findings_dock], [330, 270], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.findings_dock, self.models_dock], [420, 200], Qt.Orientation.Vertical)
         self._make_status_bar()
         self._make_actions()
         self._make_menus()
+        self._make_view_bar()
         self._wire()
         self._help: QTextBrowser | None = None
+        self.reload_model_folders()
+        from .annotation_controller import AnnotationController  # issue 6: boxes, store, fine-tune
+
+        self.annotations = AnnotationController.attach(self)
 
     # ---- construction ---------------------------------------------------
     def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
@@ -131,6 +197,17 @@ class MainWindow(QMainWindow):
         self.zoom_label = QLabel("Zoom –")
         for w in (self.cursor_label, self.wl_label, self.zoom_label):
             w.setMinimumWidth(90)
+            sb.addPermanentWidget(w)
+        self.progress = QProgressBar(self)
+        self.progress.setMaximumWidth(140)
+        self.progress.setFormat("%v/%m stages")
+        self.progress.hide()
+        self.stage_label = QLabel("")
+        self.stage_label.setToolTip("Per-stage times of the last analysis")
+        self.device_label = QLabel(f"Device: {self.device}")
+        self.models_label = QLabel("")
+        self.models_label.setTextFormat(Qt.TextFormat.RichText)
+        for w in (self.progress, self.stage_label, self.models_label, self.device_label):
             sb.addPermanentWidget(w)
 
     def _action(self, text: str, slot, shortcuts: Sequence[str | QKeySequence] = (), *,
@@ -156,22 +233,41 @@ class MainWindow(QMainWindow):
             act.setStatusTip(windowing.describe(p))
             self.act_presets.append(act)
         self.act_invert = a("&Invert", lambda on: self.state.set_invert(on), ["I"], checkable=True)
-        self.act_wl_mode = a("&W/L mode (left drag)", self.panel.set_wl_mode, ["W"], checkable=True)
+        self.act_wl_mode = a("&W/L mode (left drag)", self.set_wl_mode, ["Shift+W"], checkable=True)
         self.act_gt = a("Ground-truth &boxes", self.state.set_gt_visible, ["G"], checkable=True)
         self.act_gt.setChecked(self.state.gt_visible)
         self.act_reset = a("&Reset view", self.reset_view, ["Space"])
-        self.act_fit = a("&Fit", self.panel.fit, ["F"])
-        self.act_zoom_in = a("Zoom &in", lambda: self.panel.zoom(1.25), ["+", "=", QKeySequence.StandardKey.ZoomIn])
-        self.act_zoom_out = a("Zoom &out", lambda: self.panel.zoom(0.8), ["-", QKeySequence.StandardKey.ZoomOut])
+        self.act_fit = a("&Fit", self.grid.fit_all, ["F"])
+        self.act_zoom_in = a("Zoom &in", lambda: self.grid.zoom(1.25), ["+", "=", QKeySequence.StandardKey.ZoomIn])
+        self.act_zoom_out = a("Zoom &out", lambda: self.grid.zoom(0.8), ["-", QKeySequence.StandardKey.ZoomOut])
         self.act_next = a("&Next study", lambda: self.state.step(1), ["Right", "Down", "PgDown"])
         self.act_prev = a("&Previous study", lambda: self.state.step(-1), ["Left", "Up", "PgUp"])
         self.act_shortcuts = a("&Keyboard shortcuts", self.show_shortcuts, [QKeySequence.StandardKey.HelpContents])
         self.act_about = a("&About", self.show_about)
+        self.act_link = a("&Link panels", self.grid.set_linked, ["L"], checkable=True,
+                          tip="Link zoom, pan and window/level across panels")
+        self.act_link.setChecked(True)
+        self.act_layouts = QActionGroup(self)
+        for i, name in enumerate(LAYOUTS, start=1):
+            act = a({"grid": "All panels", "1xN": "1 x N"}.get(name, name), lambda _=False, n=name: self.set_layout(n),
+                    [f"Alt+{i}"], checkable=True)
+            act.setData(name)
+            act.setChecked(name == self.grid.layout_name)
+            self.act_layouts.addAction(act)
+        self.act_export_png = a("Export &panels as PNG…", self.export_panels_dialog, ["Ctrl+E"])
+        self.act_export_csv = a("Export &findings as CSV…", self.export_findings_dialog, ["Ctrl+Shift+E"])
+        self.act_add_models = a("&Add model folder…", self.add_model_folder_dialog)
+        self.act_rescan_models = a("&Rescan model folders", self.reload_model_folders)
 
     def _make_menus(self) -> None:
         mb = self.menuBar()
         m = mb.addMenu("&File")
         m.addActions([self.act_open_files, self.act_open_folder])
+        m.addSeparator()
+        m.addActions([self.act_export_png, self.act_export_csv])
+        m.addSeparator()
+        mm = m.addMenu("&Models")
+        mm.addActions([self.act_add_models, self.act_rescan_models])
         m.addSeparator()
         m.addAction(self.act_quit)
         v = mb.addMenu("&View")
@@ -183,10 +279,64 @@ class MainWindow(QMainWindow):
         v.addSeparator()
         v.addActions([self.act_next, self.act_prev])
         v.addSeparator()
-        v.addAction(self.study_dock.toggleViewAction())
-        v.addAction(self.log_dock.toggleViewAction())
+        layouts = v.addMenu("&Layout")
+        layouts.addActions(self.act_layouts.actions())
+        v.addAction(self.act_link)
+        v.addSeparator()
+        for dock in (self.study_dock, self.findings_dock, self.models_dock, self.log_dock):
+            v.addAction(dock.toggleViewAction())
+
         h = mb.addMenu("&Help")
         h.addActions([self.act_shortcuts, self.act_about])
+
+    def _make_view_bar(self) -> None:
+        bar = self.view_bar
+        bar.setMovable(False)
+        self.layout_combo = QComboBox(bar)
+        for name in LAYOUTS:
+            self.layout_combo.addItem({"grid": "All panels"}.get(name, name), name)
+        self.layout_combo.currentIndexChanged.connect(
+            lambda _i: self.set_layout(self.layout_combo.currentData()))
+        self.focus_combo = QComboBox(bar)
+        for spec in PANEL_SPECS:
+            self.focus_combo.addItem(spec.title, spec.key)
+        self.focus_combo.setToolTip("First panel shown by the 1x1 and 2x2 layouts")
+        self.focus_combo.currentIndexChanged.connect(lambda _i: self.grid.set_focus(self.focus_combo.currentData()))
+        self.cmap_combo = QComboBox(bar)
+        from ..core.render import COLORMAPS
+
+        for name in COLORMAPS:
+            if name != "gray":
+                self.cmap_combo.addItem(name, name)
+        self.cmap_combo.setCurrentIndex(max(0, self.cmap_combo.findData(self.grid.colormap_name)))
+        self.cmap_combo.currentIndexChanged.connect(lambda _i: self.grid.set_colormap(self.cmap_combo.currentData()))
+        self.opacity_slider = QSlider(Qt.Orientation.Horizontal, bar)
+        self.opacity_slider.setRange(0, 100)
+        self.opacity_slider.setValue(int(self.grid.opacity * 100))
+        self.opacity_slider.setMinimumWidth(80)
+        self.opacity_slider.setMaximumWidth(110)
+        self.opacity_slider.setToolTip("Heat map opacity")
+        self.opacity_slider.valueChanged.connect(lambda v: self.grid.set_opacity(v / 100.0))
+        self.scale_combo = QComboBox(bar)
+        for mode, text in SCALE_MODES.items():
+            self.scale_combo.addItem(text, mode)
+        self.scale_combo.setToolTip("Colour scale: raw values, shared so panels are comparable")
+        self.scale_combo.currentIndexChanged.connect(lambda _i: self.grid.set_scale_mode(self.scale_combo.currentData()))
+        self.colorbar = ColorBar(bar)
+        self.colorbar.setMinimumWidth(160)
+        self.focus_combo.setMaximumWidth(170)
+        for label, w in (("Layout ", self.layout_combo), (" ", self.focus_combo)):
+            bar.addWidget(QLabel(label))
+            bar.addWidget(w)
+        bar.addAction(self.act_link)
+        leg = self.legend_bar
+        leg.setMovable(False)
+        for label, w in (("Map ", self.cmap_combo), (" Opacity ", self.opacity_slider),
+                         (" Scale ", self.scale_combo)):
+            leg.addWidget(QLabel(label))
+            leg.addWidget(w)
+        leg.addWidget(QLabel("  "))
+        leg.addWidget(self.colorbar)
 
     def _wire(self) -> None:
         s = self.state
@@ -198,6 +348,16 @@ class MainWindow(QMainWindow):
         self.panel.cursorMoved.connect(self._update_cursor_label)
         self.runner.finished.connect(self._on_job_finished)
         self.runner.failed.connect(self._on_job_failed)
+        inf_ = self.inference
+        inf_.started.connect(self._on_inference_started)
+        inf_.stageReady.connect(self._on_stage)
+        inf_.finished.connect(self._on_results)
+        inf_.failed.connect(self._on_inference_failed)
+        inf_.unavailable.connect(self._on_inference_unavailable)
+        inf_.classMined.connect(lambda *_: self.grid.refresh())
+        self.findings.classSelected.connect(self.select_class)
+        self.grid.scaleChanged.connect(self.colorbar.set_scale)
+        self.model_picker.modelSetChanged.connect(self._on_model_set)
 
     # ---- opening --------------------------------------------------------
     def open_paths(self, paths: Sequence[str | os.PathLike[str]]) -> int:
@@ -206,7 +366,7 @@ class MainWindow(QMainWindow):
         if not paths:
             return 0
         self.statusBar().showMessage(f"Opening {len(paths)} path(s)…")
-        return self.runner.submit("worklist", cio.open_worklist, paths)
+        return self.runner.submit("worklist", inf.expand_paths, paths)
 
     def open_files_dialog(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(
@@ -228,6 +388,9 @@ class MainWindow(QMainWindow):
         self._cache.clear()
         self._load_rows.clear()
         self.state.set_worklist(worklist)
+        for row, ref in enumerate(worklist):
+            if ref.extra.get("findings"):
+                self.study_list.set_findings(row, [tuple(x) for x in json.loads(ref.extra["findings"])])
         for msg in worklist.errors:
             self.log_panel.add(msg, "warning")
         if worklist.errors:
@@ -255,7 +418,7 @@ class MainWindow(QMainWindow):
             return
         self.study_list.set_status(row, "loading…")
         self.statusBar().showMessage(f"Loading {ref.display_name}…")
-        seq = self.runner.submit("load", ref.load, timeout=LOAD_TIMEOUT_S)
+        seq = self.runner.submit("load", inf.load_for_display, ref, LOAD_TIMEOUT_S)
         self._load_rows[seq] = row
 
     def _on_job_finished(self, channel: str, seq: int, result: object) -> None:
@@ -272,6 +435,8 @@ class MainWindow(QMainWindow):
             self.state.set_study(result)
 
     def _on_job_failed(self, channel: str, seq: int, message: str, exc: object) -> None:
+        if channel in (inf.InferenceController.CHANNEL, inf.InferenceController.AM_CHANNEL):
+            return  # reported by the inference controller
         if channel == "load":
             row = self._load_rows.pop(seq, self.state.current_index)
             self.study_list.set_status(row, "error", error=True)
@@ -302,14 +467,193 @@ class MainWindow(QMainWindow):
         if st.study is not None:
             st.apply_preset("1")
             st.set_invert(st.study.invert_display)
-        self.panel.fit()
+        for p in self.grid.panels.values():
+            p.fit()
+
+    def set_wl_mode(self, on: bool) -> None:
+        """Left drag does window/level in every panel (trackpads)."""
+        for p in self.grid.panels.values():
+            p.set_wl_mode(on)
+
+    def set_layout(self, name: str, *, user: bool = True) -> None:
+        """Panel layout: grid (all), 1x1, 2x2 or 1xN (keeps combo and menu in step)."""
+        if user:
+            self._auto_layout = False
+        if name == self.grid.layout_name and self.layout_combo.currentData() == name:
+            return
+        self.grid.set_layout(name)
+        for act in self.act_layouts.actions():
+            act.setChecked(act.data() == name)
+        i = self.layout_combo.findData(name)
+        if i >= 0 and i != self.layout_combo.currentIndex():
+            with QSignalBlocker(self.layout_combo):
+                self.layout_combo.setCurrentIndex(i)
+
+    # ---- explanations -------------------------------------------------------
+    def select_class(self, class_index: int) -> None:
+        """The class every panel shows (findings selection, tests)."""
+        self.grid.set_class(class_index)
+        self.findings.select_class(class_index)
+        res = self.results
+        if res is not None and class_index < len(res.classes) and res.classes[class_index] not in res.am_steps:
+            if self.inference.mine_class(res, class_index):
+                self.statusBar().showMessage(f"Mining attention for {res.classes[class_index]}…", 3000)
+
+    def _on_inference_started(self, _sha: str) -> None:
+        self.results = None
+        self.progress.setRange(0, self._expected_stages())
+        self.progress.setValue(0)
+        self.progress.show()
+        self.stage_label.setText("")
+
+    def _expected_stages(self) -> int:
+        fams = {b.role if b.role == "dm" else b.family for b in self.inference.bundles}
+        n = 2  # preprocess, boxes
+        n += int("alignment" in fams) + int("segmentation" in fams) + int("cia" in fams)
+        n += 3 if "classifier" in fams else 0  # classifier, gradcam, attention_mining
+        n += int("dm" in fams or ("segmentation" in fams and "classifier" in fams))
+        return max(n, 1)
+
+    def _show_results(self, res: object) -> None:
+        first = self.results is None or getattr(self.results, "probabilities", None) is None
+        self.results = res
+        self.grid.set_results(res)
+        if first and getattr(res, "probabilities", None) is not None:
+            study = self.state.study
+            self.findings.set_results(res, study.labels if study is not None else None,
+                                      selected=self.grid.class_index)
+
+    def _on_stage(self, update: object) -> None:
+        self._show_results(update.results)
+        self.progress.setValue(min(self.progress.maximum(), len(update.results.timings)))
+        self.stage_label.setText(self._timings_text(update.results.timings))
+
+    _STAGE_ABBREV = {"preprocess": "prep", "alignment": "align", "segmentation": "seg", "classifier": "cls",
+                     "gradcam": "gcam", "attention_mining": "AM", "disease_mask": "ψ", "cia": "CIA", "boxes": "box"}
+
+    def _timings_text(self, timings: dict) -> str:
+        """Per-stage seconds, short (the full names are in the tooltip)."""
+        self.stage_label.setToolTip("\n".join(f"{k}: {v:.3f} s" for k, v in timings.items()))
+        return " ".join(f"{self._STAGE_ABBREV.get(k, k)} {v:.2f}" for k, v in timings.items())
+
+    def _on_results(self, sha: str, res: object, source: str) -> None:
+        self._show_results(res)
+        study = self.state.study
+        self.findings.set_results(res, study.labels if study is not None else None,
+                                  selected=self.grid.class_index)
+        self.progress.setValue(self.progress.maximum())
+        self.progress.hide()
+        total = sum(res.timings.values())
+        origin = {"memory": "from memory", "cache": "from the results cache", "run": "computed"}.get(
+            source, source.replace("file ", "from "))
+        self.stage_label.setText(f"{total:.1f} s ({origin}): {self._timings_text(res.timings)}")
+        row = self.state.current_index
+        if res.probabilities is not None and row >= 0:
+            self.study_list.set_findings(row, [(res.classes[i], float(res.probabilities[i]))
+                                               for i in res.top_classes(3)])
+        for note in res.notices:
+            self.log_panel.add(note, "warning")
+
+    def _on_inference_unavailable(self, _sha: str, why: str) -> None:
+        self.progress.hide()
+        if why == "no models":
+            self.stage_label.setText("No model bundles: explanations off (File > Models > Add model folder…)")
+
+    def _on_inference_failed(self, _sha: str, message: str) -> None:
+        self.progress.hide()
+        self.report_error(f"Analysis failed: {message}")
+
+    # ---- models ---------------------------------------------------------------
+    def model_folders(self) -> list[str]:
+        from ..core.bundle import default_models_dir
+
+        return [str(self.models_dir or default_models_dir()), *settings.model_dirs()]
+
+    def reload_model_folders(self) -> None:
+        active = settings.active_model_dir()
+        folders = self.model_folders()
+        self.model_picker.set_folders(folders, active if active in folders else folders[0])
+
+    def add_model_folder(self, folder: str) -> None:
+        dirs = settings.model_dirs()
+        if folder not in dirs:
+            settings.set_model_dirs([*dirs, folder])
+        settings.set_active_model_dir(folder)
+        self.reload_model_folders()
+
+    def add_model_folder_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Add a folder of model bundles", settings.last_dir())
+        if folder:
+            self.add_model_folder(folder)
+
+    def _on_model_set(self, folder: str, bundles: list) -> None:
+        if folder and folder != settings.active_model_dir() and folder in settings.model_dirs():
+            settings.set_active_model_dir(folder)
+        self.inference.set_bundles(bundles)
+        roles = {b.role or ("dm" if b.architecture == "dm" else b.family) for b in self.inference.bundles}
+        if roles:
+            self.grid.set_available(roles)
+        if self._auto_layout:
+            self.set_layout("grid" if self.inference.bundles else "1x1", user=False)
+        self.models_label.setText(badge_html(bundles))
+        self.models_label.setToolTip("\n".join(f"{b.name}: {b.role or b.family}"
+                                               + (f" [{b.badge}]" if b.badge else "") for b in bundles))
+        if self.state.study is not None:
+            self.grid.set_study(self.state.study)
+            self._request_analysis(self.state.study)
+
+    def _request_analysis(self, study: Study) -> None:
+        ref = self.state.current_ref
+        explicit = ref.extra.get("results") if ref is not None else None
+        self.inference.request(study, results_file=explicit)
+
+    # ---- export -----------------------------------------------------------------
+    def _study_name(self) -> str:
+        ref = self.state.current_ref
+        return ref.display_name if ref is not None else (self.state.study.study_id if self.state.study else "")
+
+    def export_panels(self, path: str) -> Path:
+        """The panel grid as PNG with study, class, probability, models and device burned in."""
+        self.grid.flush()
+        return export_png(self.grid, path, caption_lines(self._study_name(), self.results, self.grid.class_index))
+
+    def export_findings(self, path: str) -> Path:
+        if self.results is None:
+            raise CxrError("no findings to export: open a study and let the analysis finish")
+        study = self.state.study
+        return export_findings_csv(path, self.results, self._study_name(),
+                                   study.labels if study is not None else None)
+
+    def _export_dialog(self, title: str, suffix: str, filt: str, fn) -> None:
+        default = str(Path(settings.last_dir()) / f"{Path(self._study_name() or 'study').stem}{suffix}")
+        path, _ = QFileDialog.getSaveFileName(self, title, default, filt)
+        if not path:
+            return
+        try:
+            out = fn(path)
+        except (CxrError, OSError) as exc:
+            self.report_error(f"Export failed: {exc}")
+            return
+        self.statusBar().showMessage(f"Wrote {out}", 5000)
+
+    def export_panels_dialog(self) -> None:
+        self._export_dialog("Export panels", "_panels.png", "PNG images (*.png)", self.export_panels)
+
+    def export_findings_dialog(self) -> None:
+        self._export_dialog("Export findings", "_findings.csv", "CSV files (*.csv)", self.export_findings)
 
     # ---- state -> widgets ------------------------------------------------
     def _on_study_changed(self, study: Study | None) -> None:
         ref = self.state.current_ref
         if study is None:
             self.setWindowTitle(APP_TITLE)
+            self.inference.cancel()
+            self.results = None
+            self.progress.hide()
+            self.findings.set_results(None)
             return
+        self.findings.set_results(None, study.labels)
+        self._request_analysis(study)
         name = ref.display_name if ref is not None else Path(study.meta.source_path).name
         self.setWindowTitle(f"{name} — {APP_TITLE}")
         h, w = study.shape
@@ -377,6 +721,8 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt naming
         """Stop background work first: queued jobs dropped, the running one awaited."""
         self._closing = True
+        self.inference.cancel()
+        self.model_runner.shutdown(timeout_ms=int((LOAD_TIMEOUT_S + 15) * 1000))
         self.runner.shutdown(timeout_ms=int((LOAD_TIMEOUT_S + 15) * 1000))
         logging.getLogger("cxrviewer").removeHandler(self._log_handler)
         if self._help is not None:

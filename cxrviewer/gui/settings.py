@@ -29,3 +29,23 @@ def last_dir() -> str:
 def set_last_dir(path: str | os.PathLike[str]) -> None:
     p = Path(path)
     app_settings().setValue("paths/last_dir", str(p if p.is_dir() else p.parent))
+
+
+def model_dirs() -> list[str]:
+    """Model folders the user added (Models > Add model folder…)."""
+    value = app_settings().value("models/user_dirs", [])
+    if isinstance(value, str):
+        value = [value] if value else []
+    return [str(v) for v in (value or [])]
+
+
+def set_model_dirs(dirs: list[str]) -> None:
+    app_settings().setValue("models/user_dirs", list(dirs))
+
+
+def active_model_dir() -> str:
+    return str(app_settings().value("models/active", "") or "")
+
+
+def set_active_model_dir(path: str) -> None:
+    app_settings().setValue("models/active", str(path))

@@ -13,6 +13,10 @@ that lives in the GUI thread, so deliveries are queued onto the GUI event loop.
   a job must never touch a widget.
 * A function may be a generator: each yielded item is delivered as
   ``progress`` (panels fill progressively), its return value as ``finished``.
+* :meth:`JobRunner.submit_with_context` passes a :class:`JobContext` first:
+  ``ctx.report(item)`` delivers ``progress`` from inside a callback-style API
+  (the pipeline's ``on_stage``) and ``ctx.cancelled()`` is the pipeline's
+  ``cancel`` callable (true once the request is stale or the runner closed).
 * :meth:`JobRunner.shutdown` (called on window close) makes everything stale,
   drops queued jobs and waits for the running one, so closing while a load
   runs exits cleanly.
@@ -41,10 +45,41 @@ class _JobSignals(QObject):
     failed = Signal(int, str, object)
 
 
+def _detached(err: BaseException) -> BaseException:
+    """The exception without tracebacks: their frames hold this (auto-deleted) QRunnable,
+    and a wrapper outliving its C++ object crashes the interpreter at exit."""
+    e: BaseException | None = err
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return err
+
+
+class JobContext:
+    """Handed to a ``submit_with_context`` job: progress reports and a cancel check."""
+
+    def __init__(self, job: "_Job") -> None:
+        self._job = job
+        self.channel = job.channel
+        self.seq = job.seq
+
+    def cancelled(self) -> bool:
+        """True once a newer request on the channel exists or the runner shut down."""
+        return not self._job._runner.is_current(self.channel, self.seq)
+
+    def report(self, item: object) -> None:
+        """Deliver ``item`` as ``progress`` (dropped when stale)."""
+        if not self.cancelled():
+            self._job.signals.progress.emit(self.seq, item)
+
+
 class _Job(QRunnable):
     def __init__(self, runner: "JobRunner", channel: str, seq: int,
-                 fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+                 fn: Callable[..., Any], args: tuple, kwargs: dict, *, with_context: bool = False) -> None:
         super().__init__()
+        self.with_context = with_context
         self.setAutoDelete(True)
         self._runner = runner
         self.channel = channel
@@ -58,7 +93,8 @@ class _Job(QRunnable):
             self.signals.finished.emit(self.seq, None)  # dropped as stale, frees the slot
             return
         try:
-            result = self.fn(*self.args, **self.kwargs)
+            args = (JobContext(self), *self.args) if self.with_context else self.args
+            result = self.fn(*args, **self.kwargs)
             if inspect.isgenerator(result):
                 gen = result
                 while True:
@@ -74,10 +110,10 @@ class _Job(QRunnable):
                     self.signals.progress.emit(self.seq, item)
             self.signals.finished.emit(self.seq, result)
         except CxrError as err:
-            self.signals.failed.emit(self.seq, str(err), err)
+            self.signals.failed.emit(self.seq, str(err), _detached(err))
         except Exception as err:  # noqa: BLE001 - a job must never kill the app
             log.exception("background job %s#%d failed", self.channel, self.seq)
-            self.signals.failed.emit(self.seq, f"{type(err).__name__}: {err}", err)
+            self.signals.failed.emit(self.seq, f"{type(err).__name__}: {err}", _detached(err))
 
 
 class JobRunner(QObject):
@@ -118,12 +154,20 @@ class JobRunner(QObject):
     # ---- API (GUI thread) -----------------------------------------------
     def submit(self, channel: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
         """Queue ``fn(*args, **kwargs)``; returns the request's sequence number."""
+        return self._submit(channel, fn, args, kwargs, False)
+
+    def submit_with_context(self, channel: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+        """Queue ``fn(ctx, *args, **kwargs)`` with a :class:`JobContext` ``ctx``."""
+        return self._submit(channel, fn, args, kwargs, True)
+
+    def _submit(self, channel: str, fn: Callable[..., Any], args: tuple, kwargs: dict,
+                with_context: bool) -> int:
         if self._closed:
             return 0
         seq = next(self._seq)
         with self._lock:
             self._latest[channel] = seq
-        job = _Job(self, channel, seq, fn, args, kwargs)
+        job = _Job(self, channel, seq, fn, args, kwargs, with_context=with_context)
         # Bound slots of this GUI-thread QObject: Qt queues the calls (never lambdas,
         # which PySide may run in the emitting thread).
         job.signals.progress.connect(self._on_progress)

@@ -132,10 +132,14 @@ class ImagePanel(pg.GraphicsLayoutWidget):
         self._image: np.ndarray | None = None
         self._pyramid: list[np.ndarray] = []  # [full, /2, /4, ...] 2x2-mean levels, built lazily
         self._level = -1  # pyramid level on screen
+        #: image pixels -> view units (a panel showing a smaller copy of the study, e.g. the
+        #: aligned image, sets the ratio so linked panels share original-pixel coordinates)
+        self.display_scale = 1.0
         self._window: wl.Window = (0.5, 1.0)
         self._invert = False
         self._state: ViewerState | None = None
         self.layers: dict[str, Layer] = {}
+        self._linked: list[ImagePanel] = []
         self.heatmap: HeatmapLayer = self.add_layer(HeatmapLayer("heatmap"))
         self.gt_boxes: BoxLayer = self.add_layer(BoxLayer("gt"))
 
@@ -157,6 +161,8 @@ class ImagePanel(pg.GraphicsLayoutWidget):
 
     # ---- title ----------------------------------------------------------
     def set_title(self, text: str) -> None:
+        if text == self._title.text and self._title.isVisible() == bool(text):
+            return  # setHtml is ~1 ms: skip no-op updates (grids re-title often)
         self._title.setText(text)
         self._title.setVisible(bool(text))
         self._title.setMaximumHeight(16777215 if text else 0)
@@ -166,23 +172,32 @@ class ImagePanel(pg.GraphicsLayoutWidget):
     def image_shape(self) -> tuple[int, int] | None:
         return None if self._image is None else (int(self._image.shape[0]), int(self._image.shape[1]))
 
-    def set_study(self, study: Study | None, *, reset_view: bool = True) -> None:
-        """Show a study's modality pixels with its header window and invert."""
+    def set_study(self, study: Study | None, *, reset_view: bool = True,
+                  pyramid: list[np.ndarray] | None = None) -> None:
+        """Show a study's modality pixels with its header window and invert.
+
+        ``pyramid``: a list shared by panels showing the same study (see set_image).
+        """
         self.study = study
         if study is None:
             self.set_image(None)
         else:
             self._window = (float(study.window[0]), max(float(study.window[1]), 1e-6))
             self._invert = bool(study.invert_display)
-            self.set_image(study.modality, reset_view=reset_view)
+            self.set_image(study.modality, reset_view=reset_view, pyramid=pyramid)
             self.gt_boxes.set_boxes(study.gt_boxes)
         self.on_study_changed(study)
 
     def on_study_changed(self, study: Study | None) -> None:
         """Hook for subclasses: called after a new study is shown."""
 
-    def set_image(self, image: np.ndarray | None, *, reset_view: bool = True) -> None:
-        """Show a 2-D array (modality units) with the panel's current window."""
+    def set_image(self, image: np.ndarray | None, *, reset_view: bool = True,
+                  pyramid: list[np.ndarray] | None = None) -> None:
+        """Show a 2-D array (modality units) with the panel's current window.
+
+        ``pyramid``: a list ``[image, ...]`` shared with other panels showing the same
+        array, so the downsampled levels are computed once for all of them.
+        """
         old_shape = self.image_shape
         self._level = -1
         if image is None:
@@ -191,7 +206,10 @@ class ImagePanel(pg.GraphicsLayoutWidget):
             self.image_item.clear()
         else:
             self._image = np.asarray(image)
-            self._pyramid = [self._image]
+            if pyramid is not None and pyramid and pyramid[0] is image:
+                self._pyramid = pyramid
+            else:
+                self._pyramid = [self._image]
         for layer in self.layers.values():
             layer.on_image_changed(self.image_shape)
         if image is not None:
@@ -214,7 +232,7 @@ class ImagePanel(pg.GraphicsLayoutWidget):
         """Pyramid level for the current zoom: the coarsest still >= 1 pixel per device pixel."""
         if self._image is None:
             return 0
-        zoom = self.zoom_level() * float(self.devicePixelRatioF() or 1.0)
+        zoom = self.zoom_level() * float(self.devicePixelRatioF() or 1.0) * self.display_scale
         k = int(math.floor(math.log2(1.0 / zoom))) if zoom > 0 else 0
         k = max(0, min(k, self.MAX_LEVEL))
         while k > 0 and min(self._image.shape[:2]) >> k < 64:
@@ -233,7 +251,7 @@ class ImagePanel(pg.GraphicsLayoutWidget):
         if k == self._level:
             return
         img = self._pyramid_level(k)
-        f = 2 ** k
+        f = 2 ** k * self.display_scale
         self.image_item.setImage(img, autoLevels=False, levels=wl.levels(self._window),
                                  lut=_GREY_INVERTED if self._invert else _GREY)
         # the downsampled image covers the same image-pixel rectangle
@@ -275,7 +293,8 @@ class ImagePanel(pg.GraphicsLayoutWidget):
         if shape is None:
             return
         h, w = shape
-        self.view.setRange(QRectF(0, 0, w, h), padding=self.FIT_PADDING)
+        s = self.display_scale
+        self.view.setRange(QRectF(0, 0, w * s, h * s), padding=self.FIT_PADDING)
 
     def zoom(self, factor: float) -> None:
         """Zoom about the view centre (factor > 1 magnifies)."""
@@ -289,10 +308,36 @@ class ImagePanel(pg.GraphicsLayoutWidget):
         px = self.view.viewPixelSize()[0]
         return 1.0 / px if px and math.isfinite(px) and px > 0 else 1.0
 
+    _syncing = False  # class-wide: one view copy at a time, no ping-pong
+
     def link_view(self, other: "ImagePanel") -> None:
-        """Share pan/zoom with another panel (linked panel grids)."""
-        self.view.setXLink(other.view)
-        self.view.setYLink(other.view)
+        """Share pan/zoom with another panel (both ways).
+
+        The view rectangle is copied on every range change. (pyqtgraph's own
+        setXLink/setYLink made PySide6 6.12 crash at interpreter exit after a
+        linked view was resized, so it is not used.)
+        """
+        if other is self or other in self._linked:
+            return
+        for a, b in ((self, other), (other, self)):
+            if not a._linked:
+                a.view.sigRangeChanged.connect(a._push_linked)  # bound method, no lambda
+            a._linked.append(b)
+        self._copy_range(other, self)
+
+    @staticmethod
+    def _copy_range(src: "ImagePanel", dst: "ImagePanel") -> None:
+        if ImagePanel._syncing:
+            return
+        ImagePanel._syncing = True
+        try:
+            dst.view.setRange(src.view.viewRect(), padding=0.0)
+        finally:
+            ImagePanel._syncing = False
+
+    def _push_linked(self, *_args) -> None:
+        for other in list(self._linked):
+            self._copy_range(self, other)
 
     def _on_range_changed(self, *_args) -> None:
         self._update_level()
@@ -303,7 +348,7 @@ class ImagePanel(pg.GraphicsLayoutWidget):
             return
         p = self.view.mapSceneToView(scene_pos)
         x, y = p.x(), p.y()
-        col, row = int(math.floor(x)), int(math.floor(y))
+        col, row = int(math.floor(x / self.display_scale)), int(math.floor(y / self.display_scale))
         h, w = self._image.shape[:2]
         value = float(self._image[row, col]) if 0 <= row < h and 0 <= col < w else float("nan")
         self.cursorMoved.emit(x, y, value)

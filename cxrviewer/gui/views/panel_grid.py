@@ -1,0 +1,439 @@
+"""The linked panel grid: every explanation of one study side by side.
+
+One :class:`~cxrviewer.gui.views.explain_panels.ExplanationPanel` per entry of
+``PANEL_SPECS``. The grid, not the panels, follows the :class:`ViewerState`:
+
+* study -> every panel shows it (one shared display pyramid, built once);
+* window/level and invert -> every panel showing the study; with ``linked``
+  off, a W/L drag in a panel other than the original changes that panel only;
+* zoom/pan -> panels are ViewBox-linked to the original (``set_linked``);
+  the paired normal (its own image, another patient) is never linked;
+* results + class -> :func:`panel_content` per panel, one colour range per
+  scale group (:func:`scale_group`), re-drawing only the panels whose arrays
+  changed (stage updates arrive several times per study; slots stay cheap).
+
+Layouts (OHIF-like): ``grid`` (all panels), ``1x1`` / ``2x2`` (starting at the
+focused panel), ``1xN`` (one row).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from PySide6.QtCore import QRectF, QTimer, Signal
+from PySide6.QtGui import QPainter
+from PySide6.QtWidgets import QGridLayout, QWidget
+
+from ...core.render import colormap
+from .. import windowing as wl
+from ..state import ViewerState
+from .explain_panels import (PANEL_SPECS, SCALE_QUANTITY, SPEC_BY_KEY, ExplanationPanel, panel_content,
+                             scale_group)
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("grid", "1x1", "2x2", "1xN")
+UNLINKED = ("normal",)  # never view-linked (another image, another frame)
+
+
+FADE = 0.3  # the lowest 30 % of a map's colour range fades in from transparent
+
+
+def overlay_lut(name: str, fade: float = FADE) -> np.ndarray:
+    """RGBA LUT: the colour map with an alpha ramp over its lowest ``fade`` fraction, so
+    low values (and the outside of a warped map, which holds the map's minimum) leave the
+    radiograph visible; the opacity slider scales the whole overlay."""
+    rgb = colormap(name)
+    ramp = np.clip(np.linspace(0.0, 1.0, 256) / max(fade, 1e-6), 0.0, 1.0) if fade > 0 else np.ones(256)
+    return np.concatenate([rgb, (ramp * 255).round().astype(np.uint8)[:, None]], axis=1)
+
+
+def finite_range(a: np.ndarray) -> tuple[float, float]:
+    """min/max ignoring NaN (0, 1 when nothing is finite)."""
+    a = np.asarray(a)
+    if a.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return (0.0, 1.0)
+    return (lo, hi)
+
+
+class PanelGrid(QWidget):
+    """Explanation panels in a grid; see the module docstring.
+
+    Signals: ``panelsUpdated(int)`` (number of filled panels after an update),
+    ``scaleChanged(str, float, float, str)`` (group, low, high, colormap of the
+    active panel), ``activePanelChanged(str)``.
+    """
+
+    panelsUpdated = Signal(int)
+    scaleChanged = Signal(str, float, float, str)
+    activePanelChanged = Signal(str)
+
+    def __init__(self, state: ViewerState, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.state = state
+        self.panels: dict[str, ExplanationPanel] = {s.key: ExplanationPanel(s.key, self) for s in PANEL_SPECS}
+        self.order = [s.key for s in PANEL_SPECS]
+        self.original = self.panels["original"]
+        self.layout_name = "grid"
+        self.focus_key = "original"
+        self.active_key = "original"
+        self.linked = True
+        self.colormap_name = "jet"
+        self.opacity = 0.45
+        self.scale_mode = SCALE_QUANTITY
+        self.results: Any = None
+        self.class_index: int | None = None
+        self.available: set[str] | None = None  # panels the model set can fill (None: unknown)
+        self.hide_unavailable = True
+        self._class_auto = True  # follow the top finding until the user selects a class
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self._pyramid: list[np.ndarray] | None = None
+        self._grid = QGridLayout(self)
+        self._grid.setContentsMargins(0, 0, 0, 0)
+        self._grid.setSpacing(2)
+        self._syncing = False
+        self._queue: dict[str, tuple] = {}  # panel key -> (draw function, args), in panel order
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self._on_timer)
+        for p in self.panels.values():
+            p.windowDraggedBy.connect(self._on_drag)
+            p.viewManuallyChanged.connect(self._sync_from)
+            p.clicked.connect(self.set_active)
+        self.set_linked(True)
+        self.set_layout("grid")
+        state.studyChanged.connect(self.set_study)
+        state.windowChanged.connect(self._on_window)
+        state.invertChanged.connect(self._on_invert)
+        state.gtVisibleChanged.connect(self._on_gt_visible)
+
+    # ---- layout -------------------------------------------------------------
+    def shown_order(self) -> list[str]:
+        """Panels the current model set can fill (all when unknown or ``hide_unavailable`` is off)."""
+        if not self.hide_unavailable or self.available is None:
+            return list(self.order)
+        return [k for k in self.order if k == "original" or k in self.available]
+
+    def visible_keys(self) -> list[str]:
+        order = self.shown_order()
+        n = {"1x1": 1, "2x2": 4}.get(self.layout_name)
+        if n is None:
+            return order
+        n = min(n, len(order))
+        focus = self.focus_key if self.focus_key in order else order[0]
+        i = order.index(focus)
+        keys = order[i:i + n]
+        return keys + order[:n - len(keys)] if len(keys) < n else keys
+
+    def set_available(self, roles: Any) -> None:
+        """Which panels the model roles (``results.models`` keys) can fill; re-lays out on change."""
+        roles = set(roles)
+        avail = set()
+        if "alignment" in roles:
+            avail.add("aligned")
+        if "classifier" in roles or "dm" in roles:
+            avail.update(k for k in self.order if k.startswith("am") or k == "gradcam")
+        if "cia" in roles:
+            avail.update(("contrast", "normal"))
+        if "dm" in roles or ("classifier" in roles and "segmentation" in roles) or "classifier" in roles:
+            avail.add("disease_mask")
+        if "segmentation" in roles:
+            avail.add("lung_heart")
+        if avail != self.available:
+            self.available = avail
+            self.set_layout(self.layout_name)
+
+    def set_layout(self, name: str) -> None:
+        """``grid``, ``1x1``, ``2x2`` or ``1xN``."""
+        if name not in LAYOUTS:
+            raise ValueError(f"unknown layout {name!r}; layouts are {', '.join(LAYOUTS)}")
+        self.layout_name = name
+        smooth = name in ("1x1", "2x2")  # big panels: smooth scaling; many small ones: fast paint
+        for p in self.panels.values():
+            self._grid.removeWidget(p)
+            p.hide()
+            p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, smooth)
+        keys = self.visible_keys()
+        if name == "1xN":
+            cols = len(keys)
+        elif name == "2x2":
+            cols = 2
+        elif name == "1x1":
+            cols = 1
+        else:
+            cols = max(1, math.ceil(math.sqrt(len(keys) * 1.3)))
+        for r in range(self._grid.rowCount()):
+            self._grid.setRowStretch(r, 0)
+        for c in range(self._grid.columnCount()):
+            self._grid.setColumnStretch(c, 0)
+        for i, k in enumerate(keys):
+            self._grid.addWidget(self.panels[k], i // cols, i % cols)
+            self._grid.setRowStretch(i // cols, 1)
+            self._grid.setColumnStretch(i % cols, 1)
+            self.panels[k].show()
+
+    def set_focus(self, key: str) -> None:
+        """The first panel shown by the 1x1 / 2x2 layouts."""
+        if key in self.panels:
+            self.focus_key = key
+            self.set_layout(self.layout_name)
+            self.set_active(key)
+
+    def set_active(self, key: str) -> None:
+        if key in self.panels and key != self.active_key:
+            self.active_key = key
+            self.activePanelChanged.emit(key)
+            self._emit_scale()
+
+    @property
+    def active(self) -> ExplanationPanel:
+        return self.panels[self.active_key]
+
+    # ---- linking --------------------------------------------------------------
+    def set_linked(self, on: bool) -> None:
+        """Link zoom/pan (and W/L) of every panel to the original panel.
+
+        The grid copies the changed panel's view rectangle to the others itself
+        (pyqtgraph's setXLink/setYLink crashed PySide6 6.12 at interpreter exit
+        when docks resized linked views).
+        """
+        self.linked = bool(on)
+        if self.linked:
+            self._sync_from("original")
+            c, w = self.state.window
+            for p in self.panels.values():
+                if not p.own_window and p.has_image():
+                    p.set_window(c, w)
+
+    def _sync_from(self, key: str, only: str | None = None) -> None:
+        """Copy panel ``key``'s view (centre and zoom) to every linked panel (or just ``only``)."""
+        if self._syncing or not self.linked or key in UNLINKED:
+            return
+        src = self.panels[key]
+        if not src.has_image():
+            return
+        centre = src.view.viewRect().center()
+        sx, sy = src.view.viewPixelSize()  # image units per screen pixel: same zoom everywhere
+        self._syncing = True
+        try:
+            for k, p in self.panels.items():
+                if k != key and k not in UNLINKED and p.has_image() and only in (None, k):
+                    box = p.view.boundingRect()
+                    w, h = box.width() * sx, box.height() * sy
+                    p.view.setRange(QRectF(centre.x() - w / 2, centre.y() - h / 2, w, h), padding=0.0)
+        finally:
+            self._syncing = False
+
+    def fit_all(self) -> None:
+        for p in self.panels.values():
+            p.fit()
+
+    def zoom(self, factor: float) -> None:
+        """Zoom the active panel (and, linked, every panel) about its centre."""
+        self.active.zoom(factor)
+        self._sync_from(self.active_key)
+
+    def _on_drag(self, key: str, dx: float, dy: float) -> None:
+        p = self.panels[key]
+        if p.own_window or not (self.linked or p is self.original):
+            if p._image is None:
+                return
+            cached = getattr(p, "_drag_range", None)
+            if cached is None or cached[0] is not p._image:  # percentiles once per image, not per move
+                cached = (p._image, wl.data_range(p._image))
+                p._drag_range = cached
+            rng = cached[1]
+            c, w = wl.drag_window(p.display_window, dx, dy, rng, display_inverted=p.inverted)
+            p.set_window(c, w)
+        else:
+            self.state.drag_window(dx, dy)
+
+    def _on_window(self, centre: float, width: float) -> None:
+        for p in self.panels.values():
+            if p.own_window or not p.has_image():
+                continue
+            if p is self.original or self.linked:
+                p.set_window(centre, width)
+
+    def _invert_for(self, p: ExplanationPanel) -> bool:
+        """Own images (aligned, paired normal) are model inputs, dense tissue already bright:
+        they invert only when the user inverted the study's default display."""
+        on = self.state.invert
+        if p.own_image:
+            study = self.state.study
+            return bool(on) != bool(study.invert_display if study is not None else False)
+        return bool(on)
+
+    def _on_invert(self, _on: bool) -> None:
+        for p in self.panels.values():
+            p.set_invert(self._invert_for(p))
+
+    def _on_gt_visible(self, on: bool) -> None:
+        for p in self.panels.values():
+            p.gt_boxes.set_visible(on)
+            p.ious.set_visible(on)
+
+    # ---- study ------------------------------------------------------------------
+    def set_study(self, study: Any) -> None:
+        """A new study: the original panel shows it now, the others one per event-loop turn."""
+        self.results = None
+        self.ranges = {}
+        self._class_auto = True
+        self._queue.clear()
+        pyr = getattr(study, "display_pyramid", None) if study is not None else None
+        self._pyramid = (pyr if pyr and pyr[0] is study.modality else [study.modality]) if study is not None else None
+        for key, p in self.panels.items():
+            if p is self.original or study is None:
+                self._show_study(p, study)
+            else:  # one panel per event-loop turn (title, image, layers reset there too)
+                self._queue[key] = (self._show_study, (p, study))
+        self._kick()
+        self.panelsUpdated.emit(0)
+
+    def _show_study(self, p: ExplanationPanel, study: Any) -> None:
+        p.own_image = False
+        p.own_window = False
+        p.display_scale = 1.0
+        p.reset_content()
+        p.set_study(study, pyramid=self._pyramid)
+        if p is not self.original:
+            self._sync_from("original", only=p.key)
+        p.gt_boxes.set_visible(self.state.gt_visible)
+        if study is not None and (p is self.original or self.linked) and not p.own_window:
+            p.set_window(*self.state.window)
+        p.set_invert(self._invert_for(p))
+
+    # ---- deferred drawing: one panel per event-loop turn, so the GUI never stalls ----------
+    @property
+    def pending(self) -> bool:
+        """Panels still waiting to be drawn."""
+        return bool(self._queue)
+
+    def flush(self) -> None:
+        """Draw every queued panel now (exports, tests)."""
+        while self._queue:
+            self._drain_one()
+
+    def _kick(self) -> None:
+        if self._queue and not self._timer.isActive():
+            self._timer.start(0)
+
+    def _drain_one(self) -> None:
+        if not self._queue:
+            return
+        key = next(iter(self._queue))
+        fn, args = self._queue.pop(key)
+        fn(*args)
+        self.panelsUpdated.emit(len(self.filled_keys()))
+
+    def _on_timer(self) -> None:
+        self._drain_one()
+        self._kick()
+
+    # ---- results ------------------------------------------------------------------
+    def set_results(self, results: Any, class_index: int | None = None) -> None:
+        """Show (partial or complete) results; ``class_index`` None keeps the current class."""
+        self.results = results
+        if results is not None and getattr(results, "models", None):
+            self.set_available(results.models)
+        if class_index is not None:
+            self.class_index = class_index
+            self._class_auto = False
+        if (self._class_auto or self.class_index is None
+                or (results is not None and self.class_index >= len(results.classes))):
+            # until the user picks a class: the most probable one (once probabilities arrive)
+            top = results.top_classes(1) if results is not None else []
+            self.class_index = top[0] if top else (0 if results is not None and results.classes else None)
+        self.refresh()
+
+    def set_class(self, class_index: int) -> None:
+        self.class_index = int(class_index)
+        self._class_auto = False
+        self.refresh()
+
+    @property
+    def class_name(self) -> str:
+        r = self.results
+        if r is None or self.class_index is None or self.class_index >= len(r.classes):
+            return ""
+        return r.classes[self.class_index]
+
+    def refresh(self) -> None:
+        """Recompute panel contents and colour ranges; redraw what changed."""
+        res, c = self.results, self.class_index
+        study = self.state.study
+        contents = {k: panel_content(k, res, c) for k in self.order}
+        ranges: dict[str, tuple[float, float]] = {}
+        for k, ct in contents.items():
+            if ct.heat is None:
+                continue
+            g = scale_group(k, self.scale_mode)
+            lo, hi = (0.0, 1.0) if g == "probability" else finite_range(
+                ct.heat if ct.valid is None or not ct.valid.any() else ct.heat[ct.valid])
+            if g in ranges:
+                lo, hi = min(lo, ranges[g][0]), max(hi, ranges[g][1])
+            ranges[g] = (lo, hi)
+        lut = overlay_lut(self.colormap_name)
+        for k in self.order:
+            p, ct = self.panels[k], contents[k]
+            levels = ranges.get(scale_group(k, self.scale_mode)) if ct.heat is not None else None
+            old = p.content
+            changed = (ct.heat_key != old.heat_key or ct.rgba_key != old.rgba_key
+                       or ct.image_key != old.image_key or ct.proposals != old.proposals
+                       or ct.caption != old.caption)
+            queued = self._queue.get(k)
+            if changed or (queued is not None and queued[0] == self._show_study):
+                # drawn later (one panel per turn); replaces an older queued draw of this panel
+                self._queue[k] = (self._draw, (p, ct, study, levels, lut))
+            else:
+                self._queue.pop(k, None)
+                if levels is not None and levels != getattr(p, "map_levels", None):
+                    p.map.set_style(levels=levels)
+                    p.map_levels = levels
+        self.ranges = ranges
+        self._emit_scale()
+        self._kick()
+
+    def _draw(self, p: ExplanationPanel, ct: Any, study: Any, levels: Any, lut: np.ndarray) -> None:
+        if study is not None and p.study is not study and ct.image is None:
+            self._show_study(p, study)
+        p.show_content(ct, study=study, levels=levels, lut=lut, opacity=self.opacity,
+                       gt_visible=self.state.gt_visible, pyramid=self._pyramid)
+        p.map_levels = levels
+        if not p.own_window and (p is self.original or self.linked) and p.has_image() and not p.own_image:
+            p.set_window(*self.state.window)
+        p.set_invert(self._invert_for(p))
+
+    def filled_keys(self) -> list[str]:
+        return [k for k in self.order if self.panels[k].filled]
+
+    # ---- style ------------------------------------------------------------------------
+    def set_colormap(self, name: str) -> None:
+        self.colormap_name = name
+        lut = overlay_lut(name)
+        for p in self.panels.values():
+            p.map.set_style(lut=lut)
+        self._emit_scale()
+
+    def set_opacity(self, opacity: float) -> None:
+        self.opacity = float(opacity)
+        for p in self.panels.values():
+            p.map.set_style(opacity=self.opacity)
+
+    def set_scale_mode(self, mode: str) -> None:
+        self.scale_mode = mode
+        self.refresh()
+
+    def _emit_scale(self) -> None:
+        key = self.active_key if self.panels[self.active_key].content.heat is not None else "original"
+        g = scale_group(key, self.scale_mode)
+        lo, hi = self.ranges.get(g, (0.0, 1.0))
+        label = {"all": "all maps", "activation": "CAM / AM steps", "am_final": "AM final H_f",
+                 "probability": "ψ (probability)"}.get(
+            g, SPEC_BY_KEY[g].title if g in SPEC_BY_KEY else g)
+        self.scaleChanged.emit(label, lo, hi, self.colormap_name)

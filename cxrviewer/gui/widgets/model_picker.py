@@ -1,0 +1,101 @@
+"""Model picker: which folder of bundles (a model set) the pipeline uses.
+
+Folders: ``resources/models`` (bundled) plus the user's folders (Models > Add
+model folder…, kept in settings). The bundles of the chosen folder are listed
+with their role and a plain badge: **untrained** (random weights),
+**research demo** (manifest provenance ``research_demo``) or **research use only**
+(provenance ``research_use_only``, e.g. JSRT-trained weights), so nobody mistakes a
+demo network for a clinical one.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PySide6.QtCore import QSignalBlocker, Signal
+from PySide6.QtGui import QBrush, QColor
+from PySide6.QtWidgets import (QComboBox, QHeaderView, QLabel, QTreeWidget, QTreeWidgetItem, QVBoxLayout,
+                               QWidget)
+
+from ..inference import BundleInfo, scan_bundles
+
+BADGE_COLOURS = {"untrained": "#e0453a", "research demo": "#e8a33a", "research use only": "#c9a227"}
+
+
+def badge_html(bundles: Sequence[BundleInfo]) -> str:
+    """A one-line summary: 'N models · X untrained · Y research demo'."""
+    ok = [b for b in bundles if not b.error]
+    if not ok:
+        return "<b>no models</b>"
+    parts = [f"{len(ok)} model{'s' if len(ok) != 1 else ''}"]
+    for badge, colour in BADGE_COLOURS.items():
+        n = sum(b.badge == badge for b in ok)
+        if n:
+            parts.append(f"<span style='color:{colour}'><b>{n} {badge}</b></span>")
+    return " · ".join(parts)
+
+
+class ModelPicker(QWidget):
+    """Folder combo + bundle list; emits ``modelSetChanged(folder, bundles)``."""
+
+    modelSetChanged = Signal(str, object)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.combo = QComboBox(self)
+        self.combo.setToolTip("Folder of *.cxrbundle model bundles used for the explanations")
+        self.tree = QTreeWidget(self)
+        self.tree.setHeaderLabels(["Bundle", "Role", "Status"])
+        self.tree.setRootIsDecorated(False)
+        self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.tree.header().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        self.tree.header().setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        self.summary = QLabel(self)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addWidget(self.combo)
+        lay.addWidget(self.summary)
+        lay.addWidget(self.tree)
+        self.bundles: list[BundleInfo] = []
+        self.combo.currentIndexChanged.connect(self._on_combo)
+
+    @property
+    def folder(self) -> str:
+        return str(self.combo.currentData() or "")
+
+    def set_folders(self, folders: Sequence[str | Path], current: str | None = None) -> None:
+        """Offer these folders; select ``current`` (else the first) and scan it."""
+        with QSignalBlocker(self.combo):
+            self.combo.clear()
+            seen = set()
+            for f in folders:
+                f = str(f)
+                if f in seen:
+                    continue
+                seen.add(f)
+                n = len(scan_bundles(f)) if Path(f).is_dir() else 0
+                self.combo.addItem(f"{Path(f).name or f} ({n})", f)
+                self.combo.setItemData(self.combo.count() - 1, f, 3)  # tooltip role
+            idx = self.combo.findData(str(current)) if current else 0
+            self.combo.setCurrentIndex(max(0, idx))
+        self._on_combo()
+
+    def _on_combo(self, *_args) -> None:
+        folder = self.folder
+        self.bundles = scan_bundles(folder) if folder and Path(folder).is_dir() else []
+        self.tree.clear()
+        for b in self.bundles:
+            status = b.error and "unreadable" or b.badge or "trained"
+            role = b.role or ("dm" if b.architecture == "dm" else b.family)
+            item = QTreeWidgetItem([b.name, role, status])
+            tip = f"{b.path}\n{b.architecture} ({b.family})\n{b.description}"
+            if b.metrics:
+                tip += "\n" + ", ".join(f"{k}={v}" for k, v in b.metrics.items())
+            if b.error:
+                tip += f"\n{b.error}"
+            item.setToolTip(0, tip)
+            if b.error or b.badge:
+                item.setForeground(2, QBrush(QColor(BADGE_COLOURS.get(b.badge, "#e0453a"))))
+            self.tree.addTopLevelItem(item)
+        self.summary.setText(badge_html(self.bundles))
+        self.modelSetChanged.emit(folder, list(self.bundles))
