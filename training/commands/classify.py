@@ -1,5 +1,7 @@
-"""Train a classifier (baseline CAM network or any classifier-family architecture) with
-weighted BCE (disease-masks Eq. 10) and write a bundle the app loads.
+"""Train a classifier (weighted BCE, disease-masks Eq. 10) and write a bundle the app loads.
+
+Any classifier-family architecture of the registry: the baseline CAM network,
+space attention, attention-gated, MSA, lung/heart.
 
     cxr-train classify --data DIR --arch resnet50 --size 512 --epochs 5 --out resources/models/cls.cxrbundle
     torchrun --nproc_per_node 2 -m training.cli classify ...   (DistributedDataParallel)
