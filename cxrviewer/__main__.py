@@ -37,6 +37,9 @@ def _gui_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help="folder of model bundles (default: resources/models)")
     p.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
     p.add_argument("--version", action="version", version=f"cxrviewer {__version__}")
+    p.add_argument("--self-test", action="store_true",
+                   help="check this installation (decoders, pipeline, annotations, Qt) and print a JSON "
+                        "report; 'cxrviewer --self-test --help' for its options")
     return p
 
 
@@ -53,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         return int(mod.run(args))
+    if "--self-test" in argv:  # handled before the GUI parser: it has options of its own
+        from .selftest import main as _selftest
+
+        return int(_selftest([a for a in argv if a != "--self-test"]))
     args = _gui_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
