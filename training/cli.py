@@ -11,11 +11,31 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .commands import cache as _cache
+from .commands import align as _align
+from .commands import canonical as _canonical
+from .commands import cia as _cia
+from .commands import classify as _classify
+from .commands import disease_masks as _disease_masks
+from .commands import evaluate as _evaluate
 from .commands import init_bundle as _init_bundle
+from .commands import mine as _mine
+from .commands import segment as _segment
+from .commands import phantoms as _phantoms
 
 #: name -> module
 COMMANDS = {
     "init-bundle": _init_bundle,
+    "phantoms": _phantoms,
+    "cache": _cache,
+    "classify": _classify,
+    "canonical": _canonical,
+    "align": _align,
+    "cia": _cia,
+    "segment": _segment,
+    "evaluate": _evaluate,
+    "disease-masks": _disease_masks,
+    "mine": _mine,
 }
 
 
