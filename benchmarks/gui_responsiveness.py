@@ -27,13 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROLES = {
-    "alignment": ("alignment", {"backbone": "resnet18"}),
-    "segmentation": ("unet", {"width": 32, "depth": 4}),
-    "classifier": ("msa", {"backbone": "resnet50"}),
-    "dm": ("dm", {"backbone": "resnet50"}),
-    "cia": ("cia", {"backbone": "resnet50"}),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_cpu import ROLES  # noqa: E402  (one realistic-size model set for both benchmarks)
 
 
 def main(argv: list[str] | None = None) -> int:
