@@ -27,7 +27,7 @@ def test_ablations_smoke(tmp_path):
     ab = _load()
     torch.set_num_threads(1)
     out = tmp_path / "ablations.md"
-    claims = ("msa", "lung_heart")
+    claims = ("msa", "lung_heart", "align_cia")
     state = ab.run_benchmark(ab.CONFIGS["smoke"], seeds=1, out=out, claims=claims, work=tmp_path / "work",
                              command="smoke")
     md = out.read_text(encoding="utf-8")
@@ -38,6 +38,7 @@ def test_ablations_smoke(tmp_path):
     assert md.count(header) == 3 * len(claims)
     assert "| floor (median box) |" in md
     assert "| MSA | 1 |" in md and "| plain CAM | 1 |" in md and "| F_l = F_g * M_g |" in md
+    assert "| CIA + align | 1 |" in md and "floor (median box), aligned frame" in md
     assert md.count("AUROC\n") >= len(claims)
     assert md.count("Verdict: **") == len(claims)
     # one seed can never decide a direction
