@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxrviewer.core.classes import CLASSES, SYMMETRIC_CLASSES
 from cxrviewer.core.errors import CxrError, ModelError
+from cxrviewer.core.preprocess import apply_stretch
 
 from .classify import auroc_table, predict, train_classifier
 from .loop import TrainConfig
@@ -167,26 +168,39 @@ class AlignedDataset(Dataset):
         return item
 
 
+def _bundle_batches(bundle: Any, ds: Dataset, *, family: str, option: str, batch_size: int,
+                    device: torch.device | str | None) -> Iterator[tuple[torch.nn.Module, torch.Tensor, tuple]]:
+    """Yield ``(model, x, size)`` for every un-augmented batch of ``ds``: ``x`` as the bundle (model
+    or ``LoadedBundle``) expects it (its input size, recorded preprocessing and normalisation),
+    ``size`` the batch's own image size. Raises :class:`CxrError` when the model is not ``family``."""
+    model = getattr(bundle, "model", bundle)
+    manifest = getattr(bundle, "manifest", None)
+    if getattr(model, "family", family) != family:
+        article = "an" if family[0] in "aeiou" else "a"
+        raise CxrError(f"--{option} must be {article} {family} bundle, not a {model.family} one")
+    in_size = tuple(manifest.input_size) if manifest is not None else None
+    norm = (manifest.normalisation or {}).get("kind", "minus1_1") if manifest is not None else "minus1_1"
+    device = torch.device(device) if device is not None else _device_of(model)
+    model = model.to(device).eval()
+    kind = _norm_kind(ds)
+    with no_augmentation(ds):
+        for batch in _loader(ds, batch_size):
+            x01 = _to01(batch["image"].to(device).float(), kind)
+            size = tuple(x01.shape[-2:])
+            if in_size is not None and size != in_size:
+                x01 = F.interpolate(x01, size=in_size, mode="bilinear", align_corners=False, antialias=True)
+            if manifest is not None:  # the bundle's contrast stretch, as the app's pipeline applies it
+                x01 = apply_stretch(x01, manifest)
+            yield model, _from01(x01, norm), size
+
+
 @torch.no_grad()
 def compute_thetas(alignment: Any, ds: Dataset, *, batch_size: int = 32,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """Affines ``[N, 2, 3]`` of an alignment network (model or ``LoadedBundle``) on the un-augmented ``ds``."""
-    model = getattr(alignment, "model", alignment)
-    manifest = getattr(alignment, "manifest", None)
-    in_size = tuple(manifest.input_size) if manifest is not None else None
-    norm = (manifest.normalisation or {}).get("kind", "minus1_1") if manifest is not None else "minus1_1"
-    if getattr(model, "family", "alignment") != "alignment":
-        raise CxrError(f"--alignment must be an alignment bundle, not a {model.family} one")
-    device = torch.device(device) if device is not None else _device_of(model)
-    model = model.to(device).eval()
-    kind = _norm_kind(ds)
-    out = []
-    with no_augmentation(ds):
-        for batch in _loader(ds, batch_size):
-            x01 = _to01(batch["image"].to(device).float(), kind)
-            if in_size is not None and tuple(x01.shape[-2:]) != in_size:
-                x01 = F.interpolate(x01, size=in_size, mode="bilinear", align_corners=False, antialias=True)
-            out.append(model(_from01(x01, norm))["theta"].float().cpu())
+    out = [model(x)["theta"].float().cpu()
+           for model, x, _ in _bundle_batches(alignment, ds, family="alignment", option="alignment",
+                                              batch_size=batch_size, device=device)]
     return torch.cat(out) if out else torch.zeros(0, 2, 3)
 
 
@@ -296,32 +310,13 @@ def anatomy_from_segmentation(segmentation: Any, ds: Dataset, *, batch_size: int
                               device: torch.device | str | None = None) -> AnatomyFn:
     """``i -> [3, S, S]`` anatomy probabilities from a segmentation network (model or LoadedBundle)
     run on the (un-augmented, possibly aligned) images of ``ds``."""
-    model = getattr(segmentation, "model", segmentation)
-    manifest = getattr(segmentation, "manifest", None)
-    if getattr(model, "family", "segmentation") != "segmentation":
-        raise CxrError(f"--segmentation must be a segmentation bundle, not a {model.family} one")
-    in_size = tuple(manifest.input_size) if manifest is not None else None
-    norm = (manifest.normalisation or {}).get("kind", "minus1_1") if manifest is not None else "minus1_1"
-    # the bundle's recorded input preprocessing (percentile stretch of cxr-train segment)
-    prep = dict((manifest.provenance or {}).get("preprocess") or {}) if manifest is not None else {}
-    device = torch.device(device) if device is not None else _device_of(model)
-    model = model.to(device).eval()
-    kind = _norm_kind(ds)
     maps = []
-    with no_augmentation(ds):
-        for batch in _loader(ds, batch_size):
-            x01 = _to01(batch["image"].to(device).float(), kind)
-            size = x01.shape[-2:]
-            if in_size is not None and tuple(size) != in_size:
-                x01 = F.interpolate(x01, size=in_size, mode="bilinear", align_corners=False, antialias=True)
-            if prep.get("kind") == "percentile_stretch":
-                from ..data.segmentation import percentile_stretch
-
-                x01 = percentile_stretch(x01, float(prep.get("low", 1.0)), float(prep.get("high", 99.0)))
-            p = torch.sigmoid(model(_from01(x01, norm))["logits"].float())[:, :3]
-            if tuple(p.shape[-2:]) != tuple(size):
-                p = F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=False)
-            maps.append((p > 0.5).float().cpu())
+    for model, x, size in _bundle_batches(segmentation, ds, family="segmentation", option="segmentation",
+                                          batch_size=batch_size, device=device):
+        p = torch.sigmoid(model(x)["logits"].float())[:, :3]
+        if tuple(p.shape[-2:]) != size:
+            p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+        maps.append((p > 0.5).float().cpu())
     allmaps = torch.cat(maps).numpy()
     return lambda i: allmaps[i]
 
