@@ -14,8 +14,8 @@ Checks, in this order (each timed; any failure makes the exit status 1):
                      the reference pixels bit for bit, lossy ones within a bound
 ``pipeline``         :class:`cxrviewer.core.pipeline.Pipeline` once on a demo study
                      with the bundles of ``resources/models`` (or, when there are
-                     none or ``--tiny`` is given, tiny random bundles made in a
-                     temporary folder with ``training.commands.init_bundle``)
+                     none or ``--tiny`` is given, tiny random bundles written to a
+                     temporary folder by :func:`make_tiny_bundles`, core code only)
 ``annotations``      a box saved in a temporary :class:`AnnotationStore`, the store
                      closed, reopened and the box read back
 ``qt``               a Qt application on the offscreen platform renders a decoded
@@ -232,13 +232,51 @@ def _demo_study_path(selftest_folder: Path, manifest: dict[str, Any]) -> Path:
     return selftest_folder / manifest["reference_file"]
 
 
-def make_tiny_bundles(folder: Path) -> Path:
-    """Random-weight tiny bundles for every role in ``folder`` (returns ``folder``)."""
-    from training.commands.init_bundle import init_bundle
+def _tiny_normal_bank(study_path: Path, size: int, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CIA normal bank of ``n`` noisy copies of ``study_path`` at ``size``: (extras, extras_info)."""
+    import numpy as np
+    import torch
+
+    from .core.io import load_study
+    from .core.models.cia import hash_codes
+    from .core.preprocess import as_image_tensor, resize
+
+    base = resize(as_image_tensor(load_study(study_path).model_input).clamp(0, 1), (size, size))[0, 0]
+    noise = torch.Generator().manual_seed(0)
+    bank = (base + 0.02 * torch.randn((n, size, size), generator=noise)).clamp(0, 1)
+    images = (bank * 255 + 0.5).to(torch.uint8)
+    codes = hash_codes(images[:, None].float() / 255.0).numpy().astype(np.float32)
+    extras = {"normal_bank_images": images.numpy(), "normal_bank_codes": codes,
+              "normal_bank_ids": np.asarray([f"selftest_{i:03d}" for i in range(n)], dtype=str)}
+    info = {"normal_bank": {"synthetic": True, "source": f"{study_path.name} + noise (self-test)", "count": n}}
+    return extras, info
+
+
+def make_tiny_bundles(folder: Path, study_path: Path, *, input_size: int = 128, bank_size: int = 4) -> Path:
+    """Random-weight tiny bundles for every role in ``folder`` (returns ``folder``).
+
+    Built with the core's registry and bundle writer only; the CIA bank is made of
+    noisy copies of ``study_path`` (marked ``synthetic``).
+    """
+    import torch
+
+    from .core.bundle import save_bundle
+    from .core.classes import CLASSES
+    from .core.models import SEGMENTATION_CLASSES, create_model
 
     for seed, (role, (arch, kwargs)) in enumerate(TINY_BUNDLES.items()):
-        init_bundle(arch, folder / f"{role}.cxrbundle", kwargs=kwargs, input_size=128, bank_size=4,
-                    seed=seed, canonical=False, name=f"selftest-{role}")
+        torch.manual_seed(seed)
+        model = create_model(arch, **kwargs)
+        classes: tuple[str, ...] = {"alignment": (), "segmentation": tuple(SEGMENTATION_CLASSES)}.get(
+            model.family, tuple(CLASSES))
+        extras, extras_info = (_tiny_normal_bank(study_path, input_size, bank_size)
+                               if model.family == "cia" else (None, None))
+        save_bundle(model, folder / f"{role}.cxrbundle", classes=classes, input_size=input_size,
+                    normalisation={"kind": "minus1_1"}, name=f"selftest-{role}",
+                    description=f"untrained {model.arch} (self-test)", extras=extras, extras_info=extras_info,
+                    provenance={"command": "cxrviewer --self-test", "seed": seed, "trained": False,
+                                "research_demo": True, "epochs": 0,
+                                "licence_notes": "random weights, no training data; self-test only"})
     return folder
 
 
@@ -255,7 +293,7 @@ def pipeline_check(models: Path | None, tiny: bool, tmp: Path, study_path: Path)
         folder = models if models is not None else default_models_dir()
         source = "resources" if models is None else "given"
         if tiny or not find_bundles(folder):
-            folder = make_tiny_bundles(tmp / "tiny-models")
+            folder = make_tiny_bundles(tmp / "tiny-models", study_path)
             source = "tiny-random"
         t0 = time.perf_counter()
         pipe = Pipeline.from_dirs(folder, "auto", map_max_side=128, am_top_k=1)

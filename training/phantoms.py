@@ -888,26 +888,8 @@ def _finalise(intensity: np.ndarray, rng: np.random.Generator, cfg: PhantomConfi
     return lut[img.astype(np.int16)]
 
 
-def generate_phantom(rng: np.random.Generator, size: int = 256, config: PhantomConfig | None = None,
-                     *, anatomy: Anatomy | None = None, labels: list[str] | None = None,
-                     affine: Affine | None = None, masks: bool = True) -> PhantomSample:
-    """Draw one phantom chest radiograph of ``size`` x ``size`` pixels.
-
-    ``anatomy`` (the patient), ``labels`` (canonical class names) and ``affine`` are drawn
-    from ``rng`` when not given. ``masks=False`` returns no mask arrays (boxes, anatomy
-    boxes and the cardiothoracic ratio are still measured on them). Deterministic for a given
-    ``rng`` state; the patient's vessel tree depends only on ``anatomy.vessel_seed``.
-    """
-    cfg = (config or PhantomConfig()).validate()
-    if size < 32:
-        raise CxrError(f"phantom size {size} is too small (minimum 32 pixels)")
-    an = anatomy if anatomy is not None else Anatomy.sample(rng)
-    labs = sorted({canonical(x) for x in labels}) if labels is not None else sample_labels(rng, cfg)
-    aff = affine if affine is not None else sample_affine(rng, cfg)
-    sides = {lab: (-1 if rng.random() < 0.5 else 1) for lab in labs}
-    mods = _modifiers(labs, sides, rng, cfg)
-
-    g = _Grid(min(size, cfg.max_render), _margin(aff, size))
+def _organs(g: _Grid, an: Anatomy, mods: _Mods, labs: list[str]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Heart and lung fields; with Cardiomegaly the heart grows until the canonical CTR is above 0.53."""
     heart = _heart_field(g, an, mods)
     lungs = {s: _lung_field(g, an, s, mods, heart=heart) for s in (-1, 1)}
     for _ in range(4):  # cardiomegaly means a cardiothoracic ratio above 0.5: make sure of it
@@ -917,9 +899,12 @@ def generate_phantom(rng: np.random.Generator, size: int = 256, config: PhantomC
         mods.heart_scale = (mods.heart_scale[0] * 0.55 / max(ctr, 0.1), mods.heart_scale[1] * 1.03)
         heart = _heart_field(g, an, mods)
         lungs = {s: _lung_field(g, an, s, mods, heart=heart) for s in (-1, 1)}
-    lung = lungs[-1] + lungs[1]
+    return heart, lungs
 
-    # --- density: soft tissue, mediastinum, abdomen, lungs, bones, vessels, airways
+
+def _soft_tissue(g: _Grid, an: Anatomy, mods: _Mods, heart: np.ndarray,
+                 lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Density of soft tissue, mediastinum, abdomen, aerated lungs and breasts; also the sub-diaphragm weight."""
     dens = _body(g, an)
     ax = np.abs(g.x - 0.5)
     dome = np.where(g.x < 0.5, _dome_y(an, -1, 0.5 - g.x, mods), _dome_y(an, 1, g.x - 0.5, mods))
@@ -940,44 +925,54 @@ def generate_phantom(rng: np.random.Generator, size: int = 256, config: PhantomC
             x, y = g.x[:, cs], g.y[rs]
             q = ((x - bx) / 0.22) ** 2 + ((y - by) / 0.17) ** 2
             dens[rs, cs] += 0.16 * _inside(1 - q, 0.3) * _inside(y - by + 0.05, 0.1)
-    _ribs(g, an, dens, below, np.minimum(lung, 1.0), rng)
-    _clavicles(g, an, dens)
-    _spine(g, an, dens)
-    # stomach bubble under the left dome (image right)
+    return dens, below
+
+
+def _stomach_bubble(g: _Grid, an: Anatomy, mods: _Mods, dens: np.ndarray) -> None:
+    """Gas under the left dome (image right), subtracted from ``dens`` in place."""
     sx, sy = 0.5 + 0.16, an.dome_l + mods.dome_shift[1] + 0.06
     rs, cs = g.win(sx - 0.08, sx + 0.08, sy - 0.06, sy + 0.06)
     x, y = g.x[:, cs], g.y[rs]
     q = ((x - sx) / 0.055) ** 2 + ((y - sy) / 0.035) ** 2
     dens[rs, cs] -= 0.35 * _inside(1 - q, 0.3) * _inside(sy + 0.012 - y, 0.006)
+
+
+def _vessels(g: _Grid, an: Anatomy, lung: np.ndarray, dens: np.ndarray) -> np.ndarray:
+    """Vessel tree (seeded by ``an.vessel_seed`` only) plus hila, faded outside the lungs."""
     vrng = np.random.default_rng(an.vessel_seed)
     vess = _draw_canvas(g, _vessel_lines(an, vrng, 1.0, g.res), 0.003)
     hila = np.zeros_like(dens)
-    for s, (hx, hy) in _hila(an).items():
+    for hx, hy in _hila(an).values():
         rs, cs = g.win(hx - 0.1, hx + 0.1, hy - 0.12, hy + 0.12)
         x, y = g.x[:, cs], g.y[rs]
         hila[rs, cs] += np.exp(-(((x - hx) / 0.04) ** 2 + ((y - hy) / 0.07) ** 2))
-    vess = (vess + 1.1 * hila) * (0.25 + 0.75 * lung)
+    return (vess + 1.1 * hila) * (0.25 + 0.75 * lung)
+
+
+def _density(g: _Grid, an: Anatomy, mods: _Mods, heart: np.ndarray, lung: np.ndarray,
+             rng: np.random.Generator, cfg: PhantomConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Projected density of the normal chest and the vessel term added to it (for the painters)."""
+    dens, below = _soft_tissue(g, an, mods, heart, lung)
+    _ribs(g, an, dens, below, np.minimum(lung, 1.0), rng)
+    _clavicles(g, an, dens)
+    _spine(g, an, dens)
+    _stomach_bubble(g, an, mods, dens)
+    vessels = mods.vessels * 0.26 * _vessels(g, an, lung, dens)
     parench = (_smooth_noise(rng, dens.shape, max(8, g.n // 12)) * 0.03
                + _smooth_noise(rng, dens.shape, max(8, g.n // 5)) * 0.025) * lung
     parench += _smooth_noise(rng, dens.shape, 24) * (0.012 * cfg.noise)
-    dens += mods.vessels * 0.26 * vess + parench
+    dens += vessels + parench
     airway = [([(0.5, -0.2), (0.5, 0.3)], 0.028, 1.0)]
     for s, (hx, hy) in _hila(an).items():
         airway.append(([(0.5, 0.3), (0.5 + s * 0.035, 0.34), (hx + s * 0.01, hy - 0.02)], 0.014, 0.8))
     dens -= 0.38 * _draw_canvas(g, airway, 0.005)
+    return dens, vessels
 
-    # --- findings
-    ctx = _Ctx(g, an, mods, rng, cfg, lungs, heart, dens, mods.vessels * 0.26 * vess)
-    lesions = [_PAINTERS[lab](ctx, sides[lab]) for lab in _ORDER if lab in labs]
 
-    inten = 1.0 - np.exp(-1.25 * np.clip(dens, 0, None))
-    coeffs = _inverse_coeffs(aff, size, g)
-    im = Image.fromarray(inten.astype(np.float32), mode="F")
-    warped = np.asarray(im.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR,
-                                     fillcolor=0.0), dtype=np.float32)
-    image = _finalise(warped, rng, cfg, size)
-
-    # --- masks and boxes in written-image pixels
+def _written_truth(g: _Grid, aff: Affine, coeffs: tuple[float, ...], size: int, heart: np.ndarray,
+                   lungs: dict[int, np.ndarray], lesions: list[_Lesion],
+                   masks: bool) -> tuple[dict[str, np.ndarray], dict, list[Finding]]:
+    """Anatomy masks, anatomy boxes (+ CTR) and findings in written-image pixels."""
     full = slice(0, g.n)
     out_masks = {
         "right_lung": _warp_mask(lungs[-1] > 0.5, full, full, coeffs, size),
@@ -986,17 +981,49 @@ def generate_phantom(rng: np.random.Generator, size: int = 256, config: PhantomC
     }
     anat = {k: _mask_box(k, v) for k, v in out_masks.items()}
     hb, rl, ll = anat["heart"], anat["right_lung"], anat["left_lung"]
-    ctr = None
-    if hb and rl and ll:
-        ctr = _ctr(out_masks, aff)
+    ctr = _ctr(out_masks, aff) if hb and rl and ll else None
     findings = []
     for les in lesions:
         m = _warp_mask(les.mask, les.rs, les.cs, coeffs, size)
         box = _mask_box(les.label, m)
         findings.append(Finding(les.label, box, m if masks else None, les.label in BOXED_CLASSES,
                                 _round_params(les.params)))
+    return out_masks, {"heart": hb, "right_lung": rl, "left_lung": ll, "ctr": ctr}, findings
+
+
+def generate_phantom(rng: np.random.Generator, size: int = 256, config: PhantomConfig | None = None,
+                     *, anatomy: Anatomy | None = None, labels: list[str] | None = None,
+                     affine: Affine | None = None, masks: bool = True) -> PhantomSample:
+    """Draw one phantom chest radiograph of ``size`` x ``size`` pixels.
+
+    ``anatomy`` (the patient), ``labels`` (canonical class names) and ``affine`` are drawn
+    from ``rng`` when not given. ``masks=False`` returns no mask arrays (boxes, anatomy
+    boxes and the cardiothoracic ratio are still measured on them). Deterministic for a given
+    ``rng`` state; the patient's vessel tree depends only on ``anatomy.vessel_seed``.
+    """
+    cfg = (config or PhantomConfig()).validate()
+    if size < 32:
+        raise CxrError(f"phantom size {size} is too small (minimum 32 pixels)")
+    an = anatomy if anatomy is not None else Anatomy.sample(rng)
+    labs = sorted({canonical(x) for x in labels}) if labels is not None else sample_labels(rng, cfg)
+    aff = affine if affine is not None else sample_affine(rng, cfg)
+    sides = {lab: (-1 if rng.random() < 0.5 else 1) for lab in labs}
+    mods = _modifiers(labs, sides, rng, cfg)
+
+    g = _Grid(min(size, cfg.max_render), _margin(aff, size))
+    heart, lungs = _organs(g, an, mods, labs)
+    dens, vessels = _density(g, an, mods, heart, lungs[-1] + lungs[1], rng, cfg)
+    ctx = _Ctx(g, an, mods, rng, cfg, lungs, heart, dens, vessels)
+    lesions = [_PAINTERS[lab](ctx, sides[lab]) for lab in _ORDER if lab in labs]
+
+    inten = 1.0 - np.exp(-1.25 * np.clip(dens, 0, None))
+    coeffs = _inverse_coeffs(aff, size, g)
+    im = Image.fromarray(inten.astype(np.float32), mode="F")
+    warped = np.asarray(im.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR,
+                                     fillcolor=0.0), dtype=np.float32)
+    image = _finalise(warped, rng, cfg, size)
+    out_masks, anatomy_out, findings = _written_truth(g, aff, coeffs, size, heart, lungs, lesions, masks)
     boxes = [f.box for f in findings if f.nih_box and f.box is not None]
-    anatomy_out = {"heart": hb, "right_lung": rl, "left_lung": ll, "ctr": ctr}
     return PhantomSample(image=image, labels=tuple(labs), boxes=boxes, affine=aff,
                          anatomy=anatomy_out, masks=out_masks if masks else {}, findings=findings,
                          patient=an)
@@ -1047,20 +1074,8 @@ def _box_list(b: Box | None) -> list[float] | None:
     return None if b is None else [b.x, b.y, b.w, b.h]
 
 
-def write_phantom_dataset(out: str | Path, n: int, size: int = 256, seed: int = 0,
-                          config: PhantomConfig | None = None, *, masks: bool = False,
-                          overwrite: bool = False) -> Path:
-    """Write ``n`` phantoms as an NIH ChestX-ray14 folder under ``out`` and return it.
-
-    Layout: ``images/<id>.png``, ``Data_Entry_2017.csv``, ``BBox_List_2017.csv``,
-    ``phantom_truth.json``, ``box_frame.txt`` (the boxes' pixel frame = ``size``) and, with ``masks``, ``masks/{left_lung,right_lung,heart}/<id>.png``
-    plus ``masks/findings/<id>_<k>.png`` (k = index in the truth's finding list).
-    Same ``seed`` -> identical bytes.
-    """
-    cfg = (config or PhantomConfig()).validate()
-    if n < 1:
-        raise CxrError(f"number of phantoms must be >= 1 (got {n})")
-    out = Path(out)
+def _prepare_folder(out: Path, masks: bool, overwrite: bool) -> None:
+    """Refuse an existing dataset unless ``overwrite``; make ``images/`` (and ``masks/...``)."""
     if (out / "Data_Entry_2017.csv").exists() and not overwrite:
         raise CxrError("a dataset is already there; choose an empty folder or allow overwriting",
                        path=str(out))
@@ -1068,62 +1083,42 @@ def write_phantom_dataset(out: str | Path, n: int, size: int = 256, seed: int = 
     if masks:
         for sub in (*ANATOMY_MASKS, "findings"):
             (out / "masks" / sub).mkdir(parents=True, exist_ok=True)
-    master = np.random.default_rng(seed)
-    spacing = FIELD_OF_VIEW_MM / size
-    entries: list[list] = []
-    bbox_rows: list[list] = []
-    truth: dict = {}
-    pid = 0
-    done = 0
-    while done < n:
-        pid += 1
-        n_img = int(min(n - done, master.geometric(0.55)))
-        prng = np.random.default_rng([seed, pid, 0])
-        an = Anatomy.sample(prng)
-        gender = "F" if an.female else "M"
-        for fu in range(n_img):
-            irng = np.random.default_rng([seed, pid, fu + 1])
-            ph = generate_phantom(irng, size, cfg, anatomy=an, masks=masks)
-            iid = f"{pid:08d}_{fu:03d}.png"
-            Image.fromarray(ph.image, mode="L").save(out / "images" / iid, compress_level=3)
-            labels = "|".join(ph.labels) if ph.labels else NO_FINDING
-            entries.append([iid, labels, fu, pid, min(99, an.age + fu // 2), gender, "PA", size, size,
-                            spacing, spacing])
-            with_boxes = bool(irng.random() < cfg.box_fraction) if cfg.box_fraction < 1 else True
-            if with_boxes:
-                for b in ph.boxes:
-                    bbox_rows.append([iid, NIH_BOX_LABEL.get(b.label, b.label), b.x, b.y, b.w, b.h])
-            fl = []
-            for k, f in enumerate(ph.findings):
-                mpath = None
-                if masks and f.mask is not None:
-                    mpath = f"masks/findings/{iid[:-4]}_{k}.png"
-                    Image.fromarray(f.mask.astype(np.uint8) * 255, mode="L").save(out / mpath,
-                                                                                 compress_level=3)
-                fl.append({"label": f.label, "box": _box_list(f.box), "nih_box": f.nih_box,
-                           "in_bbox_csv": bool(f.nih_box and with_boxes and f.box is not None),
-                           "mask": mpath, "params": f.params})
-            if masks:
-                for name in ANATOMY_MASKS:
-                    Image.fromarray(ph.masks[name].astype(np.uint8) * 255, mode="L").save(
-                        out / "masks" / name / iid, compress_level=3)
-            truth[iid] = {
-                "patient_id": pid, "follow_up": fu, "labels": list(ph.labels),
-                "affine": ph.affine.to_dict(size),
-                "anatomy": {k: (_box_list(v) if isinstance(v, Box) or v is None else v)
-                            for k, v in ph.anatomy.items()},
-                "findings": fl,
-            }
-            done += 1
-    with open(out / "Data_Entry_2017.csv", "w", newline="", encoding="utf-8") as fh:
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    """A boolean mask as a 0/255 PNG."""
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, compress_level=3)
+
+
+def _write_image(out: Path, iid: str, ph: PhantomSample, masks: bool, with_boxes: bool) -> list[dict]:
+    """Save one phantom's PNG (and masks); return its findings as recorded in the truth file."""
+    Image.fromarray(ph.image, mode="L").save(out / "images" / iid, compress_level=3)
+    fl = []
+    for k, f in enumerate(ph.findings):
+        mpath = None
+        if masks and f.mask is not None:
+            mpath = f"masks/findings/{iid[:-4]}_{k}.png"
+            _save_mask(f.mask, out / mpath)
+        fl.append({"label": f.label, "box": _box_list(f.box), "nih_box": f.nih_box,
+                   "in_bbox_csv": bool(f.nih_box and with_boxes and f.box is not None),
+                   "mask": mpath, "params": f.params})
+    if masks:
+        for name in ANATOMY_MASKS:
+            _save_mask(ph.masks[name], out / "masks" / name / iid)
+    return fl
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[list]) -> None:
+    """``header`` then ``rows``, ``\\n`` line ends (as the NIH release)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(DATA_ENTRY_HEADER)
-        w.writerows(entries)
-    with open(out / "BBox_List_2017.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(BBOX_HEADER)
-        w.writerows(bbox_rows)
-    meta = {
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _truth_document(cfg: PhantomConfig, size: int, seed: int, n: int, truth: dict) -> dict:
+    """Content of :data:`TRUTH_FILE`: settings, conventions and the per-image truth."""
+    return {
         "format": "cxrviewer-phantoms/1", "size": size, "seed": seed, "n": n,
         "config": {k: v for k, v in asdict(cfg).items() if k != "class_weights"},
         "class_weights": dict(cfg.class_weights),
@@ -1137,7 +1132,55 @@ def write_phantom_dataset(out: str | Path, n: int, size: int = 256, seed: int = 
         },
         "images": truth,
     }
-    (out / TRUTH_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def write_phantom_dataset(out: str | Path, n: int, size: int = 256, seed: int = 0,
+                          config: PhantomConfig | None = None, *, masks: bool = False,
+                          overwrite: bool = False) -> Path:
+    """Write ``n`` phantoms as an NIH ChestX-ray14 folder under ``out`` and return it.
+
+    Layout: ``images/<id>.png``, ``Data_Entry_2017.csv``, ``BBox_List_2017.csv``,
+    ``phantom_truth.json``, ``box_frame.txt`` (the boxes' pixel frame = ``size``) and, with
+    ``masks``, ``masks/{left_lung,right_lung,heart}/<id>.png`` plus ``masks/findings/<id>_<k>.png``
+    (k = index in the truth's finding list).
+    Same ``seed`` -> identical bytes.
+    """
+    cfg = (config or PhantomConfig()).validate()
+    if n < 1:
+        raise CxrError(f"number of phantoms must be >= 1 (got {n})")
+    out = Path(out)
+    _prepare_folder(out, masks, overwrite)
+    master = np.random.default_rng(seed)
+    spacing = FIELD_OF_VIEW_MM / size
+    entries: list[list] = []
+    bbox_rows: list[list] = []
+    truth: dict = {}
+    pid = 0
+    while len(entries) < n:
+        pid += 1
+        n_img = int(min(n - len(entries), master.geometric(0.55)))
+        an = Anatomy.sample(np.random.default_rng([seed, pid, 0]))
+        for fu in range(n_img):
+            irng = np.random.default_rng([seed, pid, fu + 1])
+            ph = generate_phantom(irng, size, cfg, anatomy=an, masks=masks)
+            iid = f"{pid:08d}_{fu:03d}.png"
+            entries.append([iid, "|".join(ph.labels) if ph.labels else NO_FINDING, fu, pid,
+                            min(99, an.age + fu // 2), "F" if an.female else "M", "PA", size, size,
+                            spacing, spacing])
+            with_boxes = bool(irng.random() < cfg.box_fraction) if cfg.box_fraction < 1 else True
+            if with_boxes:
+                bbox_rows.extend([iid, NIH_BOX_LABEL.get(b.label, b.label), b.x, b.y, b.w, b.h] for b in ph.boxes)
+            truth[iid] = {
+                "patient_id": pid, "follow_up": fu, "labels": list(ph.labels),
+                "affine": ph.affine.to_dict(size),
+                "anatomy": {k: (_box_list(v) if isinstance(v, Box) or v is None else v)
+                            for k, v in ph.anatomy.items()},
+                "findings": _write_image(out, iid, ph, masks, with_boxes),
+            }
+    _write_csv(out / "Data_Entry_2017.csv", DATA_ENTRY_HEADER, entries)
+    _write_csv(out / "BBox_List_2017.csv", BBOX_HEADER, bbox_rows)
+    (out / TRUTH_FILE).write_text(json.dumps(_truth_document(cfg, size, seed, n, truth), indent=1, sort_keys=True),
+                                  encoding="utf-8")
     # boxes are in written-image pixels, not NIH's 1024 frame: say so to the NIH reader
     (out / BOX_FRAME_FILE).write_text(f"{size}\n", encoding="ascii")
     log.info("wrote %d phantoms (%d patients, %d boxes) to %s", n, pid, len(bbox_rows), out)

@@ -1,8 +1,8 @@
 """Application state shared by every panel, as one QObject with signals.
 
 Panels never talk to each other directly: they read :class:`ViewerState` and
-subscribe to its signals, and push user changes back through its setters. A
-later linked panel grid (explanations, issue 5) and the box editor (issue 6)
+subscribe to its signals, and push user changes back through its setters. The
+linked panel grid (:mod:`cxrviewer.gui.views.panel_grid`) and the box editor
 connect to the same signals, so a window/level drag in one panel re-levels all.
 
 Signals

@@ -86,3 +86,21 @@ def test_pipeline_check_accepts_a_folder_with_only_some_roles(tmp_path: Path) ->
     study = SELFTEST_DIR / "rle_lossless.dcm"
     out = selftest.pipeline_check(models, False, tmp_path, study)()
     assert out["models"] == "given" and out["bundles"] == ["segmentation"]
+
+
+def test_selftest_pipeline_uses_core_only(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from cxrviewer import selftest\n"
+        f"tmp = Path({str(tmp_path)!r})\n"
+        f"study = Path({str(SELFTEST_DIR / 'rle_lossless.dcm')!r})\n"
+        "out = selftest.pipeline_check(None, True, tmp, study)()\n"
+        "assert out['models'] == 'tiny-random', out\n"
+        "assert sorted(out['bundles']) == ['alignment', 'cia', 'classifier', 'segmentation'], out\n"
+        "loaded = sorted(m for m in sys.modules if m == 'training' or m.startswith('training.'))\n"
+        "assert not loaded, loaded\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

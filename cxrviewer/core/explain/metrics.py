@@ -10,8 +10,8 @@
 - :func:`accuracy_until_afp`: iterative-attention-mining.txt Sec. 3.2 (ranked list B, boxes taken
   in rank order until the AFP reaches a bound).
 - AUROC per class (rank statistic with average ranks for ties; NaN when a class has one label only).
-- The model-free floor (METHODS.md "Always report the floor"): one fixed box per class, the
-  coordinate-wise median of the training boxes, scored the same way.
+- The model-free floor (:func:`floor_boxes`), reported beside every model: one fixed box per
+  class, the coordinate-wise median of the training boxes, scored the same way.
 """
 from __future__ import annotations
 

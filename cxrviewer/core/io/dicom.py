@@ -48,6 +48,7 @@ import shutil
 import struct
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -517,19 +518,24 @@ def load_dicom(path: str | Path, *, timeout: float = 30.0, raw: bool = False) ->
         raise CorruptFileError(f"could not be read ({type(exc).__name__}: {exc})", path=p) from None
 
 
-def _load(path: str, timeout: float, raw: bool) -> Study:
-    warnings: list[str] = []
-    ds, pixel_pos, size = _read_header(path, raw)
-    if raw:
-        warnings.append("file has no DICOM preamble/'DICM' marker; read as a raw data set")
-    ts = _transfer_syntax(ds, path, warnings)
-    if ts in _DEFLATED:
-        raise UnsupportedFormatError("uses the Deflated transfer syntax, which is not supported "
-                                     "(convert it with dcmconv or gdcmconv)", path=path)
+@dataclass
+class _PixelFormat:
+    """The pixel layout a header declares, checked by :func:`_pixel_format`."""
 
-    if pixel_pos >= size:
-        raise UnsupportedFormatError("contains no pixel data (PixelData is missing: not an image object, "
-                                     "or the file is cut short)", path=path)
+    rows: int
+    cols: int
+    frames: int
+    spp: int
+    bits_alloc: int
+    bits_stored: int
+    high_bit: int
+    signed: bool
+    planar: int
+    photometric: str
+
+
+def _pixel_format(ds, path: str, warnings: list[str]) -> _PixelFormat:
+    """Read and check Rows/Columns/frames/samples/bits/photometric before any pixel is read."""
     rows = _int(ds, "Rows", path, required=True)
     cols = _int(ds, "Columns", path, required=True)
     check_pixel_count(rows, cols, path)
@@ -563,47 +569,59 @@ def _load(path: str, timeout: float, raw: bool) -> Study:
         warnings.append(f"multi-frame file ({frames} frames): only the first frame is shown")
         if total > 64 * 2**30:
             raise ImageTooLargeError(f"declares {total / 2**30:.0f} GiB of pixel data", path=path)
+    return _PixelFormat(rows, cols, frames, spp, bits_alloc, bits_stored, high_bit, pixel_rep == 1, planar,
+                        photometric)
 
-    # Validate the pixel transforms before decoding anything.
-    has_lut = _get(ds, "ModalityLUTSequence") is not None
-    if not has_lut:
+
+def _check_transforms(ds, path: str, warnings: list[str]) -> tuple[float, float] | None:
+    """Validate the rescale slope before decoding anything; return the header window, if any."""
+    if _get(ds, "ModalityLUTSequence") is None:
         slope = _float(ds, "RescaleSlope", path)
         if slope is not None and (not math.isfinite(slope) or slope == 0.0):
             raise InvalidPixelTransformError(f"RescaleSlope is {slope}; it must be a finite, non-zero number",
                                              path=path)
-    window = _header_window(ds, path, warnings)
+    return _header_window(ds, path, warnings)
 
-    signed = pixel_rep == 1
+
+def _decode_compressed(path: str, pixel_pos: int, size: int, ts: str, fmt: _PixelFormat,
+                       timeout: float) -> np.ndarray:
+    """First frame of encapsulated pixel data, decoded in the child and checked against the header."""
+    if pixel_pos >= size:
+        raise CorruptFileError("has no pixel data (PixelData element is missing)", path=path)
+    plugins = _plugins_for(ts, path)
+    arr = _WORKER.decode(os.path.abspath(path), ts, plugins, timeout)
+    expected = (fmt.rows, fmt.cols) if fmt.spp == 1 else (fmt.rows, fmt.cols, 3)
+    if tuple(arr.shape) != expected:
+        raise CorruptFileError(f"decoded pixel data has shape {arr.shape}, the header says {expected}",
+                               path=path)
+    if arr.dtype.kind not in "iu":
+        raise CorruptFileError(f"decoded pixel data has dtype {arr.dtype}", path=path)
+    want = np.dtype(f"{'i' if fmt.signed else 'u'}{fmt.bits_alloc // 8}")
+    if arr.dtype.itemsize != want.itemsize:
+        arr = arr.astype(want)
+    return arr
+
+
+def _stored_pixels(path: str, pixel_pos: int, size: int, ts: str, fmt: _PixelFormat, timeout: float,
+                   warnings: list[str]) -> tuple[np.ndarray, str]:
+    """Stored values of the first frame (grayscale, bits fixed) and the photometric they are in."""
+    photometric = fmt.photometric
     if ts in _UNCOMPRESSED:
-        arr = _read_native(path, pixel_pos, size, ts, rows, cols, spp, planar, bits_alloc, frames, signed)
+        arr = _read_native(path, pixel_pos, size, ts, fmt.rows, fmt.cols, fmt.spp, fmt.planar, fmt.bits_alloc,
+                           fmt.frames, fmt.signed)
     else:
-        if pixel_pos >= size:
-            raise CorruptFileError("has no pixel data (PixelData element is missing)", path=path)
-        plugins = _plugins_for(ts, path)
-        arr = _WORKER.decode(os.path.abspath(path), ts, plugins, timeout)
-        expected = (rows, cols) if spp == 1 else (rows, cols, 3)
-        if tuple(arr.shape) != expected:
-            raise CorruptFileError(f"decoded pixel data has shape {arr.shape}, the header says {expected}",
-                                   path=path)
-        if arr.dtype.kind not in "iu":
-            raise CorruptFileError(f"decoded pixel data has dtype {arr.dtype}", path=path)
-        want = np.dtype(f"{'i' if signed else 'u'}{bits_alloc // 8}")
-        if arr.dtype.itemsize != want.itemsize:
-            arr = arr.astype(want)
-        if spp == 3:
+        arr = _decode_compressed(path, pixel_pos, size, ts, fmt, timeout)
+        if fmt.spp == 3:
             photometric = "RGB"  # pydicom converts YBR to RGB by default
-    if spp == 3:
+    if fmt.spp == 3:
         arr = _to_gray(arr, photometric, path, warnings)
-    stored = _fix_bits(arr, bits_stored, high_bit, signed) if spp == 1 else arr
-    stored = np.ascontiguousarray(stored)
+    stored = _fix_bits(arr, fmt.bits_stored, fmt.high_bit, fmt.signed) if fmt.spp == 1 else arr
+    return np.ascontiguousarray(stored), photometric
 
-    modality = _modality(stored, ds, path, warnings)
-    if window is None:
-        window = percentile_window(modality)
-        if not any("window" in w for w in warnings):
-            warnings.append("no display window in the header; using the 0.5-99.5 percentile range")
 
-    meta = StudyMeta(
+def _study_meta(ds, path: str, ts: str, fmt: _PixelFormat, warnings: list[str]) -> StudyMeta:
+    """The header fields a :class:`StudyMeta` keeps."""
+    return StudyMeta(
         source_path=path,
         format="dicom",
         study_uid=_text(ds, "StudyInstanceUID"),
@@ -613,13 +631,37 @@ def _load(path: str, timeout: float, raw: bool) -> Study:
         view_position=_text(ds, "ViewPosition"),
         pixel_spacing=_spacing(ds, warnings),
         photometric=_text(ds, "PhotometricInterpretation") or "MONOCHROME2",
-        bits_stored=bits_stored,
+        bits_stored=fmt.bits_stored,
         manufacturer=_text(ds, "Manufacturer"),
         modality=_text(ds, "Modality"),
         transfer_syntax=ts,
-        number_of_frames=frames,
+        number_of_frames=fmt.frames,
         warnings=warnings,
     )
+
+
+def _load(path: str, timeout: float, raw: bool) -> Study:
+    """:func:`load_dicom` without its error translation."""
+    warnings: list[str] = []
+    ds, pixel_pos, size = _read_header(path, raw)
+    if raw:
+        warnings.append("file has no DICOM preamble/'DICM' marker; read as a raw data set")
+    ts = _transfer_syntax(ds, path, warnings)
+    if ts in _DEFLATED:
+        raise UnsupportedFormatError("uses the Deflated transfer syntax, which is not supported "
+                                     "(convert it with dcmconv or gdcmconv)", path=path)
+    if pixel_pos >= size:
+        raise UnsupportedFormatError("contains no pixel data (PixelData is missing: not an image object, "
+                                     "or the file is cut short)", path=path)
+    fmt = _pixel_format(ds, path, warnings)
+    window = _check_transforms(ds, path, warnings)
+    stored, photometric = _stored_pixels(path, pixel_pos, size, ts, fmt, timeout, warnings)
+    modality = _modality(stored, ds, path, warnings)
+    if window is None:
+        window = percentile_window(modality)
+        if not any("window" in w for w in warnings):
+            warnings.append("no display window in the header; using the 0.5-99.5 percentile range")
+    meta = _study_meta(ds, path, ts, fmt, warnings)
     for w in warnings:
         log.info("%s: %s", path, w)
     return build_study(stored, modality, window, photometric == "MONOCHROME1", meta)

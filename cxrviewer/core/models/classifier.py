@@ -5,7 +5,7 @@ The class activation map is disease-masks-attention.txt Eq. 1,
 ``S_c = sum_k w_k^c f_k``, and with average pooling the logit is its mean plus the
 bias (Eq. 2 up to the bias): ``logits[:, c] == cam[:, c].mean((1, 2)) + b[c]``.
 
-Conventions shared by every classifier (see /work/notes/MODEL_CONTRACT.md):
+Conventions shared by every classifier:
 
 * ``"cam"`` holds raw maps **without** the bias: ``cam[:, c] = sum_k W[c, k] *
   features[:, k]`` (times ``1 + psi_c`` for DM models).

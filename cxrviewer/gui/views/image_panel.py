@@ -12,8 +12,8 @@ on, left drag does window/level too (for trackpads). Auto-range is off: the
 view changes only on fit/reset/zoom or user interaction, never when levels,
 overlays or boxes change.
 
-Extending (issue 5 explanation panels, issue 6 box editor)
------------------------------------------------------------
+Extending (explanation panels, box editor)
+------------------------------------------
 * **Compose layers**: ``panel.add_layer(layer)`` with a
   :class:`~cxrviewer.gui.views.layers.Layer` subclass. Every panel already has
   ``panel.heatmap`` (:class:`HeatmapLayer`, z 10) and ``panel.gt_boxes``

@@ -6,8 +6,8 @@ y = row, origin at the top-left pixel corner), the same coordinates as
 
 A layer owns its graphics items and adds them to the panel's ViewBox with
 ``ignoreBounds=True`` (an overlay never changes the fitted view). Z order:
-image 0, heatmap 10, boxes 20, editors 30 (the box editor of issue 6 is meant
-to be a ``Layer`` subclass holding pyqtgraph ROIs at z 30).
+image 0, heatmap 10, boxes 20, editors 30 (the box editor's layer in
+:mod:`cxrviewer.gui.views.box_editor`).
 """
 from __future__ import annotations
 
