@@ -294,13 +294,12 @@ def evaluate(model: torch.nn.Module, ds: MemDataset, *, method: str = "cam", ste
              negatives=None, lh_masks: torch.Tensor | None = None) -> dict:
     """AUROC per class on ``ds`` and localisation accuracy at T(IoU) 0.3/0.5/0.7 on its boxed images.
 
-    ``cam``/``cia`` boxes as :func:`training.evaluate.predict_boxes`; ``am`` boxes are the three
-    ranked boxes of the attention-mining map with ``steps`` steps (attention-mining Eq. 7-8).
+    ``method`` is a registered explainer (``cam``, ``attention_mining`` with ``steps`` steps,
+    attention-mining Eq. 7-8, or ``contrast``); its boxes come from its own box rule through
+    :func:`training.evaluate.single_model_boxes`, the path the app's pipeline uses too.
     """
-    from cxrviewer.core.explain.attention_mining import attention_mining
-    from cxrviewer.core.explain.boxes import ranked_boxes
     from cxrviewer.core.explain.metrics import auroc_per_class, localization_table
-    from training.evaluate import predict_boxes
+    from training.evaluate import single_model_boxes
 
     model.eval()
     dev = next(model.parameters()).device
@@ -309,22 +308,11 @@ def evaluate(model: torch.nn.Module, ds: MemDataset, *, method: str = "cam", ste
         item = ds[i]
         gt = _boxes_of(item["boxes"])
         cls = sorted({CLASSES.index(b.label) for b in gt if b.label in BOXED_CLASSES})
-        img = item["image"].to(dev)
-        size = (int(img.shape[-2]), int(img.shape[-1]))
         if isinstance(model, _MaskedLH):
             model.mask = lh_masks[i:i + 1].to(dev) if lh_masks is not None else None
-        if method == "am":
-            with torch.no_grad():
-                out = model(img[None])
-            p = torch.sigmoid(out["logits"][0].float()).cpu().numpy()
-            w, _ = model.cam_weights()
-            b = []
-            for c in cls:
-                res = attention_mining(out["features"], w, c, steps=steps)
-                b += ranked_boxes(res.final[0], label=CLASSES[c], image_size=size)
-        else:
-            neg = negatives(i).to(dev) if negatives is not None else None
-            p, b = predict_boxes(model, img, cls, method, negative=neg)
+        neg = negatives(i).to(dev) if negatives is not None else None
+        p, b = single_model_boxes(model, item["image"].to(dev), cls, method, negative=neg,
+                                  steps=steps if method == "attention_mining" else None)
         probs.append(p)
         if gt:
             preds[i], gts[i] = b, gt
@@ -459,18 +447,18 @@ class Runner:
         d = self.data
         val = d.val_al if is_aligned(vid) else d.val
         if vid in ("am_t1", "am_t3"):
-            return evaluate(self.get("mine_kp"), d.val, method="am", steps=1 if vid == "am_t1" else 3)
+            return evaluate(self.get("mine_kp"), d.val, method="attention_mining", steps=1 if vid == "am_t1" else 3)
         if vid in ("mine_none", "mine_kp"):
-            return evaluate(self.get(vid), d.val, method="am", steps=3)
+            return evaluate(self.get(vid), d.val, method="attention_mining", steps=3)
         if vid.startswith(("cia_", "base_")):
             from training.trainers.cia import bank_negatives
 
             model = self.get(vid)
             if vid.startswith("base_"):
-                return evaluate(model, val, method="cia", negatives=lambda i: val[i]["image"])
+                return evaluate(model, val, method="contrast", negatives=lambda i: val[i]["image"])
             bank = SimpleNamespace(extras=self.extras[vid], path="",
                                    manifest=SimpleNamespace(normalisation={"kind": val.normalisation}))
-            return evaluate(model, val, method="cia", negatives=bank_negatives(bank, val))
+            return evaluate(model, val, method="contrast", negatives=bank_negatives(bank, val))
         if vid in ("lh_on", "lh_off"):
             return evaluate(self.get(vid), d.val, method="cam", lh_masks=d.val.masks if vid == "lh_on" else None)
         return evaluate(self.get(vid), val, method="cam")

@@ -55,6 +55,9 @@ METHOD_NAMES = {"cam": "ours: baseline CAM", "am": "ours: attention-mining boxes
                 "cia0": "ours: CIA-Net 0% boxes", "cia40": "ours: CIA-Net 40% boxes",
                 "cia80": "ours: CIA-Net 80% boxes", "floor": "floor: median training box"}
 
+#: The registered explainer whose box rule gives each method's boxes (cxrviewer/core/explain/).
+EXPLAINER = {"cam": "cam", "am": "attention_mining", "cia": "contrast"}
+
 # ---- the papers' own numbers (T(IoU) -> 8 boxed classes in BOXED_CLASSES order + mean) ----------
 # Order: Atelectasis, Cardiomegaly, Effusion, Infiltration, Mass, Nodule, Pneumonia, Pneumothorax, Mean.
 # None = not reported. Filled from /work/shared/papers/*.txt; "source" says which table/row.
@@ -109,7 +112,7 @@ def run_fold(f: int, args, conf: dict, records, folds, cache: Path, tmp: Path) -
                                   device=args.device, out_dir=str(tmp / f"f{f}_cam"))
                 cam_model, _ = train_classifier(model, train_ds, None, cfg)
             train_s = time.perf_counter() - t0
-            res = evaluate_model(cam_model, test_ds, method=m, train_boxes=train_boxes)
+            res = evaluate_model(cam_model, test_ds, method=EXPLAINER[m], train_boxes=train_boxes)
         elif m.startswith("cia"):
             from types import SimpleNamespace
 
@@ -126,7 +129,7 @@ def run_fold(f: int, args, conf: dict, records, folds, cache: Path, tmp: Path) -
             train_s = time.perf_counter() - t0
             bank = SimpleNamespace(extras=extras, manifest=SimpleNamespace(normalisation={"kind": "minus1_1"}),
                                    path="")
-            res = evaluate_model(model, test_ds, method="cia", train_boxes=train_boxes,
+            res = evaluate_model(model, test_ds, method=EXPLAINER["cia"], train_boxes=train_boxes,
                                  negatives=bank_negatives(bank, test_ds))
             res["cia_info"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
         else:
