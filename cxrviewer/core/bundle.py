@@ -23,7 +23,6 @@ bundles as data files. See ``resources/models/README.md``.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checksum import sha256_file
 from .errors import BundleError, ModelError
+from .families import FAMILIES  # noqa: F401  (the bundle families, re-exported)
+from .preprocess import LEGACY_NORMALISATION_KINDS, NORMALISATIONS
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +53,14 @@ WEIGHTS = "weights.pt"
 EXTRAS = "extras.npz"
 
 #: Normalisation kinds understood by :mod:`cxrviewer.core.preprocess`.
-NORMALISATION_KINDS = ("minus1_1", "zero_one", "mean_std")
-FAMILIES = ("classifier", "alignment", "cia", "segmentation")
+NORMALISATION_KINDS = tuple(NORMALISATIONS)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _current_spelling(norm: Any) -> Any:
+    """A manifest ``normalisation`` with an older kind spelling (``zero_1``) renamed; else as given."""
+    if isinstance(norm, Mapping) and norm.get("kind") in LEGACY_NORMALISATION_KINDS:
+        return {**norm, "kind": LEGACY_NORMALISATION_KINDS[norm["kind"]]}
+    return norm
 
 
 def _registry():
@@ -181,7 +181,7 @@ class Manifest:
         classes = d["classes"]
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise BundleError("manifest 'classes' must be a list of names", path=path)
-        norm = d.get("normalisation") or {"kind": "minus1_1"}
+        norm = _current_spelling(d.get("normalisation") or {"kind": "minus1_1"})
         if not isinstance(norm, Mapping) or norm.get("kind") not in NORMALISATION_KINDS:
             raise BundleError(f"manifest 'normalisation' kind must be one of {NORMALISATION_KINDS}, "
                               f"got {norm!r}", path=path)
@@ -331,7 +331,7 @@ def _check_file(d: Path, name: str, manifest: Manifest, *, required: bool) -> Pa
     if isinstance(want, int) and size != want:
         what = "truncated" if size < want else "longer than recorded"
         raise BundleError(f"{name} is {what} ({size} bytes, manifest says {want})", path=str(d))
-    sha = _sha256_file(p)
+    sha = sha256_file(p)
     if info.get("sha256") and sha != info["sha256"]:
         raise BundleError(f"{name} SHA-256 {sha[:12]}... does not match the manifest "
                           f"({str(info['sha256'])[:12]}...); the file was changed or damaged", path=str(d))
@@ -426,6 +426,78 @@ def _check_extras(extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+_STORE_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None, "float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _new_manifest(model: torch.nn.Module, p: Path, *, classes: Iterable[str], input_size: int | tuple[int, int],
+                  normalisation: Mapping[str, Any] | None, crop: Mapping[str, Any] | None,
+                  canonical_chest: Mapping[str, Any] | None, name: str | None, description: str,
+                  role: str | None, extras_info: Mapping[str, Any] | None, inference: Mapping[str, Any] | None,
+                  provenance: Mapping[str, Any] | None) -> Manifest:
+    """The manifest :func:`save_bundle` writes for ``model`` at ``p`` (validated, files not yet listed)."""
+    arch = getattr(model, "arch", None)
+    family = getattr(model, "family", None)
+    if not arch or not family:
+        raise BundleError("model has no 'arch'/'family' attributes; build it with "
+                          "cxrviewer.core.models.create_model", path=str(p))
+    size = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+    prov: dict[str, Any] = {"research_demo": False, "trained": True}
+    prov.update(dict(provenance or {}))
+    prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    prov.setdefault("git_commit", _git_commit())
+    manifest = Manifest(
+        architecture=str(arch),
+        family=str(family),
+        classes=tuple(classes),
+        input_size=(size[0], size[1]),
+        normalisation=dict(_current_spelling(normalisation or {"kind": "minus1_1"})),
+        arch_kwargs=dict(getattr(model, "arch_kwargs", {}) or {}),
+        crop=dict(crop or {"kind": "none"}),
+        canonical_chest=dict(canonical_chest) if canonical_chest else None,
+        name=name or p.name[: -len(BUNDLE_SUFFIX)],
+        description=description,
+        role=role,
+        provenance=prov,
+        extras_info=dict(extras_info or {}),
+        inference=dict(inference or {}),
+        cxrviewer_version=_cxr_version(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    Manifest.from_dict(manifest.to_dict(), path=str(p))  # validate what we write
+    _check_classes(model, manifest, str(p))
+    return manifest
+
+
+def _write_files(folder: Path, model: torch.nn.Module, manifest: Manifest, arrays: Mapping[str, np.ndarray],
+                 store_dtype: torch.dtype | None) -> None:
+    """Weights, extras and the manifest (with their checksums) into ``folder``."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if store_dtype is not None:
+        state = {k: (v.to(store_dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    torch.save(state, folder / WEIGHTS)
+    files = {WEIGHTS: {"sha256": sha256_file(folder / WEIGHTS), "bytes": (folder / WEIGHTS).stat().st_size}}
+    if arrays:
+        with open(folder / EXTRAS, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        files[EXTRAS] = {"sha256": sha256_file(folder / EXTRAS), "bytes": (folder / EXTRAS).stat().st_size}
+    manifest.files = files
+    (folder / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n",
+                                   encoding="utf-8")
+
+
+def _move_into_place(tmp: Path, p: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``p``, replacing an older bundle there."""
+    if p.exists():
+        old = p.with_name(f".{p.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(p, old)
+        os.replace(tmp, p)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, p)
+
+
 def save_bundle(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -455,73 +527,26 @@ def save_bundle(
     (half the size on disk, for the bundles shipped in ``resources/``); loading
     casts them back to the network's own dtype.
     """
-    if weights_dtype not in (None, "float32", "float16", "bfloat16"):
+    if weights_dtype not in tuple(_STORE_DTYPES):
         raise BundleError(f"weights_dtype must be float32, float16 or bfloat16, not {weights_dtype!r}")
-    store_dtype = {None: None, "float32": None, "float16": torch.float16,
-                   "bfloat16": torch.bfloat16}[weights_dtype]
     p = Path(path)
     if not p.name.endswith(BUNDLE_SUFFIX):
         p = p.with_name(p.name + BUNDLE_SUFFIX)
-    arch = getattr(model, "arch", None)
-    family = getattr(model, "family", None)
-    if not arch or not family:
-        raise BundleError("model has no 'arch'/'family' attributes; build it with "
-                          "cxrviewer.core.models.create_model", path=str(p))
-    size = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
-    prov: dict[str, Any] = {"research_demo": False, "trained": True}
-    prov.update(dict(provenance or {}))
-    prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    prov.setdefault("git_commit", _git_commit())
-    manifest = Manifest(
-        architecture=str(arch),
-        family=str(family),
-        classes=tuple(classes),
-        input_size=(size[0], size[1]),
-        normalisation=dict(normalisation or {"kind": "minus1_1"}),
-        arch_kwargs=dict(getattr(model, "arch_kwargs", {}) or {}),
-        crop=dict(crop or {"kind": "none"}),
-        canonical_chest=dict(canonical_chest) if canonical_chest else None,
-        name=name or p.name[: -len(BUNDLE_SUFFIX)],
-        description=description,
-        role=role,
-        provenance=prov,
-        extras_info=dict(extras_info or {}),
-        inference=dict(inference or {}),
-        cxrviewer_version=_cxr_version(),
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    )
-    Manifest.from_dict(manifest.to_dict(), path=str(p))  # validate what we write
-    _check_classes(model, manifest, str(p))
+    manifest = _new_manifest(model, p, classes=classes, input_size=input_size, normalisation=normalisation,
+                             crop=crop, canonical_chest=canonical_chest, name=name, description=description,
+                             role=role, extras_info=extras_info, inference=inference, provenance=provenance)
     arrays = _check_extras(extras or {})
     if p.exists() and not overwrite:
         raise BundleError("bundle already exists (pass overwrite=True)", path=str(p))
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        if store_dtype is not None:
-            state = {k: (v.to(store_dtype) if v.is_floating_point() else v) for k, v in state.items()}
-        torch.save(state, tmp / WEIGHTS)
-        files = {WEIGHTS: {"sha256": _sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}}
-        if arrays:
-            with open(tmp / EXTRAS, "wb") as fh:
-                np.savez_compressed(fh, **arrays)
-            files[EXTRAS] = {"sha256": _sha256_file(tmp / EXTRAS), "bytes": (tmp / EXTRAS).stat().st_size}
-        manifest.files = files
-        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n",
-                                    encoding="utf-8")
-        if p.exists():
-            old = p.with_name(f".{p.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(p, old)
-            os.replace(tmp, p)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, p)
+        _write_files(tmp, model, manifest, arrays, _STORE_DTYPES[weights_dtype])
+        _move_into_place(tmp, p)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote bundle %s (%s, %d classes)", p, arch, len(manifest.classes))
+    log.info("wrote bundle %s (%s, %d classes)", p, manifest.architecture, len(manifest.classes))
     return p
 
 

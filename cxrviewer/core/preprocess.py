@@ -11,15 +11,21 @@ bundle manifest (:class:`cxrviewer.core.bundle.Manifest`), never from GUI code:
     anti-aliasing (aspect ratio is not kept, as in NIH/JSRT training).
 ``normalisation``
     ``{"kind": "minus1_1"}`` (``2x - 1``, the disease-masks recipe),
-    ``{"kind": "zero_one"}`` or ``{"kind": "mean_std", "mean": m, "std": s}``.
+    ``{"kind": "zero_one"}`` or ``{"kind": "mean_std", "mean": m, "std": s}``
+    (the kinds of :data:`NORMALISATIONS`), optionally with ``"stretch"``
+    (see :func:`stretch_spec`).
 
-:func:`maps_to_frame` is the inverse geometric step: a map over the network
-input is resized back into the crop box of the image frame it came from.
+:class:`Preprocess` holds all of it, built once from a manifest
+(:meth:`Preprocess.from_manifest`); the pipeline, the training datasets and the
+evaluation feed networks through it. :func:`maps_to_frame` is the inverse
+geometric step: a map over the network input is resized back into the crop box
+of the image frame it came from.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,30 +52,38 @@ def crop_box_pixels(crop: Mapping[str, Any] | None, shape: tuple[int, int]) -> C
     return (yy0, yy1, xx0, xx1)
 
 
-def normalise(x01: torch.Tensor, norm: Mapping[str, Any] | None) -> torch.Tensor:
+Pixels = TypeVar("Pixels", torch.Tensor, np.ndarray)
+_Map = Callable[[Any, float, float], Any]
+
+#: The normalisation kinds: name -> (from [0, 1], back to [0, 1]), each ``f(x, mean, std)``.
+NORMALISATIONS: dict[str, tuple[_Map, _Map]] = {
+    "minus1_1": (lambda x, m, s: x * 2.0 - 1.0, lambda x, m, s: (x + 1.0) / 2.0),
+    "zero_one": (lambda x, m, s: x, lambda x, m, s: x),
+    "mean_std": (lambda x, m, s: (x - m) / max(s, 1e-8), lambda x, m, s: x * s + m),
+}
+#: Spellings older manifests used, mapped to the name above when a manifest is read.
+LEGACY_NORMALISATION_KINDS: dict[str, str] = {"zero_1": "zero_one"}
+
+
+def _norm_params(norm: Mapping[str, Any] | None) -> tuple[str, float, float]:
+    """``(kind, mean, std)`` of a manifest ``normalisation`` (default ``minus1_1``)."""
+    norm = norm or {}
+    kind = str(norm.get("kind", "minus1_1"))
+    if kind not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation kind {kind!r}")
+    return kind, float(norm.get("mean", 0.5)), float(norm.get("std", 0.25))
+
+
+def normalise(x01: Pixels, norm: Mapping[str, Any] | None) -> Pixels:
     """Map values in [0, 1] to the network's range (see module docstring)."""
-    kind = (norm or {}).get("kind", "minus1_1")
-    if kind == "minus1_1":
-        return x01 * 2.0 - 1.0
-    if kind == "zero_one":
-        return x01
-    if kind == "mean_std":
-        mean = float(norm.get("mean", 0.5))  # type: ignore[union-attr]
-        std = float(norm.get("std", 0.25))  # type: ignore[union-attr]
-        return (x01 - mean) / max(std, 1e-8)
-    raise ValueError(f"unknown normalisation kind {kind!r}")
+    kind, mean, std = _norm_params(norm)
+    return NORMALISATIONS[kind][0](x01, mean, std)
 
 
-def denormalise(x: torch.Tensor, norm: Mapping[str, Any] | None) -> torch.Tensor:
+def denormalise(x: Pixels, norm: Mapping[str, Any] | None) -> Pixels:
     """Inverse of :func:`normalise` (back to [0, 1])."""
-    kind = (norm or {}).get("kind", "minus1_1")
-    if kind == "minus1_1":
-        return (x + 1.0) / 2.0
-    if kind == "zero_one":
-        return x
-    if kind == "mean_std":
-        return x * float(norm.get("std", 0.25)) + float(norm.get("mean", 0.5))  # type: ignore[union-attr]
-    raise ValueError(f"unknown normalisation kind {kind!r}")
+    kind, mean, std = _norm_params(norm)
+    return NORMALISATIONS[kind][1](x, mean, std)
 
 
 def as_image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -128,12 +142,119 @@ def stretch_spec(manifest: Any) -> Mapping[str, Any] | None:
     return None
 
 
+def stretch_bounds(spec: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    """``(low, high)`` percentiles of a ``percentile_stretch`` spec, or None for any other."""
+    if not isinstance(spec, Mapping) or spec.get("kind") != "percentile_stretch":
+        return None
+    return float(spec.get("low", 1.0)), float(spec.get("high", 99.0))
+
+
 def apply_stretch(t01: torch.Tensor, manifest: Any) -> torch.Tensor:
     """Apply the manifest's contrast stretch (if any) to an image in [0, 1]."""
-    spec = stretch_spec(manifest)
-    if spec is None:
-        return t01
-    return percentile_stretch(t01, float(spec.get("low", 1.0)), float(spec.get("high", 99.0)))
+    bounds = stretch_bounds(stretch_spec(manifest))
+    return t01 if bounds is None else percentile_stretch(t01, *bounds)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a network wants its input: crop, input size, contrast stretch and normalisation.
+
+    Built from a bundle manifest with :meth:`from_manifest` (as timm's pretrained cfg);
+    :meth:`to_manifest` gives the manifest fields back. ``input_size=None`` keeps the
+    image's size (a training dataset that resizes on its own).
+    """
+
+    input_size: tuple[int, int] | None = None  # (H, W)
+    crop: tuple[float, float, float, float] | None = None  # (x0, y0, x1, y1) fractions
+    normalisation: str = "minus1_1"  # a kind of NORMALISATIONS
+    mean: float = 0.5  # mean_std only
+    std: float = 0.25  # mean_std only
+    stretch: tuple[float, float] | None = None  # percentile_stretch (low, high)
+
+    def __post_init__(self) -> None:
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation kind {self.normalisation!r}")
+        if self.crop is not None and len(self.crop) != 4:
+            raise ValueError(f"crop box must be [x0, y0, x1, y1] fractions, got {self.crop!r}")
+
+    @classmethod
+    def from_normalisation(cls, norm: str | Mapping[str, Any] | None,
+                           input_size: int | tuple[int, int] | None = None) -> "Preprocess":
+        """No crop or stretch; ``norm`` is a kind name or a manifest ``normalisation`` mapping."""
+        kind, mean, std = _norm_params({"kind": norm} if isinstance(norm, str) else norm)
+        size = (int(input_size), int(input_size)) if isinstance(input_size, int) else input_size
+        return cls(input_size=tuple(int(s) for s in size) if size else None,
+                   normalisation=kind, mean=mean, std=std)
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> "Preprocess":
+        """From a :class:`~cxrviewer.core.bundle.Manifest` (or anything with its attributes)."""
+        base = cls.from_normalisation(getattr(manifest, "normalisation", None),
+                                      tuple(manifest.input_size))
+        crop = getattr(manifest, "crop", None) or {}
+        box = None
+        if crop.get("kind", "none") != "none":
+            box = crop.get("box")
+            if not isinstance(box, (list, tuple)) or len(box) != 4:
+                raise ValueError(f"crop box must be [x0, y0, x1, y1] fractions, got {box!r}")
+            box = tuple(float(v) for v in box)
+        return cls(input_size=base.input_size, crop=box, normalisation=base.normalisation,
+                   mean=base.mean, std=base.std, stretch=stretch_bounds(stretch_spec(manifest)))
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest fields ``input_size``, ``crop`` and ``normalisation`` (``save_bundle`` kwargs)."""
+        norm: dict[str, Any] = {"kind": self.normalisation}
+        if self.normalisation == "mean_std":
+            norm.update(mean=self.mean, std=self.std)
+        if self.stretch is not None:
+            norm["stretch"] = {"kind": "percentile_stretch", "low": self.stretch[0], "high": self.stretch[1]}
+        crop = {"kind": "box", "box": list(self.crop)} if self.crop else {"kind": "none"}
+        size = list(self.input_size) if self.input_size else None
+        return {"input_size": size, "crop": crop, "normalisation": norm}
+
+    def crop_box(self, shape: tuple[int, int]) -> CropBox | None:
+        """The crop as ``(y0, y1, x0, x1)`` pixels of an image of ``shape``; None = whole."""
+        return crop_box_pixels({"kind": "box", "box": list(self.crop)} if self.crop else None, shape)
+
+    def crop_resize(self, frame01: torch.Tensor) -> tuple[torch.Tensor, CropBox | None]:
+        """Crop, resize and stretch ``frame01 [B, C, H, W]`` in [0, 1] (no normalisation).
+
+        Returns ``(x01 at input_size, crop box in frame pixels or None)``.
+        """
+        box = self.crop_box((frame01.shape[-2], frame01.shape[-1]))
+        t = frame01
+        if box is not None:
+            y0, y1, x0, x1 = box
+            t = t[..., y0:y1, x0:x1]
+        if self.input_size is not None:
+            t = resize(t, self.input_size)
+        return self.apply_stretch(t), box
+
+    def apply_stretch(self, x01: torch.Tensor) -> torch.Tensor:
+        """The contrast stretch alone (identity when the manifest asks for none)."""
+        return x01 if self.stretch is None else percentile_stretch(x01, *self.stretch)
+
+    def normalise(self, x01: Pixels) -> Pixels:
+        """Values in [0, 1] -> the network's range (tensor or array)."""
+        return NORMALISATIONS[self.normalisation][0](x01, self.mean, self.std)
+
+    def denormalise(self, x: Pixels) -> Pixels:
+        """Network range -> [0, 1] (inverse of :meth:`normalise`)."""
+        return NORMALISATIONS[self.normalisation][1](x, self.mean, self.std)
+
+    def stretch_normalise(self, x01: torch.Tensor) -> torch.Tensor:
+        """Stretch + normalise an image the caller already cropped and resized."""
+        return self.normalise(self.apply_stretch(x01))
+
+    def normalise_array(self, img01: np.ndarray) -> np.ndarray:
+        """float32 array in [0, 1] (any shape) -> network range, bit-identical to :meth:`normalise`."""
+        t = torch.from_numpy(np.ascontiguousarray(img01, dtype=np.float32))
+        return self.normalise(t).numpy()
+
+    def __call__(self, frame01: torch.Tensor) -> tuple[torch.Tensor, CropBox | None]:
+        """:meth:`crop_resize` then :meth:`normalise`: ``(network input, crop box or None)``."""
+        x01, box = self.crop_resize(frame01)
+        return self.normalise(x01), box
 
 
 def prepare_input(image01: np.ndarray | torch.Tensor, manifest: Any,
@@ -142,13 +263,7 @@ def prepare_input(image01: np.ndarray | torch.Tensor, manifest: Any,
 
     Returns ``(x [1, 1, H, W] on device, crop box in image pixels or None)``.
     """
-    t = as_image_tensor(image01)
-    box = crop_box_pixels(manifest.crop, (t.shape[-2], t.shape[-1]))
-    if box is not None:
-        y0, y1, x0, x1 = box
-        t = t[..., y0:y1, x0:x1]
-    t = apply_stretch(resize(t.to(device), tuple(manifest.input_size)), manifest)
-    return normalise(t, manifest.normalisation), box
+    return Preprocess.from_manifest(manifest)(as_image_tensor(image01).to(device))
 
 
 def maps_to_frame(maps: torch.Tensor, frame_shape: tuple[int, int], box: CropBox | None,

@@ -242,3 +242,35 @@ def test_fp16_storage_round_trips_within_half_precision(tmp_path):
         ref = m(x)["logits"]
         got = b.model(x)["logits"]
     _torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_legacy_zero_1_spelling_loads_as_zero_one(tmp_path):
+    """A manifest written with the old ``zero_1`` spelling reads as ``zero_one`` (and is never written)."""
+    from cxrviewer.core.preprocess import Preprocess
+
+    p = _save(tmp_path, normalisation={"kind": "zero_1"})
+    assert _manifest(p)["normalisation"] == {"kind": "zero_one"}
+    d = _manifest(p)
+    d["normalisation"] = {"kind": "zero_1"}
+    _write_manifest(p, d)
+    b = load_bundle(p)
+    assert b.manifest.normalisation == {"kind": "zero_one"}
+    assert Preprocess.from_manifest(b.manifest).normalisation == "zero_one"
+    assert read_manifest(p).to_dict()["normalisation"] == {"kind": "zero_one"}
+
+
+def test_families_defined_once():
+    from cxrviewer.core import bundle
+    from cxrviewer.core.models import registry
+
+    assert bundle.FAMILIES is registry.FAMILIES
+
+
+def test_sha256_file_is_the_manifest_checksum(tmp_path):
+    from cxrviewer.core.canonical import canonical_ref
+    from cxrviewer.core.checksum import sha256_file
+
+    p = _save(tmp_path)
+    assert sha256_file(p / WEIGHTS) == hashlib.sha256((p / WEIGHTS).read_bytes()).hexdigest()
+    assert sha256_file(p / WEIGHTS) == _manifest(p)["files"][WEIGHTS]["sha256"]
+    assert canonical_ref(p / WEIGHTS) == {"file": WEIGHTS, "sha256": sha256_file(p / WEIGHTS)}

@@ -40,12 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cxrviewer.core.canonical import canonical_crop_box, load_canonical
     from cxrviewer.core.models import create_model, get_spec
 
     from ..data import AugmentConfig
     from ..phantoms import TRUTH_FILE
-    from ..trainers.align import (AlignConfig, canonical_crop_box, evaluate_alignment, load_canonical,
-                                  save_alignment_bundle, train_alignment)
+    from ..trainers.align import AlignConfig, evaluate_alignment, save_alignment_bundle, train_alignment
     from ..trainers.classify import provenance
     from ..trainers.loop import dist_info
 

@@ -35,11 +35,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from cxrviewer.core.checksum import sha256_file
+
     from ..canonical import build_canonical
     from ..data import load_records
     from ..data.dataset import load_pixels
     from ..data.transforms import resize_image_and_boxes
-    from ..trainers.align import sha256_file
 
     t0 = time.perf_counter()
     normals = [r for r in load_records(args.data) if r.is_normal]
@@ -53,14 +54,16 @@ def run(args: argparse.Namespace) -> int:
     aligner = None
     if args.model:
         from cxrviewer.core.bundle import load_bundle
+        from cxrviewer.core.preprocess import Preprocess
 
         b = load_bundle(args.model)
         m, s = b.model.float(), int(b.manifest.input_size[0])
+        pre = Preprocess.from_manifest(b.manifest)
 
         def aligner(x: torch.Tensor) -> torch.Tensor:
             xs = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
                                                  antialias=True)
-            return m(xs * 2.0 - 1.0)["theta"]
+            return m(pre.stretch_normalise(xs))["theta"]
     res = build_canonical(imgs, size=args.size, iterations=args.iterations, aligner=aligner,
                           crop=not args.no_crop)
     out = Path(args.out)

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.errors import CxrError
     from cxrviewer.core.models import create_model
 
+    from ..data import dataset_preprocess
     from ..trainers.classify import provenance
     from ..trainers.cia import train_cia
     from ..trainers.loop import dist_info
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                       cia={k: v for k, v in info.items() if k != "normal_bank"}, research_demo=True)
     extras_info = {"normal_bank": info.get("normal_bank", {})}
     path = save_bundle(model.cpu(), args.out, classes=list(CLASSES), input_size=args.size,
-                       normalisation={"kind": "minus1_1"}, role="cia", provenance=prov, extras=extras,
+                       normalisation=dataset_preprocess(train_ds).to_manifest()["normalisation"], role="cia",
+                       provenance=prov, extras=extras,
                        extras_info=extras_info, overwrite=True,
                        description=f"CIA-Net ({args.backbone}), {args.box_fraction:.0%} boxes, "
                                    f"{args.negatives} negatives")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cxrviewer.core.bundle import save_bundle
+from cxrviewer.core.canonical import canonical_ref, default_canonical_path
 from cxrviewer.core.classes import CLASSES
 from cxrviewer.core.errors import CxrError
 
@@ -97,18 +98,8 @@ def _load_normals(folder: Path, n: int, size: int) -> tuple[np.ndarray, list[str
 
 def default_canonical() -> Path | None:
     """``resources/canonical_chest.png`` when it exists (written by ``cxr-train canonical``)."""
-    from cxrviewer.core.bundle import default_models_dir
-
-    p = default_models_dir().parent / "canonical_chest.png"
+    p = default_canonical_path()
     return p if p.is_file() else None
-
-
-def canonical_ref(path: str | Path) -> dict[str, str]:
-    """Manifest reference to a canonical chest image: file name + SHA-256."""
-    import hashlib
-
-    data = Path(path).read_bytes()
-    return {"file": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def canonical_normals(canonical: str | Path, n: int, size: int, *, seed: int = 0) -> np.ndarray:

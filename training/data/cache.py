@@ -21,8 +21,9 @@ import numpy as np
 
 from cxrviewer.core.classes import CLASSES
 from cxrviewer.core.geometry import Box
+from cxrviewer.core.preprocess import Preprocess
 
-from .dataset import _AugmentedBase, load_pixels
+from .dataset import Normalisation, _AugmentedBase, load_pixels
 from .records import Record
 from .transforms import AugmentConfig, resize_image_and_boxes
 
@@ -73,8 +74,8 @@ class CachedDataset(_AugmentedBase):
     """Dataset over a cache file; ``rows`` selects a subset (e.g. a fold)."""
 
     def __init__(self, path: str | Path, rows: np.ndarray | list[int] | None = None,
-                 augment_cfg: AugmentConfig | None = None, normalisation: str = "minus1_1",
-                 seed: int = 0) -> None:
+                 augment_cfg: AugmentConfig | None = None, normalisation: Normalisation = "minus1_1",
+                 seed: int = 0, *, preprocess: Preprocess | None = None) -> None:
         import h5py
 
         self.path = str(path)
@@ -84,7 +85,7 @@ class CachedDataset(_AugmentedBase):
             self.keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][()]]
             self.patient_ids = [k.decode() if isinstance(k, bytes) else str(k) for k in f["patient_ids"][()]]
             boxes = f["boxes"][()]
-        super().__init__(size, augment_cfg, normalisation, seed)
+        super().__init__(size, augment_cfg, normalisation, seed, preprocess)
         self.rows = np.arange(len(self._labels)) if rows is None else np.asarray(rows, dtype=np.int64)
         self._boxes: dict[int, list[Box]] = {}
         for row in boxes:

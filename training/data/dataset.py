@@ -1,6 +1,7 @@
 """Torch datasets over :class:`~training.data.records.Record` lists.
 
-Items are dicts: ``image`` [1, S, S] float32 in the network range, ``labels``
+Items are dicts: ``image`` [1, S, S] float32 in the network range (the dataset's
+:class:`~cxrviewer.core.preprocess.Preprocess`, as a bundle manifest says), ``labels``
 [C] float32, ``boxes`` [M, 5] float32 rows of (class index, x, y, w, h) in the
 S-pixel space, ``index`` (int). :func:`collate` stacks images/labels and keeps
 boxes as a list. Augmentation randomness is seeded by (seed, epoch, index), so
@@ -8,15 +9,21 @@ a run is reproducible and a resumed run sees the same augmentations.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from cxrviewer.core.classes import CLASSES
 from cxrviewer.core.geometry import Box
+from cxrviewer.core.preprocess import Preprocess
 
 from .records import Record
-from .transforms import AugmentConfig, augment, normalise, resize_image_and_boxes
+from .transforms import AugmentConfig, augment, resize_image_and_boxes
+
+Normalisation = str | Mapping[str, Any]
 
 
 def load_pixels(path) -> np.ndarray:
@@ -31,13 +38,41 @@ def boxes_to_array(boxes: list[Box]) -> np.ndarray:
     return np.asarray(rows, np.float32).reshape(-1, 5)
 
 
+def dataset_preprocess(ds: Dataset) -> Preprocess:
+    """The :class:`Preprocess` whose normalisation a dataset's images carry.
+
+    ``ds.preprocess``, else one built from a ``normalisation`` attribute (kind or
+    manifest mapping), else that of the dataset it wraps (``base``/``dataset``),
+    else the default ``minus1_1``.
+    """
+    while True:
+        pp = getattr(ds, "preprocess", None)
+        if isinstance(pp, Preprocess):
+            return pp
+        if getattr(ds, "normalisation", None) is not None:
+            return Preprocess.from_normalisation(ds.normalisation)
+        inner = getattr(ds, "base", None)
+        inner = getattr(ds, "dataset", None) if inner is None else inner
+        if inner is None:
+            return Preprocess()
+        ds = inner
+
+
 class _AugmentedBase(Dataset):
-    def __init__(self, size: int, augment_cfg: AugmentConfig | None, normalisation: str, seed: int) -> None:
+    """Shared augmentation + normalisation; ``preprocess`` wins over a ``normalisation`` kind."""
+
+    def __init__(self, size: int, augment_cfg: AugmentConfig | None, normalisation: Normalisation, seed: int,
+                 preprocess: Preprocess | None = None) -> None:
         self.size = size
         self.augment_cfg = augment_cfg
-        self.normalisation = normalisation
+        self.preprocess = preprocess if preprocess is not None else Preprocess.from_normalisation(normalisation, size)
         self.seed = seed
         self.epoch = 0
+
+    @property
+    def normalisation(self) -> str:
+        """The normalisation kind of :attr:`preprocess`."""
+        return self.preprocess.normalisation
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -46,7 +81,7 @@ class _AugmentedBase(Dataset):
         if self.augment_cfg is not None:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             img, boxes = augment(img, boxes, rng, self.augment_cfg)
-        x = normalise(torch.from_numpy(np.ascontiguousarray(img, np.float32))[None], self.normalisation)
+        x = torch.from_numpy(self.preprocess.normalise_array(img))[None]
         return {"image": x, "labels": torch.from_numpy(np.asarray(labels, np.float32)),
                 "boxes": torch.from_numpy(boxes_to_array(boxes)), "index": index}
 
@@ -55,8 +90,9 @@ class ChestDataset(_AugmentedBase):
     """Decodes files on every access (see :class:`~training.data.cache.CachedDataset` for speed)."""
 
     def __init__(self, records: list[Record], size: int = 256, augment_cfg: AugmentConfig | None = None,
-                 normalisation: str = "minus1_1", seed: int = 0) -> None:
-        super().__init__(size, augment_cfg, normalisation, seed)
+                 normalisation: Normalisation = "minus1_1", seed: int = 0, *,
+                 preprocess: Preprocess | None = None) -> None:
+        super().__init__(size, augment_cfg, normalisation, seed, preprocess)
         self.records = list(records)
 
     def __len__(self) -> int:

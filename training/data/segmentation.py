@@ -19,7 +19,8 @@ low contrast, so every image gets a per-image contrast normalisation:
 4. the manifest normalisation (``minus1_1``: ``2x - 1``).
 
 The bundle records step 3 as ``provenance["preprocess"] = PREPROCESS`` so the
-pipeline can apply it (:func:`preprocess_input` does 2-4 in one call).
+pipeline can apply it; :func:`seg_preprocess` is steps 2-4 as the core
+:class:`~cxrviewer.core.preprocess.Preprocess` (:func:`preprocess_input` runs it).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cxrviewer.core.errors import CxrError
+from cxrviewer.core.preprocess import Preprocess, stretch_bounds
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ SEG_CLASSES: tuple[str, ...] = ("left_lung", "right_lung", "heart")
 PREPROCESS: dict = {"kind": "percentile_stretch", "low": 1.0, "high": 99.0,
                     "where": "after resizing to input_size, before normalisation"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+#: The U-Net's input range (``minus1_1``, as trainers/segment.py writes in the manifest).
+_NETWORK = Preprocess()
 
 
 @dataclass(frozen=True)
@@ -110,16 +114,19 @@ def read_mask(path: str | Path) -> np.ndarray:
     return read_gray01(path) > 0.5
 
 
+def seg_preprocess(size: int | tuple[int, int], preprocess: dict | None = PREPROCESS) -> Preprocess:
+    """Steps 2-4 of the module docstring for input ``size``; ``preprocess`` is the stretch spec."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return Preprocess(input_size=(int(hw[0]), int(hw[1])), normalisation=_NETWORK.normalisation,
+                      stretch=stretch_bounds(preprocess))
+
+
 def preprocess_input(image01: np.ndarray | torch.Tensor, size: int | tuple[int, int],
                      preprocess: dict | None = PREPROCESS) -> torch.Tensor:
     """Image in [0, 1] -> U-Net input ``[1, 1, S, S]`` in [-1, 1] (module docstring, steps 2-4)."""
-    from cxrviewer.core.preprocess import as_image_tensor, resize
+    from cxrviewer.core.preprocess import as_image_tensor
 
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    t = resize(as_image_tensor(image01), hw)
-    if preprocess and preprocess.get("kind") == "percentile_stretch":
-        t = percentile_stretch(t, float(preprocess.get("low", 1.0)), float(preprocess.get("high", 99.0)))
-    return t * 2.0 - 1.0
+    return seg_preprocess(size, preprocess)(as_image_tensor(image01))[0]
 
 
 def load_arrays(records: Sequence[SegRecord], size: int,
@@ -166,7 +173,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: SegAugment, gen: torch.
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x01 = (x + 1.0) / 2.0
+    x01 = _NETWORK.denormalise(x)
     x01 = F.grid_sample(x01, grid, mode="bilinear", padding_mode="border", align_corners=False)
     y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     g = u(*cfg.gamma)[:, None, None, None]
@@ -176,7 +183,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: SegAugment, gen: torch.
     x01 = (x01 - 0.5) * c + 0.5 + br
     if cfg.noise > 0:
         x01 = x01 + cfg.noise * torch.randn(x01.shape, generator=gen)
-    return (x01.clamp(0, 1) * 2.0 - 1.0), y.clamp(0, 1)
+    return _NETWORK.normalise(x01.clamp(0, 1)), y.clamp(0, 1)
 
 
 class SegDataset(Dataset):
@@ -242,6 +249,6 @@ def synthetic_chests(n: int, size: int = 64, seed: int = 0, noise: float = 0.08
         img = torch.where(left | right, torch.tensor(r(0.2, 0.35)), img)
         img = torch.where(heart, torch.tensor(r(0.75, 0.9)), img)
         img = img + noise * torch.randn((size, size), generator=g)
-        xs.append(img.clamp(0, 1)[None] * 2.0 - 1.0)
+        xs.append(_NETWORK.normalise(img.clamp(0, 1)[None]))
         ys.append(torch.stack([left, right, heart]).float())
     return torch.stack(xs), torch.stack(ys)

@@ -1,4 +1,4 @@
-"""Resizing, normalisation and box-consistent augmentation.
+"""Resizing and box-consistent augmentation (normalisation: :class:`cxrviewer.core.preprocess.Preprocess`).
 
 Images are float32 [H, W] in [0, 1] (``Study.model_input``), boxes are
 :class:`~cxrviewer.core.geometry.Box` in the pixels of the image they go with.
@@ -27,15 +27,6 @@ def resize_image_and_boxes(img: np.ndarray, boxes: list[Box], size: int) -> tupl
     out = F.interpolate(t, size=(size, size), mode=mode, **kw)[0, 0].numpy()
     sx, sy = size / w, size / h
     return out, [b.scaled(sx, sy) for b in boxes]
-
-
-def normalise(img: np.ndarray | torch.Tensor, kind: str = "minus1_1"):
-    """Map [0, 1] pixels to the network range (manifest ``normalisation.kind``)."""
-    if kind == "minus1_1":
-        return img * 2.0 - 1.0
-    if kind == "zero_1":
-        return img
-    raise ValueError(f"unknown normalisation {kind!r}")
 
 
 @dataclass

@@ -38,9 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from cxrviewer.core.canonical import canonical_crop_box  # noqa: F401  (benchmarks/alignment_real.py)
+from cxrviewer.core.canonical import canonical_ref, load_canonical
+from cxrviewer.core.checksum import sha256_file
 from cxrviewer.core.models.alignment import affine_matrix, invert_affine, warp
+from cxrviewer.core.preprocess import Preprocess
 
 from ..canonical import compose, crop_theta, decompose, ncc, register_affine
+from ..data.dataset import dataset_preprocess
 from ..losses import alignment_loss_terms
 from .loop import TrainConfig, Trainer
 
@@ -60,36 +65,6 @@ class AlignConfig:
     image_weight: float = 0.5
     perceptual_weight: float = 1.0
     consistency_weight: float = 0.0
-
-
-# ---- canonical chest I/O ---------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_canonical(path: str | Path, size: int) -> torch.Tensor:
-    """The canonical chest PNG as ``[1, 1, size, size]`` float in [0, 1]."""
-    from PIL import Image
-
-    img = np.asarray(Image.open(path).convert("L"), np.float32) / 255.0
-    t = torch.from_numpy(img)[None, None]
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return t.clamp(0, 1)
-
-
-def canonical_crop_box(path: str | Path) -> tuple[float, float, float, float] | None:
-    """The lung-crop box recorded beside the canonical PNG (``<name>.json``), if any."""
-    meta = Path(path).with_suffix(".json")
-    if meta.is_file():
-        box = json.loads(meta.read_text(encoding="utf-8")).get("crop_box")
-        if box and len(box) == 4:
-            return tuple(float(v) for v in box)
-    return None
 
 
 # ---- random affines --------------------------------------------------------------------------
@@ -164,7 +139,7 @@ def _images_of(ds: Dataset, batch: int = 64) -> torch.Tensor:
     finally:
         if saved is not None:
             ds.augment_cfg = saved
-    return (torch.stack(xs) + 1.0) / 2.0
+    return dataset_preprocess(ds).denormalise(torch.stack(xs))
 
 
 def registration_targets(images01: torch.Tensor, canonical01: torch.Tensor,
@@ -301,14 +276,15 @@ def train_alignment(model: torch.nn.Module, train_ds: Dataset, canonical01: torc
     log.info("alignment anchors: %s (mean NCC of the registration %.3f)", info["anchor"], info["anchor_mean_ncc"])
     if getattr(model, "fc", None) is not None:
         init_at(model, _median_affine(targets))
-    val_imgs = _images_of(val_ds) * 2.0 - 1.0 if val_ds is not None and len(val_ds) else None
+    pre = dataset_preprocess(train_ds)
+    val_imgs = pre.normalise(_images_of(val_ds)) if val_ds is not None and len(val_ds) else None
 
     def eval_fn(m: torch.nn.Module) -> dict:
         if val_imgs is None or (eval_every > 1 and (len(trainer.history) + 1) % eval_every):
             return {}
         return recovery_errors(m, val_imgs[:64], seed=0)
 
-    loss_fn = make_loss_fn(targets, canon01 * 2.0 - 1.0, acfg, PerceptualNet())
+    loss_fn = make_loss_fn(targets, pre.normalise(canon01), acfg, PerceptualNet())
     trainer = Trainer(model, train_ds, loss_fn, cfg, eval_fn=eval_fn, collate_fn=collate)
     try:
         history = trainer.fit(stop_after_epoch=stop_after_epoch)
@@ -366,14 +342,16 @@ def refine_with_ncc(x01: torch.Tensor, canonical01: torch.Tensor, theta: torch.T
     return out
 
 
-def _load_model(bundle_or_model: Any) -> tuple[torch.nn.Module, int]:
+def _load_model(bundle_or_model: Any) -> tuple[torch.nn.Module, int, Preprocess]:
+    """``(network, input size or 0, its Preprocess)``; a bare network gets the default ``minus1_1``."""
     if isinstance(bundle_or_model, torch.nn.Module):
-        return bundle_or_model, 0
+        return bundle_or_model, 0, Preprocess()
     if isinstance(bundle_or_model, (str, Path)):
         from cxrviewer.core.bundle import load_bundle
 
         bundle_or_model = load_bundle(bundle_or_model)
-    return bundle_or_model.model, int(bundle_or_model.manifest.input_size[0])
+    manifest = bundle_or_model.manifest
+    return bundle_or_model.model, int(manifest.input_size[0]), Preprocess.from_manifest(manifest)
 
 
 def _record_images(records: Sequence[Any], size: int) -> torch.Tensor:
@@ -435,7 +413,7 @@ def evaluate_alignment(bundle_or_model: Any, records: Sequence[Any],
 
         tp = Path(data_dir) / TRUTH_FILE
         truth = tp if tp.is_file() else None
-    model, bsize = _load_model(bundle_or_model)
+    model, bsize, pre = _load_model(bundle_or_model)
     model = model.float().eval()
     size = int(size or bsize or 256)
     if isinstance(records, torch.Tensor):
@@ -448,7 +426,7 @@ def evaluate_alignment(bundle_or_model: Any, records: Sequence[Any],
     canon = canon.float().reshape(1, 1, *canon.shape[-2:])
     if canon.shape[-1] != size:
         canon = F.interpolate(canon, size=(size, size), mode="bilinear", align_corners=False)
-    x = x01 * 2.0 - 1.0
+    x = pre.stretch_normalise(x01)
     theta = predict_theta(model, x)
     aligned01 = warp(x01, theta, padding_mode="border")
     from cxrviewer.core.models.alignment import grid_smooth
@@ -493,7 +471,7 @@ def save_alignment_bundle(model: torch.nn.Module, out: str | Path, *, canonical:
     prov["weights_dtype"] = "float16" if half else "float32"
     try:
         return save_bundle(model, out, classes=[], input_size=input_size, normalisation={"kind": "minus1_1"},
-                           canonical_chest={"file": Path(canonical).name, "sha256": sha256_file(canonical)},
+                           canonical_chest=canonical_ref(canonical),
                            description="Alignment to the canonical chest (cia-net Eq. 1, disease-masks Eq. 6-9)",
                            provenance=prov, overwrite=True)
     finally:

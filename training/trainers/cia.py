@@ -32,36 +32,28 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cxrviewer.core.canonical import default_canonical_path, load_canonical
 from cxrviewer.core.classes import CLASSES
 from cxrviewer.core.errors import CxrError
 from cxrviewer.core.geometry import Box
+from cxrviewer.core.preprocess import Preprocess
 
+from ..data.dataset import dataset_preprocess
 from ..losses import cia_loss
 from .loop import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
 NEGATIVE_MODES: tuple[str, ...] = ("paired", "random", "canonical")
-#: Default location of the canonical chest image (METHODS.md M4), relative to the repository.
-CANONICAL_PNG = Path(__file__).resolve().parents[2] / "resources" / "canonical_chest.png"
 
 __all__ = [
-    "NEGATIVE_MODES", "select_revealed", "to01", "image_codes", "pair_indices", "NormalPool", "CIAPairs",
+    "NEGATIVE_MODES", "select_revealed", "image_codes", "pair_indices", "NormalPool", "CIAPairs",
     "cia_collate", "grid_targets", "make_cia_loss", "normal_bank_extras", "train_cia", "bank_negatives",
-    "evaluate_cia", "prepare_pairs", "init_head_prior", "load_canonical", "from01",
+    "evaluate_cia", "prepare_pairs", "init_head_prior", "canonical_negative",
 ]
 
 
 # ---- helpers on datasets -------------------------------------------------------------------
-def to01(x: torch.Tensor, kind: str = "minus1_1") -> torch.Tensor:
-    """Network-range pixels back to [0, 1] (inverse of :func:`training.data.transforms.normalise`)."""
-    return (x + 1.0) * 0.5 if kind == "minus1_1" else x
-
-
-def from01(x: torch.Tensor, kind: str = "minus1_1") -> torch.Tensor:
-    return x * 2.0 - 1.0 if kind == "minus1_1" else x
-
-
 def dataset_keys(ds: Dataset) -> list[str]:
     """Image keys of a :class:`ChestDataset` (records) or :class:`CachedDataset` (rows)."""
     if hasattr(ds, "records"):
@@ -86,10 +78,6 @@ def plain_view(ds: Dataset) -> Dataset:
     if hasattr(view, "augment_cfg"):
         view.augment_cfg = None
     return view
-
-
-def _norm_kind(ds: Dataset) -> str:
-    return str(getattr(ds, "normalisation", "minus1_1"))
 
 
 # ---- box-fraction selection -----------------------------------------------------------------
@@ -127,11 +115,11 @@ def image_codes(ds: Dataset, *, batch_size: int = 64, num_workers: int = 0,
     from ..data import collate
 
     view = plain_view(ds)
-    kind = _norm_kind(ds)
+    pre = dataset_preprocess(ds)
     codes, total, count = [], None, 0
     loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     for batch in loader:
-        x01 = to01(batch["image"].float(), kind)
+        x01 = pre.denormalise(batch["image"].float())
         codes.append(hash_codes(x01))
         if mean_of is not None:
             sel = torch.as_tensor(mean_of[batch["index"].numpy()], dtype=torch.bool)
@@ -181,23 +169,15 @@ class NormalPool:
         return self.view[int(self.positions[j])]["image"]
 
 
-def load_canonical(size: int, kind: str, path: str | Path | None = None,
-                   mean01: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
-    """Canonical chest ``[1, S, S]`` (network range) and where it came from: the PNG, else the mean normal."""
-    import torch.nn.functional as F
-
-    p = Path(path) if path else CANONICAL_PNG
+def canonical_negative(size: int, pre: Preprocess, path: str | Path | None = None,
+                       mean01: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """Canonical chest ``[1, S, S]`` normalised by ``pre`` and where it came from: the PNG, else the mean normal."""
+    p = Path(path) if path else default_canonical_path()
     if p.is_file():
-        from PIL import Image
-
-        with Image.open(p) as im:
-            a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-        t = F.interpolate(torch.from_numpy(a)[None, None], size=(size, size), mode="bilinear",
-                          align_corners=False)[0]
-        return from01(t.clamp(0, 1), kind), str(p)
+        return pre.normalise(load_canonical(p, size, antialias=False)[0]), str(p)
     if mean01 is None:
         raise CxrError("--negatives canonical needs resources/canonical_chest.png or normal training images")
-    return from01(mean01.float(), kind), "mean of the normal training images"
+    return pre.normalise(mean01.float()), "mean of the normal training images"
 
 
 class CIAPairs(Dataset):
@@ -314,23 +294,26 @@ def _farthest_points(codes: torch.Tensor, n: int) -> list[int]:
 
 def normal_bank_extras(pool: NormalPool | None, size: int, *, n: int = 64, mode: str = "paired",
                        canonical: torch.Tensor | None = None, canonical_source: str = "",
-                       kind: str = "minus1_1") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                       pre: Preprocess | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Bundle extras (``normal_bank_images`` uint8 [N,S,S], ``normal_bank_codes``, ``normal_bank_ids``).
 
     ``paired``/``random``: up to ``n`` diverse training normals; ``canonical``: the canonical chest
-    alone, so the app pairs exactly as the model was trained.
+    alone, so the app pairs exactly as the model was trained. ``pre``: the normalisation the pool
+    images and ``canonical`` carry (default ``minus1_1``).
     """
     from cxrviewer.core.models.cia import hash_codes
 
+    pre = pre or Preprocess()
+
     if mode == "canonical":
-        imgs01 = to01(canonical.float(), kind)[None]
+        imgs01 = pre.denormalise(canonical.float())[None]
         ids = ["canonical"]
         info = {"synthetic": False, "source": canonical_source, "count": 1, "negatives": mode}
     else:
         if pool is None or len(pool) == 0:
             raise CxrError("no normal images for the CIA normal bank")
         sel = _farthest_points(pool.codes, n)
-        imgs01 = torch.stack([to01(pool.image(j).float(), kind) for j in sel])
+        imgs01 = torch.stack([pre.denormalise(pool.image(j).float()) for j in sel])
         ids = [pool.keys[j] for j in sel]
         info = {"synthetic": False, "source": "training normals (farthest-point sample of hash codes)",
                 "count": len(sel), "negatives": mode}
@@ -356,21 +339,21 @@ def bank_negatives(loaded_bundle: Any, dataset: Dataset) -> Callable[[int], torc
     if "normal_bank_images" not in extras:
         raise BundleError("the CIA bundle has no normal bank (extras 'normal_bank_images')",
                           path=str(getattr(loaded_bundle, "path", "")))
-    kind = str(loaded_bundle.manifest.normalisation.get("kind", "minus1_1"))
+    pre = Preprocess.from_normalisation(loaded_bundle.manifest.normalisation)
     bank01 = torch.from_numpy(np.asarray(extras["normal_bank_images"]).astype(np.float32) / 255.0)[:, None]
     codes = extras.get("normal_bank_codes")
     codes_t = torch.from_numpy(np.asarray(codes, np.float32)) if codes is not None else hash_codes(bank01)
     size = getattr(dataset, "size", None)
     if size and tuple(bank01.shape[-2:]) != (size, size):
         bank01 = F.interpolate(bank01, size=(size, size), mode="bilinear", align_corners=False)
-    bank = from01(bank01, kind)
-    ds_kind = _norm_kind(dataset)
+    bank = pre.normalise(bank01)
+    ds_pre = dataset_preprocess(dataset)
     chosen: dict[int, int] = {}
 
     def negative(i: int) -> torch.Tensor:
         if i not in chosen:
             x = dataset[i]["image"].float()
-            chosen[i] = nearest_normal(hash_codes(to01(x, ds_kind)[None])[0], codes_t)
+            chosen[i] = nearest_normal(hash_codes(ds_pre.denormalise(x)[None])[0], codes_t)
         return bank[chosen[i]]
 
     negative.chosen = chosen  # type: ignore[attr-defined]
@@ -396,9 +379,10 @@ def prepare_pairs(train_ds: Dataset, *, mode: str = "paired", box_fraction: floa
     """Hash codes once, the normal pool, nearest-normal pairs and the revealed-box selection."""
     labels = np.asarray(train_ds.labels)
     normal = ~np.any(labels > 0, axis=1)
-    kind = _norm_kind(train_ds)
+    pre = dataset_preprocess(train_ds)
     size = int(getattr(train_ds, "size", 0))
-    need_mean = mode == "canonical" and not (Path(canonical_path) if canonical_path else CANONICAL_PNG).is_file()
+    need_mean = mode == "canonical" and not (Path(canonical_path) if canonical_path
+                                             else default_canonical_path()).is_file()
     codes, mean01 = image_codes(train_ds, num_workers=num_workers, mean_of=normal if need_mean else None)
     positions = np.flatnonzero(normal)
     pool = NormalPool(train_ds, positions, codes[positions]) if len(positions) else None
@@ -418,7 +402,7 @@ def prepare_pairs(train_ds: Dataset, *, mode: str = "paired", box_fraction: floa
             self_pos[torch.from_numpy(positions)] = torch.arange(len(positions))
             pairs = pair_indices(codes, pool.codes, exclude=self_pos)
     else:
-        canonical, src = load_canonical(size, kind, canonical_path, mean01)
+        canonical, src = canonical_negative(size, pre, canonical_path, mean01)
         info["canonical"] = src
     ds = CIAPairs(train_ds, mode=mode, revealed=revealed, pool=pool, pairs=pairs, canonical=canonical, seed=seed)
     log.info("CIA data: %d images, %d normals, %d boxed, %d with boxes revealed (%.0f%%), negatives %s",
@@ -456,15 +440,16 @@ def train_cia(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None,
         init_head_prior(model, prior)
     pairs_ds, pool, info = prepare_pairs(train_ds, mode=negatives, box_fraction=box_fraction, seed=cfg.seed,
                                          canonical_path=canonical_path, num_workers=cfg.num_workers)
-    kind = _norm_kind(train_ds)
+    pre = dataset_preprocess(train_ds)
     extras, extras_info = normal_bank_extras(pool, int(getattr(train_ds, "size", 0)), n=bank_size, mode=negatives,
                                              canonical=pairs_ds.canonical, canonical_source=info.get("canonical", ""),
-                                             kind=kind)
+                                             pre=pre)
     info.update(extras_info)
 
     from types import SimpleNamespace
 
-    bank = SimpleNamespace(extras=extras, manifest=SimpleNamespace(normalisation={"kind": kind}), path="")
+    bank = SimpleNamespace(extras=extras, manifest=SimpleNamespace(normalisation=pre.to_manifest()["normalisation"]),
+                           path="")
 
     def eval_fn(m: torch.nn.Module) -> dict:
         if val_ds is None or len(val_ds) == 0:

@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxrviewer.core.classes import CLASSES, SYMMETRIC_CLASSES
 from cxrviewer.core.errors import CxrError, ModelError
-from cxrviewer.core.preprocess import apply_stretch
+from cxrviewer.core.preprocess import Preprocess
 
+from ..data.dataset import dataset_preprocess
 from .classify import auroc_table, predict, train_classifier
 from .loop import TrainConfig
 
@@ -54,19 +55,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-def _to01(x: torch.Tensor, kind: str) -> torch.Tensor:
-    return (x + 1.0) / 2.0 if kind == "minus1_1" else x
-
-
-def _from01(x: torch.Tensor, kind: str) -> torch.Tensor:
-    return x * 2.0 - 1.0 if kind == "minus1_1" else x
-
-
-def _norm_kind(ds: Dataset) -> str:
-    kind = getattr(ds, "normalisation", "minus1_1")
-    return kind if isinstance(kind, str) else str(dict(kind).get("kind", "minus1_1"))
-
-
 @contextlib.contextmanager
 def no_augmentation(ds: Dataset) -> Iterator[Dataset]:
     """Temporarily switch off the augmentation of a ChestDataset/CachedDataset (or a wrapper)."""
@@ -139,7 +127,12 @@ class AlignedDataset(Dataset):
             raise ValueError(f"{len(thetas)} affines for {len(base)} items")
         self.base = base
         self.thetas = thetas.detach().float().cpu()
-        self.normalisation = _norm_kind(base)
+        self.preprocess = dataset_preprocess(base)
+
+    @property
+    def normalisation(self) -> str:
+        """The normalisation kind of the images (that of ``base``)."""
+        return self.preprocess.normalisation
 
     def __len__(self) -> int:
         return len(self.base)
@@ -160,9 +153,8 @@ class AlignedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = dict(self.base[i])
-        kind = self.normalisation
-        x01 = _to01(item["image"], kind)
-        item["image"] = _from01(self.warp_image(x01, i).clamp(0, 1), kind)
+        pre = self.preprocess
+        item["image"] = pre.normalise(self.warp_image(pre.denormalise(item["image"]), i).clamp(0, 1))
         if torch.is_tensor(item.get("boxes")) and item["boxes"].numel():
             item["boxes"] = _warp_boxes(item["boxes"], self.thetas[i], tuple(item["image"].shape[-2:]))
         return item
@@ -178,20 +170,18 @@ def _bundle_batches(bundle: Any, ds: Dataset, *, family: str, option: str, batch
     if getattr(model, "family", family) != family:
         article = "an" if family[0] in "aeiou" else "a"
         raise CxrError(f"--{option} must be {article} {family} bundle, not a {model.family} one")
-    in_size = tuple(manifest.input_size) if manifest is not None else None
-    norm = (manifest.normalisation or {}).get("kind", "minus1_1") if manifest is not None else "minus1_1"
+    pre = Preprocess.from_manifest(manifest) if manifest is not None else Preprocess()
     device = torch.device(device) if device is not None else _device_of(model)
     model = model.to(device).eval()
-    kind = _norm_kind(ds)
+    ds_pre = dataset_preprocess(ds)
     with no_augmentation(ds):
         for batch in _loader(ds, batch_size):
-            x01 = _to01(batch["image"].to(device).float(), kind)
+            x01 = ds_pre.denormalise(batch["image"].to(device).float())
             size = tuple(x01.shape[-2:])
-            if in_size is not None and size != in_size:
-                x01 = F.interpolate(x01, size=in_size, mode="bilinear", align_corners=False, antialias=True)
-            if manifest is not None:  # the bundle's contrast stretch, as the app's pipeline applies it
-                x01 = apply_stretch(x01, manifest)
-            yield model, _from01(x01, norm), size
+            if pre.input_size is not None and size != pre.input_size:
+                x01 = F.interpolate(x01, size=pre.input_size, mode="bilinear", align_corners=False, antialias=True)
+            # the bundle's contrast stretch and normalisation, as the app's pipeline applies them
+            yield model, pre.stretch_normalise(x01), size
 
 
 @torch.no_grad()

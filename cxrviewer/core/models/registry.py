@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from cxrviewer.core.errors import ModelError
+from cxrviewer.core.families import FAMILIES
 
 log = logging.getLogger(__name__)
-
-FAMILIES: tuple[str, ...] = ("classifier", "alignment", "cia", "segmentation")
 
 InputsFn = Callable[[int, int, int], tuple]
 
