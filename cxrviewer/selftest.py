@@ -306,11 +306,12 @@ def pipeline_check(models: Path | None, tiny: bool, tmp: Path, study_path: Path)
         def finite(arr: Any) -> bool:
             return arr is not None and bool(np.all(np.isfinite(np.asarray(arr, dtype=np.float64))))
 
-        # What each role must have produced (a folder may hold any subset of roles).
-        expect = {"classifier": ("probabilities", "cam"), "alignment": ("affine",),
-                  "segmentation": ("segmentation",), "cia": ("cia_grid",)}
-        missing = [f"{role}: {name}" for role in pipe.bundles for name in expect.get(role, ())
-                   if not finite(getattr(res, name, None))]
+        # Every method the loaded roles require must have produced finite maps.
+        missing = [e.name for e in pipe.explainers if e.requires and e.name not in res.maps]
+        missing += [f"{e}: {k}" for e, maps in res.maps.items() for k, v in maps.items()
+                    if not all(finite(a) for a in (v.values() if isinstance(v, dict) else [v]))]
+        if "classifier" in pipe.bundles and not finite(res.probabilities):
+            missing.append("classifier: probabilities")
         if missing:
             raise RuntimeError("missing or non-finite pipeline outputs: " + ", ".join(missing))
         return {"models": source, "bundles": sorted(pipe.bundles), "device": str(pipe.device),

@@ -61,8 +61,9 @@ def summary_dict(results: Any, files: dict[str, str]) -> dict[str, Any]:
         "total_seconds": float(sum(r.timings.values())),
         "device": r.device,
         "models": r.models,
-        "disease_mask_source": r.disease_mask_source,
-        "paired_normal_id": r.paired_normal_id,
+        "methods": {name: {"maps": sorted(maps), **r.attrs.get(name, {})} for name, maps in r.maps.items()},
+        "disease_mask_source": r.attr("disease_mask", "source"),
+        "paired_normal_id": r.attr("contrast", "paired_normal_id"),
         "notices": list(r.notices),
         "files": files,
     }

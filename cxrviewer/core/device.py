@@ -141,3 +141,19 @@ def run_with_oom_fallback(fn: Callable[..., Any], *args: Any, device: DeviceInfo
 def autocast(info: DeviceInfo) -> contextlib.AbstractContextManager[None]:
     """``with autocast(info):`` the precision policy of ``info`` (same as ``info.autocast()``)."""
     return info.autocast()
+
+
+def leave_one_core(switch_interval: float = 0.001) -> int:
+    """Let torch use every core but one, so an interactive thread always has a core (returns threads).
+
+    Also shortens the interpreter's thread switch interval (5 -> 1 ms) so that the interactive
+    thread gets the GIL back quickly while a model worker runs Python code.
+    """
+    import os
+    import sys
+
+    sys.setswitchinterval(switch_interval)
+    n = max(1, (os.cpu_count() or 2) - 1)
+    if torch.get_num_threads() > n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

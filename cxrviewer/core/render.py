@@ -111,6 +111,39 @@ def mask_overlay(base01: np.ndarray, masks: np.ndarray,
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a binary mask (mask minus its 4-neighbour erosion)."""
+    m = np.asarray(mask).astype(bool)
+    if m.ndim != 2 or not m.any():
+        return np.zeros(m.shape, bool)
+    e = m.copy()
+    e[1:, :] &= m[:-1, :]
+    e[:-1, :] &= m[1:, :]
+    e[:, 1:] &= m[:, :-1]
+    e[:, :-1] &= m[:, 1:]
+    return m & ~e
+
+
+def outline_rgba(mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 255)) -> np.ndarray:
+    """The outline of a binary mask as an opaque RGBA overlay (transparent elsewhere)."""
+    edge = outline(mask)
+    out = np.zeros((*edge.shape, 4), np.uint8)
+    out[edge] = (*colour, 255)
+    return out
+
+
+def segmentation_rgba(masks: np.ndarray) -> np.ndarray:
+    """Translucent fill + opaque outline of each mask (left lung, right lung, heart colours)."""
+    masks = np.asarray(masks)
+    out = np.zeros((*masks.shape[1:], 4), np.uint8)
+    for k in range(masks.shape[0]):
+        m = masks[k].astype(bool)
+        col = SEGMENTATION_COLOURS[k % len(SEGMENTATION_COLOURS)]
+        out[m] = (*col, 80)
+        out[outline(m)] = (*col, 255)
+    return out
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
@@ -131,43 +164,36 @@ def _tile(rgb: np.ndarray, caption: Sequence[str], tile: int, font: Any) -> Imag
     return out
 
 
+def _tile_rgb(d: Any, ref: Any, base_small: np.ndarray) -> np.ndarray | None:
+    """The RGB picture of one panel's data (None: nothing to draw)."""
+    if d.image is not None:
+        lo, hi = d.image_levels
+        return gray_rgb((np.asarray(d.image, np.float32) - lo) / max(hi - lo, 1e-12))
+    if d.masks is not None:
+        return mask_overlay(base_small, d.masks)
+    if d.heat is None:
+        return None
+    fixed = ref.spec.fixed_range
+    heat = normalise01(d.heat, *fixed) if fixed else d.heat
+    return overlay(base_small, heat, ref.spec.colormap, normalise=fixed is None)
+
+
 def panel_tiles(study: Any, results: Any, *, class_index: int | None = None) -> list[tuple[np.ndarray, list[str]]]:
-    """The (RGB image, caption lines) of every panel the results allow, in figure order."""
+    """The (RGB image, caption lines) of every panel the results allow, in the viewer's order."""
+    from .panels import panel_data, panel_list, panel_model
+
     base = np.asarray(study.display_image(), np.float32)
     base_small = _fit(base, results.map_shape)
     r = results
     tiles: list[tuple[np.ndarray, list[str]]] = [(gray_rgb(base_small), ["Original", str(r.study_id)[:40]])]
-    model = {role: m.get("name", "?") for role, m in r.models.items()}
     c = class_index if class_index is not None else (r.top_classes(1) or [None])[0]
-    cname = r.classes[c] if c is not None and c < len(r.classes) else ""
-    prob = f"p={r.probabilities[c]:.3f}" if c is not None and r.probabilities is not None else ""
-    if r.cam is not None and c is not None:
-        tiles.append((overlay(base_small, r.cam[c]), [f"CAM: {cname} {prob}", model.get("classifier", "")]))
-    if r.gradcam is not None and c is not None:
-        tiles.append((overlay(base_small, r.gradcam[c]), [f"Grad-CAM: {cname}", model.get("classifier", "")]))
-    if r.aligned_image is not None:
-        tiles.append((gray_rgb(r.aligned_image), ["Aligned", model.get("alignment", "")]))
-    if cname in r.am_steps:
-        for t, step in enumerate(r.am_steps[cname], start=1):
-            tiles.append((overlay(base_small, step), [f"AM step {t}: {cname}", model.get("classifier", "")]))
-    if r.am_final is not None and c is not None:
-        tiles.append((overlay(base_small, r.am_final[c]), [f"AM final: {cname} {prob}", model.get("classifier", "")]))
-    if r.contrast is not None:
-        ci = r.cia_classes.index(cname) if cname in r.cia_classes else None
-        cap = f"CIA contrast ({cname} max p={r.cia_grid_raw[ci].max():.2f})" if ci is not None and \
-            r.cia_grid_raw is not None else "CIA contrast dM"
-        tiles.append((overlay(base_small, r.contrast, "inferno"), [cap, model.get("cia", "")]))
-    if r.paired_normal is not None:
-        tiles.append((gray_rgb(r.paired_normal.astype(np.float32) / 255.0),
-                      ["Paired normal", str(r.paired_normal_id or "")[:40]]))
-    if r.disease_mask is not None and c is not None and c < r.disease_mask.shape[0]:
-        tiles.append((overlay(base_small, r.disease_mask[c], "viridis", normalise=False),
-                      [f"Disease mask ({r.disease_mask_source}): {cname}",
-                       model.get("dm", model.get("classifier", "")) if r.disease_mask_source != "pdm"
-                       else model.get("segmentation", "")]))
-    if r.segmentation is not None:
-        tiles.append((mask_overlay(base_small, r.segmentation),
-                      ["Lung/heart: L red, R green, heart blue", model.get("segmentation", "")]))
+    if c is None and r.classes:
+        c = 0
+    for ref in panel_list():
+        d = panel_data(ref.key, r, c)
+        rgb = _tile_rgb(d, ref, base_small) if d.filled else None
+        if rgb is not None:
+            tiles.append((rgb, [d.caption, panel_model(ref.key, r)]))
     return tiles
 
 

@@ -65,6 +65,8 @@ class Study:
     labels: dict[str, int] | None = None  # class -> 1 present / 0 absent (NIH folders)
     gt_boxes: list[Box] = field(default_factory=list)
     study_id: str = ""  # stable key used by worklists and caches
+    #: display pyramid of ``modality`` ([full, /2, /4, ...]) built off the GUI thread; None until then
+    display_pyramid: list[np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.stored.ndim != 2:

@@ -31,11 +31,13 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
     d = dirs[0]
     assert sorted(p.name for p in d.iterdir()) == ["panels.png", "results.h5", "summary.json"]
     summary = json.loads((d / "summary.json").read_text())
-    for stage in ("preprocess", "alignment", "segmentation", "classifier", "gradcam", "attention_mining",
-                  "disease_mask", "cia", "boxes"):
+    for stage in ("preprocess", "alignment", "segmentation", "cam", "gradcam", "attention_mining",
+                  "disease_mask", "contrast", "boxes"):
         assert stage in summary["timings"], stage
     assert set(summary["probabilities"]) == set(summary["classes"]) and len(summary["classes"]) == 14
-    assert set(summary["boxes"]) == {"cam", "am", "cia"} and summary["device"].startswith("cpu")
+    assert set(summary["boxes"]) == {"cam", "gradcam", "attention_mining", "contrast"}
+    assert summary["device"].startswith("cpu")
+    assert summary["methods"]["disease_mask"]["source"] in ("dm", "classifier", "pdm")
     assert summary["models"]["classifier"]["architecture"] == "msa"
     assert capsys.readouterr().out.count("\n") == 1
 
@@ -45,10 +47,12 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
     assert back.study_id == study.study_id == summary["study_id"] and back.pixel_sha256 == study.pixel_sha256()
     pl = Pipeline(assign_roles([load_bundle(p) for p in sorted(models_dir.iterdir())]), "cpu", map_max_side=128)
     ref = pl.run(study)
-    for name in ("probabilities", "cam", "gradcam", "am_final", "contrast", "disease_mask", "segmentation",
-                 "aligned_image", "affine"):
-        np.testing.assert_allclose(getattr(back, name), getattr(ref, name), rtol=1e-5, atol=1e-6, err_msg=name)
-    assert [b.label for b in back.boxes["am"]] == [b.label for b in ref.boxes["am"]]
+    np.testing.assert_allclose(back.probabilities, ref.probabilities, rtol=1e-5, atol=1e-6)
+    for ex, name in (("cam", "cam"), ("gradcam", "gradcam"), ("attention_mining", "final"), ("contrast", "contrast"),
+                     ("disease_mask", "psi"), ("segmentation", "masks"), ("alignment", "aligned_image"),
+                     ("alignment", "affine")):
+        np.testing.assert_allclose(back.get(ex, name), ref.get(ex, name), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert [b.label for b in back.boxes["attention_mining"]] == [b.label for b in ref.boxes["attention_mining"]]
 
     from PIL import Image
 
@@ -67,7 +71,7 @@ def test_bad_input_reported_and_others_continue(models_dir, rg1_uncr, tmp_path, 
     assert len(err) == 1 and "broken.dcm" in err[0]
     (d,) = out.iterdir()
     assert sorted(p.name for p in d.iterdir()) == ["results.h5", "summary.json"]
-    assert "Nodule" in read_results(d / "results.h5").am_steps
+    assert "Nodule" in read_results(d / "results.h5").get("attention_mining", "steps")
 
 
 def test_missing_models_is_one_line_error(tmp_path, rg1_uncr, capsys):

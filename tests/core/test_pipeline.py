@@ -8,7 +8,8 @@ import torch
 from _tiny_bundles import make_tiny_bundles, synthetic_study
 from cxrviewer.core.bundle import load_bundle
 from cxrviewer.core.errors import BundleError
-from cxrviewer.core.pipeline import STAGES, Pipeline, PipelineCancelled, _Mapper, assign_roles
+from cxrviewer.core.explain.context import Mapper as _Mapper
+from cxrviewer.core.pipeline import Pipeline, PipelineCancelled, assign_roles
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,11 @@ def full_run(bundle_paths):
 
 def test_all_stages_run_in_order_and_timed(full_run):
     _, _, res, seen, _ = full_run
+    pl = full_run[0]
     names = [n for n, _ in seen]
-    assert names == list(STAGES)
+    STAGES = ["preprocess", "alignment", "segmentation", "cam", "gradcam", "attention_mining", "disease_mask",
+              "contrast", "boxes"]
+    assert names == STAGES == pl.stages
     assert all(r is res for _, r in seen)  # partial results object filled progressively
     assert set(res.timings) == set(STAGES) and all(t >= 0 for t in res.timings.values())
     assert res.device.startswith("cpu")
@@ -47,7 +51,7 @@ def test_all_stages_run_in_order_and_timed(full_run):
 def test_one_backbone_pass_shared_by_cam_gradcam_and_am(full_run):
     _, _, res, _, calls = full_run
     assert len(calls) == 1
-    assert res.cam is not None and res.gradcam is not None and res.am_final is not None
+    assert res.get("cam", "cam") is not None and res.get("gradcam", "gradcam") is not None and res.get("attention_mining", "final") is not None
 
 
 def test_maps_are_in_original_coordinates(full_run):
@@ -56,44 +60,44 @@ def test_maps_are_in_original_coordinates(full_run):
     assert res.image_shape == (h, w) and res.map_shape == (128, 111)
     C = len(res.classes)
     mh, mw = res.map_shape
-    for arr, shape in [(res.cam, (C, mh, mw)), (res.gradcam, (C, mh, mw)), (res.am_final, (C, mh, mw)),
-                       (res.disease_mask, (C, mh, mw)), (res.cia_grid, (C, mh, mw)), (res.contrast, (mh, mw)),
-                       (res.segmentation, (3, mh, mw)), (res.dm_cam, (C, mh, mw))]:
+    for arr, shape in [(res.get("cam", "cam"), (C, mh, mw)), (res.get("gradcam", "gradcam"), (C, mh, mw)), (res.get("attention_mining", "final"), (C, mh, mw)),
+                       (res.get("disease_mask", "psi"), (C, mh, mw)), (res.get("contrast", "grid"), (C, mh, mw)), (res.get("contrast", "contrast"), (mh, mw)),
+                       (res.get("segmentation", "masks"), (3, mh, mw)), (res.get("disease_mask", "dm_cam"), (C, mh, mw))]:
         assert arr is not None and arr.shape == shape
         assert np.isfinite(arr).all()
     assert res.probabilities.shape == (C,) and ((res.probabilities > 0) & (res.probabilities < 1)).all()
-    assert res.aligned_image.shape == (h, w) and res.affine.shape == (2, 3)
-    np.testing.assert_allclose(res.alignment_params, [1, 1, 0, 0, 0], atol=1e-6)  # identity at init
-    assert res.segmentation.dtype == np.uint8 and set(np.unique(res.segmentation)) <= {0, 1}
-    assert res.disease_mask_source == "dm"
-    assert res.paired_normal.dtype == np.uint8 and res.paired_normal_id.startswith("synthetic_")
+    assert res.get("alignment", "aligned_image").shape == (h, w) and res.get("alignment", "affine").shape == (2, 3)
+    np.testing.assert_allclose(res.get("alignment", "params"), [1, 1, 0, 0, 0], atol=1e-6)  # identity at init
+    assert res.get("segmentation", "masks").dtype == np.uint8 and set(np.unique(res.get("segmentation", "masks"))) <= {0, 1}
+    assert res.attr("disease_mask", "source") == "dm"
+    assert res.get("contrast", "paired_normal").dtype == np.uint8 and res.attr("contrast", "paired_normal_id").startswith("synthetic_")
     assert res.map_scale == pytest.approx((h / mh, w / mw))
 
 
 def test_boxes_in_original_pixels(full_run):
     _, study, res, _, _ = full_run
     h, w = study.shape
-    assert set(res.boxes) == {"cam", "am", "cia"}
-    assert res.boxes["cam"] and res.boxes["am"]
+    assert set(res.boxes) == {"cam", "gradcam", "attention_mining", "contrast"}
+    assert res.boxes["cam"] and res.boxes["attention_mining"]
     for b in (b for bs in res.boxes.values() for b in bs):
         assert b.label in res.classes
         assert -1e-6 <= b.x and b.x2 <= w + 1e-6 and -1e-6 <= b.y and b.y2 <= h + 1e-6
     # AM gives at most three boxes per class (iterative-attention-mining Sec. 3.2)
     for c in res.classes:
-        assert len(res.boxes_for(c, "am")) <= 3
+        assert len(res.boxes_for(c, "attention_mining")) <= 3
 
 
 def test_attention_mining_top_k_and_on_demand(full_run):
     pl, _, res, _, _ = full_run
     top = [res.classes[i] for i in res.top_classes(2)]
-    assert sorted(res.am_steps) == sorted(top) == sorted(res.am_erased)
+    assert sorted(res.get("attention_mining", "steps")) == sorted(top) == sorted(res.get("attention_mining", "erased"))
     for name in top:
-        assert res.am_steps[name].shape == (3, *res.map_shape)
-        er = res.am_erased[name]
+        assert res.get("attention_mining", "steps")[name].shape == (3, *res.map_shape)
+        er = res.get("attention_mining", "erased")[name]
         assert er.dtype == np.uint8 and (np.diff(er.astype(int), axis=0) >= 0).all()  # erasure is cumulative
     other = next(i for i, n in enumerate(res.classes) if n not in top)
     pl.compute_class(res, other)
-    assert res.am_steps[res.classes[other]].shape == (3, *res.map_shape)
+    assert res.get("attention_mining", "steps")[res.classes[other]].shape == (3, *res.map_shape)
 
 
 def test_gradcam_matches_relu_cam_for_gap_linear_head(bundle_paths):
@@ -101,27 +105,27 @@ def test_gradcam_matches_relu_cam_for_gap_linear_head(bundle_paths):
     pl = Pipeline(_load(bundle_paths, ("classifier",)), "cpu", map_max_side=64)
     res = pl.run(synthetic_study())
     c = res.top_classes(1)[0]
-    g, cam = res.gradcam[c], np.maximum(res.cam[c], 0)
+    g, cam = res.get("gradcam", "gradcam")[c], np.maximum(res.get("cam", "cam")[c], 0)
     assert np.corrcoef(g.ravel(), cam.ravel())[0, 1] > 0.95
-    assert "alignment" not in res.timings and res.aligned_image is None
+    assert "alignment" not in res.timings and res.get("alignment", "aligned_image") is None
 
 
 def test_cancel_between_stages(bundle_paths):
     pl = Pipeline(_load(bundle_paths, ("segmentation", "classifier")), "cpu", map_max_side=64)
     seen = []
-    with pytest.raises(PipelineCancelled, match="cancelled after classifier"):
-        pl.run(synthetic_study(), on_stage=lambda n, r: seen.append(n), cancel=lambda: "classifier" in seen)
-    assert seen == ["preprocess", "segmentation", "classifier"]
+    with pytest.raises(PipelineCancelled, match="cancelled after cam"):
+        pl.run(synthetic_study(), on_stage=lambda n, r: seen.append(n), cancel=lambda: "cam" in seen)
+    assert seen == ["preprocess", "segmentation", "cam"]
 
 
 def test_pdm_from_segmentation_without_dm(bundle_paths):
     pl = Pipeline(_load(bundle_paths, ("segmentation", "classifier")), "cpu", map_max_side=64)
     res = pl.run(synthetic_study())
-    assert res.disease_mask_source == "pdm"
-    seg = res.segmentation
+    assert res.attr("disease_mask", "source") == "pdm"
+    seg = res.get("segmentation", "masks")
     cardio = res.classes.index("Cardiomegaly")
-    assert np.array_equal(res.disease_mask[cardio] > 0.5, seg[2] > 0)  # heart region
-    assert np.array_equal(res.disease_mask[res.classes.index("Mass")] > 0.5, (seg[0] | seg[1]) > 0)
+    assert np.array_equal(res.get("disease_mask", "psi")[cardio] > 0.5, seg[2] > 0)  # heart region
+    assert np.array_equal(res.get("disease_mask", "psi")[res.classes.index("Mass")] > 0.5, (seg[0] | seg[1]) > 0)
 
 
 def test_cia_pairs_the_nearest_normal(bundle_paths):
@@ -133,13 +137,13 @@ def test_cia_pairs_the_nearest_normal(bundle_paths):
     study.stored = bank[5].astype(np.uint16)
     study.modality = img.copy()
     res = Pipeline({"cia": b}, "cpu").run(study)
-    assert res.paired_normal_id == str(b.extras["normal_bank_ids"][5])
-    assert np.array_equal(res.paired_normal, bank[5])
-    assert res.classes == b.manifest.classes and res.cia_grid_raw.shape[0] == len(res.classes)
-    assert res.cia_grid_raw.shape[1:] == (4, 4)  # 128 px input, stride 32
+    assert res.attr("contrast", "paired_normal_id") == str(b.extras["normal_bank_ids"][5])
+    assert np.array_equal(res.get("contrast", "paired_normal"), bank[5])
+    assert res.classes == b.manifest.classes and res.get("contrast", "grid_raw").shape[0] == len(res.classes)
+    assert res.get("contrast", "grid_raw").shape[1:] == (4, 4)  # 128 px input, stride 32
     b.manifest.inference = {"upsample_to": 16}  # cia-net Sec. 3.3 test-time upsampling
     res = Pipeline({"cia": b}, "cpu").run(study)
-    assert res.cia_grid_raw.shape[1:] == (16, 16) and res.contrast.shape == res.map_shape
+    assert res.get("contrast", "grid_raw").shape[1:] == (16, 16) and res.get("contrast", "contrast").shape == res.map_shape
 
 
 def test_inverse_warp_maps_back_to_original():
@@ -170,7 +174,7 @@ def test_roles_and_validation(bundle_paths):
     with pytest.raises(BundleError, match="cannot serve as the classifier"):
         Pipeline({"classifier": load_bundle(bundle_paths["segmentation"])}, "cpu")
     res = Pipeline(only_dm, "cpu", map_max_side=64).run(synthetic_study())
-    assert res.disease_mask_source == "classifier" and res.disease_mask.shape[0] == 14
+    assert res.attr("disease_mask", "source") == "classifier" and res.get("disease_mask", "psi").shape[0] == 14
 
 
 def test_preprocess_from_manifest_and_back():
@@ -208,10 +212,10 @@ def test_every_registered_classifier_runs(spec, tmp_path):
     res = Pipeline({"classifier": b}, "cpu", map_max_side=48, am_top_k=1).run(synthetic_study())
     C = len(res.classes)
     assert res.probabilities.shape == (C,) and np.isfinite(res.probabilities).all()
-    assert res.cam.shape == (C, *res.map_shape) and np.isfinite(res.cam).all()
-    assert res.gradcam is not None and res.gradcam.shape == res.cam.shape
-    assert res.am_final is not None and len(res.am_steps) == 1
-    assert res.boxes["cam"] and res.boxes["am"]
+    assert res.get("cam", "cam").shape == (C, *res.map_shape) and np.isfinite(res.get("cam", "cam")).all()
+    assert res.get("gradcam", "gradcam") is not None and res.get("gradcam", "gradcam").shape == res.get("cam", "cam").shape
+    assert res.get("attention_mining", "final") is not None and len(res.get("attention_mining", "steps")) == 1
+    assert res.boxes["cam"] and res.boxes["attention_mining"]
 
 
 def test_oom_on_gpu_reruns_on_cpu_with_notice(bundle_paths, monkeypatch):

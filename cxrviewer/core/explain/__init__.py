@@ -5,16 +5,22 @@ survive PyInstaller; package scanning does not). A new method: one file + one li
 """
 from __future__ import annotations
 
+from cxrviewer.core.explain import alignment as alignment  # registers "alignment"
 from cxrviewer.core.explain import attention_mining as attention_mining  # registers "attention_mining"
 from cxrviewer.core.explain import cam as cam  # registers "cam"
 from cxrviewer.core.explain import contrast as contrast  # registers "contrast"
 from cxrviewer.core.explain import disease_masks as disease_masks  # registers "disease_mask"
 from cxrviewer.core.explain import gradcam as gradcam  # registers "gradcam"
+from cxrviewer.core.explain import segmentation as segmentation  # registers "segmentation"
 from cxrviewer.core.explain import boxes as boxes
 from cxrviewer.core.explain import metrics as metrics
 from cxrviewer.core.explain.registry import (
     ExplainError,
     Explainer,
+    ExplainerOutput,
+    MapSpec,
+    PanelSpec,
+    applicable_explainers,
     get_explainer,
     list_explainers,
     register_explainer,
@@ -23,6 +29,11 @@ from cxrviewer.core.explain.registry import (
 __all__ = [
     "ExplainError",
     "Explainer",
+    "ExplainerOutput",
+    "MapSpec",
+    "PanelSpec",
+    "alignment",
+    "applicable_explainers",
     "attention_mining",
     "boxes",
     "cam",
@@ -33,4 +44,5 @@ __all__ = [
     "list_explainers",
     "metrics",
     "register_explainer",
+    "segmentation",
 ]

@@ -28,13 +28,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from cxrviewer.core.errors import ExplainError
 from cxrviewer.core.explain._components import label_components, normalize01
-from cxrviewer.core.explain.registry import Explainer, register_explainer, to_numpy
+from cxrviewer.core.explain.boxes import BoxRule
+from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer,
+                                             to_numpy)
+
+if TYPE_CHECKING:
+    from cxrviewer.core.explain.context import ExplainContext
+    from cxrviewer.core.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -219,30 +226,89 @@ def masked_class_logits(
     return logits
 
 
+@dataclass
+class _AMState:
+    """What on-demand mining of another class needs: the kept features, weights and map-back."""
+
+    features: torch.Tensor  # [K, h, w] CPU float32
+    weight: torch.Tensor  # [C, K]
+    mapper: Any  # cxrviewer.core.explain.context.Mapper
+    steps: int
+
+
+def _mine(st: _AMState, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H_f, H_t steps, erased) of class ``c`` in original coordinates."""
+    am = attention_mining(st.features[None], st.weight, c, steps=st.steps)
+    steps = st.mapper(torch.cat(am.heatmaps, 0))
+    erased = (st.mapper(torch.cat([1.0 - m for m in am.masks], 0), nearest=True) > 0.5).astype(np.uint8)
+    return st.mapper(am.final)[0], steps, erased
+
+
 @register_explainer("attention_mining")
-class AttentionMiningExplainer(Explainer):
-    """AM steps on the model's "features" with its CAM weights (Eq. 7-8); never re-runs the backbone."""
+class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="AM", order=50,
+                               requires=("classifier",), families=("classifier",), needs_model=True, box_map="final",
+                               box_priority=0, on_demand=True):
+    """AM steps on the classifier's features with its CAM weights (Eq. 7-8); never re-runs the backbone.
 
-    title = "Attention mining (AM)"
-    families = ("classifier",)
-    needs_model = True
+    ``H_f`` for every class; the steps ``H_t`` and erased regions for the ``am_top_k`` most
+    probable classes and those asked for (``am_classes``); :meth:`compute_class` adds another.
+    """
+
     steps = 3
+    maps = (MapSpec("final", "AM final H_f", "score"),
+            MapSpec("steps", "AM step H_t", "score", steps=True),
+            MapSpec("erased", "erased up to step t", "mask", steps=True))
+    panels = (*(PanelSpec(f"am{t}", f"Attention mining t={t}", "steps", step=t, outline="erased",
+                          quantity="activation", order=20 + t) for t in range(1, 4)),
+              PanelSpec("am_final", "Attention mining final", "final", quantity="am_final", order=30))
+    box_rule = BoxRule("ranked", max_boxes=3)
 
-    def explain(
-        self,
-        output: Mapping[str, torch.Tensor],
-        class_index: int,
-        *,
-        model: torch.nn.Module | None = None,
-        inputs: Any = None,
-        **context: Any,
-    ) -> dict[str, np.ndarray]:
+    def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
+        p = ctx.classifier_pass()
+        cw = getattr(p.bundle.model, "cam_weights", None)
+        if not callable(cw) or "features" not in p.out:
+            return None
+        st = _AMState(p.out["features"][0].detach().float().cpu(), cw()[0].detach().float().cpu(), p.mapper,
+                      int(ctx.option("am_steps", self.steps)))
+        res = ctx.results
+        want = set(res.top_classes(int(ctx.option("am_top_k", 3))))
+        want.update(res.classes.index(n) for n in ctx.option("am_classes", ()) if n in res.classes)
+        C = st.weight.shape[0]
+        finals: list[np.ndarray | None] = [None] * C
+        steps, erased = {}, {}
+        for c in sorted(want):
+            finals[c], steps[res.classes[c]], erased[res.classes[c]] = _mine(st, c)
+        idle = [c for c in range(C) if finals[c] is None]
+        if idle:
+            fin = torch.cat([attention_mining(st.features[None], st.weight, c, steps=st.steps).final
+                             for c in idle], 0)
+            for c, m in zip(idle, st.mapper(fin)):
+                finals[c] = m
+        return ExplainerOutput({"final": np.stack(finals).astype(np.float32), "steps": steps, "erased": erased},
+                               {"steps": st.steps}, state=st)
+
+    def compute_class(self, results: "Results", class_index: int) -> bool:
+        name = results.classes[class_index]
+        steps = results.maps.get(self.name, {}).get("steps")
+        if steps is not None and name in steps:
+            return True
+        st = results.state.get(self.name)
+        if steps is None or st is None:
+            return False
+        _, steps[name], results.maps[self.name]["erased"][name] = _mine(st, class_index)
+        return True
+
+    def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
+        if panel.outline and panel.step > 1:
+            return "erased outlined"
+        return ""
+
+    def explain(self, output: Mapping[str, torch.Tensor], class_index: int, *, model: torch.nn.Module | None = None,
+                inputs: Any = None, **context: Any) -> dict[str, np.ndarray]:
         feats = self._require(output, "features")
         weight = context.get("weight")
         if weight is None:
             if model is None or not hasattr(model, "cam_weights"):
-                from cxrviewer.core.errors import ExplainError
-
                 raise ExplainError("attention mining needs the model (its cam_weights()) or weight=")
             weight, _ = model.cam_weights()
         scale = context.get("scale")

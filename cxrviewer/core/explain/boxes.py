@@ -18,6 +18,7 @@ first (``cam.upsample_maps``), as ChestX-ray8 does before thresholding.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from cxrviewer.core.geometry import Box
 __all__ = [
     "CHESTXRAY8_THRESHOLD",
     "AM_THRESHOLDS",
+    "BoxRule",
     "box_to_grid",
     "grid_to_boxes",
     "heatmap_to_boxes",
@@ -149,3 +151,31 @@ def box_to_grid(box: Box, image_size: tuple[int, int], grid: tuple[int, int] = (
     r0, r1 = int(np.floor(y0 / ch)), int(np.ceil(y1 / ch))
     out[r0:r1, c0:c1] = 1.0
     return out
+
+
+@dataclass(frozen=True)
+class BoxRule:
+    """How an explainer turns one class's map into boxes: the one box-extraction path used by
+    the app, ``cxrviewer analyze``, ``cxr-train evaluate`` and the benchmarks.
+
+    ``kind``: ``threshold`` (:func:`heatmap_to_boxes`), ``ranked`` (:func:`ranked_boxes`) or
+    ``grid`` (:func:`grid_to_boxes`); ``max_boxes`` keeps the best ones (None: all).
+    """
+
+    kind: str
+    threshold: float | None = None
+    max_boxes: int | None = None
+
+    def __call__(self, heat: np.ndarray | torch.Tensor, *, label: str = "",
+                 image_size: tuple[int, int] | None = None) -> list[Box]:
+        if self.kind == "threshold":
+            t = CHESTXRAY8_THRESHOLD if self.threshold is None else self.threshold
+            boxes = heatmap_to_boxes(heat, t, label=label, image_size=image_size)
+        elif self.kind == "ranked":
+            boxes = ranked_boxes(heat, n=self.max_boxes or 3, label=label, image_size=image_size)
+        elif self.kind == "grid":
+            t = 0.5 if self.threshold is None else self.threshold
+            boxes = grid_to_boxes(heat, t, label=label, image_size=image_size)
+        else:
+            raise ValueError(f"unknown box rule {self.kind!r}; rules are threshold, ranked, grid")
+        return boxes if self.max_boxes is None else boxes[: self.max_boxes]

@@ -6,13 +6,18 @@ of the pooled map. Maps keep raw values; normalisation is only for display/box e
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxrviewer.core.explain.registry import Explainer, register_explainer, to_numpy
+from cxrviewer.core.explain.boxes import BoxRule
+from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer,
+                                             to_numpy)
+
+if TYPE_CHECKING:
+    from cxrviewer.core.explain.context import ExplainContext
 
 __all__ = ["CamExplainer", "cam_probability", "class_activation_maps", "upsample_maps"]
 
@@ -71,21 +76,22 @@ def upsample_maps(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) -> tor
 
 
 @register_explainer("cam")
-class CamExplainer(Explainer):
+class CamExplainer(Explainer, title="Class activation map (CAM)", short="cls", order=30, requires=("classifier",),
+                   families=("classifier",), box_map="cam", box_priority=1):
     """The model's own class activation map (output "cam"; computed from "features" if absent)."""
 
-    title = "Class activation map (CAM)"
-    families = ("classifier",)
+    maps = (MapSpec("cam", "CAM S_c", "score"),)
+    panels = (PanelSpec("original", "Original + CAM", "cam", quantity="activation", order=0),)
+    box_rule = BoxRule("threshold")
 
-    def explain(
-        self,
-        output: Mapping[str, torch.Tensor],
-        class_index: int,
-        *,
-        model: torch.nn.Module | None = None,
-        inputs: Any = None,
-        **context: Any,
-    ) -> dict[str, np.ndarray]:
+    def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
+        p = ctx.classifier_pass()  # the classifier's one forward: probabilities + CAM
+        if "cam" not in p.out:
+            return ExplainerOutput({})
+        return ExplainerOutput({"cam": p.mapper(p.out["cam"][0].detach())})
+
+    def explain(self, output: Mapping[str, torch.Tensor], class_index: int, *, model: torch.nn.Module | None = None,
+                inputs: Any = None, **context: Any) -> dict[str, np.ndarray]:
         if "cam" in output:
             cam = output["cam"][:, class_index]
         elif model is not None and "features" in output and hasattr(model, "cam_weights"):

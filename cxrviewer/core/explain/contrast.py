@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cxrviewer.core.errors import ExplainError
-from cxrviewer.core.explain.registry import Explainer, register_explainer, to_numpy
+from cxrviewer.core.explain.boxes import BoxRule
+from cxrviewer.core.explain.context import accepts
+from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer,
+                                             to_numpy)
+
+if TYPE_CHECKING:
+    from cxrviewer.core.explain.context import ExplainContext
+    from cxrviewer.core.results import Results
 
 __all__ = ["ContrastExplainer", "ContrastResult", "apply_contrast", "contrast_attention", "pair_and_contrast"]
 
@@ -80,21 +87,68 @@ def pair_and_contrast(
 
 
 @register_explainer("contrast")
-class ContrastExplainer(Explainer):
+class ContrastExplainer(Explainer, title="Contrast-induced attention (CIA)", short="CIA", order=70,
+                        requires=("cia",), families=("cia",), box_map="grid", box_priority=2):
     """CIA-Net's contrast map dM and the class's grid probabilities (cia-net Eq. 3, test at 0.5)."""
 
-    title = "Contrast-induced attention (CIA)"
-    families = ("cia",)
+    maps = (MapSpec("contrast", "contrast attention dM", "score", per_class=False),
+            MapSpec("grid", "grid probabilities (nearest-upsampled)", "probability"),
+            MapSpec("grid_raw", "grid probabilities as the network gave them", "probability", frame="own"),
+            MapSpec("paired_normal", "the paired normal image (bank frame)", "image", frame="own",
+                    per_class=False))
+    panels = (PanelSpec("contrast", "Contrast attention dM", "contrast", quantity="contrast", colormap="inferno",
+                        order=40, per_class=False),
+              PanelSpec("normal", "Paired normal", "paired_normal", kind="image", order=50, per_class=False))
+    box_rule = BoxRule("grid", 0.5)
 
-    def explain(
-        self,
-        output: Mapping[str, torch.Tensor],
-        class_index: int,
-        *,
-        model: torch.nn.Module | None = None,
-        inputs: Any = None,
-        **context: Any,
-    ) -> dict[str, np.ndarray]:
+    def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
+        from cxrviewer.core.models.cia import hash_codes, nearest_normal
+        from cxrviewer.core.preprocess import resize
+
+        b = ctx.bundles["cia"]
+        pre = ctx.preprocess("cia")
+        bank = np.asarray(b.extras["normal_bank_images"])
+        x01, box = pre.crop_resize(ctx.work)
+        code = hash_codes(x01.float().cpu())[0]
+        codes = b.extras.get("normal_bank_codes")
+        codes_t = (torch.from_numpy(np.asarray(codes, np.float32)) if codes is not None
+                   else hash_codes(torch.from_numpy(bank.astype(np.float32) / 255.0)[:, None]))
+        idx = nearest_normal(code, codes_t)
+        neg01 = resize(torch.from_numpy(bank[idx].astype(np.float32) / 255.0)[None, None].to(x01.device),
+                       tuple(b.manifest.input_size))
+        kw = {}
+        up = b.manifest.inference.get("upsample_to")
+        if up and accepts(b.model, "upsample_to"):
+            kw["upsample_to"] = int(up)  # cia-net Sec. 3.3 test-time upsampling of F before the head
+        with torch.no_grad(), ctx.device.autocast():
+            out = b.model(pre.normalise(x01), pre.normalise(neg01), **kw)
+        att = out["attention"][0].float()
+        att = att[0] if att.dim() == 3 else att
+        grid = out["grid_probs"][0].float()
+        mp = ctx.mapper(box)
+        ids = b.extras.get("normal_bank_ids")
+        pair_id = str(ids[idx]) if ids is not None and len(ids) > idx else f"bank[{idx}]"
+        if not ctx.results.classes:
+            ctx.results.classes = tuple(b.manifest.classes)
+        return ExplainerOutput(
+            {"contrast": mp(att)[0], "grid": mp(grid, nearest=True),
+             "grid_raw": grid.cpu().numpy().astype(np.float32), "paired_normal": bank[idx].astype(np.uint8)},
+            {"classes": list(b.manifest.classes), "paired_normal_id": pair_id})
+
+    def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
+        if panel.key == "normal":
+            return str(results.attrs.get(self.name, {}).get("paired_normal_id") or "")
+        raw = results.get(self.name, "grid_raw")
+        names = self.classes(results)
+        if raw is None or class_index is None or class_index >= len(results.classes):
+            return ""
+        name = results.classes[class_index]
+        if name not in names:
+            return ""
+        return f"{name} grid max p={float(raw[names.index(name)].max()):.2f}"
+
+    def explain(self, output: Mapping[str, torch.Tensor], class_index: int, *, model: torch.nn.Module | None = None,
+                inputs: Any = None, **context: Any) -> dict[str, np.ndarray]:
         att = self._require(output, "attention")
         if att.dim() == 4:
             att = att[:, 0]

@@ -12,8 +12,7 @@ Decisions where the paper is silent (documented, configurable):
 - The paper builds masks for the eight boxed classes only (Fig. 3): the seven symmetric ones
   (``SYMMETRIC_CLASSES``) are flipped, Cardiomegaly is not. For the six unboxed classes the
   paper defines no mask; we use Eq. 3's asymmetric branch (no flip), the conservative choice.
-- ``N`` is applied to ``Lbar`` (after the flip-sum), as Eq. 3 is written. (METHODS.md's order
-  "normalise, mean, then flip" differs; the paper wins.)
+- ``N`` is applied to ``Lbar`` (after the flip-sum), as Eq. 3 is written.
 - The threshold value of ``T`` is not given; default 0.5, binary output (as the PDMs, which the
   paper fills with 0/1). A class with no image passing the 0.8 filter gets an all-zero mask,
   so ``f' = psi*f + f = f`` (Eq. 4): no attention rather than a made-up one.
@@ -22,14 +21,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cxrviewer.core.classes import CLASSES, SYMMETRIC_CLASSES
 from cxrviewer.core.errors import ExplainError
-from cxrviewer.core.explain.registry import Explainer, register_explainer, to_numpy
+from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer,
+                                             to_numpy)
+
+if TYPE_CHECKING:
+    from cxrviewer.core.explain.context import ExplainContext
+    from cxrviewer.core.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -176,25 +180,59 @@ def pseudo_disease_masks(
 
 
 @register_explainer("disease_mask")
-class DiseaseMaskExplainer(Explainer):
+class DiseaseMaskExplainer(Explainer, title="Disease mask (DM prior)", short="ψ", order=60, families=("classifier",),
+                           needs_model=True):
     """The class's disease mask psi_c of a DM model (disease-masks Eq. 3), resized to the CAM grid."""
 
-    title = "Disease mask (DM prior)"
-    families = ("classifier",)
-    needs_model = True
+    maps = (MapSpec("psi", "disease mask psi_c", "probability"),
+            MapSpec("dm_probabilities", "the DM model's probabilities", "probability", frame="none",
+                    per_class=False),
+            MapSpec("dm_cam", "the DM model's CAM", "score"))
+    panels = (PanelSpec("disease_mask", "Disease mask", "psi", quantity="probability", colormap="viridis",
+                        fixed_range=(0.0, 1.0), order=60),)
+
+    @classmethod
+    def applies(cls, roles: Any) -> bool:
+        """psi from a DM bundle or the classifier, else pseudo masks (PDM) from the segmentation."""
+        return "classifier" in roles or "dm" in roles or {"segmentation", "cia"} <= set(roles)
+
+    def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
+        res = ctx.results
+        if "dm" in ctx.bundles:
+            out, box = ctx.forward("dm")
+            mp = ctx.mapper(box)
+            return ExplainerOutput({"psi": mp(ctx.bundles["dm"].model.disease_masks), "dm_cam": mp(out["cam"][0]),
+                                    "dm_probabilities": torch.sigmoid(out["logits"][0].float()).cpu().numpy()
+                                    .astype(np.float32)}, {"source": "dm"})
+        clf = ctx.bundles.get("classifier")
+        psi = getattr(clf.model, "disease_masks", None) if clf is not None else None
+        if psi is None and clf is not None and "disease_masks" in clf.extras:
+            psi = torch.from_numpy(np.asarray(clf.extras["disease_masks"], np.float32))
+        if psi is not None:
+            return ExplainerOutput({"psi": ctx.mapper(ctx.classifier_pass().box)(psi)}, {"source": "classifier"})
+        seg = res.get("segmentation", "masks")
+        if seg is None or seg.shape[0] < 3 or not res.classes:
+            return None
+        names = list(res.attrs.get("segmentation", {}).get("classes", ()))
+        try:
+            ll, rl, ht = (seg[names.index(n)] for n in ("left_lung", "right_lung", "heart"))
+        except ValueError:
+            ll, rl, ht = seg[0], seg[1], seg[2]
+        return ExplainerOutput({"psi": pseudo_disease_masks(ll, rl, ht, classes=res.classes).astype(np.float32)},
+                               {"source": "pdm"})
+
+    def model_role(self, results: "Results") -> str:
+        src = results.attrs.get(self.name, {}).get("source")
+        return {"dm": "dm", "pdm": "segmentation"}.get(src, "classifier")
+
+    def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
+        return str(results.attrs.get(self.name, {}).get("source") or "")
 
     def applies_to(self, model: torch.nn.Module | None = None, family: str | None = None) -> bool:
         return super().applies_to(model, family) and (model is None or hasattr(model, "disease_masks"))
 
-    def explain(
-        self,
-        output: Mapping[str, torch.Tensor],
-        class_index: int,
-        *,
-        model: torch.nn.Module | None = None,
-        inputs: Any = None,
-        **context: Any,
-    ) -> dict[str, np.ndarray]:
+    def explain(self, output: Mapping[str, torch.Tensor], class_index: int, *, model: torch.nn.Module | None = None,
+                inputs: Any = None, **context: Any) -> dict[str, np.ndarray]:
         ref = output.get("cam") if hasattr(output, "get") else None
         if ref is None and hasattr(output, "get"):
             ref = output.get("features")

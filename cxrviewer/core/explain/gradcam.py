@@ -1,23 +1,30 @@
-"""Grad-CAM (Selvaraju et al., cited as [23] in disease-masks-attention.txt Sec. 2.1).
+"""Grad-CAM (Selvaraju et al., cited as [23] in disease-masks-attention.txt Sec. 2.1): the one implementation.
 
 ``alpha_k = mean_{ij} d y_c / d A_k^{ij}``, ``L = ReLU(sum_k alpha_k A_k)`` at a target layer.
-A forward hook captures the layer's output; gradients are taken with ``torch.autograd.grad``
-(so parameters' ``.grad`` is never touched); the hook is removed after every call.
-Works for any ``nn.Module`` returning a tensor ``[B, C]`` or the contract's dict with "logits".
+:func:`capture_activation` hooks the layer and re-attaches its output as a leaf that requires
+grad; :func:`gradcam_from_activation` takes the gradients of any number of class scores from
+ONE forward (a backward through the head only). The pipeline, :func:`grad_cam` (any
+``nn.Module``) and the evaluation all go through these two functions.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from cxrviewer.core.errors import ExplainError
-from cxrviewer.core.explain.registry import Explainer, register_explainer, to_numpy
+from cxrviewer.core.explain.boxes import BoxRule
+from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer,
+                                             to_numpy)
 
-__all__ = ["GradCamExplainer", "grad_cam"]
+if TYPE_CHECKING:
+    from cxrviewer.core.explain.context import ExplainContext
+
+__all__ = ["GradCamExplainer", "capture_activation", "grad_cam", "gradcam_from_activation"]
 
 
 def _logits_of(out: Any) -> torch.Tensor:
@@ -28,73 +35,89 @@ def _logits_of(out: Any) -> torch.Tensor:
     raise ExplainError("Grad-CAM needs a model returning a tensor or a dict with 'logits'")
 
 
-def grad_cam(
-    model: nn.Module,
-    inputs: torch.Tensor | Sequence[torch.Tensor],
-    target_layer: nn.Module,
-    class_index: int | Sequence[int] | torch.Tensor,
-    **forward_kwargs: Any,
-) -> torch.Tensor:
-    """Raw Grad-CAM maps ``[B, h, w]`` (ReLU'd, not normalised) at ``target_layer`` for ``class_index``.
-
-    ``class_index`` is one class for the whole batch or one per sample. Gradients are enabled
-    inside even when called under ``torch.no_grad()``; frozen models work because the captured
-    activation is re-attached as a leaf that requires grad.
-    """
+@contextlib.contextmanager
+def capture_activation(layer: nn.Module | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Hook ``layer`` for one forward: its output is stored as ``store["act"]``, re-attached as a
+    grad leaf when the model is frozen or runs under ``no_grad``. ``layer=None`` captures nothing."""
     store: dict[str, torch.Tensor] = {}
 
     def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
         act = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(act, torch.Tensor):
-            raise ExplainError("Grad-CAM target layer does not output a tensor")
-        if not act.requires_grad:  # frozen model / no_grad caller: re-attach as a grad leaf
+            return None
+        if not act.requires_grad:
             act = act.detach().requires_grad_(True)
             store["act"] = act
-            if isinstance(out, (tuple, list)):
-                return type(out)([act, *out[1:]])
-            return act
+            return type(out)([act, *out[1:]]) if isinstance(out, (tuple, list)) else act
         store["act"] = act
         return None
 
-    handle = target_layer.register_forward_hook(hook)
+    handle = layer.register_forward_hook(hook) if layer is not None else None
     try:
-        with torch.enable_grad():
-            args = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
-            logits = _logits_of(model(*args, **forward_kwargs))
-            if "act" not in store:
-                raise ExplainError("Grad-CAM target layer was not run by the model's forward pass")
-            b = logits.shape[0]
-            idx = torch.as_tensor(class_index, device=logits.device).reshape(-1)
-            if idx.numel() == 1:
-                idx = idx.expand(b)
-            score = logits.gather(1, idx.view(-1, 1).long()).sum()
-            act = store["act"]
-            (grads,) = torch.autograd.grad(score, act)
+        yield store
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
+
+
+def gradcam_from_activation(logits: torch.Tensor, act: torch.Tensor,
+                            classes: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Raw Grad-CAM maps from one forward: ``[B, len(classes), h, w]`` (ReLU'd, not normalised).
+
+    ``classes`` is one class per sample (``len == B``) when given as a tensor of shape ``[B]``
+    by :func:`grad_cam`, else the list of classes computed for every sample.
+    """
     if act.dim() != 4:
         raise ExplainError(f"Grad-CAM target layer output must be [B,K,h,w], got {tuple(act.shape)}")
-    alpha = grads.mean(dim=(-2, -1), keepdim=True)
-    return torch.relu((alpha * act).sum(dim=1)).detach()
+    cls = [int(c) for c in torch.as_tensor(classes).reshape(-1).tolist()]
+    maps = []
+    with torch.enable_grad():  # the class scores below need the graph even under a caller's no_grad
+        for i, c in enumerate(cls):
+            (g,) = torch.autograd.grad(logits[:, c].sum(), act, retain_graph=i < len(cls) - 1)
+            alpha = g.float().mean(dim=(-2, -1), keepdim=True)
+            maps.append(torch.relu((alpha * act.detach().float()).sum(1)))
+    return torch.stack(maps, 1)
+
+
+def grad_cam(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], target_layer: nn.Module,
+             class_index: int | Sequence[int] | torch.Tensor, **forward_kwargs: Any) -> torch.Tensor:
+    """Raw Grad-CAM maps ``[B, h, w]`` at ``target_layer`` for ``class_index`` (one class for the
+    batch or one per sample), from one forward and one head backward per distinct class."""
+    with capture_activation(target_layer) as store, torch.enable_grad():
+        args = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+        logits = _logits_of(model(*args, **forward_kwargs))
+    if "act" not in store:
+        raise ExplainError("Grad-CAM target layer was not run by the model's forward pass")
+    b = logits.shape[0]
+    idx = torch.as_tensor(class_index).reshape(-1)
+    idx = idx.expand(b) if idx.numel() == 1 else idx
+    if idx.numel() != b:
+        raise ExplainError(f"need one class per sample: {idx.numel()} classes for batch {b}")
+    distinct = sorted({int(c) for c in idx.tolist()})
+    maps = gradcam_from_activation(logits, store["act"], distinct)  # [B, K, h, w]
+    pick = torch.tensor([distinct.index(int(c)) for c in idx.tolist()])
+    return maps[torch.arange(b), pick].detach()
 
 
 @register_explainer("gradcam")
-class GradCamExplainer(Explainer):
-    """Grad-CAM at ``model.feature_layer()`` (the layer whose output is "features")."""
+class GradCamExplainer(Explainer, title="Grad-CAM", short="gcam", order=40, requires=("classifier",),
+                       families=("classifier",), needs_model=True, box_map="gradcam", box_priority=3):
+    """Grad-CAM of every class at ``model.feature_layer()``, from the pipeline's one forward."""
 
-    title = "Grad-CAM"
-    families = ("classifier",)
-    needs_model = True
+    maps = (MapSpec("gradcam", "Grad-CAM", "score"),)
+    panels = (PanelSpec("gradcam", "Grad-CAM", "gradcam", quantity="gradcam", order=100),)
+    box_rule = BoxRule("threshold")
 
-    def explain(
-        self,
-        output: Mapping[str, torch.Tensor],
-        class_index: int,
-        *,
-        model: nn.Module | None = None,
-        inputs: Any = None,
-        **context: Any,
-    ) -> dict[str, np.ndarray]:
+    def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
+        p = ctx.classifier_pass()
+        if p.act is None or not p.logits.requires_grad:
+            ctx.results.notices.append("Grad-CAM skipped: the classifier has no feature_layer() output")
+            return None
+        maps = gradcam_from_activation(p.logits, p.act, range(p.logits.shape[1]))[0]
+        return ExplainerOutput({"gradcam": p.mapper(maps)})
+
+    def explain(self, output: Mapping[str, torch.Tensor], class_index: int, *, model: nn.Module | None = None,
+                inputs: Any = None, **context: Any) -> dict[str, np.ndarray]:
         if model is None or inputs is None:
             raise ExplainError("Grad-CAM needs the model and its input (it runs a backward pass)")
         layer = context.get("target_layer")

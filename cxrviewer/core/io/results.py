@@ -1,40 +1,24 @@
-"""Pipeline :class:`~cxrviewer.core.pipeline.Results` to and from HDF5 (h5py).
+""":class:`~cxrviewer.core.results.Results` to and from HDF5 (h5py).
 
-Layout (format version 1; maps are ``[.., h, w]`` at ``map_shape`` in original-image
-coordinates, boxes in original pixels)::
+Layout, format version 2 (generated from the explainer registry: one group per explainer
+that ran, one dataset per declared map)::
 
     /                      attrs: format_version, study_id, source_path, pixel_sha256,
                            image_shape [H, W], map_shape [h, w], classes (JSON list),
                            models (JSON {role: manifest summary}), timings (JSON {stage: s}),
                            device, notices (JSON list), cxrviewer_version, created
     /probabilities         float32 [C]                      (only when a classifier ran)
-    /cam/cam               float32 [C, h, w]  raw CAM S_c    (disease-masks Eq. 1)
-    /cam/gradcam           float32 [C, h, w]  Grad-CAM
-    /attention_mining      attrs: steps
-        final              float32 [C, h, w]  H_f           (iterative-attention-mining Eq. 8)
-        steps/<class>      float32 [T, h, w]  H_t           (Eq. 7)
-        erased/<class>     uint8   [T, h, w]  1 = erased up to step t (1 - M_t)
-    /contrast              attrs: classes (JSON), paired_normal_id
-        map                float32 [h, w]     dM            (cia-net Eq. 3)
-        grid               float32 [C, h, w]  grid probabilities (nearest-upsampled)
-        grid_raw           float32 [C, gh, gw]
-        paired_normal      uint8   [S, S]     the paired normal image (bank frame)
-    /disease_mask          attrs: source ("dm" | "classifier" | "pdm")
-        psi                float32 [C, h, w]
-        dm_probabilities   float32 [C];  dm_cam float32 [C, h, w]   (dm bundle only)
-    /alignment
-        aligned_image      float32 [Ha, Wa] in [0, 1]
-        affine             float64 [2, 3]  (F.affine_grid convention, normalised coords)
-        params             float32 [5]     (s_x, s_y, t_x, t_y, theta)
-    /segmentation          attrs: classes (JSON)
-        masks              uint8   [3, h, w]  left lung, right lung, heart
-    /boxes/<source>        source in cam | am | cia
-        xywh               float64 [N, 4]
-        score              float64 [N]  (NaN = none)
+    /explainers/<name>     attrs: the explainer's attributes (JSON), e.g. classes, source
+        <map>              a map as the explainer declared it (e.g. cam [C, h, w] float32)
+        <map>/<class>      a step map {class: [T, h, w]} as a group of per-class datasets
+    /boxes/<name>          boxes proposed by explainer <name>
+        xywh               float64 [N, 4]  original pixels
+        score              float64 [N]     (NaN = none)
         label              str     [N]
 
-Every group is always present (empty when its stage did not run). The file is
-written to a temporary name in the same folder and ``os.replace``d into place.
+Version 1 files (one fixed group per method: ``cam``, ``attention_mining``, ``contrast``,
+``disease_mask``, ``alignment``, ``segmentation``) are read by :func:`_read_v1_maps`. The file
+is written to a temporary name in the same folder and ``os.replace``d into place.
 """
 from __future__ import annotations
 
@@ -50,9 +34,10 @@ import numpy as np
 
 from ..errors import CxrError
 from ..geometry import Box
+from ..results import RESULTS_FORMAT_VERSION, Results
 
-FORMAT_VERSION = 1
-GROUPS = ("cam", "attention_mining", "contrast", "disease_mask", "alignment", "segmentation", "boxes")
+FORMAT_VERSION = RESULTS_FORMAT_VERSION
+GROUPS = ("explainers", "boxes")
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
@@ -60,8 +45,13 @@ class ResultsFileError(CxrError):
     """A results file cannot be written or read."""
 
 
-def _put(g: h5py.Group, name: str, arr: np.ndarray | None) -> None:
+def _put(g: h5py.Group, name: str, arr: Any) -> None:
     if arr is None:
+        return
+    if isinstance(arr, dict):
+        sub = g.create_group(name)
+        for k, v in arr.items():
+            _put(sub, k, v)
         return
     a = np.ascontiguousarray(arr)
     if a.ndim >= 2 and a.size >= 4096:
@@ -70,14 +60,43 @@ def _put(g: h5py.Group, name: str, arr: np.ndarray | None) -> None:
         g.create_dataset(name, data=a)
 
 
-def _get(g: h5py.Group, name: str) -> np.ndarray | None:
-    return g[name][()] if name in g else None
+def _get(g: h5py.Group, name: str) -> Any:
+    if name not in g:
+        return None
+    item = g[name]
+    if isinstance(item, h5py.Group):
+        return {k: v[()] for k, v in item.items()}
+    return item[()]
 
 
-def write_results(results: Any, path: str | os.PathLike) -> Path:
-    """Write ``results`` (a :class:`~cxrviewer.core.pipeline.Results`) to ``path`` atomically."""
+def _write_root(f: h5py.File, r: Results) -> None:
     from ... import __version__
 
+    a = f.attrs
+    a["format_version"] = FORMAT_VERSION
+    a["study_id"] = r.study_id
+    a["source_path"] = r.source_path
+    a["pixel_sha256"] = r.pixel_sha256
+    a["image_shape"] = np.asarray(r.image_shape, np.int64)
+    a["map_shape"] = np.asarray(r.map_shape, np.int64)
+    a["classes"] = json.dumps(list(r.classes))
+    a["models"] = json.dumps(r.models)
+    a["timings"] = json.dumps(r.timings)
+    a["device"] = r.device
+    a["notices"] = json.dumps(list(r.notices))
+    a["cxrviewer_version"] = __version__
+    a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_boxes(g: h5py.Group, source: str, boxes: list[Box]) -> None:
+    bg = g.create_group(source)
+    bg.create_dataset("xywh", data=np.asarray([[b.x, b.y, b.w, b.h] for b in boxes], np.float64).reshape(-1, 4))
+    bg.create_dataset("score", data=np.asarray([np.nan if b.score is None else b.score for b in boxes], np.float64))
+    bg.create_dataset("label", data=np.asarray([b.label for b in boxes], dtype=object), dtype=_STR)
+
+
+def write_results(results: Results, path: str | os.PathLike) -> Path:
+    """Write ``results`` to ``path`` atomically (format version 2)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".h5.tmp", dir=p.parent)
@@ -85,61 +104,16 @@ def write_results(results: Any, path: str | os.PathLike) -> Path:
     r = results
     try:
         with h5py.File(tmp, "w") as f:
-            a = f.attrs
-            a["format_version"] = FORMAT_VERSION
-            a["study_id"] = r.study_id
-            a["source_path"] = r.source_path
-            a["pixel_sha256"] = r.pixel_sha256
-            a["image_shape"] = np.asarray(r.image_shape, np.int64)
-            a["map_shape"] = np.asarray(r.map_shape, np.int64)
-            a["classes"] = json.dumps(list(r.classes))
-            a["models"] = json.dumps(r.models)
-            a["timings"] = json.dumps(r.timings)
-            a["device"] = r.device
-            a["notices"] = json.dumps(list(r.notices))
-            a["cxrviewer_version"] = __version__
-            a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            g = {name: f.create_group(name) for name in GROUPS}
+            _write_root(f, r)
             _put(f, "probabilities", r.probabilities)
-            _put(g["cam"], "cam", r.cam)
-            _put(g["cam"], "gradcam", r.gradcam)
-            am = g["attention_mining"]
-            _put(am, "final", r.am_final)
-            steps, erased = am.create_group("steps"), am.create_group("erased")
-            for name, arr in r.am_steps.items():
-                _put(steps, name, arr)
-            for name, arr in r.am_erased.items():
-                _put(erased, name, arr)
-            if r.am_steps:
-                am.attrs["steps"] = int(next(iter(r.am_steps.values())).shape[0])
-            c = g["contrast"]
-            _put(c, "map", r.contrast)
-            _put(c, "grid", r.cia_grid)
-            _put(c, "grid_raw", r.cia_grid_raw)
-            _put(c, "paired_normal", r.paired_normal)
-            c.attrs["classes"] = json.dumps(list(r.cia_classes))
-            if r.paired_normal_id is not None:
-                c.attrs["paired_normal_id"] = r.paired_normal_id
-            d = g["disease_mask"]
-            _put(d, "psi", r.disease_mask)
-            _put(d, "dm_probabilities", r.dm_probabilities)
-            _put(d, "dm_cam", r.dm_cam)
-            if r.disease_mask_source is not None:
-                d.attrs["source"] = r.disease_mask_source
-            al = g["alignment"]
-            _put(al, "aligned_image", r.aligned_image)
-            _put(al, "affine", r.affine)
-            _put(al, "params", r.alignment_params)
-            s = g["segmentation"]
-            _put(s, "masks", r.segmentation)
-            s.attrs["classes"] = json.dumps(list(r.segmentation_classes))
+            eg, bg = f.create_group("explainers"), f.create_group("boxes")
+            for name, maps in r.maps.items():
+                g = eg.create_group(name)
+                g.attrs["attrs"] = json.dumps(r.attrs.get(name, {}))
+                for k, v in maps.items():
+                    _put(g, k, v)
             for source, boxes in r.boxes.items():
-                bg = g["boxes"].create_group(source)
-                bg.create_dataset("xywh", data=np.asarray([[b.x, b.y, b.w, b.h] for b in boxes],
-                                                          np.float64).reshape(-1, 4))
-                bg.create_dataset("score", data=np.asarray(
-                    [np.nan if b.score is None else b.score for b in boxes], np.float64))
-                bg.create_dataset("label", data=np.asarray([b.label for b in boxes], dtype=object), dtype=_STR)
+                _write_boxes(bg, source, boxes)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
@@ -152,14 +126,78 @@ def write_results(results: Any, path: str | os.PathLike) -> Path:
     return p
 
 
-def read_results(path: str | os.PathLike) -> Any:
-    """Read a results file back into a :class:`~cxrviewer.core.pipeline.Results`.
+def _read_boxes(g: h5py.Group) -> dict[str, list[Box]]:
+    boxes: dict[str, list[Box]] = {}
+    for source, bg in g.items():
+        xywh = bg["xywh"][()]
+        score = bg["score"][()]
+        labels = bg["label"].asstr()[()] if len(bg["label"]) else []
+        boxes[source] = [Box(str(lab), float(x), float(y), float(w), float(h), None if np.isnan(sc) else float(sc))
+                         for lab, (x, y, w, h), sc in zip(labels, xywh, score)]
+    return boxes
+
+
+#: version 1 group/dataset -> (explainer, map); box sources renamed to explainer names
+_V1_MAPS = {("cam", "cam"): ("cam", "cam"), ("cam", "gradcam"): ("gradcam", "gradcam"),
+            ("attention_mining", "final"): ("attention_mining", "final"),
+            ("attention_mining", "steps"): ("attention_mining", "steps"),
+            ("attention_mining", "erased"): ("attention_mining", "erased"),
+            ("contrast", "map"): ("contrast", "contrast"), ("contrast", "grid"): ("contrast", "grid"),
+            ("contrast", "grid_raw"): ("contrast", "grid_raw"),
+            ("contrast", "paired_normal"): ("contrast", "paired_normal"),
+            ("disease_mask", "psi"): ("disease_mask", "psi"),
+            ("disease_mask", "dm_probabilities"): ("disease_mask", "dm_probabilities"),
+            ("disease_mask", "dm_cam"): ("disease_mask", "dm_cam"),
+            ("alignment", "aligned_image"): ("alignment", "aligned_image"),
+            ("alignment", "affine"): ("alignment", "affine"), ("alignment", "params"): ("alignment", "params"),
+            ("segmentation", "masks"): ("segmentation", "masks")}
+_V1_BOXES = {"am": "attention_mining", "cia": "contrast"}
+_V1_GROUPS = ("cam", "attention_mining", "contrast", "disease_mask", "alignment", "segmentation", "boxes")
+
+
+def _read_v1_maps(f: h5py.File) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Maps and attributes of a version 1 file, in the version 2 naming."""
+    maps: dict[str, dict[str, Any]] = {}
+    for (group, ds), (ex, name) in _V1_MAPS.items():
+        value = _get(f[group], ds)
+        if value is not None:
+            maps.setdefault(ex, {})[name] = value
+    attrs: dict[str, dict[str, Any]] = {}
+    c, d, s = f["contrast"], f["disease_mask"], f["segmentation"]
+    if "contrast" in maps:
+        attrs["contrast"] = {"classes": json.loads(c.attrs.get("classes", "[]"))}
+        if "paired_normal_id" in c.attrs:
+            attrs["contrast"]["paired_normal_id"] = str(c.attrs["paired_normal_id"])
+    if "disease_mask" in maps and "source" in d.attrs:
+        attrs["disease_mask"] = {"source": str(d.attrs["source"])}
+    if "segmentation" in maps:
+        attrs["segmentation"] = {"classes": json.loads(s.attrs.get("classes", "[]"))}
+    am = maps.get("attention_mining")
+    if am is not None:
+        am.setdefault("steps", {})
+        am.setdefault("erased", {})
+        if "steps" in f["attention_mining"].attrs:
+            attrs["attention_mining"] = {"steps": int(f["attention_mining"].attrs["steps"])}
+    return maps, attrs
+
+
+def _read_v2_maps(f: h5py.File) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    maps: dict[str, dict[str, Any]] = {}
+    attrs: dict[str, dict[str, Any]] = {}
+    for name, g in f["explainers"].items():
+        maps[name] = {k: _get(g, k) for k in g}
+        a = json.loads(g.attrs.get("attrs", "{}"))
+        if a:
+            attrs[name] = a
+    return maps, attrs
+
+
+def read_results(path: str | os.PathLike) -> Results:
+    """Read a results file (format version 1 or 2) back into a :class:`Results`.
 
     The features kept for on-demand attention mining are not stored, so
     ``Pipeline.compute_class`` needs a fresh run for classes not in the file.
     """
-    from ..pipeline import Results
-
     p = Path(path)
     try:
         f = h5py.File(p, "r")
@@ -171,52 +209,32 @@ def read_results(path: str | os.PathLike) -> Any:
         if version < 1 or version > FORMAT_VERSION:
             raise ResultsFileError(f"results format version {version} is not supported "
                                    f"(this cxrviewer reads 1..{FORMAT_VERSION})", path=str(p))
-        missing = [g for g in GROUPS if g not in f]
+        groups = _V1_GROUPS if version == 1 else GROUPS
+        missing = [g for g in groups if g not in f]
         if missing:
             raise ResultsFileError(f"results file lacks group(s) {missing}", path=str(p))
-        am, c, d, al, s = (f[n] for n in ("attention_mining", "contrast", "disease_mask", "alignment",
-                                          "segmentation"))
-        boxes: dict[str, list[Box]] = {}
-        for source, bg in f["boxes"].items():
-            xywh = bg["xywh"][()]
-            score = bg["score"][()]
-            labels = bg["label"].asstr()[()] if len(bg["label"]) else []
-            boxes[source] = [Box(str(lab), float(x), float(y), float(w), float(h),
-                                 None if np.isnan(sc) else float(sc))
-                             for lab, (x, y, w, h), sc in zip(labels, xywh, score)]
-        r = Results(
-            study_id=str(a["study_id"]),
-            source_path=str(a["source_path"]),
-            pixel_sha256=str(a["pixel_sha256"]),
-            image_shape=tuple(int(v) for v in a["image_shape"]),
-            map_shape=tuple(int(v) for v in a["map_shape"]),
-            classes=tuple(json.loads(a["classes"])),
-            probabilities=_get(f, "probabilities"),
-            cam=_get(f["cam"], "cam"),
-            gradcam=_get(f["cam"], "gradcam"),
-            am_final=_get(am, "final"),
-            am_steps={k: v[()] for k, v in am["steps"].items()} if "steps" in am else {},
-            am_erased={k: v[()] for k, v in am["erased"].items()} if "erased" in am else {},
-            contrast=_get(c, "map"),
-            cia_classes=tuple(json.loads(c.attrs.get("classes", "[]"))),
-            cia_grid=_get(c, "grid"),
-            cia_grid_raw=_get(c, "grid_raw"),
-            paired_normal=_get(c, "paired_normal"),
-            paired_normal_id=str(c.attrs["paired_normal_id"]) if "paired_normal_id" in c.attrs else None,
-            disease_mask=_get(d, "psi"),
-            disease_mask_source=str(d.attrs["source"]) if "source" in d.attrs else None,
-            dm_probabilities=_get(d, "dm_probabilities"),
-            dm_cam=_get(d, "dm_cam"),
-            segmentation=_get(s, "masks"),
-            segmentation_classes=tuple(json.loads(s.attrs.get("classes", "[]"))),
-            aligned_image=_get(al, "aligned_image"),
-            affine=_get(al, "affine"),
-            alignment_params=_get(al, "params"),
-            boxes=boxes,
-            timings={k: float(v) for k, v in json.loads(a["timings"]).items()},
-            device=str(a["device"]),
-            models=json.loads(a["models"]),
-            notices=list(json.loads(a.get("notices", "[]"))),
-            format_version=version,
-        )
-    return r
+        maps, attrs = _read_v1_maps(f) if version == 1 else _read_v2_maps(f)
+        boxes = _read_boxes(f["boxes"])
+        if version == 1:
+            boxes = {_V1_BOXES.get(k, k): v for k, v in boxes.items()}
+        return Results(
+            study_id=str(a["study_id"]), source_path=str(a["source_path"]), pixel_sha256=str(a["pixel_sha256"]),
+            image_shape=tuple(int(v) for v in a["image_shape"]), map_shape=tuple(int(v) for v in a["map_shape"]),
+            classes=tuple(json.loads(a["classes"])), probabilities=_get(f, "probabilities"), maps=maps,
+            attrs=attrs, boxes=boxes, timings={k: float(v) for k, v in json.loads(a["timings"]).items()},
+            device=str(a["device"]), models=json.loads(a["models"]), notices=list(json.loads(a.get("notices", "[]"))),
+            format_version=version)
+
+
+def results_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """Study path, id, pixel hash, classes and probabilities of a results file (no maps read)."""
+    try:
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            probs = f["probabilities"][()] if "probabilities" in f else None
+            return {"source_path": str(a.get("source_path", "")), "study_id": str(a.get("study_id", "")),
+                    "pixel_sha256": str(a.get("pixel_sha256", "")),
+                    "classes": list(json.loads(a.get("classes", "[]"))),
+                    "probabilities": None if probs is None else np.asarray(probs, np.float32)}
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ResultsFileError(f"not a readable results file ({exc})", path=str(path)) from exc

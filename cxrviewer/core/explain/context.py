@@ -1,0 +1,174 @@
+"""What an explainer gets from the pipeline: the study's working frame and the shared model passes.
+
+Frames: the *working frame* is the study image scaled so its longest side is at most
+``frame_max_side``. After the ``alignment`` explainer ran, :attr:`ExplainContext.work` is the
+aligned working frame; the classifier, DM and CIA networks see it, and every map they produce
+is drawn back onto the original through the inverse warp (:class:`Mapper`). Maps are stored at
+``map_shape`` (the original scaled to ``map_max_side``) in original-image coordinates.
+
+The classifier runs ONCE (:meth:`ExplainContext.classifier_pass`): a forward hook on
+``model.feature_layer()`` turns the feature map into a leaf that requires grad, so CAM,
+Grad-CAM (a backward through the head only) and attention mining all share one backbone pass.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cxrviewer.core.errors import CxrError
+from cxrviewer.core.preprocess import CropBox, Preprocess, maps_to_frame
+
+if TYPE_CHECKING:
+    from cxrviewer.core.bundle import LoadedBundle
+    from cxrviewer.core.device import DeviceInfo
+    from cxrviewer.core.results import Results
+
+__all__ = ["ClassifierPass", "ExplainContext", "Mapper", "accepts"]
+
+
+@dataclass
+class Mapper:
+    """Maps from a network input back to original-image map coordinates (CPU)."""
+
+    map_shape: tuple[int, int]
+    frame_shape: tuple[int, int]
+    box: CropBox | None
+    theta_inv: torch.Tensor | None  # [1, 2, 3]
+
+    def __call__(self, maps: torch.Tensor, *, nearest: bool = False) -> np.ndarray:
+        """``[N, h, w]`` raw maps -> ``[N, *map_shape]`` float32; outside = the map's minimum."""
+        m = maps.detach().float().cpu()
+        if m.dim() == 2:
+            m = m[None]
+        lo = m.amin(dim=(-2, -1), keepdim=True)
+        shifted = m - lo  # so zero fill outside crop / warp means "the map's minimum"
+        mode = "nearest" if nearest else "bilinear"
+        out = maps_to_frame(shifted, self.map_shape, self.box, self.frame_shape, mode=mode)
+        if self.theta_inv is not None:
+            from cxrviewer.core.models.alignment import warp
+
+            out = warp(out[None], self.theta_inv, mode=mode)[0]
+        return (out + lo).numpy().astype(np.float32)
+
+
+@dataclass
+class ClassifierPass:
+    """The classifier's one forward: output dict, logits (with the head's graph when
+    ``act`` is set), the hooked feature map ``act`` and the map-back for its input crop."""
+
+    bundle: "LoadedBundle"
+    out: Mapping[str, torch.Tensor]
+    logits: torch.Tensor
+    act: torch.Tensor | None
+    box: CropBox | None
+    mapper: Mapper
+
+
+def accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes a keyword ``name``."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def scaled_shape(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``shape`` scaled so its longest side is at most ``max_side`` (never enlarged)."""
+    h, w = shape
+    s = min(1.0, float(max_side) / max(h, w))
+    return (max(1, int(round(h * s))), max(1, int(round(w * s))))
+
+
+@dataclass
+class ExplainContext:
+    """The shared state of one pipeline run (see the module docstring)."""
+
+    results: "Results"
+    bundles: Mapping[str, "LoadedBundle"]
+    device: "DeviceInfo"
+    frame: torch.Tensor  # [1, 1, fh, fw] on the device, values in [0, 1]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    work: torch.Tensor | None = None  # the (aligned) frame the classifier / DM / CIA see
+    theta: torch.Tensor | None = None  # [1, 2, 3] original -> aligned sampling
+    theta_inv: torch.Tensor | None = None  # CPU float32
+    seg_work: torch.Tensor | None = None  # [1, 3, fh, fw] lung/heart probabilities, working frame
+    _classifier: ClassifierPass | None = None
+
+    def __post_init__(self) -> None:
+        if self.work is None:
+            self.work = self.frame
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return (int(self.frame.shape[-2]), int(self.frame.shape[-1]))
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        return tuple(self.results.map_shape)  # type: ignore[return-value]
+
+    def option(self, name: str, default: Any) -> Any:
+        return self.options.get(name, default)
+
+    def preprocess(self, role: str) -> Preprocess:
+        """The manifest-driven preprocessing of the bundle serving ``role``."""
+        return Preprocess.from_manifest(self.bundles[role].manifest)
+
+    def forward(self, role: str, frame: torch.Tensor | None = None) -> tuple[Mapping[str, torch.Tensor],
+                                                                             CropBox | None]:
+        """Run the ``role`` bundle (no grad) on ``frame`` (default: the aligned working frame),
+        preprocessed as its manifest says; returns its output dict and the input crop box."""
+        pre = self.preprocess(role)
+        x01, box = pre.crop_resize(self.work if frame is None else frame)
+        with torch.no_grad(), self.device.autocast():
+            return self.bundles[role].model(pre.normalise(x01)), box
+
+    def mapper(self, box: CropBox | None, *, aligned: bool = True) -> Mapper:
+        """Map-back for a network input cut at ``box`` from the (aligned, if ``aligned``) frame."""
+        return Mapper(self.map_shape, self.frame_shape, box, self.theta_inv if aligned else None)
+
+    def set_alignment(self, theta: torch.Tensor) -> None:
+        """Use the affine ``theta`` [1, 2, 3] from now on: later networks see the aligned frame."""
+        from cxrviewer.core.models.alignment import invert_affine, warp
+
+        self.theta = theta
+        self.work = warp(self.frame, theta).clamp(0, 1)
+        self.theta_inv = invert_affine(theta.double()).float().cpu()
+
+    def classifier_pass(self) -> ClassifierPass:
+        """The classifier's single forward (run on first use, then shared)."""
+        if self._classifier is None:
+            if "classifier" not in self.bundles:
+                raise CxrError("no classifier bundle is loaded")
+            self._classifier = self._run_classifier()
+            logits = self._classifier.logits
+            self.results.probabilities = (torch.sigmoid(logits.detach().float())[0].cpu().numpy()
+                                          .astype(np.float32))
+        return self._classifier
+
+    def release(self) -> None:
+        """Drop the classifier's autograd graph (after every explainer ran)."""
+        if self._classifier is not None:
+            self._classifier.act = None
+            self._classifier.logits = self._classifier.logits.detach()
+
+    def _run_classifier(self) -> ClassifierPass:
+        b = self.bundles["classifier"]
+        model = b.model
+        pre = Preprocess.from_manifest(b.manifest)
+        x01, box = pre.crop_resize(self.work)
+        extra: dict[str, torch.Tensor] = {}
+        if self.seg_work is not None and accepts(model, "lung_heart_mask"):
+            m = self.seg_work[:, :3].amax(1, keepdim=True)  # merged binary mask M_g (lung-heart Eq. 3)
+            m_in, _ = pre.crop_resize(m)
+            extra["lung_heart_mask"] = (m_in > 0.5).float()
+        from cxrviewer.core.explain.gradcam import capture_activation
+
+        layer = model.feature_layer() if callable(getattr(model, "feature_layer", None)) else None
+        with capture_activation(layer) as store, torch.enable_grad(), self.device.autocast():
+            out = model(pre.normalise(x01), **extra)
+        return ClassifierPass(b, out, out["logits"][:1], store.get("act"), box, self.mapper(box))

@@ -1,0 +1,100 @@
+"""Where results for a study are found again: the results cache, files beside the study, and
+``cxrviewer analyze`` output folders opened as a worklist.
+
+Every reader here checks the pixel hash, so a results file is only ever shown over the image
+it was computed from.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CxrError
+from . import io as cio
+from .io.results import read_results, results_summary
+from .io.worklist import StudyRef, Worklist
+from .results import Results
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RESULTS_SUFFIXES", "cache_path", "expand_paths", "read_matching", "sidecar_candidates"]
+
+RESULTS_SUFFIXES = (".h5", ".hdf5")
+_IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+
+
+def cache_path(sha: str, key: str, folder: Path) -> Path:
+    """The cache file of the pixels ``sha`` analysed with the model set ``key``."""
+    return folder / f"{sha[:32]}-{key}.h5"
+
+
+def sidecar_candidates(study_path: str | os.PathLike) -> list[Path]:
+    """Where an offline results file for a study may sit beside it."""
+    p = Path(study_path)
+    return [p.with_name(p.name + ".results.h5"), p.with_name(p.stem + ".results.h5"),
+            p.parent / p.stem / "results.h5", p.parent / "results.h5"]
+
+
+def read_matching(path: Path, sha: str) -> Results | None:
+    """Results from ``path`` when it exists and belongs to the pixels ``sha``; else None."""
+    if not path.is_file():
+        return None
+    try:
+        if results_summary(path)["pixel_sha256"] != sha:
+            return None
+        return read_results(path)
+    except CxrError as exc:
+        log.warning("ignoring results file %s: %s", path, exc)
+        return None
+
+
+def _has_images(folder: Path) -> bool:
+    return (folder / "images").is_dir() or any(
+        f.suffix.lower() in _IMAGE_SUFFIXES for f in folder.iterdir() if f.is_file())
+
+
+def _results_row(h5: Path, wl: Worklist) -> None:
+    try:
+        info = results_summary(h5)
+    except CxrError as exc:
+        wl.errors.append(f"{h5}: {exc}")
+        return
+    src = Path(info["source_path"])
+    if not src.is_file():
+        wl.errors.append(f"{h5}: its study {src} is not found")
+        return
+    extra = {"results": str(h5)}
+    probs = info["probabilities"]
+    if probs is not None and len(info["classes"]) == len(probs):
+        top = np.argsort(-probs, kind="stable")[:3]
+        extra["findings"] = json.dumps([[info["classes"][i], float(probs[i])] for i in top])
+    wl.refs.append(StudyRef(path=src, key=f"{os.path.abspath(src)}", display_name=src.name, extra=extra))
+
+
+def expand_paths(paths: Sequence[str | os.PathLike]) -> Worklist:
+    """``open_worklist`` plus HDF5 results files (``cxrviewer analyze`` output).
+
+    A results file (or a folder holding ``*/results.h5``) becomes a worklist row for its
+    source image with ``extra["results"]`` pointing at the file.
+    """
+    plain: list[str] = []
+    h5s: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file() and p.suffix.lower() in RESULTS_SUFFIXES:
+            h5s.append(p)
+        elif p.is_dir() and not _has_images(p) and list(p.glob("*/results.h5")):
+            h5s.extend(sorted(p.glob("*/results.h5")))  # a `cxrviewer analyze --out` folder
+        else:
+            plain.append(str(raw))
+    wl = cio.open_worklist(plain) if plain else Worklist(source=", ".join(map(str, paths)))
+    for h5 in h5s:
+        _results_row(h5, wl)
+    if h5s and not wl.source:
+        wl.source = ", ".join(map(str, paths))
+    return wl
