@@ -32,6 +32,24 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("CXRVIEWER_CONFIG_DIR", tempfile.mkdtemp(prefix="cxr-bench-cfg-"))
 
+import numpy as np  # noqa: E402 - after the Qt platform is chosen
+import pyqtgraph as pg  # noqa: E402
+
+import cxrviewer.gui  # noqa: E402, F401 - applies the PySide6 6.12 refcount workaround first
+from PySide6.QtCore import QElapsedTimer, QEvent, QEventLoop, QPointF, Qt, QTimer  # noqa: E402
+from PySide6.QtGui import QMouseEvent  # noqa: E402
+from PySide6.QtWidgets import QApplication, QMainWindow  # noqa: E402
+
+from cxrviewer.core.geometry import Box  # noqa: E402
+from cxrviewer.core.study import Study, StudyMeta  # noqa: E402
+from cxrviewer.gui.annotation_controller import AnnotationController  # noqa: E402
+from cxrviewer.gui.state import ViewerState  # noqa: E402
+from cxrviewer.gui.views.image_panel import ImagePanel  # noqa: E402
+
+H, W = 2500, 2048
+STEPS = 24  # mouse moves per gesture
+Point = tuple[float, float]
+
 
 def _pct(values: list[float], q: float) -> float:
     if not values:
@@ -40,179 +58,161 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gestures", type=int, default=30)
     ap.add_argument("--boxes", type=int, default=40, help="boxes already on the study")
     ap.add_argument("--save-boxes", type=int, default=1000)
     ap.add_argument("--dir", default=None, help="folder for the store (default: a temp folder)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "box_editor_stall.json"))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import numpy as np
-    import pyqtgraph as pg
 
-    import cxrviewer.gui  # noqa: F401 - applies the PySide6 6.12 refcount workaround first
-    from PySide6.QtCore import QElapsedTimer, QEvent, QEventLoop, QPointF, Qt, QTimer
-    from PySide6.QtGui import QMouseEvent
-    from PySide6.QtWidgets import QApplication, QMainWindow
+def _study(shape: tuple[int, int], seed: int) -> Study:
+    rng = np.random.default_rng(seed)
+    stored = rng.integers(0, 4096, size=shape, dtype=np.uint16)
+    mod = stored.astype(np.float32)
+    return Study(stored=stored, modality=mod, model_input=mod / 4095.0, window=(2048.0, 4096.0),
+                 invert_display=False, meta=StudyMeta(source_path=f"/bench/{seed}.png", format="png",
+                                                      photometric="MONOCHROME2", bits_stored=12))
 
-    from cxrviewer.core.geometry import Box
-    from cxrviewer.core.study import Study, StudyMeta
-    from cxrviewer.gui.annotation_controller import AnnotationController
-    from cxrviewer.gui.state import ViewerState
-    from cxrviewer.gui.views.image_panel import ImagePanel
 
-    pg.setConfigOption("mouseRateLimit", 0)
-    app = QApplication.instance() or QApplication([])
-
-    def study(shape, seed):
-        rng = np.random.default_rng(seed)
-        stored = rng.integers(0, 4096, size=shape, dtype=np.uint16)
-        mod = stored.astype(np.float32)
-        return Study(stored=stored, modality=mod, model_input=mod / 4095.0, window=(2048.0, 4096.0),
-                     invert_display=False, meta=StudyMeta(source_path=f"/bench/{seed}.png", format="png",
-                                                          photometric="MONOCHROME2", bits_stored=12))
-
-    class Host(QMainWindow):
-        def __init__(self) -> None:
-            super().__init__()
-            self.state = ViewerState(self)
-            self.panel = ImagePanel(self)
-            self.panel.bind(self.state)
-            self.setCentralWidget(self.panel)
-            self.statusBar().showMessage("ready")  # (created lazily it would resize the panel)
-            self.resize(1280, 900)
-
+def _setup(app: QApplication, args: argparse.Namespace) -> tuple[QMainWindow, AnnotationController]:
+    """A window with the study, ``args.boxes`` boxes and 3 proposals, in annotation mode."""
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="cxr-bench-"))
-    host = Host()
+    host = QMainWindow()
+    state, panel = ViewerState(host), ImagePanel(host)
+    panel.bind(state)
+    host.setCentralWidget(panel)
+    host.statusBar().showMessage("ready")  # (created lazily it would resize the panel)
+    host.resize(1280, 900)
     host.show()
     app.processEvents()
-    ctrl = AnnotationController.attach(host, annotator="bench")
+    ctrl = AnnotationController(panel, state, host, annotator="bench", status_bar=host.statusBar())
+    ctrl.install_ui(host)
     ctrl.open_store(folder / "stall.cxrann")
-    H, W = 2500, 2048
-    host.state.set_study(study((H, W), 0))
+    state.set_study(_study((H, W), 0))
     ctrl.set_annotation_mode(True)
     rng = np.random.default_rng(1)
-    with ctrl.store.batch("seed") as _b:
+    with ctrl.store.batch("seed"):
         for _ in range(args.boxes):
             x, y = rng.uniform(0, W - 300), rng.uniform(0, H - 300)
             ctrl.store.add_box(ctrl.record.id, "Mass", x, y, rng.uniform(40, 250), rng.uniform(40, 250))
-    ctrl.add_model_proposals([Box("Nodule", 100 + 300 * i, 2100, 120, 120, 0.5) for i in range(3)], "bench")
-    ctrl.refresh()
+    ctrl.edits.add_model_proposals([Box("Nodule", 100 + 300 * i, 2100, 120, 120, 0.5) for i in range(3)],
+                                   "bench")
+    ctrl.edits.refresh()
     app.processEvents()
+    return host, ctrl
 
-    panel = host.panel
-    vp = panel.viewport()
 
-    def vpos(x, y):
-        return QPointF(panel.mapFromScene(panel.view.mapViewToScene(QPointF(x, y))))
+def _plan(ctrl: AnnotationController, kind: str, cx: float, cy: float) -> list[tuple[str, Point]]:
+    """Mouse events of one gesture (in image coordinates, mapped when sent)."""
+    if kind == "draw":
+        ctrl.toggle_draw()
+        p0, p1 = (cx, cy), (cx + 180, cy + 140)
+    else:
+        b = ctrl.store.boxes(ctrl.record.id)[-1]
+        ctrl.editor.select([("box", b.id)])
+        if kind == "move":
+            p0 = (b.x + b.w / 2, b.y + b.h / 2)
+            p1 = (p0[0] + 120, p0[1] + 90)
+        else:
+            p0 = (b.x + b.w, b.y + b.h)
+            p1 = (p0[0] + 60, p0[1] + 40)
+    out = [("press", p0)]
+    out += [("move", (p0[0] + (p1[0] - p0[0]) * i / STEPS, p0[1] + (p1[1] - p0[1]) * i / STEPS))
+            for i in range(1, STEPS + 1)]
+    out.append(("release", p1))
+    return out
 
-    # the script: (kind, image p0, image p1)
-    script = []
-    for g in range(args.gestures):
-        kind = ("draw", "move", "resize")[g % 3]
-        cx, cy = 300 + (g * 97) % 1300, 300 + (g * 131) % 1700
-        script.append((kind, cx, cy))
 
-    events: list[tuple] = []  # (type, pos, tag)
-    for kind, cx, cy in script:
-        events.append(("prep", kind, cx, cy))
+class _Mouse:
+    """Sends mouse events to the panel's viewport and times each handler."""
+
+    def __init__(self, panel: ImagePanel) -> None:
+        self.panel = panel
+        self.vp = panel.viewport()
+        self.move_ms: list[float] = []
+        self.release_ms: list[float] = []
+
+    def send(self, kind: str, p: Point) -> None:
+        pos = QPointF(self.panel.mapFromScene(self.panel.view.mapViewToScene(QPointF(*p))))
+        gpos = self.vp.mapToGlobal(pos)
+        lb, none, mods = Qt.MouseButton.LeftButton, Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier
+        if kind == "press":
+            ev = QMouseEvent(QEvent.Type.MouseButtonPress, pos, gpos, lb, lb, mods)
+        elif kind == "move":
+            ev = QMouseEvent(QEvent.Type.MouseMove, pos, gpos, none, lb, mods)
+        else:
+            ev = QMouseEvent(QEvent.Type.MouseButtonRelease, pos, gpos, lb, none, mods)
+        t0 = time.perf_counter()
+        QApplication.sendEvent(self.vp, ev)
+        dt = (time.perf_counter() - t0) * 1e3
+        (self.move_ms if kind == "move" else self.release_ms if kind == "release" else []).append(dt)
+
+
+def _run_gestures(ctrl: AnnotationController, n: int) -> dict:
+    """Play ``n`` gestures (one event every 8 ms) while a 1 ms probe timer ticks."""
+    gestures = [(("draw", "move", "resize")[g % 3], 300 + (g * 97) % 1300, 300 + (g * 131) % 1700)
+                for g in range(n)]
     ticks: list[float] = []
-    move_ms: list[float] = []
-    release_ms: list[float] = []
     clock = QElapsedTimer()
     clock.start()
     probe = QTimer()
     probe.setTimerType(Qt.TimerType.PreciseTimer)
     probe.setInterval(1)
     probe.timeout.connect(lambda: ticks.append(clock.nsecsElapsed() / 1e6))
-
-    queue: list[tuple] = []
-
-    def plan(kind, cx, cy):
-        """Mouse events of one gesture (in image coordinates, mapped when sent)."""
-        if kind == "draw":
-            ctrl.toggle_draw()
-            p0, p1 = (cx, cy), (cx + 180, cy + 140)
-        else:
-            boxes = ctrl.store.boxes(ctrl.record.id)
-            b = boxes[-1]
-            ctrl.editor.select([("box", b.id)])
-            if kind == "move":
-                p0 = (b.x + b.w / 2, b.y + b.h / 2)
-                p1 = (p0[0] + 120, p0[1] + 90)
-            else:
-                p0 = (b.x + b.w, b.y + b.h)
-                p1 = (p0[0] + 60, p0[1] + 40)
-        steps = 24
-        out = [("press", p0)]
-        out += [("move", (p0[0] + (p1[0] - p0[0]) * i / steps, p0[1] + (p1[1] - p0[1]) * i / steps))
-                for i in range(1, steps + 1)]
-        out.append(("release", p1))
-        return out
-
-    def send(kind, p):
-        pos = vpos(*p)
-        gpos = vp.mapToGlobal(pos)
-        lb = Qt.MouseButton.LeftButton
-        if kind == "press":
-            ev = QMouseEvent(QEvent.Type.MouseButtonPress, pos, gpos, lb, lb, Qt.KeyboardModifier.NoModifier)
-        elif kind == "move":
-            ev = QMouseEvent(QEvent.Type.MouseMove, pos, gpos, Qt.MouseButton.NoButton, lb,
-                             Qt.KeyboardModifier.NoModifier)
-        else:
-            ev = QMouseEvent(QEvent.Type.MouseButtonRelease, pos, gpos, lb, Qt.MouseButton.NoButton,
-                             Qt.KeyboardModifier.NoModifier)
-        t0 = time.perf_counter()
-        QApplication.sendEvent(vp, ev)
-        dt = (time.perf_counter() - t0) * 1e3
-        (move_ms if kind == "move" else release_ms if kind == "release" else []).append(dt)
-
-    gestures = list(script)
+    mouse, queue, todo = _Mouse(ctrl.panel), [], list(gestures)
+    loop = QEventLoop()  # (app.quit() would close the window, and with it the store)
     n_edits0 = len(ctrl.store.edit_ids())
 
-    def step():
+    def step() -> None:
         if not queue:
-            if not gestures:
+            if not todo:
                 driver.stop()
                 QTimer.singleShot(50, loop.quit)
                 return
-            queue.extend(plan(*gestures.pop(0)))
-        kind, p = queue.pop(0)
-        send(kind, p)
+            queue.extend(_plan(ctrl, *todo.pop(0)))
+        mouse.send(*queue.pop(0))
 
     driver = QTimer()
     driver.setTimerType(Qt.TimerType.PreciseTimer)
     driver.setInterval(8)
     driver.timeout.connect(step)
     t_start = time.perf_counter()
-    loop = QEventLoop()  # (app.quit() would close the window, and with it the store)
     probe.start()
     driver.start()
     loop.exec()
     probe.stop()
-    wall = time.perf_counter() - t_start
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    n_edits = len(ctrl.store.edit_ids()) - n_edits0
+    return {"gestures": len(gestures), "wall": time.perf_counter() - t_start,
+            "ticks": ticks, "gaps": [b - a for a, b in zip(ticks, ticks[1:])],
+            "edits": len(ctrl.store.edit_ids()) - n_edits0,
+            "move_ms": mouse.move_ms, "release_ms": mouse.release_ms}
 
-    # 1,000 boxes through the controller (GUI path), 20 per study
-    per_study = 20
-    n_studies = max(1, args.save_boxes // per_study)
-    studies = [study((1024, 1024), 100 + i) for i in range(n_studies)]
+
+def _save_boxes(ctrl: AnnotationController, n: int, per_study: int = 20) -> dict:
+    """``n`` boxes through the controller (the GUI path), ``per_study`` per study."""
+    n_studies = max(1, n // per_study)
+    studies = [_study((1024, 1024), 100 + i) for i in range(n_studies)]
     save_ms: list[float] = []
     n_before = sum(len(ctrl.store.boxes(r.id)) for r in ctrl.store.studies())
     t0 = time.perf_counter()
-    for i, st in enumerate(studies):
-        host.state.set_study(st)
+    for st in studies:
+        ctrl.state.set_study(st)
         for j in range(per_study):
             t1 = time.perf_counter()
             ctrl.add_box("Nodule", 20 + 45 * j, 30 + 40 * j, 40, 35)
             save_ms.append((time.perf_counter() - t1) * 1e3)
-    save_total = time.perf_counter() - t0
+    total = time.perf_counter() - t0
     n_saved = sum(len(ctrl.store.boxes(r.id)) for r in ctrl.store.studies()) - n_before
+    return {"n": n_saved, "studies": n_studies, "total_s": round(total, 3),
+            "per_box_ms_median": round(statistics.median(save_ms), 3),
+            "per_box_ms_max": round(max(save_ms), 3)}
 
-    result = {
+
+def _summary(args: argparse.Namespace, run: dict, saved: dict) -> dict:
+    gaps, move_ms, release_ms = run["gaps"], run["move_ms"], run["release_ms"]
+    return {
         "benchmark": "box_editor_stall",
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -221,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "image": [H, W],
         "boxes_on_study": args.boxes,
-        "gestures": len(script),
-        "edits_committed": n_edits,
+        "gestures": run["gestures"],
+        "edits_committed": run["edits"],
         "store_synchronous": "FULL",
-        "wall_s": round(wall, 3),
-        "probe_ticks": len(ticks),
+        "wall_s": round(run["wall"], 3),
+        "probe_ticks": len(run["ticks"]),
         "worst_stall_ms": round(max(gaps), 2) if gaps else None,
         "p99_gap_ms": round(_pct(gaps, 0.99), 2),
         "worst_handler_ms": round(max(move_ms + release_ms), 2),
@@ -235,15 +235,24 @@ def main(argv: list[str] | None = None) -> int:
         "release_commit_ms": {"median": round(statistics.median(release_ms), 3),
                               "p99": round(_pct(release_ms, 0.99), 3),
                               "max": round(max(release_ms), 3)},
-        "save_boxes_via_gui": {"n": n_saved, "studies": n_studies, "total_s": round(save_total, 3),
-                               "per_box_ms_median": round(statistics.median(save_ms), 3),
-                               "per_box_ms_max": round(max(save_ms), 3)},
+        "save_boxes_via_gui": saved,
         "note": ("worst_stall_ms = longest gap between 1 ms probe ticks during the scripted "
                  "gestures (event handling + repaint + commit with fsync on release, plus any "
                  "time the OS gave the CPU to other processes: compare loadavg_1min with "
                  "cpu_count); worst_handler_ms = the longest single mouse-event handler"),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    pg.setConfigOption("mouseRateLimit", 0)
+    app = QApplication.instance() or QApplication([])
+    host, ctrl = _setup(app, args)
+    run = _run_gestures(ctrl, args.gestures)
+    saved = _save_boxes(ctrl, args.save_boxes)
+    result = _summary(args, run, saved)
     ctrl.shutdown()
+    host.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

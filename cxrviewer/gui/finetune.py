@@ -6,10 +6,14 @@ the app stays usable meanwhile. Progress is parsed from the trainer's output
 (``training.trainers.loop.Progress`` lines ``epoch 2/5 [####    ] 12/40 loss …``);
 the bundle path from its last JSON line (``{"bundle": "…"}``) or ``--out``.
 
-Signals: ``progress(float fraction, str text)`` (fraction -1 while unknown),
-``output(str line)``, ``bundleReady(str path)`` when the process succeeded and
-the bundle exists (connect it to the model picker), ``failed(str message)``
-(also after :meth:`FineTuneJob.cancel`), ``finished(int exit_code)``.
+Signals of :class:`FineTuneJob`: ``progress(float fraction, str text)`` (fraction -1
+while unknown), ``output(str line)``, ``bundleReady(str path)`` when the process
+succeeded and the bundle exists, ``failed(str message)`` (also after
+:meth:`FineTuneJob.cancel`), ``finished(int exit_code)``.
+
+:class:`FineTuneController` is a window's one run: it builds the command line from the
+annotation project and the settings, reports progress and outcome, and stops the process
+when the window closes; connect its ``bundleReady`` to the model picker.
 """
 from __future__ import annotations
 
@@ -18,10 +22,15 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
+
+from . import settings
+from .annotation_feedback import AnnotationFeedback
+from .annotation_io import user_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +158,10 @@ class FineTuneJob(QObject):
         self.proc.terminate()
         self._kill_timer.start(self.KILL_AFTER_MS)
 
+    def kill(self) -> None:
+        """Kill the process at once (after a cancel that was not heeded)."""
+        self.proc.kill()
+
     def wait(self, ms: int = 30000) -> bool:
         """Block until the process ends (for shutdown and tests)."""
         return self.proc.waitForFinished(ms) if self.running else True
@@ -200,3 +213,102 @@ class FineTuneJob(QObject):
         if err == QProcess.ProcessError.FailedToStart:
             self.failed.emit(f"could not start {self.program}: {self.proc.errorString()}")
             self.finished.emit(-1)
+
+
+class FineTuneController(QObject):
+    """"Fine-tune on my annotations" of one window: at most one :class:`FineTuneJob` at a time.
+
+    Signals: ``progressChanged(fraction or None, text, running)`` for a progress bar,
+    ``bundleReady(str path)`` when the new bundle exists. Messages go to ``feedback``.
+    """
+
+    progressChanged = Signal(object, str, bool)
+    bundleReady = Signal(str)
+
+    def __init__(self, feedback: AnnotationFeedback, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.feedback = feedback
+        self.job: FineTuneJob | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    @staticmethod
+    def output_dir() -> Path:
+        """Where new bundles go: a model-set folder of their own (``<data dir>/finetuned``)."""
+        return user_data_dir() / "finetuned"
+
+    def start(self, store: Path | None, folder: Path | None = None, *,
+              out: str | os.PathLike | None = None, command: str = "cia",
+              data: str | os.PathLike | None = None, extra: Sequence[str] = (),
+              program: str | None = None, args: Sequence[str] | None = None,
+              env: dict[str, str] | None = None) -> FineTuneJob | None:
+        """Run ``cxr-train <command> --data DIR --annotations STORE --out OUT …`` in its own process.
+
+        ``store``: the open annotation project (None: refused). ``data`` defaults to
+        ``folder`` (the opened folder). ``args``/``program`` replace the whole command
+        line (tests, custom trainers).
+        """
+        if self.running:
+            self.feedback.info("A fine-tuning run is already going (Cancel stops it)")
+            return None
+        if store is None:
+            self.feedback.error("Open an annotation project first")
+            return None
+        if out is None:
+            out = self.output_dir() / f"finetuned-{time.strftime('%Y%m%d-%H%M%S')}.cxrbundle"
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        if args is None:
+            data = data if data is not None else folder
+            if data is None:
+                self.feedback.error("Fine-tuning needs a training folder (NIH layout): open one, "
+                                    "or set finetune/data in the settings")
+                return None
+            args = finetune_arguments(store, out, command=command, data=data, extra=extra)
+        job = FineTuneJob(args, out, program=program, env=env, parent=self)
+        job.progress.connect(lambda f, t: self.progressChanged.emit(None if f < 0 else f, t, True))
+        job.bundleReady.connect(self._on_bundle_ready)
+        job.failed.connect(self._on_failed)
+        self.job = job
+        self.progressChanged.emit(None, "starting…", True)
+        job.start()
+        self.feedback.info("Fine-tuning started in a separate process; the viewer stays usable")
+        return job
+
+    def start_from_settings(self, store: Path | None, folder: Path | None = None) -> None:
+        """The menu entry; settings ``finetune/command`` (cia), ``finetune/data``,
+        ``finetune/extra_args`` (a JSON list, e.g. ``["--backbone", "resnet18", "--epochs", "5"]``)."""
+        st = settings.app_settings()
+        try:
+            extra = json.loads(str(st.value("finetune/extra_args", "[]")))
+        except ValueError:
+            extra = []
+        data = st.value("finetune/data", "") or None
+        self.start(store, folder, command=str(st.value("finetune/command", "cia")),
+                   data=str(data) if data else None, extra=[str(e) for e in extra])
+
+    def cancel(self) -> None:
+        if self.running:
+            self.job.cancel()  # type: ignore[union-attr]
+            self.feedback.info("Cancelling fine-tuning…")
+
+    def shutdown(self) -> None:
+        """Stop a running process (cancel, then kill) and wait for it."""
+        job = self.job
+        if job is not None and job.running:
+            job.cancel()
+            if not job.wait(job.KILL_AFTER_MS + 1000):
+                job.kill()
+                job.wait(2000)
+
+    def _on_bundle_ready(self, path: str) -> None:
+        self.progressChanged.emit(1.0, "new bundle ready", False)
+        self.feedback.info(f"Fine-tuned bundle ready: {path}")
+        self.bundleReady.emit(path)
+
+    def _on_failed(self, message: str) -> None:
+        self.progressChanged.emit(0.0, "cancelled" if "cancel" in message else "failed", False)
+        self.feedback.error(message.splitlines()[0] if message else "fine-tuning failed")
+        if "\n" in message:
+            log.warning("%s", message)

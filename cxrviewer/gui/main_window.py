@@ -33,6 +33,7 @@ from ..core.io.worklist import Worklist
 from ..core.study import Study
 from . import settings, windowing
 from . import inference as inf
+from .annotation_controller import AnnotationController, model_label
 from .export import caption_lines, export_findings_csv, export_png
 from .state import ViewerState
 from .views.explain_panels import PANEL_SPECS, SCALE_MODES
@@ -178,11 +179,19 @@ class MainWindow(QMainWindow):
         self._wire()
         self._help: QTextBrowser | None = None
         self.reload_model_folders()
-        from .annotation_controller import AnnotationController  # issue 6: boxes, store, fine-tune
-
-        self.annotations = AnnotationController.attach(self)
+        self.annotations = self._make_annotations()
 
     # ---- construction ---------------------------------------------------
+    def _make_annotations(self) -> AnnotationController:
+        """Boxes, annotation projects and fine-tuning: dock, menus, proposals, new bundles."""
+        ann = AnnotationController(self.panel, self.state, self, status_bar=self.statusBar(),
+                                   model_name=lambda: model_label(self.model_picker.folder))
+        ann.install_ui(self, file_menu=self.file_menu, before=self.act_quit,
+                       help_menu=self.help_menu, beside=self.findings_dock)
+        self.inference.finished.connect(ann.on_results)
+        ann.bundleReady.connect(lambda path: self.add_model_folder(str(Path(path).parent)))
+        return ann
+
     def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(f"dock_{title.lower()}")
@@ -261,7 +270,7 @@ class MainWindow(QMainWindow):
 
     def _make_menus(self) -> None:
         mb = self.menuBar()
-        m = mb.addMenu("&File")
+        m = self.file_menu = mb.addMenu("&File")
         m.addActions([self.act_open_files, self.act_open_folder])
         m.addSeparator()
         m.addActions([self.act_export_png, self.act_export_csv])
@@ -286,7 +295,7 @@ class MainWindow(QMainWindow):
         for dock in (self.study_dock, self.findings_dock, self.models_dock, self.log_dock):
             v.addAction(dock.toggleViewAction())
 
-        h = mb.addMenu("&Help")
+        h = self.help_menu = mb.addMenu("&Help")
         h.addActions([self.act_shortcuts, self.act_about])
 
     def _make_view_bar(self) -> None:

@@ -6,7 +6,6 @@ After each step the store (the SQLite file) must match what the editor shows.
 """
 from __future__ import annotations
 
-import numpy as np
 import pyqtgraph as pg
 import pytest
 from PySide6.QtCore import QPoint, QPointF, Qt
@@ -16,27 +15,17 @@ from PySide6.QtWidgets import QApplication, QMainWindow
 
 from cxrviewer.core.annotations import AnnotationStore
 from cxrviewer.core.geometry import Box
-from cxrviewer.core.study import Study, StudyMeta
-from cxrviewer.gui.annotation_controller import SHORTCUTS, AnnotationController, shortcuts_markdown
+from cxrviewer.gui.annotation_actions import SHORTCUTS, shortcuts_markdown
+from cxrviewer.gui.annotation_controller import AnnotationController
 from cxrviewer.gui.shortcuts import ShortcutRegistry, ShortcutsDialog
 from cxrviewer.gui.state import ViewerState
 from cxrviewer.gui.views.box_editor import EditorItem, hit_test, move_rect, resize_rect, span_rect
 from cxrviewer.gui.views.image_panel import ImagePanel
+from tests.core.test_annotation_session import H, W, make_study  # noqa: F401 - also used from here
 
 pg.setConfigOption("mouseRateLimit", 0)
 
-H, W = 400, 500
 TOL = 2.5  # image px: the view maps ~1 screen px to ~1.3 image px here
-
-
-def make_study(shape=(H, W), seed=0, name="s0") -> Study:
-    rng = np.random.default_rng(seed)
-    stored = rng.integers(0, 4096, size=shape, dtype=np.uint16)
-    modality = stored.astype(np.float32)
-    meta = StudyMeta(source_path=f"/fake/{name}.png", format="png", photometric="MONOCHROME2",
-                     bits_stored=12)
-    return Study(stored=stored, modality=modality, model_input=modality / 4095.0,
-                 window=(2048.0, 4096.0), invert_display=False, meta=meta, study_id=name)
 
 
 class Host(QMainWindow):
@@ -193,7 +182,7 @@ def test_draw_move_resize_delete_undo_redo_with_real_drags(qtbot, host, ctrl, tm
     for expected in reversed(history[:-1]):
         qtbot.keyClick(panel, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
         assert assert_in_sync(ctrl) == expected
-    assert not ctrl.undo_stack.can_undo
+    assert not ctrl.session.undo_stack.can_undo
     for i, expected in enumerate(history[1:]):
         if i % 2:
             qtbot.keyClick(panel, Qt.Key.Key_Y, Qt.KeyboardModifier.ControlModifier)
@@ -238,7 +227,7 @@ def test_clamped_and_zero_area_boxes(qtbot, host, ctrl):
 
 def test_class_copy_paste_duplicate_carry(qtbot, host, ctrl):
     panel = host.panel
-    ctrl.set_class("Nodule")
+    ctrl.edits.set_class("Nodule")
     ctrl.toggle_draw()
     drag(panel, (60, 60), (120, 140))
     (bid, label, *_), = assert_in_sync(ctrl)
@@ -252,27 +241,27 @@ def test_class_copy_paste_duplicate_carry(qtbot, host, ctrl):
     qtbot.keyClick(panel, Qt.Key.Key_D, Qt.KeyboardModifier.ControlModifier)
     s = assert_in_sync(ctrl)
     assert len(s) == 3 and s[2][2] == pytest.approx(s[1][2] + 10)
-    n = len(ctrl.undo_stack)
+    n = len(ctrl.session.undo_stack)
     # carry to the next study (twice as large): scaled, one undo step, not duplicated
     host.state.set_study(make_study((2 * H, 2 * W), seed=1, name="s1"))
     assert stored(ctrl) == []
     qtbot.keyClick(panel, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
     carried = assert_in_sync(ctrl)
     assert len(carried) == 3 and carried[0][2:] == pytest.approx(tuple(2 * v for v in s[0][2:]))
-    assert len(ctrl.undo_stack) == n + 1
-    ctrl.carry_previous()
+    assert len(ctrl.session.undo_stack) == n + 1
+    ctrl.clipboard.carry_previous()
     assert len(stored(ctrl)) == 3
 
 
 def test_proposals_dashed_accept_reject_keep_provenance(qtbot, host, ctrl):
     panel = host.panel
-    n = ctrl.add_model_proposals({"cia": [Box("Mass", 50, 50, 80, 60, 0.9),
+    n = ctrl.edits.add_model_proposals({"cia": [Box("Mass", 50, 50, 80, 60, 0.9),
                                           Box("Nodule", 300, 200, 40, 40, 0.4)]}, "tinycia")
     assert n == 2
-    assert ctrl.add_model_proposals({"cia": [Box("Mass", 50, 50, 80, 60, 0.9)]}, "tinycia") == 0
+    assert ctrl.edits.add_model_proposals({"cia": [Box("Mass", 50, 50, 80, 60, 0.9)]}, "tinycia") == 0
     props = [it for it in ctrl.editor.items if it.kind == "proposal"]
     assert len(props) == 2
-    drawn = ctrl.editor._drawn[props[0].key].rect
+    drawn = ctrl.editor.outline(props[0].key)
     assert drawn.pen().style() == Qt.PenStyle.DashLine
     assert stored(ctrl) == []
     # Y accepts the first proposal; it becomes a box with the model's provenance
@@ -289,13 +278,13 @@ def test_proposals_dashed_accept_reject_keep_provenance(qtbot, host, ctrl):
     assert [it for it in ctrl.editor.items if it.kind == "proposal"] == []
     assert [p.status for p in ctrl.store.proposals(ctrl.record.id)] == ["accepted", "rejected"]
     # dragging a pending proposal accepts it with the new geometry in one undo step
-    ctrl.add_model_proposals([Box("Effusion", 300, 250, 60, 60, 0.7)], "other")
-    n_undo = len(ctrl.undo_stack)
+    ctrl.edits.add_model_proposals([Box("Effusion", 300, 250, 60, 60, 0.7)], "other")
+    n_undo = len(ctrl.session.undo_stack)
     drag(panel, (330, 280), (280, 240))
     boxes = ctrl.store.boxes(ctrl.record.id)
     assert len(boxes) == 2 and boxes[1].source == "model" and boxes[1].x == pytest.approx(250, abs=TOL)
-    assert len(ctrl.undo_stack) == n_undo + 1
-    ctrl.undo()
+    assert len(ctrl.session.undo_stack) == n_undo + 1
+    ctrl.edits.undo()
     assert len(ctrl.store.boxes(ctrl.record.id)) == 1
     assert [it.kind for it in ctrl.editor.items].count("proposal") == 1
 
@@ -339,10 +328,10 @@ def test_labels_status_and_dock(qtbot, host, ctrl):
     assert ctrl.store.labels(ctrl.record.id) == {"Effusion": "uncertain"}
     combo.setCurrentIndex(0)
     assert ctrl.store.labels(ctrl.record.id) == {}
-    ctrl.set_status("verified")
+    ctrl.edits.set_status("verified")
     assert ctrl.store.study(ctrl.record.id).status == "verified"
     assert ctrl.dock.status_combo.currentData() == "verified"
-    ctrl.undo()
+    ctrl.edits.undo()
     assert ctrl.store.study(ctrl.record.id).status == "in_progress"
 
 
@@ -385,29 +374,30 @@ def test_exports_imports_and_second_instance(qtbot, host, ctrl, tmp_path):
     ctrl.add_box("Nodule", 100, 120, 12, 14)
     before = stored(ctrl)
     for fmt, name in (("coco", "a.json"), ("nih-csv", "a.csv"), ("voc", "voc.zip"), ("yolo", "yolo")):
-        out = ctrl.export_to(fmt, tmp_path / name)
+        out = ctrl.io.export_to(fmt, tmp_path / name)
         assert out is not None and out.exists()
     # import the COCO export into a fresh project: same boxes once the study is opened
     assert ctrl.open_store(tmp_path / "other.cxrann")
-    edit = ctrl.import_from("coco", tmp_path / "a.json")
+    edit = ctrl.io.import_from("coco", tmp_path / "a.json")
     assert edit is not None and len(edit.box_ids) == 2
     assert [r[1:] for r in stored(ctrl)] == [r[1:] for r in before]
-    ctrl.undo()  # an import is one undo step
+    ctrl.edits.undo()  # an import is one undo step
     assert stored(ctrl) == []
     # a second window on the same project gets a clear notice, and sees the first one's edits
     host2 = Host()
     qtbot.addWidget(host2)
     c2 = AnnotationController.attach(host2, annotator="second")
     assert c2.open_store(tmp_path / "other.cxrann")
-    assert c2.notice and "another cxrviewer" in c2.notice and c2.dock.notice_label.isVisibleTo(c2.dock)
+    notice = c2.session.notice
+    assert notice and "another cxrviewer" in notice and c2.dock.notice_label.isVisibleTo(c2.dock)
     host2.state.set_study(make_study())
     ctrl.add_box("Mass", 10, 20, 30, 40)
-    c2._poll_store()
+    c2.poll_store()
     assert [r[1:] for r in stored(c2)] == [r[1:] for r in stored(ctrl)]
     c2.shutdown()
     # read-only: shown, not editable
     assert c2.open_store(tmp_path / "other.cxrann", read_only=True)
-    assert "read-only" in (c2.notice or "")
+    assert "read-only" in (c2.session.notice or "")
     c2.set_annotation_mode(True)
     assert not c2.editor.enabled and c2.add_box("Mass", 1, 1, 5, 5) is None
     c2.shutdown()
@@ -445,7 +435,7 @@ def test_main_window_has_the_editor(qtbot, tmp_path):
 
     res = SimpleNamespace(boxes={"cia": [Box("Mass", 200, 150, 60, 50, 0.8)]},
                           study_id=win.state.study.study_id)
-    ctrl._on_results("sha", res, "computed")  # (attach connects it to win.inference.finished)
+    ctrl.on_results("sha", res, "computed")  # (the window connects it to win.inference.finished)
     assert [it.kind for it in ctrl.editor.items] == ["box", "proposal"]
     # a fine-tuned bundle shows up in the model picker (its folder added and selected)
     new = tmp_path / "finetuned" / "ft.cxrbundle"

@@ -98,7 +98,7 @@ def test_boxes_drawn_in_the_gui_improve_the_finetuned_bundle(qtbot, tmp_path):
         host.state.set_study(cio.load_study(rec.path))
         ctrl.set_annotation_mode(True)
         for b in rec.boxes:
-            ctrl.set_class(b.label)
+            ctrl.edits.set_class(b.label)
             ctrl.toggle_draw()
             drag(host.panel, (b.x, b.y), (b.x + b.w, b.y + b.h))
             n_boxes += 1

@@ -1,6 +1,7 @@
 """Annotations: a crash-safe SQLite store, an undoable edit log, exports and imports.
 
-Qt-free; the GUI box editor drives :class:`AnnotationStore` + :class:`UndoStack`,
+Qt-free; the GUI box editor drives an :class:`AnnotationSession` (an
+:class:`AnnotationStore`, its :class:`UndoStack` and the shown study);
 ``cxr-train`` reads a store through :func:`iter_training_records`.
 """
 from __future__ import annotations
@@ -15,12 +16,18 @@ from .model import (
     Edit, EditConflictError, InvalidBoxError, Op, Proposal, StudyIdentity, StudyRecord,
     TrainingRecord, clamp_box,
 )
+from .session import (
+    AnnotationSession, BoxClipboard, EditRefused, StudySnapshot, created_box_ids, is_committed,
+    proposals_from_results,
+)
 from .store import (
     SUFFIX, AnnotationStore, BatchResult, HistoryEntry, UndoStack, iter_training_records,
 )
 
 __all__ = [
-    "AnnotatedBox", "AnnotationStore", "BOX_SOURCES", "BatchResult", "Edit", "EditConflictError",
+    "AnnotatedBox", "AnnotationSession", "AnnotationStore", "BOX_SOURCES", "BatchResult",
+    "BoxClipboard", "Edit", "EditConflictError", "EditRefused", "StudySnapshot", "created_box_ids",
+    "is_committed", "proposals_from_results",
     "HistoryEntry", "InvalidBoxError", "LABEL_CODES", "LABEL_STATES", "MIGRATIONS", "Op",
     "PROPOSAL_STATUSES", "Proposal", "REVIEW_STATUSES", "SCHEMA_VERSION", "SUFFIX",
     "StudyIdentity", "StudyRecord", "TrainingRecord", "UndoStack", "clamp_box",

@@ -2,8 +2,8 @@
 
 A pure *view*: it draws what it is given (:meth:`BoxEditor.set_items`) and turns
 mouse gestures into requests (``drawRequested``, ``geometryRequested``); the
-:class:`~cxrviewer.gui.annotation_controller.AnnotationController` writes them to
-the annotation store and hands the stored rows back. So the screen always shows
+edit commands (:mod:`cxrviewer.gui.annotation_edits`) write them to the annotation
+store and hand the stored rows back. So the screen always shows
 the store, and a drag commits exactly **one** edit, on mouse release.
 
 Interaction (the CREATE/EDIT split of LabelImg and labelme, with CVAT's
@@ -30,6 +30,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyqtgraph as pg
 from PySide6.QtCore import QObject, QPointF, QRectF, Qt, Signal
@@ -40,6 +41,8 @@ from ...core.classes import CLASSES
 from .layers import Layer, label_color
 
 log = logging.getLogger(__name__)
+
+GraphicsItemT = TypeVar("GraphicsItemT", bound=QGraphicsItem)
 
 #: (kind, id): kind is "box" (accepted) or "proposal" (a model's, pending).
 ItemKey = tuple[str, int]
@@ -211,14 +214,11 @@ class _Drawn:
         fill = QColor(color)
         fill.setAlpha(40 if selected else 0)
         self.rect.setBrush(QBrush(fill) if selected else QBrush(Qt.BrushStyle.NoBrush))
-        layer._add(self.rect)
+        layer.add(self.rect)
         self.text = pg.TextItem(item.caption(), color=color, anchor=(0, 1),
                                 fill=QColor(0, 0, 0, 150))
-        layer._add(self.text)
-        self.handles: list[_Handle] = []
-        if selected:
-            for _ in _PARTS:
-                self.handles.append(layer._add(_Handle(color)))  # type: ignore[arg-type]
+        layer.add(self.text)
+        self.handles: list[_Handle] = [layer.add(_Handle(color)) for _ in _PARTS] if selected else []
         self.set_rect(item.rect)
 
     @property
@@ -249,6 +249,18 @@ class _EditorLayer(Layer):
         super().on_image_changed(shape)
         self._on_shape()
 
+    def add(self, item: GraphicsItemT) -> GraphicsItemT:
+        """Show ``item`` over the image (this layer's z order and visibility)."""
+        self._add(item)
+        return item
+
+    def remove(self, item: QGraphicsItem) -> None:
+        """Take one item off the view (the opposite of :meth:`add`)."""
+        if self.view is not None:
+            self.view.removeItem(item)
+        if item in self._items:
+            self._items.remove(item)
+
 
 @dataclass
 class _Drag:
@@ -271,13 +283,14 @@ class BoxEditor(QObject):
         a move or resize ended with a new geometry.
     ``selectionChanged(list keys)``
         the selected :data:`ItemKey` list changed.
-    ``drawModeChanged(bool)``, ``refused(str message)``.
+    ``drawModeChanged(bool)``, ``drawLabelChanged(str)``, ``refused(str message)``.
     """
 
     drawRequested = Signal(str, float, float, float, float)
     geometryRequested = Signal(str, int, float, float, float, float)
     selectionChanged = Signal(list)
     drawModeChanged = Signal(bool)
+    drawLabelChanged = Signal(str)
     refused = Signal(str)
 
     GRAB_PX = 6.0  # screen pixels around an edge that grab it
@@ -327,6 +340,11 @@ class BoxEditor(QObject):
     def clear(self) -> None:
         self.set_items([], keep_selection=False)
 
+    def outline(self, key: ItemKey) -> QGraphicsRectItem | None:
+        """The rectangle drawn for an item (None when it is not drawn)."""
+        drawn = self._drawn.get(key)
+        return drawn.rect if drawn is not None else None
+
     def _on_image_changed(self) -> None:
         """A new image: drop a drag in flight and redraw (the controller sends new items)."""
         self._drag = None
@@ -359,10 +377,7 @@ class BoxEditor(QObject):
 
     def _remove(self, d: _Drawn) -> None:
         for g in d.graphics:
-            if self.layer.view is not None:
-                self.layer.view.removeItem(g)
-            if g in self.layer._items:
-                self.layer._items.remove(g)
+            self.layer.remove(g)
 
     def _drop_preview(self) -> None:
         if self._preview is not None:
@@ -398,6 +413,11 @@ class BoxEditor(QObject):
     @property
     def draw_mode(self) -> bool:
         return self._draw_mode
+
+    def set_draw_label(self, label: str) -> None:
+        """The class of the next drawn box."""
+        self.draw_label = label
+        self.drawLabelChanged.emit(label)
 
     def set_draw_mode(self, on: bool) -> None:
         on = bool(on) and self.enabled

@@ -1,0 +1,202 @@
+"""Annotation edit commands: editor gestures, keys and dock choices -> session edits -> redraw.
+
+Each command is one :class:`~cxrviewer.core.annotations.AnnotationSession` edit (one
+store transaction, one undo step); :meth:`AnnotationEdits.run` reports a refused or
+failed edit and redraws the box editor and the dock from the store, so the screen
+always shows what is saved.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtGui import QCursor
+from PySide6.QtWidgets import QMenu, QWidget
+
+from ..core.annotations import (
+    AnnotationSession, Edit, EditConflictError, EditRefused, InvalidBoxError, created_box_ids,
+    is_committed,
+)
+from ..core.classes import CLASSES
+from ..core.errors import CxrError
+from ..core.geometry import Box
+from .annotation_feedback import AnnotationFeedback
+from .views.box_editor import BoxEditor, EditorItem, ItemKey
+from .widgets.annotations import AnnotationDock
+
+
+class AnnotationEdits(QObject):
+    """The edit commands of one box editor + dock (see the module docstring).
+
+    ``edited(Edit)`` after every committed edit (undo/redo too); ``refreshed()`` after
+    each redraw from the store. ``menu_parent`` owns the class popup menu.
+    """
+
+    edited = Signal(object)
+    refreshed = Signal()
+
+    def __init__(self, session: AnnotationSession, editor: BoxEditor, dock: AnnotationDock,
+                 feedback: AnnotationFeedback, menu_parent: QWidget,
+                 parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.editor = editor
+        self.dock = dock
+        self.feedback = feedback
+        self.menu_parent = menu_parent
+
+    # ---- running and redrawing ----------------------------------------------------------
+    def run(self, op: Callable[..., Edit], *args: Any, select_created: bool = False) -> Edit | None:
+        """Run one session edit, report why not if it was refused or failed, redraw.
+
+        ``select_created``: select the boxes the edit created (drawn, pasted, accepted).
+        """
+        try:
+            edit = op(*args)
+        except EditRefused as exc:
+            self.feedback.refused(exc)
+            return None
+        except (InvalidBoxError, EditConflictError) as exc:
+            self.feedback.error(str(exc))
+            self.refresh()
+            return None
+        except CxrError as exc:
+            self.feedback.error(f"Edit not saved: {exc}")
+            self.refresh()
+            return None
+        if is_committed(edit):
+            self.edited.emit(edit)
+        created = [("box", b) for b in created_box_ids(edit)] if select_created else []
+        self.refresh(select=created or None)
+        return edit
+
+    def refresh(self, select: Sequence[ItemKey] | None = None) -> None:
+        """Redraw boxes, proposals, labels and status of the shown study from the store.
+
+        ``select``: the selection to show (default: keep what is still there).
+        """
+        try:
+            snap = self.session.snapshot()
+        except CxrError as exc:
+            self.feedback.error(str(exc))
+            return
+        if snap is None:
+            self.editor.clear()
+            self.dock.show_study([], {}, None)
+        else:
+            items = ([EditorItem.from_box(b) for b in snap.boxes]
+                     + [EditorItem.from_proposal(p) for p in snap.proposals])
+            self.editor.set_items(items, selected=select)
+            self.dock.show_study(items, snap.labels, snap.record.status)
+            self.dock.set_selection(self.editor.selected)
+        self.refreshed.emit()
+
+    def selected(self, kind: str) -> list[int]:
+        """Ids of the selected boxes (``"box"``) or proposals (``"proposal"``)."""
+        return [i for k, i in self.editor.selected if k == kind]
+
+    def selected_boxes(self) -> list[Box]:
+        """The selected items as plain boxes (copy, duplicate)."""
+        keys = set(self.editor.selected)
+        return [Box(it.label, it.x, it.y, it.w, it.h) for it in self.editor.items if it.key in keys]
+
+    # ---- boxes ---------------------------------------------------------------------------
+    def draw(self, label: str, x: float, y: float, w: float, h: float) -> Edit | None:
+        """A drawn box (the editor's ``drawRequested``; also for code: same path)."""
+        return self.run(self.session.draw_box, label, x, y, w, h, select_created=True)
+
+    def apply_geometry(self, kind: str, item_id: int, x: float, y: float, w: float, h: float) -> None:
+        """A move/resize ended; dragging a proposal accepts it with the new geometry."""
+        if kind == "box":
+            self.run(self.session.move_box, item_id, x, y, w, h)
+        else:
+            self.run(self.session.accept_adjusted, item_id, x, y, w, h, select_created=True)
+
+    def delete_selected(self) -> None:
+        self.run(self.session.delete, self.selected("box"), self.selected("proposal"))
+
+    def set_class(self, label: str) -> None:
+        """Class of new boxes, and of the selected boxes."""
+        if label not in CLASSES:
+            return
+        self.editor.set_draw_label(label)
+        boxes = self.selected("box")
+        if boxes and self.session.writable:
+            self.run(self.session.relabel, boxes, label)
+
+    def step_class(self, delta: int) -> None:
+        label = self.editor.draw_label
+        i = CLASSES.index(label) if label in CLASSES else 0
+        self.set_class(CLASSES[(i + delta) % len(CLASSES)])
+
+    def class_menu(self) -> QMenu:
+        """A popup with the 14 classes at the cursor (non-blocking)."""
+        menu = QMenu(self.menu_parent)
+        for i, name in enumerate(CLASSES):
+            a = menu.addAction(f"&{i + 1:x}  {name}" if i < 15 else name)
+            a.setCheckable(True)
+            a.setChecked(name == self.editor.draw_label)
+            a.triggered.connect(lambda _=False, n=name: self.set_class(n))
+        menu.popup(QCursor.pos())
+        return menu
+
+    # ---- proposals ---------------------------------------------------------------------
+    def accept_proposal(self) -> None:
+        self.run(self.session.accept_proposals, self.selected("proposal"), select_created=True)
+
+    def reject_proposal(self) -> None:
+        self.run(self.session.reject_proposals, self.selected("proposal"))
+
+    def add_model_proposals(self, boxes: Mapping[str, Sequence[Box]] | Sequence[Box],
+                            model_name: str) -> int:
+        """Show a model's boxes (source -> boxes, or a list) as dashed proposals.
+
+        Stored once per study and model name; not an undo step. Returns the number added.
+        """
+        try:
+            added = self.session.add_proposals(boxes, model_name)
+        except CxrError as exc:
+            self.feedback.error(f"proposals not stored: {exc}")
+            return 0
+        self.refresh()
+        return added
+
+    # ---- labels and status ------------------------------------------------------------------
+    def set_label(self, label: str, state: str | None) -> None:
+        self.run(self.session.set_label, label, state)
+
+    def set_status(self, status: str) -> None:
+        self.run(self.session.set_status, status)
+
+    def toggle_done(self) -> None:
+        """Done <-> in progress."""
+        edit = self.run(self.session.toggle_done)
+        record = self.session.record
+        if edit is not None and record is not None:
+            self.feedback.info(f"Study marked {record.status.replace('_', ' ')} (D: next study)", 3000)
+
+    # ---- undo / redo -----------------------------------------------------------------------
+    def undo(self) -> Edit | None:
+        return self._undo_redo(False)
+
+    def redo(self) -> Edit | None:
+        return self._undo_redo(True)
+
+    def _undo_redo(self, forward: bool) -> Edit | None:
+        if not self.session.writable:
+            return None
+        try:
+            edit = self.session.redo() if forward else self.session.undo()
+        except CxrError as exc:  # EditConflictError: another window changed the rows
+            self.feedback.error(f"{'Redo' if forward else 'Undo'} refused: {exc}")
+            self.refresh()
+            return None
+        if edit is None:
+            self.feedback.info("Nothing to redo" if forward else "Nothing to undo", 2000)
+            return None
+        if self.session.elsewhere(edit):
+            self.feedback.info(f"{edit.description} (on another study)")
+        self.edited.emit(edit)
+        self.refresh()
+        return edit

@@ -1,0 +1,152 @@
+"""Annotation project files: default places, the annotator's name, the cross-process lock,
+and the export/import/project file dialogs with their messages."""
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QLockFile, QObject, QStandardPaths, Signal
+from PySide6.QtWidgets import QFileDialog, QWidget
+
+from ..core.annotations import SUFFIX, AnnotationSession, Edit, EditRefused
+from ..core.errors import CxrError
+from . import settings
+from .annotation_feedback import AnnotationFeedback
+
+EXPORT_FORMATS = {"coco": "COCO JSON", "voc": "Pascal VOC", "yolo": "YOLO", "nih-csv": "NIH csv"}
+IMPORT_FORMATS = {"nih-csv": "NIH csv (BBox_List_2017 layout)", "coco": "COCO JSON"}
+PROJECT_FILTER = f"Annotation projects (*{SUFFIX})"
+
+
+def user_data_dir() -> Path:
+    """Where default annotation projects (and fine-tuned bundles) go when no folder is open."""
+    env = os.environ.get("CXRVIEWER_DATA_DIR") or os.environ.get("CXRVIEWER_CONFIG_DIR")
+    if env:
+        return Path(env)
+    loc = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppDataLocation)
+    return Path(loc) if loc else Path.home() / ".cxrviewer"
+
+
+def default_annotator() -> str:
+    """The ``annotation/annotator`` setting, else the login name."""
+    name = settings.app_settings().value("annotation/annotator", "")
+    if name:
+        return str(name)
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in some containers
+        return "unknown"
+
+
+def opened_folder(source: str | None) -> Path | None:
+    """The worklist's source when it is one folder (not files, not a list), else None."""
+    src = (source or "").strip()
+    return Path(src) if src and "," not in src and Path(src).is_dir() else None
+
+
+def default_store_path(source: str | None) -> Path:
+    """``<folder>.cxrann`` beside an opened folder, else ``default.cxrann`` in the data dir."""
+    folder = opened_folder(source)
+    if folder is not None:
+        folder = folder.resolve()
+        if os.access(folder.parent, os.W_OK):
+            return folder.parent / f"{folder.name}{SUFFIX}"
+    return user_data_dir() / f"default{SUFFIX}"
+
+
+def project_lock(path: Path) -> tuple[Callable[[], None] | None, str | None]:
+    """Lock a project for this process: (release, None), or (None, a notice) if another has it."""
+    lock = QLockFile(str(path) + ".lock")
+    lock.setStaleLockTime(0)
+    if lock.tryLock(0):
+        return lock.unlock, None
+    info = [v for v in lock.getLockInfo() if not isinstance(v, bool)]
+    who = f"process {info[0]} on {info[1]}" if len(info) >= 2 and info[0] else "another program"
+    return None, (f"Also open in another cxrviewer ({who}). Both can edit safely: every edit is "
+                  "committed at once, changes from the other window appear here within seconds, "
+                  "and an undo that would overwrite its work is refused.")
+
+
+class AnnotationIO(QObject):
+    """Exports, imports and the project file dialogs of one window.
+
+    ``imported(Edit)`` after an import changed the project (the shown study may now
+    have boxes).
+    """
+
+    imported = Signal(object)
+
+    def __init__(self, session: AnnotationSession, feedback: AnnotationFeedback,
+                 parent: QWidget) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.feedback = feedback
+        self.parent_widget = parent
+
+    # ---- exports / imports ----------------------------------------------------------
+    def export_to(self, fmt: str, target: str | os.PathLike, *,
+                  include_identifiers: bool = False) -> Path | None:
+        """Write an export (atomically); None (and a message) when it failed."""
+        try:
+            out = self.session.export_to(fmt, target, include_identifiers=include_identifiers)
+        except EditRefused as exc:
+            self.feedback.refused(exc)
+            return None
+        except CxrError as exc:
+            self.feedback.error(f"Export failed: {exc}")
+            return None
+        self.feedback.info(f"Exported {EXPORT_FORMATS.get(fmt, fmt)} to {out}")
+        return out
+
+    def import_from(self, fmt: str, source: str | os.PathLike, **kwargs: Any) -> Edit | None:
+        """Import boxes (one undo step); studies not opened yet are matched when opened."""
+        try:
+            edit = self.session.import_from(fmt, source, **kwargs)
+        except EditRefused as exc:
+            self.feedback.refused(exc)
+            return None
+        except (CxrError, KeyError) as exc:
+            self.feedback.error(f"Import failed: {exc}")
+            return None
+        self.feedback.info(f"Imported {len(edit.box_ids) if edit else 0} box(es) from {source}")
+        self.imported.emit(edit)
+        return edit
+
+    # ---- dialogs ----------------------------------------------------------------------
+    def export_dialog(self, fmt: str) -> None:
+        name = EXPORT_FORMATS[fmt]
+        store = self.session.store
+        base = store.path.with_suffix("") if store else Path.home() / "annotations"
+        if fmt in ("voc", "yolo"):
+            title, ext, filt = (f"Export {name} (a .zip or a folder name)", ".zip",
+                                "Zip (*.zip);;Folder (*)")
+        else:
+            ext = ".json" if fmt == "coco" else ".csv"
+            title, filt = f"Export {name}", f"{name} (*{ext})"
+        target, _ = QFileDialog.getSaveFileName(self.parent_widget, title, f"{base}-{fmt}{ext}", filt)
+        if target:
+            self.export_to(fmt, target)
+
+    def import_dialog(self, fmt: str) -> None:
+        filt = "COCO JSON (*.json)" if fmt == "coco" else "CSV (*.csv *.csv.gz)"
+        source, _ = QFileDialog.getOpenFileName(self.parent_widget, f"Import {IMPORT_FORMATS[fmt]}",
+                                                settings.last_dir(), f"{filt};;All files (*)")
+        if source:
+            self.import_from(fmt, source)
+
+    def new_project_path(self, default: Path) -> str | None:
+        """Ask where a new project goes (the suffix is added); None when cancelled."""
+        path, _ = QFileDialog.getSaveFileName(self.parent_widget, "New annotation project",
+                                              str(default), PROJECT_FILTER)
+        if not path:
+            return None
+        return path if path.endswith(SUFFIX) else path + SUFFIX
+
+    def open_project_path(self, folder: Path) -> str | None:
+        """Ask for an existing project; None when cancelled."""
+        path, _ = QFileDialog.getOpenFileName(self.parent_widget, "Open annotation project",
+                                              str(folder), f"{PROJECT_FILTER};;All files (*)")
+        return path or None
