@@ -39,20 +39,10 @@ def demo_paths() -> list[str]:
 
 
 def reserve_gui_core() -> int:
-    """Let torch use every core but one, so the GUI thread always has a core (returns threads).
+    """Let torch use every core but one, so the GUI thread always has a core (returns threads)."""
+    from ..core.device import leave_one_core
 
-    Also shortens the interpreter's thread switch interval (5 -> 1 ms) so that the GUI
-    thread gets the GIL back quickly while the model worker runs Python code.
-    """
-    import os
-
-    import torch
-
-    sys.setswitchinterval(0.001)
-    n = max(1, (os.cpu_count() or 2) - 1)
-    if torch.get_num_threads() > n:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
+    return leave_one_core()
 
 
 def run_gui(paths: Sequence[str], demo: bool = False, models_dir: str | None = None) -> int:

@@ -23,7 +23,7 @@ from PySide6.QtWidgets import QWidget
 def models_text(results: Any) -> str:
     """'classifier=msa-demo (untrained), segmentation=unet-jsrt (research demo)'."""
     parts = []
-    for role, m in (getattr(results, "models", None) or {}).items():
+    for role, m in (results.models if results is not None else {}).items():
         badge = " (untrained)" if not m.get("trained", True) else (" (research demo)" if m.get("research_demo") else "")
         parts.append(f"{role}={m.get('name') or m.get('bundle') or '?'}{badge}")
     return ", ".join(parts)

@@ -3,38 +3,40 @@
 Flow (napari's pattern: the model side is plain Python, Qt only carries results)::
 
     InferenceController.request(study, ref)
-      -> memory LRU hit (pixel_sha256, model-set key)?        -> finished(results, "memory")
+      -> memory LRU hit (pixel_sha256, model-set key)?        -> finished(results, display, "memory")
       -> else JobRunner "model" channel (the window's model runner: its own single thread,
          so decoding the next study never waits behind a model stage), in the worker thread:
-           results cache file <config>/results-cache/<sha>-<key>.h5   -> "cache"
+           results cache file <cache dir>/<sha>-<key>.h5              -> "cache"
            an offline ``cxrviewer analyze`` results file for the study -> "file"
            else Pipeline.run(on_stage=..., cancel=ctx.cancelled)       -> "run"
-             each stage -> progress(StageUpdate) with a snapshot of the Results so far
-             (numpy arrays and plain Python only; the GUI never sees the live object)
+             each stage -> progress(StageUpdate) with a snapshot of the Results so far and
+             its DisplayData (numpy arrays and plain Python only)
 
-The pipeline (torch) is only touched by the single worker thread: models are
-loaded there too (:class:`PipelineHolder`). Switching study submits a new
-request, which makes the running one stale: its ``cancel()`` turns true and
-the pipeline stops after the current stage; anything it still reports is
-dropped by the runner (sequence numbers) and by the pixel hash check here.
+The pipeline (torch) is only touched by the single worker thread: models are loaded there
+too (:class:`PipelineHolder`); this module imports no torch. Switching study submits a new
+request, which makes the running one stale: its ``cancel()`` turns true and the pipeline stops
+after the current stage; anything it still reports is dropped by the runner (sequence numbers)
+and by the pixel hash check here.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
+from ..core.catalog import BundleInfo, model_set_key
+from ..core.display import DisplayData, build_display
 from ..core.errors import CxrError
+from ..core.panels import needs_class_maps
+from ..core.result_cache import cache_path, read_matching, sidecar_candidates
+from ..core.results import Results
 from ..core.study import Study
 
 log = logging.getLogger(__name__)
@@ -42,68 +44,6 @@ log = logging.getLogger(__name__)
 MEMORY_CACHE_SIZE = 6
 #: stored map size for the GUI (maps are smooth; 256 keeps every slot cheap)
 GUI_MAP_SIDE = 256
-RESULTS_SUFFIXES = (".h5", ".hdf5")
-
-
-# ---------------------------------------------------------------------------
-# Model sets
-@dataclass
-class BundleInfo:
-    """What the model picker shows of one bundle (read from its manifest only)."""
-
-    path: Path
-    name: str
-    family: str
-    architecture: str
-    role: str | None
-    research_demo: bool
-    trained: bool
-    weights_sha256: str | None
-    description: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
-    research_use_only: bool = False
-
-    @property
-    def badge(self) -> str:
-        """'untrained', 'research demo', 'research use only' or '' (what the GUI says plainly)."""
-        if not self.trained:
-            return "untrained"
-        if self.research_demo:
-            return "research demo"
-        if self.research_use_only:
-            return "research use only"
-        return ""
-
-
-def scan_bundles(folder: str | os.PathLike) -> list[BundleInfo]:
-    """Manifests of the ``*.cxrbundle`` folders in ``folder`` (unreadable ones flagged)."""
-    from ..core.bundle import find_bundles, read_manifest
-
-    out: list[BundleInfo] = []
-    try:
-        paths = find_bundles(folder)
-    except (CxrError, OSError) as exc:
-        log.warning("cannot scan %s for models: %s", folder, exc)
-        return out
-    for p in paths:
-        try:
-            m = read_manifest(p)
-        except CxrError as exc:
-            out.append(BundleInfo(Path(p), Path(p).name, "?", "?", None, True, False, None, error=str(exc)))
-            continue
-        prov = m.provenance
-        out.append(BundleInfo(Path(p), m.name or Path(p).stem, m.family, m.architecture, m.role,
-                              m.research_demo, bool(prov.get("trained", True)), m.weights_sha256,
-                              m.description, dict(prov.get("metrics") or {}),
-                              research_use_only=bool(prov.get("research_use_only", False))))
-    return out
-
-
-def model_set_key(bundles: Sequence[BundleInfo]) -> str:
-    """A short stable key for a set of bundles (names + weight checksums)."""
-    items = sorted((b.name, b.architecture, b.weights_sha256 or str(b.path)) for b in bundles if not b.error)
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 class PipelineHolder:
@@ -125,10 +65,8 @@ class PipelineHolder:
         return self.pipeline
 
 
-# ---------------------------------------------------------------------------
-# Results files
 def results_cache_dir() -> Path:
-    """``<config dir>/results-cache`` (``$CXRVIEWER_CONFIG_DIR`` in tests)."""
+    """``<cache dir>/results-cache`` (``$CXRVIEWER_CONFIG_DIR`` in tests)."""
     cfg = os.environ.get("CXRVIEWER_CONFIG_DIR")
     if cfg:
         base = Path(cfg)
@@ -140,169 +78,46 @@ def results_cache_dir() -> Path:
     return base / "results-cache"
 
 
-def cache_path(sha: str, key: str, folder: Path | None = None) -> Path:
-    return (folder or results_cache_dir()) / f"{sha[:32]}-{key}.h5"
+@dataclass
+class Shown:
+    """Results with the display data built for them in the worker thread."""
+
+    results: Results
+    display: DisplayData
 
 
-def sidecar_candidates(study_path: str | os.PathLike) -> list[Path]:
-    """Where an offline results file for a study may sit beside it."""
-    p = Path(study_path)
-    return [p.with_name(p.name + ".results.h5"), p.with_name(p.stem + ".results.h5"),
-            p.parent / p.stem / "results.h5", p.parent / "results.h5"]
-
-
-def read_matching(path: Path, sha: str) -> Any | None:
-    """Results from ``path`` when it exists and belongs to the pixels ``sha``; else None."""
-    if not path.is_file():
-        return None
-    try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            if str(f.attrs.get("pixel_sha256", "")) != sha:
-                return None
-        from ..core.io.results import read_results
-
-        return read_results(path)
-    except (CxrError, OSError, KeyError, ValueError) as exc:
-        log.warning("ignoring results file %s: %s", path, exc)
-        return None
-
-
-def results_file_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """Study path, id, classes and probabilities of a results file (no maps read)."""
-    import h5py
-    import numpy as np
-
-    with h5py.File(path, "r") as f:
-        a = f.attrs
-        probs = f["probabilities"][()] if "probabilities" in f else None
-        return {"source_path": str(a.get("source_path", "")), "study_id": str(a.get("study_id", "")),
-                "pixel_sha256": str(a.get("pixel_sha256", "")),
-                "classes": list(json.loads(a.get("classes", "[]"))),
-                "probabilities": None if probs is None else np.asarray(probs, np.float32)}
-
-
-def _has_images(folder: Path) -> bool:
-    exts = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-    return (folder / "images").is_dir() or any(f.suffix.lower() in exts for f in folder.iterdir() if f.is_file())
-
-
-def expand_paths(paths: Sequence[str | os.PathLike]):
-    """``open_worklist`` plus HDF5 results files (``cxrviewer analyze`` output).
-
-    A results file (or a folder holding ``*/results.h5``) becomes a worklist row for
-    its source image with ``extra["results"]`` pointing at the file.
-    """
-    import numpy as np
-
-    from ..core import io as cio
-    from ..core.io.worklist import StudyRef, Worklist
-
-    plain: list[str] = []
-    h5s: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_file() and p.suffix.lower() in RESULTS_SUFFIXES:
-            h5s.append(p)
-        elif p.is_dir() and not _has_images(p) and list(p.glob("*/results.h5")):
-            h5s.extend(sorted(p.glob("*/results.h5")))  # a `cxrviewer analyze --out` folder
-        else:
-            plain.append(str(raw))
-    wl = cio.open_worklist(plain) if plain else Worklist(source=", ".join(map(str, paths)))
-    for h5 in h5s:
-        try:
-            info = results_file_summary(h5)
-        except (OSError, KeyError, ValueError) as exc:
-            wl.errors.append(f"{h5}: not a readable results file ({exc})")
-            continue
-        src = Path(info["source_path"])
-        if not src.is_file():
-            wl.errors.append(f"{h5}: its study {src} is not found")
-            continue
-        extra = {"results": str(h5)}
-        probs = info["probabilities"]
-        if probs is not None and len(info["classes"]) == len(probs):
-            top = np.argsort(-probs, kind="stable")[:3]
-            extra["findings"] = json.dumps([[info["classes"][i], float(probs[i])] for i in top])
-        wl.refs.append(StudyRef(path=src, key=f"{os.path.abspath(src)}", display_name=src.name, extra=extra))
-    if h5s and not wl.source:
-        wl.source = ", ".join(map(str, paths))
-    return wl
-
-
-def display_pyramid(image: Any, levels: int = 3, min_side: int = 64) -> list:
-    """``[image, /2, /4, ...]`` 2x2-mean levels (the ImagePanel display pyramid), float32."""
-    import numpy as np
-
-    out = [image]
-    a = image
-    for _ in range(levels):
-        h, w = (a.shape[0] // 2) * 2, (a.shape[1] // 2) * 2
-        if min(h, w) // 2 < min_side:
-            break
-        a = a[:h, :w].astype(np.float32, copy=False).reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-        out.append(a)
-    return out
-
-
-def load_for_display(ref: Any, timeout: float = 30.0) -> Study:
-    """The "load" job: decode a study and pre-compute its display pyramid off the GUI thread
-    (shared by every panel, see ``ImagePanel.set_image(pyramid=...)``)."""
-    study = ref.load(timeout=timeout)
-    try:
-        study.display_pyramid = display_pyramid(study.modality)
-    except (ValueError, MemoryError) as exc:  # a display nicety: never fail the load for it
-        log.debug("no display pyramid: %s", exc)
-    return study
-
-
-# ---------------------------------------------------------------------------
 @dataclass
 class StageUpdate:
     """One pipeline stage done: a snapshot of the results so far (numpy + plain Python)."""
 
     sha: str
     stage: str
-    results: Any
+    results: Results
     elapsed: float  # seconds since the request was submitted
-
-
-def snapshot(res: Any) -> Any:
-    """A shallow copy of ``Results`` the GUI may keep (dicts copied, torch state dropped)."""
-    snap = copy.copy(res)
-    snap.am_steps = dict(res.am_steps)
-    snap.am_erased = dict(res.am_erased)
-    snap.boxes = {k: list(v) for k, v in res.boxes.items()}
-    snap.timings = dict(res.timings)
-    snap.models = dict(res.models)
-    snap.notices = list(res.notices)
-    snap._am_state = None
-    return snap
+    display: DisplayData
 
 
 def analyse_job(ctx: Any, holder: PipelineHolder, study: Study, sha: str, paths: Sequence[Path],
                 key: str, device: Any, explicit: str | None, cache_folder: Path | None,
-                t0: float) -> tuple[Any, str]:
+                t0: float) -> tuple[Shown | None, str]:
     """The "model" job: cached file, offline file or a pipeline run (worker thread)."""
-    cpath = cache_path(sha, key, cache_folder)
-    res = read_matching(cpath, sha)
-    if res is not None:
-        return _with_pyramids(res), "cache"
-    cands = ([Path(explicit)] if explicit else []) + sidecar_candidates(study.meta.source_path)
-    for cand in cands:
+    cpath = cache_path(sha, key, cache_folder or results_cache_dir())
+    cands = [cpath] + ([Path(explicit)] if explicit else []) + sidecar_candidates(study.meta.source_path)
+    for i, cand in enumerate(cands):
         res = read_matching(cand, sha)
         if res is not None:
-            return _with_pyramids(res), f"file {cand}"
+            return Shown(res, build_display(res)), "cache" if i == 0 else f"file {cand}"
     if not paths:
         return None, "no models"
     if ctx.cancelled():
         return None, "cancelled"
     pipeline = holder.get(paths, key, device)
+    shown = [DisplayData()]
 
-    def on_stage(name: str, r: Any) -> None:
-        _with_pyramids(r)
-        ctx.report(StageUpdate(sha, name, snapshot(r), time.perf_counter() - t0))
+    def on_stage(name: str, r: Results) -> None:
+        snap = r.snapshot()
+        shown[0] = build_display(snap, shown[0])
+        ctx.report(StageUpdate(sha, name, snap, time.perf_counter() - t0, shown[0]))
 
     res = pipeline.run(study, on_stage=on_stage, cancel=ctx.cancelled)
     try:
@@ -311,65 +126,21 @@ def analyse_job(ctx: Any, holder: PipelineHolder, study: Study, sha: str, paths:
         write_results(res, cpath)
     except CxrError as exc:
         log.warning("results not cached: %s", exc)
-    return res, "run"
+    return Shown(res, build_display(res, shown[0])), "run"
 
 
-def warped_frame_mask(affine: Any, map_shape: tuple[int, int]) -> Any:
-    """Where maps computed on the aligned image land on the original (bool ``map_shape``).
-
-    The pipeline draws aligned-frame maps back through the inverse warp and fills the
-    outside with each map's minimum; the GUI leaves that outside transparent.
-    """
-    import numpy as np
-    import torch
-
-    from ..core.models.alignment import invert_affine, warp
-
-    theta = torch.as_tensor(np.asarray(affine, np.float64)[None])
-    inv = invert_affine(theta).float()
-    ones = torch.ones(1, 1, *map_shape)
-    with torch.no_grad():
-        return (warp(ones, inv)[0, 0] > 0.5).numpy()
-
-
-def _with_pyramids(res: Any) -> Any:
-    """Attach display data built here, in the worker thread: the aligned image's pyramid and
-    the lung/heart RGBA overlay (so the GUI thread only hands arrays to Qt)."""
-    from .views.explain_panels import segmentation_rgba
-
-    img = getattr(res, "aligned_image", None)
-    pyr = getattr(res, "aligned_pyramid", None)
-    if img is not None and not (pyr and pyr[0] is img):
-        res.aligned_pyramid = display_pyramid(img)
-    aff = getattr(res, "affine", None)
-    if aff is not None and getattr(res, "map_valid", None) is None:
-        res.map_valid = warped_frame_mask(aff, tuple(res.map_shape))
-    nrm = getattr(res, "paired_normal", None)
-    npyr = getattr(res, "paired_pyramid", None)
-    if nrm is not None and not (npyr and npyr[0] is nrm):
-        res.paired_pyramid = display_pyramid(nrm)
-    seg = getattr(res, "segmentation", None)
-    over = getattr(res, "segmentation_overlay", None)
-    if seg is not None and not (over is not None and over[0] is seg):
-        res.segmentation_overlay = (seg, segmentation_rgba(seg))
-    return res
-
-
-def mine_class_job(holder: PipelineHolder, results: Any, class_index: int) -> tuple[str, Any, Any, Any]:
-    """Attention-mining steps of one more class, on a copy (worker thread)."""
-    tmp = copy.copy(results)
-    tmp.am_steps, tmp.am_erased = {}, {}
-    holder.pipeline.compute_class(tmp, class_index)
-    name = results.classes[class_index]
-    return results.pixel_sha256, name, tmp.am_steps[name], tmp.am_erased[name]
+def mine_class_job(holder: PipelineHolder, results: Results, class_index: int) -> tuple[str, str, dict]:
+    """On-demand maps (attention-mining steps) of one more class (worker thread)."""
+    maps = holder.pipeline.class_maps(results, class_index)
+    return results.pixel_sha256, results.classes[class_index], maps
 
 
 class InferenceController(QObject):
     """Runs (or finds) the results of the current study; see the module docstring.
 
     Signals: ``started(sha)``, ``stageReady(StageUpdate)``, ``unavailable(sha, why)``,
-    ``finished(sha, results, source)``, ``failed(sha, message)``,
-    ``classMined(sha, class_name, steps, erased)``.
+    ``finished(sha, results, source)`` (its display data: :meth:`display_for`),
+    ``failed(sha, message)``, ``classMined(sha, class_name, maps)``.
     """
 
     started = Signal(str)
@@ -377,7 +148,7 @@ class InferenceController(QObject):
     stageReady = Signal(object)
     finished = Signal(str, object, str)
     failed = Signal(str, str)
-    classMined = Signal(str, str, object, object)
+    classMined = Signal(str, str, object)
 
     CHANNEL = "model"
     AM_CHANNEL = "am"
@@ -390,7 +161,7 @@ class InferenceController(QObject):
         self.device = device
         self.cache_folder = cache_folder
         self.memory_size = memory_size
-        self.memory: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.memory: OrderedDict[tuple[str, str], Shown] = OrderedDict()
         self.bundles: list[BundleInfo] = []
         self.key = ""
         self.current_sha = ""
@@ -413,12 +184,18 @@ class InferenceController(QObject):
         return [b.path for b in self.bundles]
 
     # ---- requests -----------------------------------------------------------
-    def cached(self, sha: str) -> Any | None:
-        return self.memory.get((sha, self.key))
+    def cached(self, sha: str) -> Results | None:
+        hit = self.memory.get((sha, self.key))
+        return hit.results if hit is not None else None
 
-    def remember(self, results: Any) -> None:
-        k = (results.pixel_sha256, self.key)
-        self.memory[k] = results
+    def display_for(self, sha: str) -> DisplayData:
+        """The display data of the results of ``sha`` held in memory (empty when none)."""
+        hit = self.memory.get((sha, self.key))
+        return hit.display if hit is not None else DisplayData()
+
+    def remember(self, shown: Shown) -> None:
+        k = (shown.results.pixel_sha256, self.key)
+        self.memory[k] = shown
         self.memory.move_to_end(k)
         while len(self.memory) > self.memory_size:
             self.memory.popitem(last=False)
@@ -439,20 +216,19 @@ class InferenceController(QObject):
         if hit is not None:
             self.runner.cancel(self.CHANNEL)
             self.memory.move_to_end((sha, self.key))
-            self.finished.emit(sha, hit, "memory")
+            self.finished.emit(sha, hit, "memory")  # display_for(sha) holds its display data
             return "memory"
         self._seq = self.runner.submit_with_context(
             self.CHANNEL, analyse_job, self.holder, study, sha, self.paths, self.key, self.device,
             results_file, self.cache_folder, self.t_request)
         return "queued"
 
-    def mine_class(self, results: Any, class_index: int) -> bool:
-        """Compute attention-mining steps for another class (False: not possible here)."""
+    def mine_class(self, results: Results, class_index: int) -> bool:
+        """Compute on-demand maps (attention-mining steps) for another class (False: not possible here)."""
         name = results.classes[class_index]
-        if name in results.am_steps or results.pixel_sha256 != self.current_sha:
+        if not needs_class_maps(results, name) or results.pixel_sha256 != self.current_sha:
             return False
-        pipe = self.holder.pipeline
-        if pipe is None or getattr(results, "_am_state", None) is None:
+        if self.holder.pipeline is None or not results.state:
             return False
         if (results.pixel_sha256, name) in self._pending_mine:
             return True
@@ -468,21 +244,21 @@ class InferenceController(QObject):
     def _on_finished(self, channel: str, seq: int, result: object) -> None:
         if channel == self.CHANNEL and isinstance(result, tuple) and result[0] is None:
             self.unavailable.emit(self.current_sha, str(result[1]))
-        elif channel == self.CHANNEL and isinstance(result, tuple) and result[0] is not None:
-            res, source = result
-            if res.pixel_sha256 != self.current_sha:
+        elif channel == self.CHANNEL and isinstance(result, tuple) and isinstance(result[0], Shown):
+            shown, source = result
+            sha = shown.results.pixel_sha256
+            if sha != self.current_sha:
                 return
-            self.remember(res)
-            self.finished.emit(res.pixel_sha256, res, source)
+            self.remember(shown)
+            self.finished.emit(sha, shown.results, source)
         elif channel == self.AM_CHANNEL and isinstance(result, tuple):
-            sha, name, steps, erased = result
+            sha, name, maps = result
             self._pending_mine.discard((sha, name))
-            res = self.memory.get((sha, self.key))
-            if res is not None:
-                res.am_steps[name] = steps
-                res.am_erased[name] = erased
+            hit = self.memory.get((sha, self.key))
+            if hit is not None:
+                hit.results.add_class_maps(name, maps)
             if sha == self.current_sha:
-                self.classMined.emit(sha, name, steps, erased)
+                self.classMined.emit(sha, name, maps)
 
     def _on_failed(self, channel: str, seq: int, message: str, exc: object) -> None:
         if channel == self.CHANNEL:

@@ -28,15 +28,21 @@ from PySide6.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QHBoxLayout,
                                QWidget)
 
 from .. import __version__
+from ..core.display import DisplayData, load_for_display
 from ..core.errors import CxrError
+from ..core.explain.registry import applicable_explainers, get_explainer
+from ..core.panels import needs_class_maps, panel_ref
+from ..core.result_cache import expand_paths
+from ..core.roles import assign_roles
 from ..core.io.worklist import Worklist
+from ..core.results import Results
 from ..core.study import Study
 from . import settings, windowing
 from . import inference as inf
 from .annotation_controller import AnnotationController, model_label
 from .export import caption_lines, export_findings_csv, export_png
 from .state import ViewerState
-from .views.explain_panels import PANEL_SPECS, SCALE_MODES
+from .views.explain_panels import SCALE_MODES
 from .views.panel_grid import LAYOUTS, PanelGrid
 from .widgets.colorbar import ColorBar
 from .widgets.findings import FindingsPanel
@@ -133,7 +139,7 @@ class MainWindow(QMainWindow):
         self.device = device
         self.inference = inf.InferenceController(
             self.model_runner, self, device=device, cache_folder=Path(cache_folder) if cache_folder else None)
-        self.results: object = None  # what the grid shows (partial while running)
+        self.results: Results | None = None  # what the grid shows (partial while running)
 
         self.grid = PanelGrid(self.state, self)
         self.panel = self.grid.original  # the original image panel (bound to the state via the grid)
@@ -307,8 +313,8 @@ class MainWindow(QMainWindow):
         self.layout_combo.currentIndexChanged.connect(
             lambda _i: self.set_layout(self.layout_combo.currentData()))
         self.focus_combo = QComboBox(bar)
-        for spec in PANEL_SPECS:
-            self.focus_combo.addItem(spec.title, spec.key)
+        for key in self.grid.order:
+            self.focus_combo.addItem(panel_ref(key).spec.title, key)
         self.focus_combo.setToolTip("First panel shown by the 1x1 and 2x2 layouts")
         self.focus_combo.currentIndexChanged.connect(lambda _i: self.grid.set_focus(self.focus_combo.currentData()))
         self.cmap_combo = QComboBox(bar)
@@ -375,7 +381,7 @@ class MainWindow(QMainWindow):
         if not paths:
             return 0
         self.statusBar().showMessage(f"Opening {len(paths)} path(s)…")
-        return self.runner.submit("worklist", inf.expand_paths, paths)
+        return self.runner.submit("worklist", expand_paths, paths)
 
     def open_files_dialog(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(
@@ -427,7 +433,7 @@ class MainWindow(QMainWindow):
             return
         self.study_list.set_status(row, "loading…")
         self.statusBar().showMessage(f"Loading {ref.display_name}…")
-        seq = self.runner.submit("load", inf.load_for_display, ref, LOAD_TIMEOUT_S)
+        seq = self.runner.submit("load", load_for_display, ref, LOAD_TIMEOUT_S)
         self._load_rows[seq] = row
 
     def _on_job_finished(self, channel: str, seq: int, result: object) -> None:
@@ -504,7 +510,7 @@ class MainWindow(QMainWindow):
         self.grid.set_class(class_index)
         self.findings.select_class(class_index)
         res = self.results
-        if res is not None and class_index < len(res.classes) and res.classes[class_index] not in res.am_steps:
+        if res is not None and class_index < len(res.classes) and needs_class_maps(res, res.classes[class_index]):
             if self.inference.mine_class(res, class_index):
                 self.statusBar().showMessage(f"Mining attention for {res.classes[class_index]}…", 3000)
 
@@ -515,38 +521,45 @@ class MainWindow(QMainWindow):
         self.progress.show()
         self.stage_label.setText("")
 
-    def _expected_stages(self) -> int:
-        fams = {b.role if b.role == "dm" else b.family for b in self.inference.bundles}
-        n = 2  # preprocess, boxes
-        n += int("alignment" in fams) + int("segmentation" in fams) + int("cia" in fams)
-        n += 3 if "classifier" in fams else 0  # classifier, gradcam, attention_mining
-        n += int("dm" in fams or ("segmentation" in fams and "classifier" in fams))
-        return max(n, 1)
+    def _roles(self) -> set[str]:
+        """Pipeline roles of the selected model set (the same rule as the pipeline's)."""
+        return set(assign_roles(self.inference.bundles))
 
-    def _show_results(self, res: object) -> None:
-        first = self.results is None or getattr(self.results, "probabilities", None) is None
+    def _expected_stages(self) -> int:
+        """preprocess + one stage per explainer the model set allows + boxes."""
+        return 2 + len(applicable_explainers(self._roles()))
+
+    def _show_results(self, res: Results, display: DisplayData) -> None:
+        first = self.results is None or self.results.probabilities is None
         self.results = res
-        self.grid.set_results(res)
-        if first and getattr(res, "probabilities", None) is not None:
+        self.grid.set_results(res, display=display)
+        if first and res.probabilities is not None:
             study = self.state.study
             self.findings.set_results(res, study.labels if study is not None else None,
                                       selected=self.grid.class_index)
 
-    def _on_stage(self, update: object) -> None:
-        self._show_results(update.results)
+    def _on_stage(self, update: inf.StageUpdate) -> None:
+        self._show_results(update.results, update.display)
         self.progress.setValue(min(self.progress.maximum(), len(update.results.timings)))
         self.stage_label.setText(self._timings_text(update.results.timings))
 
-    _STAGE_ABBREV = {"preprocess": "prep", "alignment": "align", "segmentation": "seg", "classifier": "cls",
-                     "gradcam": "gcam", "attention_mining": "AM", "disease_mask": "ψ", "cia": "CIA", "boxes": "box"}
+    @staticmethod
+    def _stage_abbrev(stage: str) -> str:
+        """The explainer's short name for the status bar (``prep`` / ``box`` for the pipeline's own)."""
+        if stage in ("preprocess", "boxes"):
+            return {"preprocess": "prep", "boxes": "box"}[stage]
+        try:
+            return get_explainer(stage).short or stage
+        except CxrError:
+            return stage
 
     def _timings_text(self, timings: dict) -> str:
         """Per-stage seconds, short (the full names are in the tooltip)."""
         self.stage_label.setToolTip("\n".join(f"{k}: {v:.3f} s" for k, v in timings.items()))
-        return " ".join(f"{self._STAGE_ABBREV.get(k, k)} {v:.2f}" for k, v in timings.items())
+        return " ".join(f"{self._stage_abbrev(k)} {v:.2f}" for k, v in timings.items())
 
-    def _on_results(self, sha: str, res: object, source: str) -> None:
-        self._show_results(res)
+    def _on_results(self, sha: str, res: Results, source: str) -> None:
+        self._show_results(res, self.inference.display_for(sha))
         study = self.state.study
         self.findings.set_results(res, study.labels if study is not None else None,
                                   selected=self.grid.class_index)
@@ -599,7 +612,7 @@ class MainWindow(QMainWindow):
         if folder and folder != settings.active_model_dir() and folder in settings.model_dirs():
             settings.set_active_model_dir(folder)
         self.inference.set_bundles(bundles)
-        roles = {b.role or ("dm" if b.architecture == "dm" else b.family) for b in self.inference.bundles}
+        roles = self._roles()
         if roles:
             self.grid.set_available(roles)
         if self._auto_layout:

@@ -5,10 +5,10 @@ function in a pool thread and reports through a :class:`_JobSignals` QObject
 that lives in the GUI thread, so deliveries are queued onto the GUI event loop.
 
 * Every request gets a sequence number. Requests share a *channel* ("load",
-  "worklist", later "model"); a new request makes the older ones on its channel
+  "worklist", "model"); a new request makes the older ones on its channel
   stale. Stale jobs that have not started are skipped, stale results dropped.
-* The pool has ``maxThreadCount = 1`` by default: study decoding now, torch
-  later (models and hooks are not thread-safe and torch is parallel inside).
+* The pool has ``maxThreadCount = 1`` by default: one job at a time, study
+  decoding or torch (models and hooks are not thread-safe and torch is parallel inside).
 * Only plain data crosses threads (numpy arrays, ``Study``, ``Worklist``):
   a job must never touch a widget.
 * A function may be a generator: each yielded item is delivered as

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from cxrviewer.core.geometry import Box
-from cxrviewer.core.pipeline import Results
+from cxrviewer.core.render import outline, segmentation_rgba
+from cxrviewer.core.results import Results
 from cxrviewer.gui.export import caption_lines, findings_csv_text
-from cxrviewer.gui.views.explain_panels import (SCALE_PANEL, SCALE_QUANTITY, SCALE_SHARED, best_ious, outline,
-                                                panel_content, scale_group, segmentation_rgba)
+from cxrviewer.gui.views.explain_panels import (SCALE_PANEL, SCALE_QUANTITY, SCALE_SHARED, best_ious, panel_content,
+                                                scale_group)
 from cxrviewer.gui.views.panel_grid import finite_range
 
 
@@ -19,14 +20,14 @@ def same(a, b) -> bool:
 def _results() -> Results:
     rng = np.random.default_rng(0)
     cls = ("Atelectasis", "Nodule", "Mass")
-    r = Results(study_id="s", source_path="x", pixel_sha256="0" * 64, image_shape=(100, 80), map_shape=(50, 40),
-                classes=cls, probabilities=np.array([0.2, 0.9, 0.5], np.float32),
-                cam=rng.normal(size=(3, 50, 40)).astype(np.float32))
-    r.am_steps = {"Nodule": rng.random((3, 50, 40)).astype(np.float32)}
     er = np.zeros((3, 50, 40), np.uint8)
     er[1:, 10:20, 10:20] = 1
-    r.am_erased = {"Nodule": er}
-    r.boxes = {"am": [Box("Nodule", 10, 10, 20, 20, 0.8)]}
+    r = Results(study_id="s", source_path="x", pixel_sha256="0" * 64, image_shape=(100, 80), map_shape=(50, 40),
+                classes=cls, probabilities=np.array([0.2, 0.9, 0.5], np.float32),
+                maps={"cam": {"cam": rng.normal(size=(3, 50, 40)).astype(np.float32)},
+                      "attention_mining": {"steps": {"Nodule": rng.random((3, 50, 40)).astype(np.float32)},
+                                           "erased": {"Nodule": er}}})
+    r.boxes = {"attention_mining": [Box("Nodule", 10, 10, 20, 20, 0.8)]}
     r.models = {"classifier": {"name": "msa-demo", "trained": False}}
     r.device = "cpu"
     return r
@@ -35,10 +36,10 @@ def _results() -> Results:
 def test_panel_content_picks_the_class_maps():
     r = _results()
     ct = panel_content("original", r, 1)
-    assert same(ct.heat, r.cam[1]) and ct.filled and "Nodule" in ct.caption and "0.90" in ct.caption
+    assert same(ct.heat, r.get("cam", "cam")[1]) and ct.filled and "Nodule" in ct.caption and "0.90" in ct.caption
     assert [b.label for b in ct.proposals] == ["Nodule"]
     t2 = panel_content("am2", r, 1)
-    assert same(t2.heat, r.am_steps["Nodule"][1]) and t2.rgba is not None
+    assert same(t2.heat, r.get("attention_mining", "steps")["Nodule"][1]) and t2.rgba is not None
     assert panel_content("am1", r, 1).rgba is None  # nothing erased before step 1
     assert not panel_content("am1", r, 0).filled  # not mined for that class
     assert not panel_content("contrast", r, 1).filled and "no CIA" in panel_content("contrast", r, 1).caption

@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
 from _tiny_bundles import make_tiny_bundles  # noqa: E402
 
 from cxrviewer.gui.main_window import MainWindow  # noqa: E402
-from cxrviewer.gui.views.explain_panels import PANEL_SPECS  # noqa: E402
+from cxrviewer.gui.views.explain_panels import panel_keys  # noqa: E402
+
+PANEL_SPECS = panel_keys()
 
 WAIT_MS = 60_000
 HEAT_KEYS = ("original", "am_final", "gradcam")  # per-class maps (CAM, H_f, Grad-CAM)
@@ -94,7 +96,7 @@ def test_open_study_fills_every_panel_progressively(qtbot, make_win, studies):
         assert panel.filled, (key, panel.content.caption)
     c = win.grid.class_index
     assert c == res.top_classes(1)[0]  # the top finding is shown first
-    assert same(win.grid.panels["original"].map.data, res.cam[c])
+    assert same(win.grid.panels["original"].map.data, res.get("cam", "cam")[c])
     assert win.grid.panels["am2"].overlay.data is not None  # erased region outlined at t=2
     assert win.findings.rowCount() == len(res.classes)
     assert win.findings.item(0, 0).text() == res.classes[c]
@@ -109,17 +111,17 @@ def test_changing_the_class_updates_every_panel(qtbot, make_win, studies):
     _sha, res, _src = open_and_analyse(qtbot, win, studies[:1])
     c2 = int(np.argsort(res.probabilities)[0])  # least probable: its AM steps are mined on demand
     name = res.classes[c2]
-    assert name not in res.am_steps
+    assert name not in res.get("attention_mining", "steps")
     with qtbot.waitSignal(win.inference.classMined, timeout=WAIT_MS):
         win.findings.selectRow([win.findings.class_at_row(r) for r in range(win.findings.rowCount())].index(c2))
     assert win.grid.class_index == c2
     qtbot.waitUntil(lambda: not win.grid.pending, timeout=WAIT_MS)
-    assert same(win.grid.panels["original"].map.data, res.cam[c2])
-    assert same(win.grid.panels["am_final"].map.data, res.am_final[c2])
-    assert same(win.grid.panels["gradcam"].map.data, res.gradcam[c2])
-    assert same(win.grid.panels["disease_mask"].map.data, res.disease_mask[c2])
+    assert same(win.grid.panels["original"].map.data, res.get("cam", "cam")[c2])
+    assert same(win.grid.panels["am_final"].map.data, res.get("attention_mining", "final")[c2])
+    assert same(win.grid.panels["gradcam"].map.data, res.get("gradcam", "gradcam")[c2])
+    assert same(win.grid.panels["disease_mask"].map.data, res.get("disease_mask", "psi")[c2])
     for t in (1, 2, 3):
-        assert same(win.grid.panels[f"am{t}"].map.data, res.am_steps[name][t - 1])
+        assert same(win.grid.panels[f"am{t}"].map.data, res.get("attention_mining", "steps")[name][t - 1])
     for key in (*HEAT_KEYS, "am1", "disease_mask"):
         assert name in win.grid.panels[key].content.caption, key
 
@@ -179,7 +181,7 @@ def test_switching_study_mid_inference_leaves_no_stale_panel(qtbot, make_win, st
     qtbot.wait(300)  # anything still queued for the old study would arrive now
     assert win.grid.results.pixel_sha256 == current
     c = win.grid.class_index
-    assert same(win.grid.panels["original"].map.data, res.cam[c])
+    assert same(win.grid.panels["original"].map.data, res.get("cam", "cam")[c])
     assert all(p.filled for p in win.grid.panels.values())
     assert not [m for lvl, m in win.log_panel.messages if lvl == "error"]
 
@@ -208,7 +210,7 @@ def test_results_cached_in_memory_and_on_disk(qtbot, make_win, studies, tmp_path
     win2 = make_win()  # a new session: the HDF5 results cache answers
     _sha, res, src = open_and_analyse(qtbot, win2, studies[:1])
     assert src == "cache"
-    np.testing.assert_allclose(res.cam, res0.cam)
+    np.testing.assert_allclose(res.get("cam", "cam"), res0.get("cam", "cam"))
     assert all(p.has_image() for p in win2.grid.panels.values())
 
 
@@ -231,7 +233,7 @@ def test_offline_results_file_opens_without_models(qtbot, make_win, studies, tin
     assert win.grid.panels["original"].filled and win.grid.panels["contrast"].filled
     np.testing.assert_allclose(got.probabilities, res.probabilities)
     # a `cxrviewer analyze --out` folder opens as a worklist of its studies
-    from cxrviewer.gui.inference import expand_paths
+    from cxrviewer.core.result_cache import expand_paths
 
     wl = expand_paths([tmp_path / "out"])
     assert len(wl) == 1 and wl[0].path == studies[0] and wl[0].extra["results"] == str(h5)
@@ -306,7 +308,7 @@ def test_panels_the_models_cannot_fill_are_hidden(qtbot, make_win, studies, tiny
     shutil.copytree(tiny_models / "segmentation.cxrbundle", seg_only / "segmentation.cxrbundle")
     win = make_win(models_dir=seg_only)
     _sha, res, _src = open_and_analyse(qtbot, win, studies[:1])
-    assert res.probabilities is None and res.segmentation is not None
+    assert res.probabilities is None and res.get("segmentation", "masks") is not None
     shown = [k for k, p in win.grid.panels.items() if p.isVisible()]
     assert shown == ["original", "lung_heart"]
     assert win.grid.panels["lung_heart"].filled and win.grid.panels["lung_heart"].overlay.data is not None

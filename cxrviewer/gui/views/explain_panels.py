@@ -1,6 +1,7 @@
 """Explanation panels: one :class:`ImagePanel` per map of a pipeline ``Results``.
 
-Each panel knows which part of the results it shows (:data:`PANEL_SPECS`), pulls
+Each panel knows which part of the results it shows (its ``PanelSpec`` in the explainer
+registry, cxrviewer/core/explain/registry.py), pulls
 the map for the selected class with :func:`panel_content` (pure numpy, no Qt,
 unit-tested) and draws it with cheap layers: a colour-mapped ``ImageItem``
 stretched over the image (:class:`MapLayer`, maps are at most 256 px), an RGBA
@@ -21,35 +22,17 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Signal
 
+from ...core.display import DisplayData
 from ...core.geometry import Box
-from ...core.render import SEGMENTATION_COLOURS
+from ...core.panels import panel_data, panel_list, panel_ref, proposal_sources
+from ...core.render import outline_rgba, segmentation_rgba
+from .. import windowing as wl
 from .image_panel import ImagePanel
 from .layers import BoxLayer, Layer, label_color
 
 log = logging.getLogger(__name__)
 
-AM_STEPS = 3  # panels for attention-mining steps t = 1..T (the pipeline's default T)
-
-
-@dataclass(frozen=True)
-class PanelSpec:
-    key: str
-    title: str
-    quantity: str  # colour-scale group: activation | gradcam | contrast | probability | none
-
-
-PANEL_SPECS: tuple[PanelSpec, ...] = (
-    PanelSpec("original", "Original + CAM", "activation"),
-    PanelSpec("aligned", "Aligned", "none"),
-    *(PanelSpec(f"am{t}", f"Attention mining t={t}", "activation") for t in range(1, AM_STEPS + 1)),
-    PanelSpec("am_final", "Attention mining final", "am_final"),  # H_f is normalised (AM Eq. 8)
-    PanelSpec("contrast", "Contrast attention dM", "contrast"),
-    PanelSpec("normal", "Paired normal", "none"),
-    PanelSpec("disease_mask", "Disease mask", "probability"),
-    PanelSpec("lung_heart", "Lung / heart", "none"),
-    PanelSpec("gradcam", "Grad-CAM", "gradcam"),
-)
-SPEC_BY_KEY = {s.key: s for s in PANEL_SPECS}
+ORIGINAL = "original"  # the grid's main panel: the study with the classifier's CAM
 
 SCALE_SHARED = "shared"  # one range over every heat panel
 SCALE_QUANTITY = "quantity"  # one range per quantity (CAM/AM together, Grad-CAM, contrast, psi)
@@ -58,16 +41,21 @@ SCALE_MODES = {SCALE_QUANTITY: "Shared per quantity", SCALE_SHARED: "Shared (all
                SCALE_PANEL: "Per panel"}
 
 
+def panel_keys() -> list[str]:
+    """Every registered panel key in grid order (read from the explainer registry)."""
+    return [r.key for r in panel_list()]
+
+
 def scale_group(key: str, mode: str) -> str:
     """The colour-scale group of panel ``key`` under ``mode``."""
-    q = SPEC_BY_KEY[key].quantity
-    if q == "probability":
-        return "probability"  # psi is a probability map: always 0..1
+    spec = panel_ref(key).spec
+    if spec.fixed_range is not None:
+        return spec.quantity  # e.g. psi is a probability map: always 0..1
     if mode == SCALE_SHARED:
         return "all"
     if mode == SCALE_PANEL:
         return key
-    return q
+    return spec.quantity
 
 
 # ---------------------------------------------------------------------------
@@ -84,43 +72,12 @@ class PanelContent:
     proposals: tuple[Box, ...] = ()
     caption: str = ""
     filled: bool = False  # the panel's data has arrived
-    #: identity of what is shown: (id of the source array, index) per part; ``res.cam[c]`` is a
+    #: identity of what is shown: (id of the source array, index) per part; a class slice is a
     #: new view object every time, so the grid compares these keys, never the views
     heat_key: tuple = ()
     rgba_key: tuple = ()
     image_key: tuple = ()
-
-
-def outline(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a binary mask (mask minus its 4-neighbour erosion)."""
-    m = np.asarray(mask).astype(bool)
-    if m.ndim != 2 or not m.any():
-        return np.zeros(m.shape, bool)
-    e = m.copy()
-    e[1:, :] &= m[:-1, :]
-    e[:-1, :] &= m[1:, :]
-    e[:, 1:] &= m[:, :-1]
-    e[:, :-1] &= m[:, 1:]
-    return m & ~e
-
-
-def outline_rgba(mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 255)) -> np.ndarray:
-    edge = outline(mask)
-    out = np.zeros((*edge.shape, 4), np.uint8)
-    out[edge] = (*colour, 255)
-    return out
-
-
-def segmentation_rgba(masks: np.ndarray) -> np.ndarray:
-    """Translucent fill + opaque outline for left lung, right lung, heart."""
-    masks = np.asarray(masks)
-    out = np.zeros((*masks.shape[1:], 4), np.uint8)
-    for k in range(min(3, masks.shape[0])):
-        m = masks[k].astype(bool)
-        col = SEGMENTATION_COLOURS[k]
-        out[m] = (*col, 80)
-        out[outline(m)] = (*col, 255)
-    return out
+    frame: str = "original"  # "aligned": ``image`` spans the original's extent at its own resolution
 
 
 class _Lazy:
@@ -133,16 +90,13 @@ class _Lazy:
         return self.fn(*self.args)
 
 
-def _prob(res: Any, c: int) -> str:
-    return f" p={res.probabilities[c]:.2f}" if res.probabilities is not None and c < len(res.probabilities) else ""
-
-
 MAX_PROPOSALS = 3
 
 
 def proposals_for(res: Any, name: str, limit: int = MAX_PROPOSALS) -> tuple[Box, ...]:
-    """Proposed boxes for a class (the ``limit`` best): attention-mining boxes, else CAM, else CIA."""
-    for src in ("am", "cam", "cia"):
+    """Proposed boxes for a class (the ``limit`` best) of the first method, in the registry's
+    proposal order (attention mining, CAM, CIA, ...), that proposed any."""
+    for src in proposal_sources():
         boxes = [b for b in res.boxes.get(src, []) if b.label == name]
         if boxes:
             boxes.sort(key=lambda b: -(b.score if b.score is not None else 0.0))
@@ -150,91 +104,28 @@ def proposals_for(res: Any, name: str, limit: int = MAX_PROPOSALS) -> tuple[Box,
     return ()
 
 
-def panel_content(key: str, res: Any | None, c: int | None) -> PanelContent:
-    """The data panel ``key`` shows for class index ``c`` (pure numpy)."""
-    spec = SPEC_BY_KEY[key]
-    if res is None:
-        return PanelContent(caption=spec.title)
-    if c is None or not res.classes:  # no classifier: only the class-free panels have data
-        if key in ("aligned", "normal", "lung_heart", "contrast"):
-            c = 0
-        else:
-            return PanelContent(caption=spec.title + ("" if res.classes else " (no classifier)"))
-    name = res.classes[c] if c < len(res.classes) else ""
-    p = _prob(res, c)
-    ct = _content(key, res, c, name, p)
-    if ct.heat is not None and key != "disease_mask":
-        valid = getattr(res, "map_valid", None)
+def panel_content(key: str, res: Any | None, c: int | None, display: DisplayData | None = None) -> PanelContent:
+    """The data panel ``key`` shows for class index ``c`` (pure numpy; see cxrviewer/core/panels.py)."""
+    d = panel_data(key, res, c)
+    if not d.filled:
+        return PanelContent(caption=d.caption)
+    disp = display or DisplayData()
+    ct = PanelContent(heat=d.heat, image=d.image, image_levels=d.image_levels, caption=d.caption, filled=True,
+                      heat_key=d.heat_key, image_key=d.image_key, rgba_key=d.overlay_key, frame=d.frame,
+                      image_pyramid=disp.pyramids.get(key) if d.image is not None else None)
+    if d.outline is not None:
+        ct.rgba = _Lazy(outline_rgba, d.outline)
+    elif d.masks is not None:
+        over = disp.overlays.get(key)
+        ct.rgba = over if over is not None and disp.sources.get(key) == id(d.masks) else _Lazy(segmentation_rgba,
+                                                                                             d.masks)
+    if key == ORIGINAL and c is not None:
+        ct.proposals = proposals_for(res, res.classes[c])
+    if ct.heat is not None and panel_ref(key).spec.fixed_range is None:
+        valid = disp.valid
         if valid is not None and valid.shape == ct.heat.shape:
             ct.valid = valid
     return ct
-
-
-def _content(key: str, res: Any, c: int, name: str, p: str) -> PanelContent:
-    spec = SPEC_BY_KEY[key]
-    if key == "original":
-        if res.cam is None:
-            return PanelContent(caption=f"Original ({name}{p})" if p else "Original")
-        return PanelContent(heat=res.cam[c], proposals=proposals_for(res, name),
-                            caption=f"CAM · {name}{p}", filled=True, heat_key=(id(res.cam), c))
-    if key == "aligned":
-        if res.aligned_image is None:
-            return PanelContent(caption="Aligned (no alignment model)")
-        return PanelContent(image=res.aligned_image, caption="Aligned to the canonical chest", filled=True,
-                            image_key=(id(res.aligned_image),),
-                            image_pyramid=getattr(res, "aligned_pyramid", None))
-    if key.startswith("am") and key[2:].isdigit():
-        t = int(key[2:])
-        steps = res.am_steps.get(name)
-        if steps is None or t > steps.shape[0]:
-            why = "" if res.am_final is not None or res.cam is None else " (no AM)"
-            return PanelContent(caption=f"AM t={t} · {name}{why}")
-        erased = res.am_erased.get(name)
-        has_erased = erased is not None and t - 1 < erased.shape[0] and t > 1
-        return PanelContent(heat=steps[t - 1], rgba=_Lazy(outline_rgba, erased[t - 1]) if has_erased else None,
-                            caption=f"AM t={t} · {name}" + (" (erased outlined)" if has_erased else ""),
-                            filled=True, heat_key=(id(steps), t), rgba_key=(id(erased), t) if has_erased else ())
-    if key == "am_final":
-        if res.am_final is None:
-            return PanelContent(caption="AM final")
-        return PanelContent(heat=res.am_final[c], caption=f"AM final H_f · {name}{p}", filled=True,
-                            heat_key=(id(res.am_final), c))
-    if key == "contrast":
-        if res.contrast is None:
-            return PanelContent(caption="Contrast attention (no CIA model)")
-        extra = ""
-        if res.cia_grid_raw is not None and name in res.cia_classes:
-            extra = f" · {name} grid max p={float(res.cia_grid_raw[res.cia_classes.index(name)].max()):.2f}"
-        return PanelContent(heat=res.contrast, caption=f"Contrast dM{extra}", filled=True,
-                            heat_key=(id(res.contrast),))
-    if key == "normal":
-        if res.paired_normal is None:
-            return PanelContent(caption="Paired normal (no CIA model)")
-        return PanelContent(image=res.paired_normal, image_levels=(0.0, 255.0),
-                            caption=f"Paired normal {res.paired_normal_id or ''}".strip(), filled=True,
-                            image_key=(id(res.paired_normal),),
-                            image_pyramid=getattr(res, "paired_pyramid", None))
-    if key == "disease_mask":
-        dm = res.disease_mask
-        if dm is None or c >= dm.shape[0]:
-            return PanelContent(caption="Disease mask")
-        return PanelContent(heat=dm[c], caption=f"Disease mask ψ ({res.disease_mask_source}) · {name}", filled=True,
-                            heat_key=(id(dm), c))
-    if key == "lung_heart":
-        if res.segmentation is None:
-            return PanelContent(caption="Lung / heart (no segmentation model)")
-        over = getattr(res, "segmentation_overlay", None)  # (masks, rgba) made by the worker
-        rgba = over[1] if over is not None and over[0] is res.segmentation else _Lazy(segmentation_rgba,
-                                                                                      res.segmentation)
-        return PanelContent(rgba=rgba,
-                            caption="Lung / heart: L red, R green, heart blue", filled=True,
-                            rgba_key=(id(res.segmentation),))
-    if key == "gradcam":
-        if res.gradcam is None:
-            return PanelContent(caption="Grad-CAM")
-        return PanelContent(heat=res.gradcam[c], caption=f"Grad-CAM · {name}{p}", filled=True,
-                            heat_key=(id(res.gradcam), c))
-    return PanelContent(caption=spec.title)
 
 
 def best_ious(gt: Sequence[Box], proposals: Sequence[Box]) -> list[tuple[Box, float]]:
@@ -351,15 +242,17 @@ class ExplanationPanel(ImagePanel):
     windowDraggedBy = Signal(str, float, float)
 
     def __init__(self, key: str, parent=None) -> None:
-        super().__init__(parent, title=SPEC_BY_KEY[key].title)
+        self.spec = panel_ref(key).spec
+        super().__init__(parent, title=self.spec.title)
         self.key = key
-        self.spec = SPEC_BY_KEY[key]
         self.map = self.add_layer(MapLayer("map"))
         self.overlay = self.add_layer(RGBALayer("overlay"))
         self.proposals = self.add_layer(BoxLayer("proposals", dashed=True))
         self.ious = self.add_layer(IoULayer("iou"))
         self.heatmap.set_visible(False)  # the base class's layer is unused here
         self.content = PanelContent()
+        self.map_levels: tuple[float, float] | None = None  # colour range the map is drawn with
+        self._drag_range: tuple[np.ndarray, Any] | None = None  # (image, its W/L data range)
         self.own_image = False  # showing its own base image (aligned / paired normal)
         self.own_window = False  # W/L not linked (aligned, paired normal)
         self.setMinimumSize(120, 120)
@@ -375,6 +268,15 @@ class ExplanationPanel(ImagePanel):
 
     def _on_click(self, _event) -> None:
         self.clicked.emit(self.key)
+
+    def drag_own_window(self, dx: float, dy: float) -> None:
+        """Window/level drag on this panel's image alone (data percentiles once per image)."""
+        if self._image is None:
+            return
+        if self._drag_range is None or self._drag_range[0] is not self._image:
+            self._drag_range = (self._image, wl.data_range(self._image))
+        c, w = wl.drag_window(self.display_window, dx, dy, self._drag_range[1], display_inverted=self.inverted)
+        self.set_window(c, w)
 
     @property
     def filled(self) -> bool:
@@ -397,7 +299,7 @@ class ExplanationPanel(ImagePanel):
                 self.own_image = True
                 self.own_window = True
                 img = content.image
-                if study is not None and self.key == "aligned":
+                if study is not None and content.frame == "aligned":
                     self.display_scale = study.shape[1] / float(img.shape[1])
                 else:
                     self.display_scale = 1.0
@@ -418,7 +320,7 @@ class ExplanationPanel(ImagePanel):
         if reset or content.proposals != old.proposals:
             self.proposals.set_boxes(content.proposals)
         gt = [b for b in (study.gt_boxes if study is not None else [])]
-        if self.key == "original" and content.proposals and gt:
+        if self.key == ORIGINAL and content.proposals and gt:
             names = {b.label for b in content.proposals}
             self.ious.set_ious(best_ious([g for g in gt if g.label in names], content.proposals))
         else:

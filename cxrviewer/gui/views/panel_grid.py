@@ -1,7 +1,7 @@
 """The linked panel grid: every explanation of one study side by side.
 
-One :class:`~cxrviewer.gui.views.explain_panels.ExplanationPanel` per entry of
-``PANEL_SPECS``. The grid, not the panels, follows the :class:`ViewerState`:
+One :class:`~cxrviewer.gui.views.explain_panels.ExplanationPanel` per panel of the
+explainer registry (:func:`cxrviewer.core.panels.panel_list`). The grid, not the panels, follows the :class:`ViewerState`:
 
 * study -> every panel shows it (one shared display pyramid, built once);
 * window/level and invert -> every panel showing the study; with ``linked``
@@ -27,10 +27,10 @@ from PySide6.QtGui import QPainter
 from PySide6.QtWidgets import QGridLayout, QWidget
 
 from ...core.render import colormap
-from .. import windowing as wl
 from ..state import ViewerState
-from .explain_panels import (PANEL_SPECS, SCALE_QUANTITY, SPEC_BY_KEY, ExplanationPanel, panel_content,
-                             scale_group)
+from ...core.display import DisplayData
+from ...core.panels import panel_list, panel_ref
+from .explain_panels import ORIGINAL, SCALE_QUANTITY, ExplanationPanel, panel_content, panel_keys, scale_group
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,18 @@ class PanelGrid(QWidget):
     def __init__(self, state: ViewerState, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.state = state
-        self.panels: dict[str, ExplanationPanel] = {s.key: ExplanationPanel(s.key, self) for s in PANEL_SPECS}
-        self.order = [s.key for s in PANEL_SPECS]
-        self.original = self.panels["original"]
+        self.order = panel_keys()
+        self.panels: dict[str, ExplanationPanel] = {k: ExplanationPanel(k, self) for k in self.order}
+        self.original = self.panels[ORIGINAL]
         self.layout_name = "grid"
-        self.focus_key = "original"
-        self.active_key = "original"
+        self.focus_key = ORIGINAL
+        self.active_key = ORIGINAL
         self.linked = True
         self.colormap_name = "jet"
         self.opacity = 0.45
         self.scale_mode = SCALE_QUANTITY
         self.results: Any = None
+        self.display = DisplayData()
         self.class_index: int | None = None
         self.available: set[str] | None = None  # panels the model set can fill (None: unknown)
         self.hide_unavailable = True
@@ -117,7 +118,7 @@ class PanelGrid(QWidget):
         """Panels the current model set can fill (all when unknown or ``hide_unavailable`` is off)."""
         if not self.hide_unavailable or self.available is None:
             return list(self.order)
-        return [k for k in self.order if k == "original" or k in self.available]
+        return [k for k in self.order if k == ORIGINAL or k in self.available]
 
     def visible_keys(self) -> list[str]:
         order = self.shown_order()
@@ -132,18 +133,7 @@ class PanelGrid(QWidget):
 
     def set_available(self, roles: Any) -> None:
         """Which panels the model roles (``results.models`` keys) can fill; re-lays out on change."""
-        roles = set(roles)
-        avail = set()
-        if "alignment" in roles:
-            avail.add("aligned")
-        if "classifier" in roles or "dm" in roles:
-            avail.update(k for k in self.order if k.startswith("am") or k == "gradcam")
-        if "cia" in roles:
-            avail.update(("contrast", "normal"))
-        if "dm" in roles or ("classifier" in roles and "segmentation" in roles) or "classifier" in roles:
-            avail.add("disease_mask")
-        if "segmentation" in roles:
-            avail.add("lung_heart")
+        avail = {r.key for r in panel_list(set(roles))} & set(self.order)
         if avail != self.available:
             self.available = avail
             self.set_layout(self.layout_name)
@@ -204,7 +194,7 @@ class PanelGrid(QWidget):
         """
         self.linked = bool(on)
         if self.linked:
-            self._sync_from("original")
+            self._sync_from(ORIGINAL)
             c, w = self.state.window
             for p in self.panels.values():
                 if not p.own_window and p.has_image():
@@ -241,15 +231,7 @@ class PanelGrid(QWidget):
     def _on_drag(self, key: str, dx: float, dy: float) -> None:
         p = self.panels[key]
         if p.own_window or not (self.linked or p is self.original):
-            if p._image is None:
-                return
-            cached = getattr(p, "_drag_range", None)
-            if cached is None or cached[0] is not p._image:  # percentiles once per image, not per move
-                cached = (p._image, wl.data_range(p._image))
-                p._drag_range = cached
-            rng = cached[1]
-            c, w = wl.drag_window(p.display_window, dx, dy, rng, display_inverted=p.inverted)
-            p.set_window(c, w)
+            p.drag_own_window(dx, dy)
         else:
             self.state.drag_window(dx, dy)
 
@@ -285,7 +267,8 @@ class PanelGrid(QWidget):
         self.ranges = {}
         self._class_auto = True
         self._queue.clear()
-        pyr = getattr(study, "display_pyramid", None) if study is not None else None
+        self.display = DisplayData()
+        pyr = study.display_pyramid if study is not None else None
         self._pyramid = (pyr if pyr and pyr[0] is study.modality else [study.modality]) if study is not None else None
         for key, p in self.panels.items():
             if p is self.original or study is None:
@@ -302,7 +285,7 @@ class PanelGrid(QWidget):
         p.reset_content()
         p.set_study(study, pyramid=self._pyramid)
         if p is not self.original:
-            self._sync_from("original", only=p.key)
+            self._sync_from(ORIGINAL, only=p.key)
         p.gt_boxes.set_visible(self.state.gt_visible)
         if study is not None and (p is self.original or self.linked) and not p.own_window:
             p.set_window(*self.state.window)
@@ -336,10 +319,12 @@ class PanelGrid(QWidget):
         self._kick()
 
     # ---- results ------------------------------------------------------------------
-    def set_results(self, results: Any, class_index: int | None = None) -> None:
-        """Show (partial or complete) results; ``class_index`` None keeps the current class."""
+    def set_results(self, results: Any, class_index: int | None = None, display: DisplayData | None = None) -> None:
+        """Show (partial or complete) results with their display data (built off the GUI thread);
+        ``class_index`` None keeps the current class."""
         self.results = results
-        if results is not None and getattr(results, "models", None):
+        self.display = display or DisplayData()
+        if results is not None and results.models:
             self.set_available(results.models)
         if class_index is not None:
             self.class_index = class_index
@@ -367,13 +352,14 @@ class PanelGrid(QWidget):
         """Recompute panel contents and colour ranges; redraw what changed."""
         res, c = self.results, self.class_index
         study = self.state.study
-        contents = {k: panel_content(k, res, c) for k in self.order}
+        contents = {k: panel_content(k, res, c, self.display) for k in self.order}
         ranges: dict[str, tuple[float, float]] = {}
         for k, ct in contents.items():
             if ct.heat is None:
                 continue
             g = scale_group(k, self.scale_mode)
-            lo, hi = (0.0, 1.0) if g == "probability" else finite_range(
+            fixed = panel_ref(k).spec.fixed_range
+            lo, hi = fixed if fixed is not None else finite_range(
                 ct.heat if ct.valid is None or not ct.valid.any() else ct.heat[ct.valid])
             if g in ranges:
                 lo, hi = min(lo, ranges[g][0]), max(hi, ranges[g][1])
@@ -392,7 +378,7 @@ class PanelGrid(QWidget):
                 self._queue[k] = (self._draw, (p, ct, study, levels, lut))
             else:
                 self._queue.pop(k, None)
-                if levels is not None and levels != getattr(p, "map_levels", None):
+                if levels is not None and levels != p.map_levels:
                     p.map.set_style(levels=levels)
                     p.map_levels = levels
         self.ranges = ranges
@@ -430,10 +416,10 @@ class PanelGrid(QWidget):
         self.refresh()
 
     def _emit_scale(self) -> None:
-        key = self.active_key if self.panels[self.active_key].content.heat is not None else "original"
+        key = self.active_key if self.panels[self.active_key].content.heat is not None else ORIGINAL
         g = scale_group(key, self.scale_mode)
         lo, hi = self.ranges.get(g, (0.0, 1.0))
         label = {"all": "all maps", "activation": "CAM / AM steps", "am_final": "AM final H_f",
                  "probability": "ψ (probability)"}.get(
-            g, SPEC_BY_KEY[g].title if g in SPEC_BY_KEY else g)
+            g, panel_ref(g).spec.title if g in self.panels else g)
         self.scaleChanged.emit(label, lo, hi, self.colormap_name)

@@ -17,7 +17,7 @@ from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (QComboBox, QHeaderView, QLabel, QTreeWidget, QTreeWidgetItem, QVBoxLayout,
                                QWidget)
 
-from ..inference import BundleInfo, scan_bundles
+from ...core.catalog import BundleInfo, scan_bundles
 
 BADGE_COLOURS = {"untrained": "#e0453a", "research demo": "#e8a33a", "research use only": "#c9a227"}
 
