@@ -94,10 +94,11 @@ def _prob(res: Results, c: int | None) -> str:
 
 
 def _caption(ref: PanelRef, res: Results, c: int | None, extra: str) -> str:
-    text = ref.spec.title + (f" ({extra})" if extra else "")
+    """``caption · class p=..`` then the explainer's extra text (e.g. ``(erased outlined)``)."""
+    text = ref.spec.caption or ref.spec.title
     if ref.spec.per_class and c is not None:
         text += f" · {_class_name(res, c)}{_prob(res, c) if ref.spec.kind == 'heat' and not ref.spec.step else ''}"
-    return text
+    return f"{text} {extra}" if extra else text
 
 
 def _step_data(ref: PanelRef, res: Results, c: int, caption: str) -> PanelData:

@@ -194,6 +194,7 @@ class MainWindow(QMainWindow):
                                    model_name=lambda: model_label(self.model_picker.folder))
         ann.install_ui(self, file_menu=self.file_menu, before=self.act_quit,
                        help_menu=self.help_menu, beside=self.findings_dock)
+        self.findings_dock.raise_()  # findings first; the annotation tab comes up in annotation mode
         self.inference.finished.connect(ann.on_results)
         ann.bundleReady.connect(lambda path: self.add_model_folder(str(Path(path).parent)))
         return ann

@@ -297,11 +297,10 @@ class ShortcutRegistry(QObject):
 
 def registry_for(host: QWidget) -> ShortcutRegistry:
     """The window's registry (created on first use)."""
-    reg = getattr(host, "_cxr_shortcut_registry", None)
-    if reg is None:
-        reg = ShortcutRegistry(host)
-        host._cxr_shortcut_registry = reg  # type: ignore[attr-defined]
-    return reg
+    for reg in host.findChildren(ShortcutRegistry, options=Qt.FindChildOption.FindDirectChildrenOnly):
+        if reg.host is host:
+            return reg
+    return ShortcutRegistry(host)  # parented to the host: found again next time
 
 
 class ShortcutsDialog(QDialog):

@@ -40,7 +40,8 @@ class AlignmentExplainer(Explainer, title="Alignment to the canonical chest", sh
                     per_class=False),
             MapSpec("params", "s_x, s_y, t_x, t_y, theta", "vector", frame="none", per_class=False),
             MapSpec("valid", "where aligned-frame maps land on the original", "mask", per_class=False))
-    panels = (PanelSpec("aligned", "Aligned", "aligned_image", kind="image", order=10, per_class=False),)
+    panels = (PanelSpec("aligned", "Aligned", "aligned_image", kind="image", order=10, per_class=False,
+                        caption="Aligned"),)
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         out, _ = ctx.forward("alignment", ctx.frame)

@@ -259,8 +259,9 @@ class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="
             MapSpec("steps", "AM step H_t", "score", steps=True),
             MapSpec("erased", "erased up to step t", "mask", steps=True))
     panels = (*(PanelSpec(f"am{t}", f"Attention mining t={t}", "steps", step=t, outline="erased",
-                          quantity="activation", order=20 + t) for t in range(1, 4)),
-              PanelSpec("am_final", "Attention mining final", "final", quantity="am_final", order=30))
+                          quantity="activation", order=20 + t, caption=f"AM t={t}") for t in range(1, 4)),
+              PanelSpec("am_final", "Attention mining final", "final", quantity="am_final", order=30,
+                        caption="AM final H_f"))
     box_rule = BoxRule("ranked", max_boxes=3)
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
@@ -300,7 +301,7 @@ class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="
 
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
         if panel.outline and panel.step > 1:
-            return "erased outlined"
+            return "(erased outlined)"
         return ""
 
     def explain(self, output: Mapping[str, torch.Tensor], class_index: int, *, model: torch.nn.Module | None = None,

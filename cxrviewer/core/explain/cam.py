@@ -81,7 +81,7 @@ class CamExplainer(Explainer, title="Class activation map (CAM)", short="cls", o
     """The model's own class activation map (output "cam"; computed from "features" if absent)."""
 
     maps = (MapSpec("cam", "CAM S_c", "score"),)
-    panels = (PanelSpec("original", "Original + CAM", "cam", quantity="activation", order=0),)
+    panels = (PanelSpec("original", "Original + CAM", "cam", quantity="activation", order=0, caption="CAM"),)
     box_rule = BoxRule("threshold")
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:

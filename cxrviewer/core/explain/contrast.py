@@ -97,8 +97,9 @@ class ContrastExplainer(Explainer, title="Contrast-induced attention (CIA)", sho
             MapSpec("paired_normal", "the paired normal image (bank frame)", "image", frame="own",
                     per_class=False))
     panels = (PanelSpec("contrast", "Contrast attention dM", "contrast", quantity="contrast", colormap="inferno",
-                        order=40, per_class=False),
-              PanelSpec("normal", "Paired normal", "paired_normal", kind="image", order=50, per_class=False))
+                        order=40, per_class=False, caption="Contrast dM"),
+              PanelSpec("normal", "Paired normal", "paired_normal", kind="image", order=50, per_class=False,
+                        caption="Paired normal"))
     box_rule = BoxRule("grid", 0.5)
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
@@ -145,7 +146,7 @@ class ContrastExplainer(Explainer, title="Contrast-induced attention (CIA)", sho
         name = results.classes[class_index]
         if name not in names:
             return ""
-        return f"{name} grid max p={float(raw[names.index(name)].max()):.2f}"
+        return f"· {name} grid max p={float(raw[names.index(name)].max()):.2f}"
 
     def explain(self, output: Mapping[str, torch.Tensor], class_index: int, *, model: torch.nn.Module | None = None,
                 inputs: Any = None, **context: Any) -> dict[str, np.ndarray]:

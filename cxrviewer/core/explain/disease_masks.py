@@ -189,7 +189,7 @@ class DiseaseMaskExplainer(Explainer, title="Disease mask (DM prior)", short="ψ
                     per_class=False),
             MapSpec("dm_cam", "the DM model's CAM", "score"))
     panels = (PanelSpec("disease_mask", "Disease mask", "psi", quantity="probability", colormap="viridis",
-                        fixed_range=(0.0, 1.0), order=60),)
+                        fixed_range=(0.0, 1.0), order=60, caption="Disease mask ψ"),)
 
     @classmethod
     def applies(cls, roles: Any) -> bool:
@@ -226,7 +226,8 @@ class DiseaseMaskExplainer(Explainer, title="Disease mask (DM prior)", short="ψ
         return {"dm": "dm", "pdm": "segmentation"}.get(src, "classifier")
 
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
-        return str(results.attrs.get(self.name, {}).get("source") or "")
+        src = results.attrs.get(self.name, {}).get("source")
+        return f"({src})" if src else ""
 
     def applies_to(self, model: torch.nn.Module | None = None, family: str | None = None) -> bool:
         return super().applies_to(model, family) and (model is None or hasattr(model, "disease_masks"))

@@ -105,7 +105,7 @@ class GradCamExplainer(Explainer, title="Grad-CAM", short="gcam", order=40, requ
     """Grad-CAM of every class at ``model.feature_layer()``, from the pipeline's one forward."""
 
     maps = (MapSpec("gradcam", "Grad-CAM", "score"),)
-    panels = (PanelSpec("gradcam", "Grad-CAM", "gradcam", quantity="gradcam", order=100),)
+    panels = (PanelSpec("gradcam", "Grad-CAM", "gradcam", quantity="gradcam", order=100, caption="Grad-CAM"),)
     box_rule = BoxRule("threshold")
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:

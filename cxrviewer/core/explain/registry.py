@@ -77,7 +77,8 @@ class PanelSpec:
     ``masks`` (binary masks painted in fixed colours). ``step`` picks ``[t-1]`` of a ``steps``
     map; ``outline`` names a ``steps`` map whose ``[t-1]`` is outlined (erased regions).
     ``quantity`` is the colour-scale group and the colour bar's label; ``fixed_range`` pins the
-    scale (probabilities 0..1). ``order`` places the panel in the grid.
+    scale (probabilities 0..1). ``order`` places the panel in the grid; ``caption`` is the short
+    text above it (class name and probability follow).
     """
 
     key: str
@@ -91,6 +92,7 @@ class PanelSpec:
     fixed_range: tuple[float, float] | None = None
     order: int = 100
     per_class: bool = True
+    caption: str = ""  # short form of ``title`` above the panel (default: the title)
 
 
 @dataclass

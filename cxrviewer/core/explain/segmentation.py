@@ -26,7 +26,8 @@ class SegmentationExplainer(Explainer, title="Lung / heart segmentation", short=
     """Binary masks ``[3, h, w]`` (left lung, right lung, heart; names in the ``classes`` attribute)."""
 
     maps = (MapSpec("masks", "left lung, right lung, heart", "mask", per_class=False),)
-    panels = (PanelSpec("lung_heart", "Lung / heart", "masks", kind="masks", order=70, per_class=False),)
+    panels = (PanelSpec("lung_heart", "Lung / heart", "masks", kind="masks", order=70, per_class=False,
+                        caption="Lung / heart:"),)
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         out, box = ctx.forward("segmentation", ctx.frame)  # the original frame (see the module docstring)
