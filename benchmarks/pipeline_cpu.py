@@ -14,7 +14,6 @@ trained ones.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import write_report
 
 ROLES = {
     "alignment": ("alignment", {"backbone": "resnet18"}),
@@ -101,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     name = "pipeline_cpu_bf16.json" if args.cpu_bf16 else "pipeline_cpu.json"
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, out)
     return 0
 
 

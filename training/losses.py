@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum"]
+#: The perceptual term's feature maps of an image batch (stages 2-5 of a network).
+FeatureExtractor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 
 
 def _check_reduction(reduction: str) -> None:
@@ -158,14 +160,9 @@ def blur_grid(x: torch.Tensor, kernel: int = 16) -> torch.Tensor:
     return F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def alignment_loss_terms(
-    anchor: torch.Tensor,
-    warped: torch.Tensor,
-    feature_extractor: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None,
-    *,
-    kernel: int = 16,
-    reduction: Reduction = "mean",
-) -> dict[str, torch.Tensor]:
+def alignment_loss_terms(anchor: torch.Tensor, warped: torch.Tensor,
+                         feature_extractor: FeatureExtractor | None = None, *, kernel: int = 16,
+                         reduction: Reduction = "mean") -> dict[str, torch.Tensor]:
     """Perceptual and Euclidean alignment losses (disease-masks-attention.txt Eq. 6-9).
 
     ``phi = B(G(warped))`` (Eq. 6, ``warped`` is the affine-warped input ``[B, ch, H, W]``);
@@ -197,13 +194,8 @@ def alignment_loss_terms(
     return {"loss": euclid + perc, "euclidean": euclid, "perceptual": perc}
 
 
-def alignment_loss(
-    anchor: torch.Tensor,
-    warped: torch.Tensor,
-    feature_extractor: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None,
-    *,
-    kernel: int = 16,
-    reduction: Reduction = "mean",
-) -> torch.Tensor:
+def alignment_loss(anchor: torch.Tensor, warped: torch.Tensor,
+                   feature_extractor: FeatureExtractor | None = None, *, kernel: int = 16,
+                   reduction: Reduction = "mean") -> torch.Tensor:
     """``L_total = L_e + L_p`` (disease-masks-attention.txt Eq. 9); see :func:`alignment_loss_terms`."""
     return alignment_loss_terms(anchor, warped, feature_extractor, kernel=kernel, reduction=reduction)["loss"]

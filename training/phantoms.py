@@ -109,7 +109,12 @@ class PhantomConfig:
 
 @dataclass(frozen=True)
 class Affine:
-    """Pose of the chest in the written image (see the module docstring)."""
+    """Pose of the chest in the written image (conventions in the module docstring).
+
+    About the image centre, ``rotation_deg > 0`` turns the chest counter-clockwise on
+    screen and ``scale`` multiplies its size; ``shift_x``/``shift_y`` then move it by
+    fractions of the width/height. :meth:`matrix` is the resulting pixel map.
+    """
 
     rotation_deg: float = 0.0
     scale: float = 1.0

@@ -91,6 +91,19 @@ def _git_commit() -> str | None:
 
 
 # ---------------------------------------------------------------------------
+#: The keys of ``manifest.json``, in the order they are written (:meth:`Manifest.to_dict`).
+_MANIFEST_KEYS: tuple[str, ...] = (
+    "format_version", "name", "description", "architecture", "arch_kwargs", "family", "role", "classes",
+    "input_size", "normalisation", "crop", "canonical_chest", "provenance", "files", "extras_info",
+    "inference", "cxrviewer_version", "created",
+)
+#: The keys of :meth:`Manifest.summary`, in order.
+_SUMMARY_KEYS: tuple[str, ...] = (
+    "name", "architecture", "family", "role", "input_size", "weights_sha256", "research_demo", "trained",
+    "cxrviewer_version",
+)
+
+
 @dataclass
 class Manifest:
     """The parsed ``manifest.json`` of a bundle (see module docstring)."""
@@ -122,41 +135,23 @@ class Manifest:
     def research_demo(self) -> bool:
         return bool(self.provenance.get("research_demo", False))
 
+    @property
+    def trained(self) -> bool:
+        """``False`` for an untrained (random-weight) bundle; a manifest that does not say is trained."""
+        return bool(self.provenance.get("trained", True))
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
-            "name": self.name,
-            "description": self.description,
-            "architecture": self.architecture,
-            "arch_kwargs": self.arch_kwargs,
-            "family": self.family,
-            "role": self.role,
-            "classes": list(self.classes),
-            "input_size": list(self.input_size),
-            "normalisation": self.normalisation,
-            "crop": self.crop,
-            "canonical_chest": self.canonical_chest,
-            "provenance": self.provenance,
-            "files": self.files,
-            "extras_info": self.extras_info,
-            "inference": self.inference,
-            "cxrviewer_version": self.cxrviewer_version,
-            "created": self.created,
-        }
+        """The JSON object written as ``manifest.json``."""
+        return self._pick(_MANIFEST_KEYS)
 
     def summary(self) -> dict[str, Any]:
         """Short JSON-able description for results files and the GUI."""
-        return {
-            "name": self.name,
-            "architecture": self.architecture,
-            "family": self.family,
-            "role": self.role,
-            "input_size": list(self.input_size),
-            "weights_sha256": self.weights_sha256,
-            "research_demo": self.research_demo,
-            "trained": bool(self.provenance.get("trained", True)),
-            "cxrviewer_version": self.cxrviewer_version,
-        }
+        return self._pick(_SUMMARY_KEYS)
+
+    def _pick(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """These fields and properties, in this order; tuples become JSON lists."""
+        values = {key: getattr(self, key) for key in keys}
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in values.items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, path: str | None = None) -> "Manifest":

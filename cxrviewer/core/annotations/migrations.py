@@ -18,6 +18,15 @@ import sqlite3
 #: ``PRAGMA application_id`` of a cxrviewer annotation store ("CXRA").
 APPLICATION_ID = 0x43585241
 
+#: The columns ``boxes`` (version 1) and ``proposals`` (version 2) start with: row id, study,
+#: class and geometry in image pixels (see ``_StudyBox`` in :mod:`.model`). Part of both
+#: migrations, so its text is fixed.
+_BOX_COLUMNS = """id INTEGER PRIMARY KEY AUTOINCREMENT,
+        study_id INTEGER NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        x REAL NOT NULL, y REAL NOT NULL,
+        w REAL NOT NULL CHECK (w > 0), h REAL NOT NULL CHECK (h > 0),"""
+
 _V1 = [
     """CREATE TABLE studies (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -44,12 +53,8 @@ _V1 = [
         modified TEXT NOT NULL,
         PRIMARY KEY (study_id, label)
     )""",
-    """CREATE TABLE boxes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        study_id INTEGER NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
-        label TEXT NOT NULL,
-        x REAL NOT NULL, y REAL NOT NULL,
-        w REAL NOT NULL CHECK (w > 0), h REAL NOT NULL CHECK (h > 0),
+    f"""CREATE TABLE boxes (
+        {_BOX_COLUMNS}
         annotator TEXT NOT NULL,
         created TEXT NOT NULL,
         modified TEXT NOT NULL,
@@ -83,12 +88,8 @@ _V1 = [
 ]
 
 _V2 = [
-    """CREATE TABLE proposals (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        study_id INTEGER NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
-        label TEXT NOT NULL,
-        x REAL NOT NULL, y REAL NOT NULL,
-        w REAL NOT NULL CHECK (w > 0), h REAL NOT NULL CHECK (h > 0),
+    f"""CREATE TABLE proposals (
+        {_BOX_COLUMNS}
         model_name TEXT NOT NULL,
         score REAL,
         status TEXT NOT NULL DEFAULT 'pending'

@@ -103,8 +103,12 @@ class StudyRecord:
 
 
 @dataclass(frozen=True)
-class AnnotatedBox:
-    """An accepted box with its provenance (who, when, manual or model, which model)."""
+class _StudyBox:
+    """The columns a box row starts with: row id, study, class and geometry in image pixels.
+
+    Each subclass declares a ``score`` field (``None`` where there is none), which
+    :meth:`to_box` keeps.
+    """
 
     id: int
     study_id: int
@@ -113,6 +117,16 @@ class AnnotatedBox:
     y: float
     w: float
     h: float
+
+    def to_box(self) -> Box:
+        """The plain geometry :class:`~cxrviewer.core.geometry.Box` (score kept for model boxes)."""
+        return Box(self.label, self.x, self.y, self.w, self.h, self.score)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class AnnotatedBox(_StudyBox):
+    """An accepted box with its provenance (who, when, manual or model, which model)."""
+
     annotator: str
     created: str
     modified: str
@@ -122,31 +136,17 @@ class AnnotatedBox:
     score: float | None = None
     proposal_id: int | None = None
 
-    def to_box(self) -> Box:
-        """The plain geometry :class:`~cxrviewer.core.geometry.Box` (score kept for model boxes)."""
-        return Box(self.label, self.x, self.y, self.w, self.h, self.score)
-
 
 @dataclass(frozen=True)
-class Proposal:
+class Proposal(_StudyBox):
     """A model's box proposal, kept apart from accepted boxes until accepted."""
 
-    id: int
-    study_id: int
-    label: str
-    x: float
-    y: float
-    w: float
-    h: float
     model_name: str
     score: float | None
     status: str  # "pending" | "accepted" | "rejected"
     created: str
     decided_by: str | None = None
     decided_at: str | None = None
-
-    def to_box(self) -> Box:
-        return Box(self.label, self.x, self.y, self.w, self.h, self.score)
 
 
 @dataclass(frozen=True)

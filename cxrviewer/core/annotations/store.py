@@ -778,22 +778,25 @@ class UndoStack:
         return edit
 
     def undo(self) -> Edit | None:
-        if not self._undo:
-            return None
-        edit = self._undo[-1]
-        applied = self.store.undo(edit)
-        self._undo.pop()
-        self._redo.append(edit)
-        self._changed()
-        return applied
+        """Undo the latest edit; the committed inverse edit, or ``None`` if there is nothing to undo."""
+        return self._move(self._undo, self._redo, self.store.undo)
 
     def redo(self) -> Edit | None:
-        if not self._redo:
+        """Redo the latest undone edit; the committed edit, or ``None`` if there is nothing to redo."""
+        return self._move(self._redo, self._undo, self.store.redo)
+
+    def _move(self, source: list[Edit], target: list[Edit],
+              apply: Callable[[Edit], Edit]) -> Edit | None:
+        """Commit ``apply`` of ``source``'s top edit, then move that edit onto ``target``.
+
+        ``None`` when ``source`` is empty; if ``apply`` raises, both stacks are left as they were.
+        """
+        if not source:
             return None
-        edit = self._redo[-1]
-        applied = self.store.redo(edit)
-        self._redo.pop()
-        self._undo.append(edit)
+        edit = source[-1]
+        applied = apply(edit)
+        source.pop()
+        target.append(edit)
         self._changed()
         return applied
 

@@ -20,7 +20,7 @@ For this model ``logits = mean(cam) + b + (gated terms)``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -126,25 +126,27 @@ class AttentionGatedClassifier(nn.Module):
         return out
 
 
-@register_model(
-    "space_attention",
-    family="classifier",
-    description="Space attention: GAP context concatenated to every location, 1x1 conv class map",
-    default_kwargs={"backbone": "resnet34", "num_classes": NUM_CLASSES, "in_channels": 1},
-    test_kwargs={"backbone": "tiny"},
-)
+#: What both classifiers are built with by default, and as small test instances.
+_DEFAULT_KWARGS: dict[str, Any] = {"backbone": "resnet34", "num_classes": NUM_CLASSES, "in_channels": 1}
+_TEST_KWARGS: dict[str, Any] = {"backbone": "tiny"}
+
+
+def _register_classifier(name: str,
+                         description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """:func:`register_model` for a classifier of this module (shared default and test kwargs)."""
+    return register_model(name, family="classifier", description=description,
+                          default_kwargs=_DEFAULT_KWARGS, test_kwargs=_TEST_KWARGS)
+
+
+@_register_classifier("space_attention",
+                      "Space attention: GAP context concatenated to every location, 1x1 conv class map")
 def space_attention(**kwargs: Any) -> SpaceAttentionClassifier:
     """Space attention classifier (baseline-cam-space-attention-gated.txt Sec. 3.2)."""
     return SpaceAttentionClassifier(**kwargs)
 
 
-@register_model(
-    "attention_gated",
-    family="classifier",
-    description="Attention-gated units after residual blocks 2 and 3, scores concatenated",
-    default_kwargs={"backbone": "resnet34", "num_classes": NUM_CLASSES, "in_channels": 1},
-    test_kwargs={"backbone": "tiny"},
-)
+@_register_classifier("attention_gated",
+                      "Attention-gated units after residual blocks 2 and 3, scores concatenated")
 def attention_gated(**kwargs: Any) -> AttentionGatedClassifier:
     """Attention-gated classifier (baseline-cam-space-attention-gated.txt Sec. 3.3, Eq. 2)."""
     return AttentionGatedClassifier(**kwargs)
