@@ -14,5 +14,5 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     """Write ``report`` as indented JSON to ``out`` (creating its folder) and print it."""
     text = json.dumps(report, indent=2)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    out.write_text(text + "\n", encoding="utf-8")
     print(text)
