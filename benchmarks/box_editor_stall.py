@@ -18,7 +18,6 @@ Offscreen Qt by default (``QT_QPA_PLATFORM`` overrides); writes JSON to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ from PySide6.QtCore import QElapsedTimer, QEvent, QEventLoop, QPointF, Qt, QTime
 from PySide6.QtGui import QMouseEvent  # noqa: E402
 from PySide6.QtWidgets import QApplication, QMainWindow  # noqa: E402
 
+from _report import write_report  # noqa: E402  (benchmarks/_report.py: this folder is on sys.path)
 from cxrviewer.core.geometry import Box  # noqa: E402
 from cxrviewer.core.study import Study, StudyMeta  # noqa: E402
 from cxrviewer.gui.annotation_controller import AnnotationController  # noqa: E402
@@ -253,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     result = _summary(args, run, saved)
     ctrl.shutdown()
     host.close()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report(result, Path(args.out))
     return 0
 
 
