@@ -130,6 +130,13 @@ def _error_summary(errs: dict[str, list[float]], ident: dict[str, list[float]]) 
     }
 
 
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """Write ``result`` as indented JSON to ``out`` (creating its folder) and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
 
@@ -180,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
+    write_result(result, Path(args.out))
     return 0
 
 

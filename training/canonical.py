@@ -1,4 +1,4 @@
-"""Canonical chest (CIA-Net M4) and classical affine registration by normalised cross-correlation.
+"""Canonical chest (CIA-Net M4), built by groupwise NCC registration of normal radiographs.
 
 cia-net-alignment-contrast-attention.txt Sec. 3.1 / disease-masks-attention.txt Sec. 3.2: the
 canonical chest is the average of normal radiographs, cropped tightly around the lungs; the
@@ -13,19 +13,20 @@ drift. The lung field is then found on the final average (:func:`lung_bounds`) a
 is cropped to it with a small margin.
 
 All affines follow ``F.affine_grid``: ``theta`` maps *output* (aligned) normalised coordinates to
-*input* sampling coordinates, so ``warp(warp(I, R), T) == warp(I, R @ T)`` (3x3 products).
+*input* sampling coordinates, so ``warp(warp(I, R), T) == warp(I, R @ T)`` (3x3 products). The
+registration and the affine algebra live in ``cxrviewer/core/registration.py`` (the app's
+alignment check uses the same code) and are re-exported here.
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cxrviewer.core.models.alignment import affine_matrix, invert_affine, warp
+from cxrviewer.core.registration import blur, compose, decompose, ncc, register_affine, to3x3
 
 log = logging.getLogger(__name__)
 
@@ -35,129 +36,13 @@ __all__ = [
 ]
 
 
-# ---- affine algebra (affine_grid convention) ---------------------------------------------
-def to3x3(theta: torch.Tensor) -> torch.Tensor:
-    """``[B, 2, 3]`` -> homogeneous ``[B, 3, 3]``."""
-    bottom = theta.new_tensor([0.0, 0.0, 1.0]).expand(theta.shape[0], 1, 3)
-    return torch.cat([theta, bottom], dim=1)
-
-
-def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Affine of ``warp(warp(I, first), second)`` as one warp: ``first @ second`` ([B, 2, 3] each).
-
-    ``warp(I, A)(p) = I(A p)``, so ``warp(warp(I, A), B)(p) = warp(I, A)(B p) = I(A B p)``.
-    """
-    return (to3x3(first) @ to3x3(second))[:, :2, :]
-
-
-def decompose(theta: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Rotation (deg), isotropic scale (sqrt det) and shift (normalised units) of ``[B, 2, 3]``."""
-    a = theta[:, :, :2]
-    rot = torch.rad2deg(torch.atan2(a[:, 1, 0] - a[:, 0, 1], a[:, 0, 0] + a[:, 1, 1]))
-    scale = torch.linalg.det(a).abs().sqrt()
-    return {"rotation_deg": rot, "scale": scale, "tx": theta[:, 0, 2], "ty": theta[:, 1, 2]}
-
-
-# ---- similarity ---------------------------------------------------------------------------
-def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Normalised cross-correlation per sample of ``[B, 1, H, W]`` tensors (b may have batch 1)."""
-    a = a.flatten(1)
-    b = b.flatten(1).expand_as(a)
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
-
-
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
-        return x
-    r = max(1, int(math.ceil(2.5 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
-    k = (k / k.sum()).to(x.device)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-
-
-def _down(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
+# ---- helpers of the canonical builder --------------------------------------------------
 def sharpness(img: torch.Tensor) -> float:
     """Mean squared gradient magnitude of ``[H, W]`` or ``[1, 1, H, W]`` (higher = sharper)."""
     x = img.reshape(1, 1, *img.shape[-2:]).float()
     gx = x[..., :, 1:] - x[..., :, :-1]
     gy = x[..., 1:, :] - x[..., :-1, :]
     return float(gx.pow(2).mean() + gy.pow(2).mean())
-
-
-# ---- registration -------------------------------------------------------------------------
-def register_affine(moving: torch.Tensor, fixed: torch.Tensor, *, init: torch.Tensor | None = None,
-                    levels: Sequence[int] = (32, 64), iters: int = 80, lr: float = 0.02,
-                    rotation_starts_deg: Sequence[float] = (-8.0, 0.0, 8.0), isotropic: bool = False,
-                    batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Affine ``theta [B, 2, 3]`` with ``warp(moving, theta) ~ fixed``, and the final NCC [B].
-
-    Gradient ascent (Adam) on the NCC of blurred images over ``(log s_x, log s_y, t_x, t_y, theta)``
-    (the alignment network's parameters, cia-net Eq. 1), composed *after* ``init``
-    (``theta = init @ A(p)``), coarse-to-fine over ``levels`` (pixels), from every rotation in
-    ``rotation_starts_deg``; the start with the best NCC wins. ``moving`` [B, 1, H, W] and
-    ``fixed`` [1, 1, h, w] in any consistent intensity range. Needs no network.
-    """
-    moving = moving.detach().float()
-    fixed = fixed.detach().float()
-    n = moving.shape[0]
-    if init is None:
-        init = affine_matrix(torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]])).expand(n, 2, 3)
-    init = init.detach().float().expand(n, 2, 3).contiguous()
-    thetas, scores = [], []
-    for s in range(0, n, batch):
-        th, sc = _register_chunk(moving[s:s + batch], fixed, init[s:s + batch], levels, iters, lr,
-                                 rotation_starts_deg, isotropic)
-        thetas.append(th)
-        scores.append(sc)
-    return torch.cat(thetas), torch.cat(scores)
-
-
-def _register_chunk(moving, fixed, init, levels, iters, lr, starts, isotropic):
-    b = moving.shape[0]
-    k = len(starts)
-    p0 = torch.zeros(k, b, 5)
-    for i, r in enumerate(starts):
-        p0[i, :, 4] = math.radians(r)
-    p = p0.reshape(k * b, 5).clone().requires_grad_(True)
-    init_k = init.repeat(k, 1, 1)
-    opt = torch.optim.Adam([p], lr=lr)
-
-    def theta_of(q: torch.Tensor) -> torch.Tensor:
-        raw = q.clone()
-        if isotropic:
-            raw = torch.cat([q[:, :1], q[:, :1], q[:, 2:]], dim=1)
-        a = affine_matrix(torch.cat([raw[:, :2].exp(), raw[:, 2:]], dim=1))
-        return compose(init_k, a)
-
-    score = torch.zeros(k * b)
-    for lvl in levels:
-        sigma = 1.0 * lvl / 64.0
-        mv = _blur(_down(moving, lvl * 2), sigma * 2).repeat(k, 1, 1, 1)
-        fx = _blur(_down(fixed, lvl), sigma)
-        for _ in range(iters):
-            w = warp(mv, theta_of(p), out_size=lvl, padding_mode="border")
-            score = ncc(w, fx)
-            loss = -score.sum() + 1e-2 * p[:, :2].pow(2).sum()  # weak prior against degenerate scales
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        th = theta_of(p)
-        lvl = levels[-1]
-        w = warp(_blur(_down(moving, lvl * 2), 2.0 * lvl / 64).repeat(k, 1, 1, 1), th, out_size=lvl,
-                 padding_mode="border")
-        score = ncc(w, _blur(_down(fixed, lvl), lvl / 64)).view(k, b)
-        best = score.argmax(0)
-        th = th.view(k, b, 2, 3)[best, torch.arange(b)]
-        return th.detach(), score[best, torch.arange(b)].detach()
 
 
 def _mean_affine(thetas: torch.Tensor) -> torch.Tensor:
@@ -186,7 +71,7 @@ def lung_bounds(mean: np.ndarray, margin: float = 0.04, bottom_margin: float = 0
     from skimage.measure import label, regionprops
 
     h, w = mean.shape
-    m = _blur(torch.from_numpy(np.asarray(mean, np.float32))[None, None], max(h, w) / 128.0)[0, 0].numpy()
+    m = blur(torch.from_numpy(np.asarray(mean, np.float32))[None, None], max(h, w) / 128.0)[0, 0].numpy()
     ch, cw = int(0.05 * h), int(0.05 * w)
     central = m[ch:h - ch, cw:w - cw]
     for q in range(50, 5, -2):

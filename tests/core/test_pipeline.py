@@ -68,6 +68,9 @@ def test_maps_are_in_original_coordinates(full_run):
     assert res.probabilities.shape == (C,) and ((res.probabilities > 0) & (res.probabilities < 1)).all()
     assert res.get("alignment", "aligned_image").shape == (h, w) and res.get("alignment", "affine").shape == (2, 3)
     np.testing.assert_allclose(res.get("alignment", "params"), [1, 1, 0, 0, 0], atol=1e-6)  # identity at init
+    # the tiny bundle names no canonical chest: nothing to refine against, no check, no rejection
+    np.testing.assert_allclose(res.get("alignment", "affine"), res.get("alignment", "network_affine"), atol=1e-6)
+    assert res.attr("alignment", "checked") is False and res.attr("alignment", "rejected") is False
     assert res.get("segmentation", "masks").dtype == np.uint8 and set(np.unique(res.get("segmentation", "masks"))) <= {0, 1}
     assert res.attr("disease_mask", "source") == "dm"
     assert res.get("contrast", "paired_normal").dtype == np.uint8 and res.attr("contrast", "paired_normal_id").startswith("synthetic_")

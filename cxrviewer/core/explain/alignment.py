@@ -1,14 +1,25 @@
-"""Alignment to the canonical chest (cia-net Eq. 1, disease-masks Eq. 6) as a pipeline step.
+"""Alignment to the canonical chest (cia-net Eq. 1, disease-masks Eq. 6) as a pipeline step, checked.
 
 The alignment network predicts an affine ``theta`` (``F.affine_grid`` convention, normalised
-coordinates, original -> aligned sampling); from then on the classifier, DM and CIA networks
-see the aligned working frame (:meth:`~cxrviewer.core.explain.context.ExplainContext.set_alignment`)
-and their maps are drawn back through the inverse warp. ``valid`` marks where those maps land
-on the original (outside it they hold no data and are drawn transparent).
+coordinates, original -> aligned sampling). When the bundle's manifest names its canonical chest
+(``canonical_chest``, found beside the bundle or in ``resources/``, SHA-256 checked), the affine is
+then polished by a classical NCC registration to it (:func:`~cxrviewer.core.registration.refine_affine`,
+pipeline option ``align_refine``, on by default) and scored: ``quality`` is the NCC of the aligned
+image to the canonical chest where the warp has data
+(:func:`~cxrviewer.core.registration.alignment_quality`). With a good score the classifier, DM and
+CIA networks see the aligned working frame (:meth:`~cxrviewer.core.explain.context.ExplainContext.set_alignment`)
+and their maps are drawn back through the inverse warp; ``valid`` marks where those maps land on the
+original. Below :data:`MIN_QUALITY` (option ``align_min_quality``) the alignment is rejected: later
+networks see the unaligned image, a notice says so, and ``attrs["rejected"]`` is true. The threshold
+and its measurement are in docs/alignment.md ("Alignment check").
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,9 +27,18 @@ import torch
 from cxrviewer.core.explain.registry import Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer
 
 if TYPE_CHECKING:
+    from cxrviewer.core.bundle import LoadedBundle
     from cxrviewer.core.explain.context import ExplainContext
+    from cxrviewer.core.results import Results
 
-__all__ = ["AlignmentExplainer", "valid_region"]
+__all__ = ["MIN_QUALITY", "AlignmentCheck", "AlignmentExplainer", "canonical_path", "check_alignment",
+           "valid_region"]
+
+#: Lowest accepted quality (NCC to the canonical chest, :func:`alignment_quality`), from
+#: benchmarks/alignment_refine.py: real NIH images vs. rotated, lateral-like and noise inputs.
+MIN_QUALITY = 0.70
+
+_CANONICAL: dict[tuple[str, str, str], tuple[Path, torch.Tensor] | None] = {}
 
 
 def valid_region(theta_inv: torch.Tensor, map_shape: tuple[int, int]) -> np.ndarray:
@@ -30,13 +50,102 @@ def valid_region(theta_inv: torch.Tensor, map_shape: tuple[int, int]) -> np.ndar
         return (warp(ones, theta_inv.float())[0, 0] > 0.5).numpy()
 
 
+def canonical_path(bundle: "LoadedBundle") -> Path | None:
+    """The canonical chest PNG an alignment bundle's manifest names (None: it names none).
+
+    Looked for in the bundle folder, its parent and grandparent (``resources/models/X.cxrbundle``
+    -> ``resources/``) and beside ``resources/canonical_chest.png`` of the checkout or frozen app;
+    a recorded SHA-256 must match. Raises ``FileNotFoundError`` when named but not found.
+    """
+    from cxrviewer.core.canonical import default_canonical_path
+    from cxrviewer.core.checksum import sha256_file
+
+    ref = bundle.manifest.canonical_chest or {}
+    name, digest = ref.get("file"), ref.get("sha256")
+    if not name:
+        return None
+    folders = (bundle.path, bundle.path.parent, bundle.path.parent.parent, default_canonical_path().parent)
+    for cand in (Path(f) / name for f in folders):
+        if cand.is_file() and (not digest or sha256_file(cand) == digest):
+            return cand
+    raise FileNotFoundError(f"canonical chest {name} named by the alignment bundle {bundle.path.name} was not found")
+
+
+def _canonical(bundle: "LoadedBundle") -> tuple[Path, torch.Tensor] | None:
+    """:func:`canonical_path` and the image ``[1, 1, S, S]`` in [0, 1], cached per bundle."""
+    from cxrviewer.core.canonical import load_canonical
+
+    ref = bundle.manifest.canonical_chest or {}
+    key = (str(bundle.path), str(ref.get("file")), str(ref.get("sha256")))
+    if key not in _CANONICAL:
+        path = canonical_path(bundle)
+        _CANONICAL[key] = None if path is None else (path, load_canonical(path))
+    return _CANONICAL[key]
+
+
+@dataclass
+class AlignmentCheck:
+    """The affine to use and how well it matches the canonical chest (None: not checked)."""
+
+    theta: torch.Tensor  # [1, 2, 3]: refined, or the network's
+    network_theta: torch.Tensor
+    quality: float | None = None
+    network_quality: float | None = None
+    min_quality: float = MIN_QUALITY
+    refined: bool = False
+    canonical: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def rejected(self) -> bool:
+        return self.quality is not None and not self.quality >= self.min_quality
+
+    def notice(self) -> str:
+        """The notice of a rejected alignment (log panel, results.h5)."""
+        return (f"alignment rejected: NCC {self.quality:.2f} < {self.min_quality:.2f} to the canonical chest; "
+                "maps use the unaligned image")
+
+    def attrs(self) -> dict[str, Any]:
+        """JSON-able attributes of the alignment step."""
+        def r(v: float | None) -> float | None:
+            return None if v is None or not math.isfinite(v) else round(float(v), 4)
+
+        return {"quality": r(self.quality), "network_quality": r(self.network_quality),
+                "min_quality": self.min_quality, "refined": self.refined, "rejected": self.rejected,
+                "checked": self.quality is not None, "canonical_chest": self.canonical,
+                "check_s": round(self.seconds, 4)}
+
+
+def check_alignment(image01: torch.Tensor, canonical01: torch.Tensor, network_theta: torch.Tensor, *,
+                    refine: bool = True, min_quality: float = MIN_QUALITY) -> AlignmentCheck:
+    """Refine the network's affine (optional) and score both against the canonical chest."""
+    import torch.nn.functional as F
+
+    from cxrviewer.core.registration import REFINE_SIZES, alignment_quality, refine_affine
+
+    t0 = time.perf_counter()
+    side = 2 * max(REFINE_SIZES)  # all the registration reads; one resize of the (large) frame
+    img = F.interpolate(image01.detach().float().cpu(), size=(side, side), mode="bilinear", align_corners=False,
+                        antialias=True)
+    net = network_theta.detach().float().cpu()
+    q0 = float(alignment_quality(img, canonical01, net)[0])
+    theta, q = net, q0
+    if refine:
+        theta_r, q_r = refine_affine(img, canonical01, net)
+        theta, q = theta_r, float(q_r[0])
+    return AlignmentCheck(theta.to(network_theta.device), network_theta, q, q0, float(min_quality), refine,
+                          seconds=time.perf_counter() - t0)
+
+
 @register_explainer("alignment")
 class AlignmentExplainer(Explainer, title="Alignment to the canonical chest", short="align", order=10,
                          requires=("alignment",)):
-    """The aligned image, the affine and its parameters (s_x, s_y, t_x, t_y, theta)."""
+    """The aligned image, the refined and the network's affines, the parameters, and the check."""
 
     maps = (MapSpec("aligned_image", "aligned image in [0, 1]", "image", frame="aligned", per_class=False),
-            MapSpec("affine", "affine [2, 3], original -> aligned sampling", "affine", frame="none",
+            MapSpec("affine", "affine [2, 3], original -> aligned sampling (refined)", "affine", frame="none",
+                    per_class=False),
+            MapSpec("network_affine", "the alignment network's affine [2, 3]", "affine", frame="none",
                     per_class=False),
             MapSpec("params", "s_x, s_y, t_x, t_y, theta", "vector", frame="none", per_class=False),
             MapSpec("valid", "where aligned-frame maps land on the original", "mask", per_class=False))
@@ -44,15 +153,49 @@ class AlignmentExplainer(Explainer, title="Alignment to the canonical chest", sh
                         caption="Aligned"),)
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
-        out, _ = ctx.forward("alignment", ctx.frame)
-        theta = out["theta"][:1].float()
-        ctx.set_alignment(theta)
-        return ExplainerOutput({
-            "aligned_image": ctx.work[0, 0].cpu().numpy().astype(np.float32),
-            "affine": theta[0].cpu().double().numpy(),
-            "params": out["params"][0].float().cpu().numpy().astype(np.float32),
-            "valid": valid_region(ctx.theta_inv, ctx.map_shape),
-        })
+        from cxrviewer.core.models.alignment import warp
+        from cxrviewer.core.registration import affine_params
 
-    def caption(self, results, panel: PanelSpec, class_index: int | None) -> str:  # noqa: ANN001
-        return "to the canonical chest"
+        out, _ = ctx.forward("alignment", ctx.frame)
+        net = out["theta"][:1].float()
+        check = self._check(ctx, net)
+        if check.rejected:
+            ctx.results.notices.append(check.notice())
+            aligned = warp(ctx.frame, check.theta).clamp(0, 1)
+            valid = np.ones(ctx.map_shape, bool)  # later maps stay in the original frame
+        else:
+            ctx.set_alignment(check.theta)
+            aligned = ctx.work
+            valid = valid_region(ctx.theta_inv, ctx.map_shape)
+        params = affine_params(check.theta.cpu()) if check.refined else out["params"][:1]
+        return ExplainerOutput({
+            "aligned_image": aligned[0, 0].cpu().numpy().astype(np.float32),
+            "affine": check.theta[0].cpu().double().numpy(),
+            "network_affine": net[0].cpu().double().numpy(),
+            "params": params[0].float().cpu().numpy().astype(np.float32),
+            "valid": valid,
+        }, attrs=check.attrs())
+
+    @staticmethod
+    def _check(ctx: "ExplainContext", net: torch.Tensor) -> AlignmentCheck:
+        """:func:`check_alignment` against the bundle's canonical chest (unchecked without one)."""
+        try:
+            found = _canonical(ctx.bundles["alignment"])
+        except FileNotFoundError as exc:
+            ctx.results.notices.append(f"alignment not checked: {exc}")
+            found = None
+        if found is None:
+            return AlignmentCheck(net, net)
+        path, canon = found
+        check = check_alignment(ctx.frame, canon, net, refine=bool(ctx.option("align_refine", True)),
+                                min_quality=float(ctx.option("align_min_quality", MIN_QUALITY)))
+        check.canonical = path.name
+        return check
+
+    def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
+        q = results.attr(self.name, "quality")
+        if q is None:
+            return "to the canonical chest"
+        if results.attr(self.name, "rejected"):
+            return f"rejected: NCC {q:.2f} < {results.attr(self.name, 'min_quality', MIN_QUALITY):.2f}, maps unaligned"
+        return f"to the canonical chest, NCC {q:.2f}"
