@@ -3,9 +3,14 @@
 :func:`evaluate_pipeline` scores the app's own pipeline (:class:`cxrviewer.core.pipeline.Pipeline`,
 the one behind the viewer and ``cxrviewer analyze``): each study is loaded as the app loads it,
 run through the same preprocessing, alignment, crop and map resolution, and every explainer
-with a box rule (:mod:`cxrviewer.core.explain.registry`) is scored on the boxes it proposed, in
-ORIGINAL pixels, against the ground-truth boxes. A newly registered method with a ``box_rule``
-is scored without touching this file. AUROC per class comes from the pipeline's probabilities;
+that proposes boxes (:mod:`cxrviewer.core.explain.registry`: a ``box_rule``, or ``proposes_boxes``)
+is scored on the boxes it proposed, in ORIGINAL pixels, against the ground-truth boxes. A newly
+registered method with a ``box_rule`` is scored without touching this file. The ``prior``
+explainer (cxrviewer/core/explain/prior.py, the fixed median box the app ships or the bundle
+carries) is one of them; an explainer's ``title`` attribute of the run names its row, so the
+shipped prior, computed from ALL official NIH boxes, reads "prior (shipped, all NIH boxes:
+optimistic on NIH)": on NIH folds the floor below (the fold's own training boxes) is the honest
+reference. AUROC per class comes from the pipeline's probabilities;
 localisation accuracy and AFP at T(IoU) 0.1..0.7 and T(IoBB) 0.1/0.25/0.5/0.75/0.9
 (baseline-cam-space-attention-gated.txt Sec. 5.2) for the eight boxed classes, with the
 model-free floor (median training box per class, METHODS.md "Always report the floor") beside
@@ -55,19 +60,19 @@ TrainBoxes = Sequence[Box] | Mapping[str, Sequence[Box]]
 
 # ---- the app's pipeline -----------------------------------------------------------------------
 def scored_explainers(pipeline: "Pipeline", methods: Sequence[str] | None = None) -> list["Explainer"]:
-    """The pipeline's explainers that propose boxes (have a ``box_rule``), optionally only ``methods``.
+    """The pipeline's explainers that propose boxes (``proposes_boxes``), optionally only ``methods``.
 
     Raises ``ValueError`` naming a requested method that is unknown, has no box rule or does not
     run with the loaded bundles.
     """
-    boxed = [e for e in pipeline.explainers if e.box_rule is not None]
+    boxed = [e for e in pipeline.explainers if e.proposes_boxes]
     if methods is None:
         return boxed
     by_name = {e.name: e for e in boxed}
     for m in methods:
         if m not in by_name:
             ex = get_explainer(m)  # unknown names raise here
-            why = ("proposes no boxes" if ex.box_rule is None
+            why = ("proposes no boxes" if not ex.proposes_boxes
                    else f"needs the role(s) {', '.join(ex.requires)}; loaded: {', '.join(pipeline.bundles)}")
             raise ValueError(f"method '{m}' cannot be scored: it {why}")
     return [by_name[m] for m in dict.fromkeys(methods)]
@@ -108,6 +113,7 @@ def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_box
     probs: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     preds: dict[str, dict[str, list[Box]]] = {e.name: {} for e in scorers}
+    titles = {e.name: e.title for e in scorers}
     gts: dict[str, list[Box]] = {}
     failed: list[dict[str, str]] = []
     for i, rec in enumerate(records):
@@ -127,12 +133,14 @@ def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_box
                 gts[key] = list(study.gt_boxes)
                 for e in scorers:
                     preds[e.name][key] = list(res.boxes.get(e.name, []))
+                    titles[e.name] = str(res.attr(e.name, "title", titles[e.name]))
         if progress is not None:
             progress(i + 1, len(records), key)
     out: dict[str, Any] = {"n_images": len(records) - len(failed), "n_boxed_images": len(gts),
                            "classes": list(classes), "boxed_classes": list(BOXED_CLASSES),
                            **_auroc_json(probs, labels, classes),
-                           "methods": {e.name: {"title": e.title, **_loc_json(preds[e.name], gts)} for e in scorers},
+                           "methods": {e.name: {"title": titles[e.name], **_loc_json(preds[e.name], gts)}
+                                       for e in scorers},
                            "frame": "original pixels"}
     out.update(_floor_json(train_boxes, gts))
     if failed:

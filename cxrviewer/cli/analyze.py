@@ -3,8 +3,9 @@
     cxrviewer analyze PATH ... [--models DIR] --out DIR [--device auto|cpu|cuda] [--classes NAME ...]
 
 For each study: ``OUT/<study-id>/results.h5`` (all maps, boxes, timings; layout in
-``cxrviewer.core.io.results``), ``summary.json`` (probabilities, boxes, per-stage
-timings, device, models) and ``panels.png`` (original, CAM, aligned, attention
+``cxrviewer.core.io.results``), ``summary.json`` (probabilities, every method's boxes
+with the prior's fixed median box per class under ``prior``, ``default_box_method``,
+per-stage timings, device, models) and ``panels.png`` (original, CAM, aligned, attention
 mining, contrast + paired normal, disease mask, lung/heart masks, as available).
 A study that cannot be read or analysed gets a one-line error; the others go on
 and the exit status is non-zero at the end.
@@ -46,6 +47,8 @@ def _box_json(b: Any) -> dict[str, Any]:
 
 def summary_dict(results: Any, files: dict[str, str]) -> dict[str, Any]:
     """The JSON summary of one analysed study."""
+    from cxrviewer.core.panels import default_box_method
+
     r = results
     probs = ({n: float(p) for n, p in zip(r.classes, r.probabilities)} if r.probabilities is not None else {})
     return {
@@ -57,6 +60,7 @@ def summary_dict(results: Any, files: dict[str, str]) -> dict[str, Any]:
         "probabilities": probs,
         "top_classes": [r.classes[i] for i in r.top_classes(3)],
         "boxes": {src: [_box_json(b) for b in bs] for src, bs in r.boxes.items()},
+        "default_box_method": default_box_method(r.boxes),
         "timings": r.timings,
         "total_seconds": float(sum(r.timings.values())),
         "device": r.device,
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.errors import CxrError
     from cxrviewer.core.io import open_worklist
     from cxrviewer.core.io.results import write_results
+    from cxrviewer.core.panels import default_box_method
     from cxrviewer.core.pipeline import Pipeline
     from cxrviewer.core.render import save_panels
 
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             d = out / name
             d.mkdir(parents=True, exist_ok=True)
             files = {"results": "results.h5", "summary": "summary.json"}
-            write_results(results, d / "results.h5")
+            write_results(results, d / "results.h5", default_box_method=default_box_method(results.boxes))
             if not args.no_panels:
                 c = results.classes.index(classes[0]) if classes and classes[0] in results.classes else None
                 save_panels(study, results, d / "panels.png", class_index=c)

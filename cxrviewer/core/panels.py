@@ -16,8 +16,8 @@ from cxrviewer.core.explain.registry import Explainer, PanelSpec, _ordered
 from cxrviewer.core.results import Results
 from cxrviewer.core.roles import ROLE_TITLES
 
-__all__ = ["PanelData", "PanelRef", "needs_class_maps", "panel_data", "panel_list", "panel_model", "panel_ref",
-           "proposal_sources"]
+__all__ = ["PanelData", "PanelRef", "default_box_method", "needs_class_maps", "panel_data", "panel_list",
+           "panel_model", "panel_ref", "proposal_sources"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,15 @@ def panel_ref(key: str) -> PanelRef:
 
 
 def proposal_sources() -> list[str]:
-    """Explainers with a box rule, in the order the viewer prefers their proposals."""
+    """Explainers with a box rule, in the order the viewer prefers their proposals (the prior has
+    none: a reference box, never a proposal)."""
     return [c.name for c in sorted(_ordered(), key=lambda c: (c.box_priority, c.order)) if c.box_rule is not None]
+
+
+def default_box_method(available: Collection[str] | None = None) -> str | None:
+    """The app's default box method: the first of :func:`proposal_sources` in ``available`` (e.g. a
+    result's ``boxes``; None: any registered), i.e. attention mining, else CAM, else contrast."""
+    return next((n for n in proposal_sources() if available is None or n in available), None)
 
 
 def needs_class_maps(res: Results, name: str) -> bool:

@@ -195,7 +195,7 @@ class Pipeline:
         finally:
             ctx.release()
         for ex in self.explainers:
-            if ex.box_rule is not None and ex.name in res.maps:
+            if ex.proposes_boxes and ex.name in res.maps:
                 res.boxes[ex.name] = ex.propose_boxes(res)
         stage("boxes")
         return res

@@ -10,7 +10,8 @@ from _tiny_bundles import make_tiny_bundles
 from cxrviewer.__main__ import main
 from cxrviewer.core.bundle import load_bundle, read_manifest
 from cxrviewer.core.io import load_study
-from cxrviewer.core.io.results import read_results
+from cxrviewer.core.classes import BOXED_CLASSES
+from cxrviewer.core.io.results import read_results, results_summary
 from cxrviewer.core.pipeline import Pipeline, assign_roles
 
 
@@ -32,10 +33,16 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
     assert sorted(p.name for p in d.iterdir()) == ["panels.png", "results.h5", "summary.json"]
     summary = json.loads((d / "summary.json").read_text())
     for stage in ("preprocess", "alignment", "segmentation", "cam", "gradcam", "attention_mining",
-                  "disease_mask", "contrast", "boxes"):
+                  "disease_mask", "contrast", "prior", "boxes"):
         assert stage in summary["timings"], stage
     assert set(summary["probabilities"]) == set(summary["classes"]) and len(summary["classes"]) == 14
-    assert set(summary["boxes"]) == {"cam", "gradcam", "attention_mining", "contrast"}
+    assert set(summary["boxes"]) == {"cam", "gradcam", "attention_mining", "contrast", "prior"}
+    assert summary["default_box_method"] == "attention_mining"
+    h, w = summary["image_shape"]
+    prior = summary["boxes"]["prior"]
+    assert [b["label"] for b in prior] == [c for c in summary["classes"] if c in BOXED_CLASSES]
+    assert all(b["score"] is None and 0 <= b["x"] and b["x"] + b["w"] <= w and b["y"] + b["h"] <= h for b in prior)
+    assert summary["methods"]["prior"]["source"] == "shipped"
     assert summary["device"].startswith("cpu")
     assert summary["methods"]["disease_mask"]["source"] in ("dm", "classifier", "pdm")
     assert summary["models"]["classifier"]["architecture"] == "msa"
@@ -53,6 +60,8 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
                      ("alignment", "affine")):
         np.testing.assert_allclose(back.get(ex, name), ref.get(ex, name), rtol=1e-5, atol=1e-6, err_msg=name)
     assert [b.label for b in back.boxes["attention_mining"]] == [b.label for b in ref.boxes["attention_mining"]]
+    assert [(b.label, b.x, b.w) for b in back.boxes["prior"]] == [(b["label"], b["x"], b["w"]) for b in prior]
+    assert results_summary(d / "results.h5")["default_box_method"] == "attention_mining"
 
     from PIL import Image
 

@@ -1,8 +1,8 @@
 """training/evaluate.py and ``cxr-train evaluate``: the app's pipeline scored on phantoms.
 
-Every explainer with a box rule is scored (a toy one registered here too, without touching
-training/evaluate.py), boxes are compared with the ground truth in original pixels, the floor
-sits beside every method, and the command's folds (N, all, -1) behave as documented.
+Every explainer that proposes boxes is scored (a toy one registered here too, without touching
+training/evaluate.py, and the fixed-box prior), boxes are compared with the ground truth in
+original pixels, the floor sits beside every method, and the command's folds (N, all, -1) behave as documented.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from cxrviewer.core.explain import get_explainer
 from cxrviewer.core.explain.boxes import BoxRule
 from cxrviewer.core.explain.gradcam import grad_cam
 from cxrviewer.core.explain.metrics import localization_table
+from cxrviewer.core.explain.prior import SHIPPED_TITLE
 from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec, register_explainer,
                                              unregister_explainer)
 from cxrviewer.core.geometry import Box
@@ -87,7 +88,7 @@ def test_every_box_method_is_scored_in_original_pixels(phantoms, classifier, toy
     refs = _refs(phantoms)
     _TRUTH.update({r.path.name: r.gt_boxes for r in refs})
     res = evaluate_pipeline(pl, refs, train_boxes=[b for r in refs for b in r.gt_boxes])
-    assert set(res["methods"]) == {"cam", "gradcam", "attention_mining", "toy_oracle"}
+    assert set(res["methods"]) == {"cam", "gradcam", "attention_mining", "toy_oracle", "prior"}
     assert res["n_images"] == 8 and res["n_boxed_images"] == sum(bool(r.gt_boxes) for r in refs) > 0
     assert set(res["auroc"]) == set(CLASSES) and res["classes"] == list(CLASSES)
     for tab in ("floor_iou", "floor_iobb"):
@@ -103,7 +104,10 @@ def test_every_box_method_is_scored_in_original_pixels(phantoms, classifier, toy
         {c: (None if np.isnan(v.accuracy) else v.accuracy) for c, v in want.items()}
     md = markdown_tables(res, title="t")
     assert "oracle (`toy_oracle`), T(IoU)" in md and "floor (median training box), T(IoBB)" in md
-    assert md.count("| T(IoU) |") == 5 and "AUROC per class" in md
+    assert md.count("| T(IoU) |") == 6 and "AUROC per class" in md
+    # the shipped prior (all NIH boxes) is a method row, labelled as optimistic, before the honest floor
+    assert res["methods"]["prior"]["title"] == SHIPPED_TITLE
+    assert md.index(f"{SHIPPED_TITLE} (`prior`), T(IoU)") < md.index("floor (median training box), T(IoU)")
 
 
 def test_methods_restrict_and_the_floor_per_image(phantoms, classifier):
@@ -126,7 +130,7 @@ def test_cli_folds(phantoms, classifier, tmp_path, capsys):
     assert main([*base, "--model", str(classifier), "--out", str(tmp_path / "all"), "--fold", "all"]) == 0
     res = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert res["n_images"] == 8 and res["fold"] == "all" and "other folds" in res["floor"]
-    assert set(res["methods"]) == {"cam", "gradcam", "attention_mining"} and "floor_iou" in res
+    assert set(res["methods"]) == {"cam", "gradcam", "attention_mining", "prior"} and "floor_iou" in res
     assert res["models"]["classifier"]["architecture"] == "msa"
     assert "Grad-CAM (`gradcam`)" in (tmp_path / "all" / "tables.md").read_text()
 

@@ -11,6 +11,7 @@ from cxrviewer.core.explain import cam as cam  # registers "cam"
 from cxrviewer.core.explain import contrast as contrast  # registers "contrast"
 from cxrviewer.core.explain import disease_masks as disease_masks  # registers "disease_mask"
 from cxrviewer.core.explain import gradcam as gradcam  # registers "gradcam"
+from cxrviewer.core.explain import prior as prior  # registers "prior" (the fixed median box)
 from cxrviewer.core.explain import segmentation as segmentation  # registers "segmentation"
 from cxrviewer.core.explain import boxes as boxes
 from cxrviewer.core.explain import metrics as metrics

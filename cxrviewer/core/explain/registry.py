@@ -8,7 +8,8 @@ registered with :func:`register_explainer` (cf. pytorch-grad-cam's ``BaseCAM`` a
 * ``requires``: the pipeline roles (:data:`cxrviewer.core.roles.ROLES`) that must be loaded,
 * ``maps``: what it produces (:class:`MapSpec`: frame and value meaning of each array),
 * ``panels``: how its maps are shown (:class:`PanelSpec`: panel kind, colour-scale quantity),
-* ``box_rule`` / ``box_map``: how its boxes are proposed (a :class:`~.boxes.BoxRule`), or none,
+* ``box_rule`` / ``box_map``: how its boxes are proposed (a :class:`~.boxes.BoxRule`), or none
+  (a method that overrides ``propose_boxes`` sets ``proposes_boxes``, as the ``prior`` does),
 
 and implements :meth:`Explainer.compute`, which the pipeline calls with an
 :class:`~cxrviewer.core.explain.context.ExplainContext` (the shared model passes) and which
@@ -158,6 +159,11 @@ class Explainer:
         """The class names of this method's per-class maps in ``results``."""
         own = results.attrs.get(self.name, {}).get("classes")
         return tuple(own) if own else tuple(results.classes)
+
+    @property
+    def proposes_boxes(self) -> bool:
+        """Whether the pipeline asks :meth:`propose_boxes` (default: when there is a box rule)."""
+        return self.box_rule is not None
 
     def propose_boxes(self, results: "Results") -> list[Box]:
         """Boxes (original pixels) from ``box_map`` by ``box_rule``, every class."""

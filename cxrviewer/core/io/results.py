@@ -6,12 +6,15 @@ that ran, one dataset per declared map)::
     /                      attrs: format_version, study_id, source_path, pixel_sha256,
                            image_shape [H, W], map_shape [h, w], classes (JSON list),
                            models (JSON {role: manifest summary}), timings (JSON {stage: s}),
-                           device, notices (JSON list), cxrviewer_version, created
+                           device, notices (JSON list), cxrviewer_version, created,
+                           default_box_method (optional: the app's default box method;
+                           absent in older files -> None, see :func:`results_summary`)
     /probabilities         float32 [C]                      (only when a classifier ran)
     /explainers/<name>     attrs: the explainer's attributes (JSON), e.g. classes, source
         <map>              a map as the explainer declared it (e.g. cam [C, h, w] float32)
         <map>/<class>      a step map {class: [T, h, w]} as a group of per-class datasets
-    /boxes/<name>          boxes proposed by explainer <name>
+    /boxes/<name>          boxes proposed by explainer <name> (``prior``: the fixed median box
+                           per class, a reference; its fractions are in /explainers/prior attrs)
         xywh               float64 [N, 4]  original pixels
         score              float64 [N]     (NaN = none)
         label              str     [N]
@@ -69,7 +72,7 @@ def _get(g: h5py.Group, name: str) -> Any:
     return item[()]
 
 
-def _write_root(f: h5py.File, r: Results) -> None:
+def _write_root(f: h5py.File, r: Results, default_box_method: str | None) -> None:
     from ... import __version__
 
     a = f.attrs
@@ -86,6 +89,8 @@ def _write_root(f: h5py.File, r: Results) -> None:
     a["notices"] = json.dumps(list(r.notices))
     a["cxrviewer_version"] = __version__
     a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if default_box_method:
+        a["default_box_method"] = default_box_method
 
 
 def _write_boxes(g: h5py.Group, source: str, boxes: list[Box]) -> None:
@@ -95,8 +100,9 @@ def _write_boxes(g: h5py.Group, source: str, boxes: list[Box]) -> None:
     bg.create_dataset("label", data=np.asarray([b.label for b in boxes], dtype=object), dtype=_STR)
 
 
-def write_results(results: Results, path: str | os.PathLike) -> Path:
-    """Write ``results`` to ``path`` atomically (format version 2)."""
+def write_results(results: Results, path: str | os.PathLike, *, default_box_method: str | None = None) -> Path:
+    """Write ``results`` to ``path`` atomically (format version 2); ``default_box_method`` (the
+    caller's :func:`cxrviewer.core.panels.default_box_method`) becomes a root attribute."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".h5.tmp", dir=p.parent)
@@ -104,7 +110,7 @@ def write_results(results: Results, path: str | os.PathLike) -> Path:
     r = results
     try:
         with h5py.File(tmp, "w") as f:
-            _write_root(f, r)
+            _write_root(f, r, default_box_method)
             _put(f, "probabilities", r.probabilities)
             eg, bg = f.create_group("explainers"), f.create_group("boxes")
             for name, maps in r.maps.items():
@@ -227,7 +233,8 @@ def read_results(path: str | os.PathLike) -> Results:
 
 
 def results_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """Study path, id, pixel hash, classes and probabilities of a results file (no maps read)."""
+    """Study path, id, pixel hash, classes, probabilities and default box method (None when the
+    file does not say) of a results file (no maps read)."""
     try:
         with h5py.File(path, "r") as f:
             a = f.attrs
@@ -235,6 +242,7 @@ def results_summary(path: str | os.PathLike) -> dict[str, Any]:
             return {"source_path": str(a.get("source_path", "")), "study_id": str(a.get("study_id", "")),
                     "pixel_sha256": str(a.get("pixel_sha256", "")),
                     "classes": list(json.loads(a.get("classes", "[]"))),
+                    "default_box_method": str(a["default_box_method"]) if "default_box_method" in a else None,
                     "probabilities": None if probs is None else np.asarray(probs, np.float32)}
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise ResultsFileError(f"not a readable results file ({exc})", path=str(path)) from exc
