@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from cxrviewer.core.classes import BOXED_CLASSES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +23,6 @@ def _load():
 
 def test_ablations_smoke(tmp_path):
     ab = _load()
-    torch.set_num_threads(1)
     out = tmp_path / "ablations.md"
     claims = ("msa", "lung_heart", "align_cia")
     state = ab.run_benchmark(ab.CONFIGS["smoke"], seeds=1, out=out, claims=claims, work=tmp_path / "work",

@@ -14,15 +14,6 @@ from training.canonical import (build_canonical, compose, crop_theta, decompose,
 from training.trainers.align import (affine_errors, phantom_pose, random_affines, recovered_perturbation)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP barrier stalls on an oversubscribed CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _blobs(size: int = 64, seed: int = 0) -> torch.Tensor:
     """A smooth asymmetric test image [1, 1, S, S] in [0, 1] (chest-like: two dark lobes)."""
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
@@ -81,14 +72,23 @@ def test_crop_theta_selects_box():
     assert float(out.mean()) > 0.95
 
 
-def test_register_affine_recovers_rotation():
+def register_metrics() -> dict:
     fixed = _blobs(64)
     r = affine_matrix(torch.tensor([[1.05, 1.05, 0.06, -0.04, math.radians(7)]]))
     moving = warp(fixed, invert_affine(r), padding_mode="border")  # warp(moving, r) ~ fixed
     theta, score = register_affine(moving, fixed, iters=60)
     err = affine_errors(theta, r)
-    assert float(err["rotation_deg"][0]) < 1.5
-    assert float(score[0]) > 0.95
+    return {"rotation_err_deg": float(err["rotation_deg"][0]), "ncc": float(score[0])}
+
+
+def register_slack(m: dict) -> dict[str, float]:
+    return {"1.5 - rotation_err_deg": 1.5 - m["rotation_err_deg"], "ncc - 0.95": m["ncc"] - 0.95}
+
+
+def test_register_affine_recovers_rotation():
+    m = register_metrics()
+    assert m["rotation_err_deg"] < 1.5, m
+    assert m["ncc"] > 0.95, m
 
 
 def test_lung_bounds_finds_two_dark_regions():
@@ -102,21 +102,36 @@ def test_lung_bounds_finds_two_dark_regions():
     assert abs(y0 - 0.20) < 0.04 and abs(y1 - 0.70) < 0.04
 
 
-def test_canonical_reaveraging_is_sharper_than_plain_mean():
-    torch.manual_seed(0)
+def canonical_metrics(seed: int = 3) -> dict:
+    """Re-averaging 12 posed, noisy copies of a template (poses and noise from ``seed``)."""
     template = _blobs(64)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     r = random_affines(12, rotation_deg=12, scale=(0.9, 1.1), shift=0.08, generator=g)
     imgs = warp(template.expand(12, 1, 64, 64), r, padding_mode="border")
     imgs = (imgs + 0.02 * torch.randn(imgs.shape, generator=g)).clamp(0, 1)
     res = build_canonical(imgs, size=64, iterations=2, crop=False, reg_levels=(32,), reg_iters=40)
     plain = torch.from_numpy(res["plain_mean"])[None, None]
     canon = torch.from_numpy(res["image"])[None, None]
-    assert res["sharpness"][-1] > 1.3 * res["sharpness"][0]
-    assert sharpness(canon) > 1.3 * sharpness(plain)
-    assert res["ncc"][-1] > res["ncc"][0]
+    return {"sharpness_gain": res["sharpness"][-1] / res["sharpness"][0],
+            "sharpness_vs_plain": float(sharpness(canon) / sharpness(plain)),
+            "ncc_first": res["ncc"][0], "ncc_last": res["ncc"][-1],
+            "ncc_template_canon": float(ncc(canon, template)), "ncc_template_plain": float(ncc(plain, template))}
+
+
+def canonical_slack(m: dict) -> dict[str, float]:
+    return {"sharpness_gain - 1.3": m["sharpness_gain"] - 1.3,
+            "sharpness_vs_plain - 1.3": m["sharpness_vs_plain"] - 1.3,
+            "ncc_last - ncc_first": m["ncc_last"] - m["ncc_first"],
+            "ncc(canon) - ncc(plain) - 0.01": m["ncc_template_canon"] - m["ncc_template_plain"] - 0.01}
+
+
+def test_canonical_reaveraging_is_sharper_than_plain_mean():
+    m = canonical_metrics()
+    assert m["sharpness_gain"] > 1.3, m
+    assert m["sharpness_vs_plain"] > 1.3, m
+    assert m["ncc_last"] > m["ncc_first"], m
     # closer to the true template (up to the frame, which is the mean pose ~ identity)
-    assert float(ncc(canon, template)) > float(ncc(plain, template)) + 0.01
+    assert m["ncc_template_canon"] > m["ncc_template_plain"] + 0.01, m
 
 
 def test_phantom_pose_matches_written_image(tmp_path):
@@ -133,38 +148,58 @@ def test_phantom_pose_matches_written_image(tmp_path):
     assert abs(float(d["scale"][0]) - aff["scale"]) < 1e-3
 
 
-def test_alignment_training_cuts_phantom_rotation_error(tmp_path):
-    """Acceptance (issue 4): trained on phantoms, the held-out rotation error drops >= 60 % vs identity."""
-    phantoms = pytest.importorskip("training.phantoms")
+#: Acceptance of the learning test (issue 4): the held-out rotation error drops >= 60 % vs identity.
+MIN_IDENTITY_ROTATION_DEG = 2.0
+MAX_ROTATION_ERROR_RATIO = 0.4
+
+
+def learning_run(work, seed: int = 0) -> dict:
+    """Train the tiny alignment network on posed phantoms (initial weights, data order and the
+    random perturbations from ``seed``); mean held-out rotation error before and after."""
     from cxrviewer.core.models import create_model
+    from training import phantoms
     from training.data import CachedDataset, build_cache, load_records, split_records
     from training.trainers.align import AlignConfig, evaluate_alignment, train_alignment
     from training.trainers.loop import TrainConfig
 
-    torch.manual_seed(0)
     size = 48
     cfg_ph = phantoms.PhantomConfig(affine_rotation=12.0, affine_scale=0.08, affine_shift=0.05)
-    data = phantoms.write_phantom_dataset(tmp_path / "ph", 72, size=size, seed=5, config=cfg_ph)
+    data = phantoms.write_phantom_dataset(work / "ph", 72, size=size, seed=5, config=cfg_ph)
     truth = json.loads((data / phantoms.TRUTH_FILE).read_text())
     records = load_records(data)
     train_r, val_r = split_records(records, fold=0, n_folds=4)
-    cache = build_cache(train_r, tmp_path / "c.h5", size)
+    cache = build_cache(train_r, work / "c.h5", size)
     train_ds = CachedDataset(cache)
     canonical = torch.stack([train_ds[i]["image"] for i in range(len(train_ds))]).mean(0, keepdim=True)
     canonical = (canonical + 1) / 2
+    torch.manual_seed(seed)
     model = create_model("alignment", backbone="tiny")
-    cfg = TrainConfig(epochs=40, batch_size=16, lr=3e-3, out_dir=str(tmp_path / "run"), log_every=0,
-                      device="cpu")
+    # lr / 10 for the last 10 epochs: at a constant 3e-3 the end point was a noisy draw (error ratio
+    # 0.16-0.41 over seeds 0-5, seed 5 above the 0.4 acceptance); with the step 0.09-0.14
+    cfg = TrainConfig(epochs=40, batch_size=16, lr=3e-3, lr_step_epochs=30, out_dir=str(work / "run"),
+                      log_every=0, seed=seed, device="cpu")
     acfg = AlignConfig(rotation_deg=8.0, shift=0.05, image_weight=0.1)
     model, history, info = train_alignment(model, train_ds, canonical, cfg, acfg=acfg, truth=truth,
                                            train_keys=[r.key for r in train_r], register_iters=20)
-    assert info["anchor"] == "phantom_truth"
     res = evaluate_alignment(model, val_r, canonical, truth=truth, size=size)
-    before = res["phantom"]["identity"]["mean_rotation_deg"]
-    after = res["phantom"]["model"]["mean_rotation_deg"]
+    return {"info": info, "identity_deg": res["phantom"]["identity"]["mean_rotation_deg"],
+            "trained_deg": res["phantom"]["model"]["mean_rotation_deg"]}
+
+
+def learning_slack(m: dict) -> dict[str, float]:
+    """How far each number of the learning test is from failing (> 0: passes)."""
+    return {"identity_deg - MIN": m["identity_deg"] - MIN_IDENTITY_ROTATION_DEG,
+            "0.4 x identity_deg - trained_deg": MAX_ROTATION_ERROR_RATIO * m["identity_deg"] - m["trained_deg"]}
+
+
+def test_alignment_training_cuts_phantom_rotation_error(tmp_path):
+    """Acceptance (issue 4): trained on phantoms, the held-out rotation error drops >= 60 % vs identity."""
+    m = learning_run(tmp_path)
+    assert m["info"]["anchor"] == "phantom_truth"
+    before, after = m["identity_deg"], m["trained_deg"]
     print(f"phantom rotation error: identity {before:.2f} deg, trained {after:.2f} deg")
-    assert before > 2.0
-    assert after <= 0.4 * before, (before, after)
+    assert before > MIN_IDENTITY_ROTATION_DEG
+    assert after <= MAX_ROTATION_ERROR_RATIO * before, (before, after)
 
 
 def test_bundle_roundtrip_and_evaluate_defaults(tmp_path):

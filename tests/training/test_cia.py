@@ -31,11 +31,14 @@ PHANTOMS = PhantomConfig(contrast=1.5, normal_fraction=0.35, max_findings=1, les
                                         ("Infiltration", 1.0)))
 
 
-@pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cia_phantoms") / "set"
+def make_phantoms(out: Path) -> Path:
     write_phantom_dataset(out, n=260, size=SIZE, seed=3, config=PHANTOMS)
     return out
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory) -> Path:
+    return make_phantoms(tmp_path_factory.mktemp("cia_phantoms") / "set")
 
 
 def _split(folder: Path):
@@ -124,34 +127,58 @@ def test_random_and_canonical_negatives(phantom_dir):
 
 
 # ---- learning test ---------------------------------------------------------------------------
-def _train_and_score(train_ds, val_ds, fraction: float, tmp: Path) -> tuple[dict, dict]:
+#: Acceptance of the learning test (T(IoU) = 0.3 accuracy on the held-out fold, 4 classes of ~12
+#: boxed images each). Measured (``python -m tests.training.margins cia``, initial weights from
+#: seeds 0-5, 1 and 2 threads): 40 % boxes 0.26-0.45, 0 % boxes 0.00 (MIL alone never crosses the
+#: 0.5 cell threshold here). Other revealed-box draws (cfg.seed 1 instead of 0) reach 0.18-0.26.
+MIN_ACC_40 = 0.2
+MIN_GAIN_40_OVER_0 = 0.1
+
+
+def _train_and_score(train_ds, val_ds, fraction: float, tmp: Path, seed: int = 0) -> tuple[dict, dict]:
     from cxrviewer.core.models import create_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the same initial weights for every fraction
     model = create_model("cia", backbone="tiny", head_channels=16, share_encoder=True)
+    # cfg.seed picks the revealed boxes (select_revealed) and the batch order: the experiment's
+    # design, fixed; ``seed`` varies the initial weights only
     cfg = TrainConfig(epochs=6, batch_size=16, lr=3e-3, lr_step_epochs=5, seed=0, log_every=0,
-                      out_dir=str(tmp / f"run{fraction}"))
+                      out_dir=str(tmp / f"run{fraction}"), device="cpu")
     model, history, extras, info = train_cia(model, train_ds, None, cfg, box_fraction=fraction)
     bank = SimpleNamespace(extras=extras, manifest=SimpleNamespace(normalisation={"kind": "minus1_1"}), path="")
     res = evaluate_cia(model, val_ds, bank_negatives(bank, val_ds))
     return res, info
 
 
+def learning_run(folder: Path, work: Path, seed: int = 0) -> dict:
+    """0 % and 40 % revealed boxes from the same initial weights (``seed``), batch order and pairs."""
+    train_ds, val_ds = _split(folder)
+    res0, info0 = _train_and_score(train_ds, val_ds, 0.0, work, seed)
+    res40, info40 = _train_and_score(train_ds, val_ds, 0.4, work, seed)
+    return {"acc0": res0["loc_iou_0.3"], "acc40": res40["loc_iou_0.3"], "res0": res0, "res40": res40,
+            "info0": info0, "info40": info40}
+
+
+def learning_slack(m: dict) -> dict[str, float]:
+    """How far each number of the learning test is from failing (> 0: passes)."""
+    return {"acc40 - MIN_ACC_40": m["acc40"] - MIN_ACC_40,
+            "acc40 - acc0 - MIN_GAIN": m["acc40"] - m["acc0"] - MIN_GAIN_40_OVER_0}
+
+
 def test_boxes_improve_localisation(phantom_dir, tmp_path):
     """CIA-Net Table 3: more annotated images -> better localisation (0 % vs 40 %, T(IoU) = 0.3)."""
-    train_ds, val_ds = _split(phantom_dir)
-    res0, info0 = _train_and_score(train_ds, val_ds, 0.0, tmp_path)
-    res40, info40 = _train_and_score(train_ds, val_ds, 0.4, tmp_path)
+    m = learning_run(phantom_dir, tmp_path)
+    res0, res40, info0, info40 = m["res0"], m["res40"], m["info0"], m["info40"]
     assert info0["n_revealed"] == 0 and info40["n_revealed"] == round(0.4 * info40["n_boxed"]) > 10
     present = [c for c, v in res40["iou"]["0.3"].items() if v["n"]]
     assert len(present) >= 3, present
-    acc0, acc40 = res0["loc_iou_0.3"], res40["loc_iou_0.3"]
+    acc0, acc40 = m["acc0"], m["acc40"]
     print(json.dumps({"acc_iou0.3_0pct": acc0, "acc_iou0.3_40pct": acc40,
                       "per_class_40": {c: res40["iou"]["0.3"][c]["acc"] for c in present},
                       "per_class_0": {c: res0["iou"]["0.3"][c]["acc"] for c in present},
                       "auroc_0": res0["mean_auroc"], "auroc_40": res40["mean_auroc"]}))
-    assert acc40 >= 0.2, res40["iou"]["0.3"]
-    assert acc40 >= acc0 + 0.1, (acc0, acc40)
+    assert acc40 >= MIN_ACC_40, res40["iou"]["0.3"]
+    assert acc40 >= acc0 + MIN_GAIN_40_OVER_0, (acc0, acc40)
 
 
 # ---- command, bundle, pipeline, annotations ----------------------------------------------------
@@ -191,8 +218,8 @@ def test_cia_command_writes_bundle_that_runs_in_pipeline(small_dir, tmp_path):
 
     pipe = Pipeline({"cia": b}, "cpu")
     r = pipe.run(synthetic_study())
-    assert r.cia_grid_raw is not None and r.cia_grid_raw.shape == (len(CLASSES), 2, 2)
-    assert r.paired_normal_id in set(b.extras["normal_bank_ids"].tolist())
+    assert r.get("contrast", "grid_raw") is not None and r.get("contrast", "grid_raw").shape == (len(CLASSES), 2, 2)
+    assert r.attr("contrast", "paired_normal_id") in set(b.extras["normal_bank_ids"].tolist())
 
 
 def test_annotations_store_overrides_boxes_and_labels(small_dir, tmp_path):

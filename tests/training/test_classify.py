@@ -19,15 +19,23 @@ from training.trainers.loop import TrainConfig
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms") / "set"
+#: Acceptance of the learning test. Measured (``python -m tests.training.margins classify``):
+#: 0.905-0.967 over seeds 0-5 (initial weights, shuffle, augmentation) at 1 and 2 threads.
+MIN_MEAN_AUROC = 0.85
+
+
+def make_phantoms(out: Path) -> Path:
     # only the commonest findings, high contrast: the test is about the trainer, not about hard data
     cfg = PhantomConfig(contrast=2.0, lesion_scale=1.4, normal_fraction=0.3, max_findings=2,
                         class_weights=(("Cardiomegaly", 1.0), ("Effusion", 1.0), ("Mass", 1.0),
                                        ("Pneumothorax", 1.0)))
     write_phantom_dataset(out, n=640, size=128, seed=3, config=cfg)
     return out
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory) -> Path:
+    return make_phantoms(tmp_path_factory.mktemp("phantoms") / "set")
 
 
 def _datasets(folder: Path, size: int = 128, augment: bool = True):
@@ -37,21 +45,35 @@ def _datasets(folder: Path, size: int = 128, augment: bool = True):
     return ChestDataset(train_r, size, augment_cfg=aug, seed=0), ChestDataset(val_r, size, seed=0)
 
 
-def test_classifier_learns_on_phantoms(phantom_dir, tmp_path):
+def learning_run(folder: Path, work: Path, seed: int = 0) -> dict:
+    """Train the tiny CAM classifier on the phantoms (initial weights, shuffle and augmentation
+    from ``seed``) and score the held-out fold."""
     from cxrviewer.core.models import create_model
 
-    train_ds, val_ds = _datasets(phantom_dir)
-    torch.manual_seed(0)
+    train_ds, val_ds = _datasets(folder)
+    torch.manual_seed(seed)
     model = create_model("cam_classifier", backbone="tiny")
-    cfg = TrainConfig(epochs=6, batch_size=16, lr=1e-3, out_dir=str(tmp_path / "run"), seed=0, log_every=0)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=1e-3, out_dir=str(work / "run"), seed=seed, log_every=0,
+                      device="cpu")
     model, history = train_classifier(model, train_ds, val_ds, cfg)
     table = auroc_table(val_ds.labels, predict(model, val_ds))
+    return {"mean_auroc": table["mean_auroc"], "table": table, "epochs": cfg.epochs}
+
+
+def learning_slack(m: dict) -> dict[str, float]:
+    """How far each number of the learning test is from failing (> 0: passes)."""
+    return {"mean_auroc - MIN_MEAN_AUROC": m["mean_auroc"] - MIN_MEAN_AUROC}
+
+
+def test_classifier_learns_on_phantoms(phantom_dir, tmp_path):
+    m = learning_run(phantom_dir, tmp_path)
+    table = m["table"]
     present = {c: v for c, v in table["auroc"].items() if np.isfinite(v)}
     assert set(present) >= {"Cardiomegaly", "Effusion", "Mass", "Pneumothorax"}
-    assert table["mean_auroc"] >= 0.85, table
+    assert table["mean_auroc"] >= MIN_MEAN_AUROC, table
     # the log records every epoch with its metrics
     lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert sum(1 for r in lines if r["kind"] == "epoch") == cfg.epochs
+    assert sum(1 for r in lines if r["kind"] == "epoch") == m["epochs"]
 
 
 def test_killed_run_resumes_to_same_metrics(phantom_dir, tmp_path):
@@ -59,7 +81,8 @@ def test_killed_run_resumes_to_same_metrics(phantom_dir, tmp_path):
 
     train_ds, val_ds = _datasets(phantom_dir, size=64)  # augmented: resume must replay the same draws
     train_ds.records = train_ds.records[:96]
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-3, seed=5, log_every=0, out_dir=str(tmp_path / "a"))
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-3, seed=5, log_every=0, out_dir=str(tmp_path / "a"),
+                      device="cpu")
     torch.manual_seed(1)
     straight, hist_a = train_classifier(create_model("cam_classifier", backbone="tiny"), train_ds, val_ds, cfg)
 
@@ -83,7 +106,8 @@ def test_classify_command_under_torchrun(phantom_dir, tmp_path):
         pytest.skip("torchrun not installed beside this python")
     out = tmp_path / "cls.cxrbundle"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "training.cli", "classify",
+    # --standalone: a free rendezvous port, so two suites running at once on one machine never collide
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.cli", "classify",
            "--data", str(phantom_dir), "--arch", "tiny", "--size", "64", "--epochs", "1", "--batch-size", "16",
            "--limit", "64", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

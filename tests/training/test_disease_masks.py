@@ -32,9 +32,7 @@ GRID = SIZE // 32
 CARDIO = CLASSES.index("Cardiomegaly")
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dm_phantoms") / "set"
+def make_phantoms(out: Path) -> Path:
     # The pose is switched off (no rotation, scale or shift): the heart sits where the patient's
     # anatomy puts it, so one box region per class is meaningful without an alignment network.
     cfg = PhantomConfig(contrast=1.5, normal_fraction=0.3, max_findings=2, affine_rotation=0.0,
@@ -46,17 +44,27 @@ def phantoms(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(phantoms, tmp_path_factory):
+def phantoms(tmp_path_factory) -> Path:
+    return make_phantoms(tmp_path_factory.mktemp("dm_phantoms") / "set")
+
+
+def train_base(folder: Path, work: Path, seed: int = 0):
+    """The CAM classifier the disease masks come from (initial weights and data order from ``seed``)."""
     from cxrviewer.core.models import create_model
 
-    records = load_records(phantoms)
+    records = load_records(folder)
     train_r, val_r = split_records(records, fold=0, n_folds=5, seed=0)
     train_ds, val_ds = ChestDataset(train_r, SIZE, seed=0), ChestDataset(val_r, SIZE, seed=0)
-    torch.manual_seed(0)
-    run = tmp_path_factory.mktemp("dm_cls_run")
+    torch.manual_seed(seed)
     model, _ = train_classifier(create_model("cam_classifier", backbone="tiny"), train_ds, val_ds,
-                                TrainConfig(epochs=5, batch_size=16, lr=2e-3, out_dir=str(run), seed=0, log_every=0))
+                                TrainConfig(epochs=5, batch_size=16, lr=2e-3, out_dir=str(work), seed=seed,
+                                            log_every=0, device="cpu"))
     return model, train_ds, val_ds, train_r
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):
+    return train_base(phantoms, tmp_path_factory.mktemp("dm_cls_run"))
 
 
 def _overlap_fraction(psi: np.ndarray, box: tuple[float, float, float, float], size: int) -> float:
@@ -74,20 +82,31 @@ def _overlap_fraction(psi: np.ndarray, box: tuple[float, float, float, float], s
     return inside / max(float(psi.sum()), 1e-12)
 
 
-def test_cardiomegaly_mask_concentrates_on_heart(trained, phantoms):
-    model, train_ds, _, train_r = trained
-    psi, counts = accumulate_disease_masks(model, train_ds)
-    assert psi.shape == (len(CLASSES), GRID, GRID)
-    assert counts[CARDIO] >= 10, counts  # Eq. 2 filter P >= 0.8 kept enough cardiomegaly images
-    cardio = psi[CARDIO].numpy()
-    assert cardio.sum() > 0 and set(np.unique(cardio)) <= {0.0, 1.0}
+#: Acceptance of the learning tests (heart_masks, dm_retraining_metrics). Measured with
+#: ``python -m tests.training.margins disease_masks`` (1 and 2 threads): one classifier's heart
+#: fraction swings with its training trajectory, 0.70-0.80 over seeds 0-5 (the binary 8x8 mask keeps
+#: 11-19 cells; longer, shorter, slower, faster or augmented training did not narrow it), so the
+#: acceptance is checked on the mean over HEART_SEEDS classifiers: 0.74-0.79 for seeds 0-2 and 3-5.
+#: Per classifier: 27-56 cardiomegaly images kept, fraction / area share (0.23) >= 3.0 (asserted: 2).
+#: DM retraining from the seed-0 classifier: Cardiomegaly AUROC 0.97-1.0, mean AUROC 0.78-0.87.
+HEART_SEEDS = (0, 1, 2)
+MIN_CARDIO_IMAGES = 10
+MIN_HEART_FRACTION = 0.70
+MIN_HEART_OVER_AREA = 2.0
+MIN_DM_CARDIO_AUROC = 0.85
+MIN_DM_MEAN_AUROC = 0.75
 
-    # Heart region of the training population: the union of the heart boxes of the cardiomegaly
-    # training images (the heart varies with the sampled anatomy even without a pose), dilated by
-    # 20% of its size (1.2x its width and height, 10% on each side: the stricter reading of the
-    # acceptance), in pixels of the 256-px input. Measured: 0.79-0.80 over seeds 0-2 (0.88-0.89
-    # with 20% on every side).
-    truth = json.loads((phantoms / "phantom_truth.json").read_text())["images"]
+
+def heart_mask_metrics(model, train_ds, train_r, folder: Path) -> dict:
+    """The Cardiomegaly disease mask (Eq. 2-3) against the heart region of the training population.
+
+    Heart region: the union of the heart boxes of the cardiomegaly training images (the heart
+    varies with the sampled anatomy even without a pose), dilated by 20% of its size (1.2x its
+    width and height, 10% on each side: the stricter reading of the acceptance), in pixels of
+    the 256-px input."""
+    psi, counts = accumulate_disease_masks(model, train_ds)
+    cardio = psi[CARDIO].numpy()
+    truth = json.loads((folder / "phantom_truth.json").read_text())["images"]
     boxes = np.array([truth[r.path.name]["anatomy"]["heart"] for r in train_r if r.labels[CARDIO] > 0])
     x0, y0 = boxes[:, 0].min(), boxes[:, 1].min()
     x1, y1 = (boxes[:, 0] + boxes[:, 2]).max(), (boxes[:, 1] + boxes[:, 3]).max()
@@ -95,9 +114,60 @@ def test_cardiomegaly_mask_concentrates_on_heart(trained, phantoms):
     region = (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
     frac = _overlap_fraction(cardio, region, SIZE)
     area_share = (min(region[2], SIZE) - max(region[0], 0)) * (min(region[3], SIZE) - max(region[1], 0)) / SIZE**2
-    assert frac >= 0.70, (frac, cardio)
-    assert frac >= 2.0 * area_share, (frac, area_share)  # far from a mask spread over the image
+    return {"psi": psi, "counts": counts, "cardio_images": int(counts[CARDIO]), "heart_fraction": frac,
+            "area_share": area_share}
 
+
+def dm_retraining_metrics(model, train_ds, val_ds, work: Path, seed: int = 0) -> dict:
+    """One epoch of DM retraining (Eq. 4-5) from ``model``; the validation AUROC after it."""
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=5e-4, out_dir=str(work / "run"), seed=seed, log_every=0,
+                      device="cpu")
+    res = train_disease_masks(model, train_ds, val_ds, cfg)
+    table = res.history[-1]["metrics"]  # validation AUROC after the retraining epoch
+    return {"res": res, "table": table, "dm_cardio_auroc": table["auroc"]["Cardiomegaly"],
+            "dm_mean_auroc": table["mean_auroc"]}
+
+
+def heart_masks(folder: Path, work: Path, seeds=HEART_SEEDS, first=None) -> dict:
+    """:func:`heart_mask_metrics` of one classifier per seed (``first``: the already trained
+    ``(model, train_ds, val_ds, train_r)`` of ``seeds[0]``) and their mean heart fraction."""
+    runs = []
+    for i, seed in enumerate(seeds):
+        model, train_ds, _, train_r = first if (i == 0 and first is not None) else \
+            train_base(folder, work / f"base{seed}", seed)
+        runs.append(heart_mask_metrics(model, train_ds, train_r, folder))
+    return {"runs": runs, "heart_fraction_mean": float(np.mean([r["heart_fraction"] for r in runs])),
+            "heart_fractions": [r["heart_fraction"] for r in runs],
+            "min_cardio_images": min(r["cardio_images"] for r in runs),
+            "min_fraction_over_area": min(r["heart_fraction"] / r["area_share"] for r in runs)}
+
+
+def learning_slack(m: dict) -> dict[str, float]:
+    """How far each number of the learning tests is from failing (> 0: passes)."""
+    out = {}
+    if "heart_fraction_mean" in m:
+        out.update({"min_cardio_images - MIN": m["min_cardio_images"] - MIN_CARDIO_IMAGES,
+                    "heart_fraction_mean - MIN": m["heart_fraction_mean"] - MIN_HEART_FRACTION,
+                    "min fraction / area_share - 2": m["min_fraction_over_area"] - MIN_HEART_OVER_AREA})
+    if "dm_cardio_auroc" in m:
+        out.update({"dm_cardio_auroc - MIN": m["dm_cardio_auroc"] - MIN_DM_CARDIO_AUROC,
+                    "dm_mean_auroc - MIN": m["dm_mean_auroc"] - MIN_DM_MEAN_AUROC})
+    return out
+
+
+def test_cardiomegaly_mask_concentrates_on_heart(trained, phantoms, tmp_path):
+    m = heart_masks(phantoms, tmp_path, first=trained)
+    for run in m["runs"]:
+        psi, counts = run["psi"], run["counts"]
+        assert psi.shape == (len(CLASSES), GRID, GRID)
+        assert counts[CARDIO] >= MIN_CARDIO_IMAGES, counts  # Eq. 2 filter P >= 0.8 kept enough cardiomegaly images
+        cardio = psi[CARDIO].numpy()
+        assert cardio.sum() > 0 and set(np.unique(cardio)) <= {0.0, 1.0}
+        frac, area_share = run["heart_fraction"], run["area_share"]
+        assert frac >= MIN_HEART_OVER_AREA * area_share, (frac, area_share)  # far from a mask spread over the image
+    assert m["heart_fraction_mean"] >= MIN_HEART_FRACTION, m["heart_fractions"]
+
+    model, train_ds = trained[0], trained[1]
     # streaming Eq. 3 == the explain module's batch form on the stacked CAMs
     from cxrviewer.core.explain.disease_masks import disease_masks_from_cams
 
@@ -136,12 +206,11 @@ def test_dm_retraining_bundle_and_pipeline(trained, tmp_path):
     from cxrviewer.core.pipeline import Pipeline
 
     model, train_ds, val_ds, _ = trained
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=5e-4, out_dir=str(tmp_path / "run"), seed=0, log_every=0)
-    res = train_disease_masks(model, train_ds, val_ds, cfg)
+    m = dm_retraining_metrics(model, train_ds, val_ds, tmp_path)
+    res, table = m["res"], m["table"]
     assert res.source == "dm" and res.psi.shape == (len(CLASSES), GRID, GRID)
-    table = res.history[-1]["metrics"]  # validation AUROC after the retraining epoch
-    assert table["auroc"]["Cardiomegaly"] >= 0.85, table
-    assert table["mean_auroc"] >= 0.75, table
+    assert table["auroc"]["Cardiomegaly"] >= MIN_DM_CARDIO_AUROC, table
+    assert table["mean_auroc"] >= MIN_DM_MEAN_AUROC, table
 
     dm_path = save_dm_bundle(res, tmp_path / "dm", input_size=SIZE, provenance={"test": True})
     cls_path = save_classifier_bundle(model, tmp_path / "cls", input_size=SIZE, provenance={"test": True})
@@ -153,9 +222,11 @@ def test_dm_retraining_bundle_and_pipeline(trained, tmp_path):
     pipe = Pipeline({"classifier": load_bundle(cls_path), "dm": b}, "cpu")
     study = load_study(val_ds.records[0].path)
     out = pipe.run(study)
-    assert out.disease_mask_source == "dm"
-    assert out.disease_mask is not None and out.disease_mask.shape[0] == len(CLASSES)
-    assert out.dm_probabilities is not None and np.isfinite(out.dm_probabilities).all()
+    assert out.attr("disease_mask", "source") == "dm"
+    psi = out.get("disease_mask", "psi")
+    assert psi is not None and psi.shape[0] == len(CLASSES)
+    dm_p = out.get("disease_mask", "dm_probabilities")
+    assert dm_p is not None and np.isfinite(dm_p).all()
 
 
 def test_pseudo_masks_from_phantom_anatomy(trained):

@@ -68,32 +68,39 @@ def test_soft_dice_loss_perfect_and_wrong():
     assert d.shape == (3,)
 
 
-def test_unet_learns_synthetic_chests(tmp_path):
-    """Learning test: a small U-Net reaches Dice > 0.8 per class on held-out toy chests."""
+#: Acceptance of the learning test: Dice on held-out toy chests, every class.
+MIN_DICE = 0.8
+
+
+def learning_run(work: Path, seed: int = 0) -> dict:
+    """A small U-Net on synthetic chests (initial weights and data order from ``seed``)."""
     from cxrviewer.core.models import create_model
 
-    # small tensors: one thread avoids OpenMP barrier stalls on an oversubscribed CI machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _learn_synthetic(tmp_path, create_model)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _learn_synthetic(tmp_path, create_model):
-    torch.manual_seed(0)
     x, y = synthetic_chests(48, size=32, seed=0)
     xv, yv = synthetic_chests(16, size=32, seed=99)
-    train = SegDataset(x, y, augment=None, seed=0)
+    train = SegDataset(x, y, augment=None, seed=seed)
     val = SegDataset(xv, yv)
+    torch.manual_seed(seed)
     model = create_model("unet", width=8, depth=2)
-    cfg = TrainConfig(epochs=15, batch_size=8, lr=1e-2, out_dir=str(tmp_path / "run"), device="cpu",
-                      log_every=0)
+    # 20 epochs (cosine schedule): at 15 one seed of 0-5 stopped at Dice 0.84 on a lung; at 20 all >= 0.94
+    cfg = TrainConfig(epochs=20, batch_size=8, lr=1e-2, out_dir=str(work / "run"), device="cpu",
+                      log_every=0, seed=seed)
     model, hist = train_segmentation(model, train, val, cfg)
     res = evaluate_arrays(model, val)
-    assert all(res["dice"][c] > 0.8 for c in SEG_CLASSES), res["dice"]
-    assert hist[-1]["loss"] < hist[0]["loss"]
+    return {"dice": res["dice"], "min_dice": min(res["dice"][c] for c in SEG_CLASSES),
+            "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"]}
+
+
+def learning_slack(m: dict) -> dict[str, float]:
+    """How far each number of the learning test is from failing (> 0: passes)."""
+    return {"min_dice - MIN_DICE": m["min_dice"] - MIN_DICE, "first_loss - last_loss": m["first_loss"] - m["last_loss"]}
+
+
+def test_unet_learns_synthetic_chests(tmp_path):
+    """Learning test: a small U-Net reaches Dice > 0.8 per class on held-out toy chests."""
+    m = learning_run(tmp_path)
+    assert all(m["dice"][c] > MIN_DICE for c in SEG_CLASSES), m["dice"]
+    assert m["last_loss"] < m["first_loss"]
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
