@@ -6,13 +6,14 @@ class, so a newly registered explainer appears in both without touching either.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 
 from cxrviewer.core import explain as _explain  # noqa: F401  (registers the explanation methods)
-from cxrviewer.core.explain.registry import Explainer, PanelSpec, _ordered
+from cxrviewer.core.explain.registry import Explainer, PanelSpec, registered_explainers, registry_version
 from cxrviewer.core.results import Results
 from cxrviewer.core.roles import ROLE_TITLES
 
@@ -25,31 +26,44 @@ class PanelRef:
     """A panel and the explainer that fills it."""
 
     spec: PanelSpec
-    explainer: type[Explainer]
+    explainer: Explainer
 
     @property
     def key(self) -> str:
         return self.spec.key
 
 
+@functools.lru_cache(maxsize=4)
+def _index(version: int) -> tuple[tuple[PanelRef, ...], dict[str, PanelRef], tuple[str, ...]]:
+    """Panels in grid order, panels by key and the proposal order of registry ``version``
+    (built once per registry change, not on every repaint)."""
+    classes = registered_explainers()
+    refs = tuple(sorted((PanelRef(p, c()) for c in classes for p in c.panels),
+                        key=lambda r: (r.spec.order, r.spec.key)))
+    sources = tuple(c.name for c in sorted(classes, key=lambda c: (c.box_priority, c.order))
+                    if c.box_rule is not None)
+    return refs, {r.key: r for r in refs}, sources
+
+
 def panel_list(roles: Collection[str] | None = None) -> list[PanelRef]:
     """Every registered panel in grid order (only those the ``roles`` allow, when given)."""
-    refs = [PanelRef(p, c) for c in _ordered() if roles is None or c.applies(roles) for p in c.panels]
-    return sorted(refs, key=lambda r: (r.spec.order, r.spec.key))
+    refs = _index(registry_version())[0]
+    return [r for r in refs if roles is None or r.explainer.applies(roles)]
 
 
 def panel_ref(key: str) -> PanelRef:
     """The panel called ``key`` (KeyError lists the known ones)."""
-    for r in panel_list():
-        if r.key == key:
-            return r
-    raise KeyError(f"unknown panel {key!r}; panels: {', '.join(r.key for r in panel_list())}")
+    refs, by_key, _ = _index(registry_version())
+    try:
+        return by_key[key]
+    except KeyError:
+        raise KeyError(f"unknown panel {key!r}; panels: {', '.join(r.key for r in refs)}") from None
 
 
 def proposal_sources() -> list[str]:
     """Explainers with a box rule, in the order the viewer prefers their proposals (the prior has
     none: a reference box, never a proposal)."""
-    return [c.name for c in sorted(_ordered(), key=lambda c: (c.box_priority, c.order)) if c.box_rule is not None]
+    return list(_index(registry_version())[2])
 
 
 def default_box_method(available: Collection[str] | None = None) -> str | None:
@@ -60,7 +74,7 @@ def default_box_method(available: Collection[str] | None = None) -> str | None:
 
 def needs_class_maps(res: Results, name: str) -> bool:
     """Whether an on-demand method (attention-mining steps) has no maps of class ``name`` yet."""
-    for c in _ordered():
+    for c in registered_explainers():
         if not c.on_demand or c.name not in res.maps:
             continue
         for spec in c.maps:
@@ -126,7 +140,7 @@ def panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
     s = ref.spec
     if res is None:
         return PanelData(s.title)
-    ex = ref.explainer()
+    ex = ref.explainer
     arr = res.get(ex.name, s.map)
     if s.per_class and (c is None or not res.classes):
         return PanelData(s.title + ("" if res.classes else " (no classifier)"))
@@ -155,5 +169,5 @@ def panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
 
 def panel_model(key: str, res: Results) -> str:
     """The name of the model whose output panel ``key`` shows ('' when unknown)."""
-    ex = panel_ref(key).explainer()
+    ex = panel_ref(key).explainer
     return str(res.models.get(ex.model_role(res), {}).get("name", ""))

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["ExplainError", "Explainer", "ExplainerOutput", "MapSpec", "PanelSpec", "applicable_explainers",
-           "get_explainer", "list_explainers", "register_explainer", "unregister_explainer"]
+           "get_explainer", "list_explainers", "register_explainer", "registered_explainers", "registry_version",
+           "unregister_explainer"]
 
 #: value meanings of a :class:`MapSpec`
 VALUES = ("score", "probability", "mask", "image", "labels", "vector", "affine", "index")
@@ -206,6 +207,7 @@ class Explainer:
 
 
 _REGISTRY: dict[str, type[Explainer]] = {}
+_VERSION = [0]
 E = TypeVar("E", bound=type[Explainer])
 
 
@@ -221,6 +223,7 @@ def register_explainer(name: str) -> Callable[[E], E]:
             raise ValueError(f"explainer '{name}': panel key(s) {sorted(clash)} already used")
         cls.name = name
         _REGISTRY[name] = cls
+        _VERSION[0] += 1
         return cls
 
     return deco
@@ -228,7 +231,18 @@ def register_explainer(name: str) -> Callable[[E], E]:
 
 def unregister_explainer(name: str) -> None:
     """Remove ``name`` from the registry (tests that register a toy method clean up with it)."""
-    _REGISTRY.pop(name, None)
+    if _REGISTRY.pop(name, None) is not None:
+        _VERSION[0] += 1
+
+
+def registry_version() -> int:
+    """A number that changes whenever a method is registered or removed (for callers' caches)."""
+    return _VERSION[0]
+
+
+def registered_explainers() -> list[type[Explainer]]:
+    """Every registered explainer class in pipeline order."""
+    return _ordered()
 
 
 def _ordered() -> list[type[Explainer]]:
