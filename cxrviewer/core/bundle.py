@@ -95,7 +95,7 @@ def _git_commit() -> str | None:
 _MANIFEST_KEYS: tuple[str, ...] = (
     "format_version", "name", "description", "architecture", "arch_kwargs", "family", "role", "classes",
     "input_size", "normalisation", "crop", "canonical_chest", "provenance", "files", "extras_info",
-    "inference", "cxrviewer_version", "created",
+    "inference", "model_card", "cxrviewer_version", "created",
 )
 #: The keys of :meth:`Manifest.summary`, in order.
 _SUMMARY_KEYS: tuple[str, ...] = (
@@ -123,6 +123,7 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {sha256, bytes}
     extras_info: dict[str, Any] = field(default_factory=dict)  # e.g. {"normal_bank": {"synthetic": true}}
     inference: dict[str, Any] = field(default_factory=dict)  # e.g. CIA {"upsample_to": 128}
+    model_card: dict[str, Any] | None = None  # its evaluation (cxrviewer/core/model_card.py)
     format_version: int = FORMAT_VERSION
     cxrviewer_version: str = ""
     created: str = ""
@@ -141,8 +142,11 @@ class Manifest:
         return bool(self.provenance.get("trained", True))
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object written as ``manifest.json``."""
-        return self._pick(_MANIFEST_KEYS)
+        """The JSON object written as ``manifest.json`` (no ``model_card`` key when it has none)."""
+        d = self._pick(_MANIFEST_KEYS)
+        if d.get("model_card") is None:
+            d.pop("model_card", None)
+        return d
 
     def summary(self) -> dict[str, Any]:
         """Short JSON-able description for results files and the GUI."""
@@ -200,6 +204,7 @@ class Manifest:
             files=dict(d.get("files") or {}),
             extras_info=dict(d.get("extras_info") or {}),
             inference=dict(d.get("inference") or {}),
+            model_card=dict(d["model_card"]) if isinstance(d.get("model_card"), Mapping) else None,
             format_version=version,
             cxrviewer_version=str(d.get("cxrviewer_version") or ""),
             created=str(d.get("created") or ""),

@@ -1,0 +1,108 @@
+"""A bundle's model card: its evaluation, carried in ``manifest.json`` under ``model_card``.
+
+Written by ``cxr-train card`` from an evaluation of the app's own pipeline; read by the GUI's
+Models panel and by the panel titles / panels.png, which mark every class whose maps did not
+beat the location prior ("below the location prior"). The layout (every key optional except
+``localisation.per_class`` for :func:`below_prior`)::
+
+    {"data": "NIH ChestX-ray14, 1,222 images (../shared/data/nih)",
+     "protocol": "5-fold patient-wise CV, one box per class, maps at 512 px as cxrviewer analyze",
+     "command": "cxr-train evaluate ...", "date": "2026-12-03T...",
+     "auroc": {class: float | None}, "mean_auroc": float,
+     "localisation": {"t_iou": 0.3, "budget": "one box per class", "method": "cam",
+                      "per_class": {class: {"method": float, "prior": float, "n": int}}},
+     "below_prior": [class, ...]}
+
+``below_prior`` is derived from ``localisation.per_class`` when absent (:func:`below_prior`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cxrviewer.core.bundle import Manifest
+
+__all__ = ["BELOW_PRIOR", "below_prior", "card_lines", "model_card", "write_model_card"]
+
+#: the words shown beside a class whose maps did not beat the prior
+BELOW_PRIOR = "below the location prior"
+
+
+def model_card(manifest: "Manifest | Mapping[str, Any] | None") -> dict[str, Any] | None:
+    """The card of a manifest (or of a manifest dict); None when it has none."""
+    if manifest is None:
+        return None
+    card = manifest.get("model_card") if isinstance(manifest, Mapping) else manifest.model_card
+    return dict(card) if isinstance(card, Mapping) else None
+
+
+def below_prior(manifest: "Manifest | Mapping[str, Any] | None") -> frozenset[str]:
+    """The classes whose map boxes scored below the prior in the card (empty without a card)."""
+    card = model_card(manifest)
+    if not card:
+        return frozenset()
+    if isinstance(card.get("below_prior"), list):
+        return frozenset(str(c) for c in card["below_prior"])
+    per = (card.get("localisation") or {}).get("per_class") or {}
+    out = set()
+    for c, row in per.items():
+        m, p = (row or {}).get("method"), (row or {}).get("prior")
+        if isinstance(m, (int, float)) and isinstance(p, (int, float)) and m < p:
+            out.add(str(c))
+    return frozenset(out)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
+
+
+def card_lines(manifest: "Manifest | Mapping[str, Any] | None") -> list[str]:
+    """The card as plain-text lines for a viewer (``["No model card."]`` without one)."""
+    card = model_card(manifest)
+    if not card:
+        return ["No model card: this bundle carries no evaluation."]
+    lines = [f"{k.capitalize()}: {card[k]}" for k in ("data", "protocol", "command", "date") if card.get(k)]
+    if card.get("mean_auroc") is not None:
+        lines.append(f"Mean AUROC: {_fmt(card['mean_auroc'])}")
+    for c, v in (card.get("auroc") or {}).items():
+        lines.append(f"  AUROC {c}: {_fmt(v)}")
+    loc = card.get("localisation") or {}
+    if loc.get("per_class"):
+        lines.append(f"Localisation ({loc.get('method', '?')}, T(IoU) {loc.get('t_iou', '?')}, "
+                     f"{loc.get('budget', 'one box per class')}): method / prior")
+        low = below_prior(manifest)
+        for c, row in loc["per_class"].items():
+            mark = f"  ({BELOW_PRIOR})" if c in low else ""
+            lines.append(f"  {c}: {_fmt(row.get('method'))} / {_fmt(row.get('prior'))}"
+                         f" (n={row.get('n', '?')}){mark}")
+    return lines
+
+
+def write_model_card(bundle: str | os.PathLike, card: Mapping[str, Any]) -> Path:
+    """Put ``card`` into the bundle's ``manifest.json`` (atomic replace; other files untouched).
+
+    The manifest is validated before and after (``read_manifest``), so a card never makes a
+    bundle unreadable. Returns the manifest path.
+    """
+    from cxrviewer.core.bundle import MANIFEST, read_manifest
+
+    folder = Path(bundle)
+    read_manifest(folder)
+    path = folder / MANIFEST
+    d = json.loads(path.read_text(encoding="utf-8"))
+    d["model_card"] = json.loads(json.dumps(dict(card)))  # JSON-able, a plain copy
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(d, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    read_manifest(folder)
+    return path
