@@ -128,9 +128,12 @@ class Explainer:
     box_priority: ClassVar[int] = 100
     #: True when :meth:`compute_class` can add maps for more classes after a run
     on_demand: ClassVar[bool] = False
+    #: True for a reference (the fixed-box ``prior``): its boxes are scored and drawn on request,
+    #: never offered as proposals nor chosen as the default box method
+    reference: ClassVar[bool] = False
 
     _META: ClassVar[tuple[str, ...]] = ("title", "short", "order", "requires", "families", "needs_model",
-                                        "on_demand", "box_map", "box_priority")
+                                        "on_demand", "box_map", "box_priority", "reference")
 
     def __init_subclass__(cls, **meta: Any) -> None:
         """Scalar metadata may be given as class keywords: ``class X(Explainer, title=..., order=...)``."""
