@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from cxrviewer.core.canonical import crop_theta  # noqa: F401  (one implementation, re-exported)
 from cxrviewer.core.models.alignment import affine_matrix, invert_affine, warp
 from cxrviewer.core.registration import blur, compose, decompose, ncc, register_affine, to3x3
 
@@ -99,14 +100,6 @@ def lung_bounds(mean: np.ndarray, margin: float = 0.04, bottom_margin: float = 0
                 min(1.0, y1 + bottom_margin))
     log.warning("lung_bounds: no pair of lung-like dark regions found; using the central 80%%")
     return (0.1, 0.1, 0.9, 0.9)
-
-
-def crop_theta(box: Sequence[float]) -> torch.Tensor:
-    """``[1, 2, 3]`` affine whose warp output is the box ``(x0, y0, x1, y1)`` (fractions) of the input."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    sx, sy = x1 - x0, y1 - y0
-    cx, cy = x0 + x1 - 1.0, y0 + y1 - 1.0  # box centre in [-1, 1]
-    return torch.tensor([[[sx, 0.0, cx], [0.0, sy, cy]]])
 
 
 # ---- canonical builder --------------------------------------------------------------------

@@ -2,11 +2,16 @@
 
 Written by ``cxr-train canonical`` (training/commands/canonical.py); the alignment
 trainer, the CIA trainer (``--negatives canonical``) and ``init-bundle`` read it here.
+
+The canonical PNG is a lung crop (``crop_box`` of the ``.json``) of the registered full-frame
+average. The alignment network and its NCC check work on that crop; the classifier, DM and CIA
+networks see the *whole registered chest*, the affine of :func:`full_frame_theta` (docs/field-of-view.md).
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +59,43 @@ def canonical_crop_box(path: str | os.PathLike) -> tuple[float, float, float, fl
         if box and len(box) == 4:
             return tuple(float(v) for v in box)
     return None
+
+
+# ---- the models' frame: the whole registered chest --------------------------------------------
+def crop_theta(box: Sequence[float]) -> torch.Tensor:
+    """``[1, 2, 3]`` affine whose warp output is the box ``(x0, y0, x1, y1)`` (fractions) of the input.
+
+    Per axis ``u_full = w * u_crop + (x0 + x1 - 1)``, ``w = x1 - x0`` (normalised coordinates,
+    ``F.affine_grid`` convention): the canonical lung crop sampled from the registered full frame.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return torch.tensor([[[x1 - x0, 0.0, x0 + x1 - 1.0], [0.0, y1 - y0, y0 + y1 - 1.0]]])
+
+
+def full_to_crop_theta(box: Sequence[float]) -> torch.Tensor:
+    """``[1, 2, 3]``: full-frame normalised coordinates -> lung-crop coordinates (inverse of :func:`crop_theta`).
+
+    Per axis ``u_crop = u_full / w + (1 - x0 - x1) / w``, ``w = x1 - x0``.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    wx, wy = x1 - x0, y1 - y0
+    return torch.tensor([[[1.0 / wx, 0.0, (1.0 - x0 - x1) / wx], [0.0, 1.0 / wy, (1.0 - y0 - y1) / wy]]],
+                        dtype=torch.float64)
+
+
+def full_frame_theta(theta_crop: torch.Tensor, box: Sequence[float] | None) -> torch.Tensor:
+    """The affine onto the whole registered chest from one onto the canonical lung crop.
+
+    ``theta_crop [B, 2, 3]`` (original -> lung-crop sampling, cia-net Eq. 1 as the alignment
+    network and the NCC check use it) composed with :func:`full_to_crop_theta`:
+    ``warp(I, theta_full) = warp(warp(I, theta_crop), full_to_crop)``, so the canonical crop is the
+    ``box`` fraction of the returned frame. ``box`` None (no canonical chest record) returns
+    ``theta_crop`` unchanged. Same dtype and device as ``theta_crop``.
+    """
+    if box is None:
+        return theta_crop
+    m = full_to_crop_theta(box).to(theta_crop.device)
+    a = theta_crop.double()
+    full = a[:, :, :2] @ m[:, :, :2]
+    shift = a[:, :, :2] @ m[:, :, 2:] + a[:, :, 2:]
+    return torch.cat([full, shift], dim=2).to(theta_crop.dtype)

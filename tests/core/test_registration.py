@@ -10,7 +10,7 @@ import torch
 
 from _tiny_bundles import make_tiny_bundles
 from cxrviewer.core.bundle import load_bundle
-from cxrviewer.core.canonical import default_canonical_path, load_canonical
+from cxrviewer.core.canonical import canonical_crop_box, default_canonical_path, full_frame_theta, load_canonical
 from cxrviewer.core.explain.alignment import MIN_QUALITY, check_alignment
 from cxrviewer.core.models.alignment import affine_matrix, invert_affine, raw_from_params, warp
 from cxrviewer.core.pipeline import Pipeline
@@ -171,4 +171,10 @@ def test_a_chest_passes_and_refinement_is_optional(pipeline, canonical):
     assert not res.notices and "NCC" in pipeline[0].explainers[0].caption(res, None, None)
     plain, _ = _run(pipeline, _study(chest, "chest"), align_refine=False)
     assert plain.attr("alignment", "refined") is False
-    np.testing.assert_allclose(plain.get("alignment", "affine"), plain.get("alignment", "network_affine"), atol=1e-6)
+    np.testing.assert_allclose(plain.get("alignment", "crop_affine"), plain.get("alignment", "network_affine"),
+                               atol=1e-6)
+    # the later networks see the whole registered chest: the checked lung-crop affine composed onto the full frame
+    box = canonical_crop_box(default_canonical_path())
+    full = full_frame_theta(torch.from_numpy(plain.get("alignment", "network_affine"))[None], box)
+    np.testing.assert_allclose(plain.get("alignment", "affine"), full[0].numpy(), atol=1e-6)
+    assert plain.attr("alignment", "frame") == "full"

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     classifier.requires_grad_(True)
     _, train_ds, val_ds, train_r, val_r = datasets(args)
     aligned = None
+    if args.alignment and getattr(args, "align", None):
+        raise SystemExit("--align (an aligned cache) already holds aligned images; drop --alignment")
     if args.alignment:
         al = load_bundle(args.alignment)
         train_ds = aligned = align_dataset(train_ds, al, batch_size=args.batch_size)

@@ -184,14 +184,34 @@ def _bundle_batches(bundle: Any, ds: Dataset, *, family: str, option: str, batch
             yield model, pre.stretch_normalise(x01), size
 
 
+def _crop_box_of(alignment: Any) -> tuple[float, float, float, float] | None:
+    """The canonical lung-crop box of an alignment ``LoadedBundle`` (None: a bare model or no canonical)."""
+    from cxrviewer.core.canonical import canonical_crop_box
+    from cxrviewer.core.explain.alignment import canonical_path
+
+    if getattr(alignment, "manifest", None) is None:
+        return None
+    try:
+        path = canonical_path(alignment)
+    except FileNotFoundError:
+        return None
+    return canonical_crop_box(path) if path is not None else None
+
+
 @torch.no_grad()
 def compute_thetas(alignment: Any, ds: Dataset, *, batch_size: int = 32,
                    device: torch.device | str | None = None) -> torch.Tensor:
-    """Affines ``[N, 2, 3]`` of an alignment network (model or ``LoadedBundle``) on the un-augmented ``ds``."""
+    """Affines ``[N, 2, 3]`` of an alignment network (model or ``LoadedBundle``) on the un-augmented ``ds``,
+    onto the whole registered chest as the app's models see it (``full_frame_theta`` with the bundle's
+    canonical crop box; the network's lung-crop affine for a bare model). No NCC refinement or
+    rejection here: ``--align`` (an aligned cache, the app's own step) is the exact path."""
+    from cxrviewer.core.canonical import full_frame_theta
+
     out = [model(x)["theta"].float().cpu()
            for model, x, _ in _bundle_batches(alignment, ds, family="alignment", option="alignment",
                                               batch_size=batch_size, device=device)]
-    return torch.cat(out) if out else torch.zeros(0, 2, 3)
+    thetas = torch.cat(out) if out else torch.zeros(0, 2, 3)
+    return full_frame_theta(thetas, _crop_box_of(alignment))
 
 
 def align_dataset(ds: Dataset, alignment: Any, *, batch_size: int = 32,

@@ -12,11 +12,23 @@ and their maps are drawn back through the inverse warp; ``valid`` marks where th
 original. Below :data:`MIN_QUALITY` (option ``align_min_quality``) the alignment is rejected: later
 networks see the unaligned image, a notice says so, and ``attrs["rejected"]`` is true. The threshold
 and its measurement are in docs/alignment.md ("Alignment check").
+
+Two frames: the network, the refinement and the quality check work on the canonical *lung crop*
+(the canonical PNG); the later networks see the *whole registered chest*, the crop's full-frame
+extent (:func:`~cxrviewer.core.canonical.full_frame_theta` with the canonical's ``crop_box``), so
+the lung bases, costophrenic angles and heart stay in view (docs/field-of-view.md).
+:func:`align_for_models` is the one implementation of this step: this explainer and the aligned
+training cache (``training.data.cache.build_cache(..., align=bundle)``) both call it. Stored maps:
+``affine`` = the full-frame affine the later networks and ``valid`` use, ``crop_affine`` = the
+refined lung-crop affine that was checked, ``network_affine`` = the network's lung-crop affine,
+``params`` = the parameters of ``crop_affine`` (cia-net Eq. 1).
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +43,8 @@ if TYPE_CHECKING:
     from cxrviewer.core.explain.context import ExplainContext
     from cxrviewer.core.results import Results
 
-__all__ = ["MIN_QUALITY", "AlignmentCheck", "AlignmentExplainer", "canonical_path", "check_alignment",
-           "valid_region"]
+__all__ = ["MIN_QUALITY", "AlignmentCheck", "AlignmentExplainer", "align_for_models", "canonical_path",
+           "check_alignment", "valid_region"]
 
 #: Lowest accepted quality (NCC to the canonical chest, :func:`alignment_quality`), from
 #: benchmarks/alignment_refine.py: real NIH images vs. rotated, lateral-like and noise inputs.
@@ -95,6 +107,9 @@ class AlignmentCheck:
     refined: bool = False
     canonical: str | None = None
     seconds: float = 0.0
+    crop_box: tuple[float, float, float, float] | None = None  # the canonical's lung crop in the full frame
+    network_params: torch.Tensor | None = None  # [1, 5] as the network gave them
+    problem: str | None = None  # why it was not checked (a named canonical chest is missing)
 
     @property
     def rejected(self) -> bool:
@@ -113,7 +128,15 @@ class AlignmentCheck:
         return {"quality": r(self.quality), "network_quality": r(self.network_quality),
                 "min_quality": self.min_quality, "refined": self.refined, "rejected": self.rejected,
                 "checked": self.quality is not None, "canonical_chest": self.canonical,
-                "check_s": round(self.seconds, 4)}
+                "check_s": round(self.seconds, 4), "frame": "full" if self.crop_box is not None else "network",
+                "crop_box": None if self.crop_box is None else [round(float(v), 6) for v in self.crop_box]}
+
+    @property
+    def full_theta(self) -> torch.Tensor:
+        """``theta`` onto the whole registered chest (:func:`~cxrviewer.core.canonical.full_frame_theta`)."""
+        from cxrviewer.core.canonical import full_frame_theta
+
+        return full_frame_theta(self.theta, self.crop_box)
 
 
 def check_alignment(image01: torch.Tensor, canonical01: torch.Tensor, network_theta: torch.Tensor, *,
@@ -137,17 +160,60 @@ def check_alignment(image01: torch.Tensor, canonical01: torch.Tensor, network_th
                           seconds=time.perf_counter() - t0)
 
 
+def _network_theta(frame01: torch.Tensor, bundle: "LoadedBundle",
+                   autocast: Callable[[], AbstractContextManager] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The alignment network's lung-crop affine ``[1, 2, 3]`` and params ``[1, 5]`` on ``frame01``."""
+    from cxrviewer.core.preprocess import Preprocess
+
+    pre = Preprocess.from_manifest(bundle.manifest)
+    x01, _ = pre.crop_resize(frame01)
+    with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
+        out = bundle.model(pre.normalise(x01))
+    return out["theta"][:1].float(), out["params"][:1].float()
+
+
+def align_for_models(frame01: torch.Tensor, bundle: "LoadedBundle", *, refine: bool = True,
+                     min_quality: float = MIN_QUALITY,
+                     autocast: Callable[[], AbstractContextManager] | None = None) -> tuple[torch.Tensor, AlignmentCheck]:
+    """The app's alignment step: ``(theta_full [1, 2, 3], check)`` for a frame ``[1, 1, H, W]`` in [0, 1].
+
+    The network's lung-crop affine (cia-net Eq. 1, disease-masks Eq. 6) is refined and scored
+    against the bundle's canonical chest (:func:`check_alignment`, unchanged: the check lives on
+    the lung crop), then composed onto the whole registered chest with the canonical's
+    ``crop_box`` (:func:`~cxrviewer.core.canonical.full_frame_theta`). ``check.rejected`` says the
+    caller must keep the unaligned frame. The pipeline's alignment explainer and the aligned
+    training cache both call this function, so the models train on what the app feeds them.
+    """
+    from cxrviewer.core.canonical import canonical_crop_box
+
+    net, params = _network_theta(frame01, bundle, autocast)
+    try:
+        found, problem = _canonical(bundle), None
+    except FileNotFoundError as exc:
+        found, problem = None, str(exc)
+    if found is None:
+        check = AlignmentCheck(net, net, problem=problem)
+    else:
+        path, canon = found
+        check = check_alignment(frame01, canon, net, refine=refine, min_quality=min_quality)
+        check.canonical, check.crop_box = path.name, canonical_crop_box(path)
+    check.network_params = params
+    return check.full_theta, check
+
+
 @register_explainer("alignment")
 class AlignmentExplainer(Explainer, title="Alignment to the canonical chest", short="align", order=10,
                          requires=("alignment",)):
     """The aligned image, the refined and the network's affines, the parameters, and the check."""
 
     maps = (MapSpec("aligned_image", "aligned image in [0, 1]", "image", frame="aligned", per_class=False),
-            MapSpec("affine", "affine [2, 3], original -> aligned sampling (refined)", "affine", frame="none",
+            MapSpec("affine", "affine [2, 3], original -> aligned (whole registered chest) sampling", "affine",
+                    frame="none", per_class=False),
+            MapSpec("crop_affine", "refined affine [2, 3] onto the canonical lung crop (the checked one)", "affine",
+                    frame="none", per_class=False),
+            MapSpec("network_affine", "the alignment network's lung-crop affine [2, 3]", "affine", frame="none",
                     per_class=False),
-            MapSpec("network_affine", "the alignment network's affine [2, 3]", "affine", frame="none",
-                    per_class=False),
-            MapSpec("params", "s_x, s_y, t_x, t_y, theta", "vector", frame="none", per_class=False),
+            MapSpec("params", "s_x, s_y, t_x, t_y, theta of crop_affine", "vector", frame="none", per_class=False),
             MapSpec("valid", "where aligned-frame maps land on the original", "mask", per_class=False))
     panels = (PanelSpec("aligned", "Aligned", "aligned_image", kind="image", order=10, per_class=False,
                         caption="Aligned"),)
@@ -156,41 +222,28 @@ class AlignmentExplainer(Explainer, title="Alignment to the canonical chest", sh
         from cxrviewer.core.models.alignment import warp
         from cxrviewer.core.registration import affine_params
 
-        out, _ = ctx.forward("alignment", ctx.frame)
-        net = out["theta"][:1].float()
-        check = self._check(ctx, net)
+        theta_full, check = align_for_models(
+            ctx.frame, ctx.bundles["alignment"], refine=bool(ctx.option("align_refine", True)),
+            min_quality=float(ctx.option("align_min_quality", MIN_QUALITY)), autocast=ctx.device.autocast)
+        if check.problem:
+            ctx.results.notices.append(f"alignment not checked: {check.problem}")
         if check.rejected:
             ctx.results.notices.append(check.notice())
-            aligned = warp(ctx.frame, check.theta).clamp(0, 1)
+            aligned = warp(ctx.frame, theta_full).clamp(0, 1)
             valid = np.ones(ctx.map_shape, bool)  # later maps stay in the original frame
         else:
-            ctx.set_alignment(check.theta)
+            ctx.set_alignment(theta_full)
             aligned = ctx.work
             valid = valid_region(ctx.theta_inv, ctx.map_shape)
-        params = affine_params(check.theta.cpu()) if check.refined else out["params"][:1]
+        params = affine_params(check.theta.cpu()) if check.refined else check.network_params
         return ExplainerOutput({
             "aligned_image": aligned[0, 0].cpu().numpy().astype(np.float32),
-            "affine": check.theta[0].cpu().double().numpy(),
-            "network_affine": net[0].cpu().double().numpy(),
+            "affine": theta_full[0].cpu().double().numpy(),
+            "crop_affine": check.theta[0].cpu().double().numpy(),
+            "network_affine": check.network_theta[0].cpu().double().numpy(),
             "params": params[0].float().cpu().numpy().astype(np.float32),
             "valid": valid,
         }, attrs=check.attrs())
-
-    @staticmethod
-    def _check(ctx: "ExplainContext", net: torch.Tensor) -> AlignmentCheck:
-        """:func:`check_alignment` against the bundle's canonical chest (unchecked without one)."""
-        try:
-            found = _canonical(ctx.bundles["alignment"])
-        except FileNotFoundError as exc:
-            ctx.results.notices.append(f"alignment not checked: {exc}")
-            found = None
-        if found is None:
-            return AlignmentCheck(net, net)
-        path, canon = found
-        check = check_alignment(ctx.frame, canon, net, refine=bool(ctx.option("align_refine", True)),
-                                min_quality=float(ctx.option("align_min_quality", MIN_QUALITY)))
-        check.canonical = path.name
-        return check
 
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
         q = results.attr(self.name, "quality")

@@ -2,8 +2,10 @@
 
 Frames: the *working frame* is the study image scaled so its longest side is at most
 ``frame_max_side``. After the ``alignment`` explainer ran, :attr:`ExplainContext.work` is the
-aligned working frame; the classifier, DM and CIA networks see it, and every map they produce
-is drawn back onto the original through the inverse warp (:class:`Mapper`). Maps are stored at
+aligned working frame: the whole registered chest (the canonical full-frame extent, not the
+lung crop the alignment is checked on; :func:`cxrviewer.core.canonical.full_frame_theta`). The
+classifier, DM and CIA networks see it (a manifest ``crop`` cuts fractions of it), and every map
+they produce is drawn back onto the original through the inverse warp (:class:`Mapper`). Maps are stored at
 ``map_shape`` (the original scaled to ``map_max_side``) in original-image coordinates.
 
 The classifier runs ONCE (:meth:`ExplainContext.classifier_pass`): a forward hook on
@@ -94,7 +96,7 @@ class ExplainContext:
     frame: torch.Tensor  # [1, 1, fh, fw] on the device, values in [0, 1]
     options: Mapping[str, Any] = field(default_factory=dict)
     work: torch.Tensor | None = None  # the (aligned) frame the classifier / DM / CIA see
-    theta: torch.Tensor | None = None  # [1, 2, 3] original -> aligned sampling
+    theta: torch.Tensor | None = None  # [1, 2, 3] original -> aligned (whole registered chest) sampling
     theta_inv: torch.Tensor | None = None  # CPU float32
     seg_work: torch.Tensor | None = None  # [1, 3, fh, fw] lung/heart probabilities, working frame
     _classifier: ClassifierPass | None = None
@@ -132,7 +134,9 @@ class ExplainContext:
         return Mapper(self.map_shape, self.frame_shape, box, self.theta_inv if aligned else None)
 
     def set_alignment(self, theta: torch.Tensor) -> None:
-        """Use the affine ``theta`` [1, 2, 3] from now on: later networks see the aligned frame."""
+        """Use the affine ``theta`` [1, 2, 3] (original -> whole registered chest, as
+        :func:`~cxrviewer.core.explain.alignment.align_for_models` gives it) from now on: later
+        networks see the aligned frame, their maps come back through its inverse."""
         from cxrviewer.core.models.alignment import invert_affine, warp
 
         self.theta = theta
