@@ -15,6 +15,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default=None,
                    help="HDF5 cache (cxr-train cache); built here first if the file does not exist")
     g.add_argument("--size", type=int, default=256, help="input size in pixels (default 256)")
+    g.add_argument("--align", default=None, metavar="BUNDLE",
+                   help="train on the images exactly as the app feeds them: --cache is built (if missing) "
+                        "by the app's alignment step with this alignment bundle (whole registered chest, "
+                        "rejected alignments unaligned); an existing --cache must be an aligned one")
     g.add_argument("--fold", type=int, default=0,
                    help="held-out patient-wise fold (default 0); -1 = the official split if present")
     g.add_argument("--n-folds", type=int, default=5)
@@ -62,11 +66,16 @@ def datasets(args: argparse.Namespace, *, augment: bool = True):
     train_r, val_r = split_records(records, fold=args.fold, n_folds=args.n_folds, seed=args.seed,
                                    folder=args.data)
     aug = None if (args.no_augment or not augment) else AugmentConfig()
+    align = getattr(args, "align", None)
+    if align and not args.cache:
+        raise SystemExit("--align needs --cache (the aligned images are built into the cache once)")
     if args.cache:
         cache = Path(args.cache)
         if not cache.is_file():
-            build_cache(records, cache, args.size)
+            build_cache(records, cache, args.size, align=align)
         ds = CachedDataset(cache)
+        if align and ds.alignment is None:
+            raise SystemExit(f"--align: cache {cache} holds unaligned images (build a new one)")
         index = {k: i for i, k in enumerate(ds.keys)}
         missing = [r.key for r in train_r + val_r if r.key not in index]
         if missing:

@@ -7,7 +7,15 @@ Layout of a cache file (``cxr-train cache``)::
     keys          str [N]            NIH "Image Index" stems
     patient_ids   str [N]
     boxes         float32 [M, 6]     (image row, class index, x, y, w, h) in S pixels
-    attrs: size, classes (json), source, format_version
+    attrs: size, classes (json), source, format_version, aligned
+
+An aligned cache (``build_cache(..., align=BUNDLE)``, ``--align``) stores the images as the app
+feeds them to the classifier/DM/CIA networks (the whole registered chest) and adds::
+
+    align_theta    float32 [N, 2, 3]  the affine applied (identity where the check rejected it)
+    align_quality  float32 [N]        NCC to the canonical chest (the app's check)
+    align_rejected bool [N]           stored unaligned, as the app runs a rejected image
+    attrs: alignment (json: bundle, weights SHA-256, canonical chest, frame size)
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,16 +40,74 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-def build_cache(records: list[Record], out: str | Path, size: int = 256, *, progress=None) -> Path:
-    """Decode, resize and store ``records`` in an HDF5 file (written atomically)."""
+def _stored_alignment(path: str | Path) -> dict[str, tuple[np.ndarray, bool, float]]:
+    """Per key: (theta [2, 3], rejected, quality) of an aligned cache (reused for another size)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "align_theta" not in f:
+            raise ValueError(f"{path} is not an aligned cache (no align_theta)")
+        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][()]]
+        th, rej, q = f["align_theta"][()], f["align_rejected"][()], f["align_quality"][()]
+    return {k: (th[i], bool(rej[i]), float(q[i])) for i, k in enumerate(keys)}
+
+
+def _align_source(align: Any) -> tuple[Any, dict | None, dict]:
+    """(alignment bundle, stored alignments or None, cache attrs) for ``build_cache(align=...)``."""
+    from cxrviewer.core.checksum import sha256_file
+
+    from .aligned import FRAME_MAX_SIDE, load_alignment_bundle
+
+    if isinstance(align, (str, Path)) and str(align).endswith(".h5"):
+        import h5py
+
+        with h5py.File(align, "r") as f:
+            attrs = json.loads(f.attrs["alignment"])
+        return None, _stored_alignment(align), {**attrs, "reused_from": str(align)}
+    bundle = load_alignment_bundle(align)
+    wfile = bundle.path / "weights.pt"
+    return bundle, None, {"bundle": bundle.path.name, "path": str(bundle.path),
+                          "weights_sha256": sha256_file(wfile) if wfile.is_file() else None,
+                          "canonical_chest": (bundle.manifest.canonical_chest or {}).get("file"),
+                          "frame_max_side": FRAME_MAX_SIDE, "frame": "whole registered chest (full_frame_theta)",
+                          "rejected": "stored unaligned, as the app runs"}
+
+
+def _cache_image(r: Record, size: int, bundle: Any, stored: dict | None):
+    """(image [S, S] in [0, 1], boxes, (theta, rejected, quality) or None) of one record."""
+    from .aligned import align_image
+
+    if bundle is None and stored is None:
+        img, boxes = resize_image_and_boxes(load_pixels(r.path), r.boxes, size)
+        return img, boxes, None
+    kw = {}
+    if stored is not None:
+        th, rej, q = stored[r.key]
+        kw = {"theta": th, "rejected": rej, "quality": q}
+    a = align_image(load_pixels(r.path), r.boxes, size, bundle, **kw)
+    return a.image, a.boxes, (a.theta, a.rejected, a.quality)
+
+
+def build_cache(records: list[Record], out: str | Path, size: int = 256, *, progress=None,
+                align: Any = None) -> Path:
+    """Decode, resize and store ``records`` in an HDF5 file (written atomically).
+
+    ``align``: an alignment bundle (path or ``LoadedBundle``) -> every image is stored as the app
+    feeds it to the classifier/DM/CIA networks (:mod:`training.data.aligned`: the app's
+    ``align_for_models``, whole registered chest, rejected alignments stored unaligned), with
+    ``align_theta``/``align_quality``/``align_rejected`` per image and ``attrs["alignment"]``; or
+    an aligned cache ``.h5`` whose stored affines are reused (another size, no re-alignment).
+    """
     import h5py
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    bundle, stored, align_attrs = _align_source(align) if align is not None else (None, None, {})
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     n = len(records)
     box_rows: list[tuple] = []
+    al: list[tuple] = []
     try:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("images", (n, size, size), dtype="u1", chunks=(1, size, size))
@@ -51,14 +118,22 @@ def build_cache(records: list[Record], out: str | Path, size: int = 256, *, prog
             f.create_dataset("patient_ids", data=np.array([r.patient_id for r in records], dtype=object),
                              dtype=str_dt)
             for i, r in enumerate(records):
-                img, boxes = resize_image_and_boxes(load_pixels(r.path), r.boxes, size)
+                img, boxes, a = _cache_image(r, size, bundle, stored)
                 ds[i] = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+                if a is not None:
+                    al.append(a)
                 for b in boxes:
                     if b.label in CLASSES:
                         box_rows.append((i, CLASSES.index(b.label), b.x, b.y, b.w, b.h))
                 if progress is not None:
                     progress(i + 1, n)
             f.create_dataset("boxes", data=np.asarray(box_rows, np.float32).reshape(-1, 6))
+            if align is not None:
+                f.create_dataset("align_theta", data=np.asarray([a[0] for a in al], np.float32).reshape(-1, 2, 3))
+                f.create_dataset("align_rejected", data=np.asarray([a[1] for a in al], bool))
+                f.create_dataset("align_quality", data=np.asarray([a[2] for a in al], np.float32))
+                f.attrs["alignment"] = json.dumps(align_attrs)
+            f.attrs["aligned"] = align is not None
             f.attrs["size"] = size
             f.attrs["classes"] = json.dumps(list(CLASSES))
             f.attrs["format_version"] = FORMAT_VERSION
@@ -66,8 +141,17 @@ def build_cache(records: list[Record], out: str | Path, size: int = 256, *, prog
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log.info("cache %s: %d images at %d px, %d boxes", out, n, size, len(box_rows))
+    log.info("cache %s: %d images at %d px, %d boxes%s", out, n, size, len(box_rows),
+             f", aligned ({sum(a[1] for a in al)} rejected, stored unaligned)" if al else "")
     return out
+
+
+def cache_alignment(path: str | Path) -> dict | None:
+    """``attrs["alignment"]`` of an aligned cache (None: an unaligned cache)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return json.loads(f.attrs["alignment"]) if "alignment" in f.attrs else None
 
 
 class CachedDataset(_AugmentedBase):
@@ -85,6 +169,9 @@ class CachedDataset(_AugmentedBase):
             self.keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][()]]
             self.patient_ids = [k.decode() if isinstance(k, bytes) else str(k) for k in f["patient_ids"][()]]
             boxes = f["boxes"][()]
+            #: the cache's alignment record (None: unaligned images), see :func:`build_cache`
+            self.alignment = json.loads(f.attrs["alignment"]) if "alignment" in f.attrs else None
+            self.align_rejected = f["align_rejected"][()] if "align_rejected" in f else None
         super().__init__(size, augment_cfg, normalisation, seed, preprocess)
         self.rows = np.arange(len(self._labels)) if rows is None else np.asarray(rows, dtype=np.int64)
         self._boxes: dict[int, list[Box]] = {}
