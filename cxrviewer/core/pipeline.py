@@ -49,6 +49,8 @@ class Pipeline:
 
     ``device``: a :class:`DeviceInfo`, ``"auto"``/``"cpu"``/``"cuda"`` or None (auto).
     ``methods``: explainer names to run (default: every registered one the roles allow).
+    ``options``: more :meth:`ExplainContext.option` values, e.g. ``anatomy_model`` (a localiser model
+    dict, cxrviewer/core/explain/anatomy.py) or the explainers' other documented options.
     ``am_steps`` / ``am_top_k`` / ``am_classes``: attention-mining steps T, how many of the most
     probable classes get their steps at once, and classes that always do.
     """
@@ -56,7 +58,7 @@ class Pipeline:
     def __init__(self, bundles: Mapping[str, LoadedBundle], device: DeviceInfo | str | None = None, *,
                  map_max_side: int = 512, frame_max_side: int = 1024, am_steps: int = 3,
                  am_top_k: int = 3, am_classes: Sequence[str] = (),
-                 methods: Sequence[str] | None = None) -> None:
+                 methods: Sequence[str] | None = None, options: Mapping[str, Any] | None = None) -> None:
         self._check(bundles)
         self.bundles = dict(bundles)
         if "dm" in self.bundles and "classifier" not in self.bundles:
@@ -64,7 +66,8 @@ class Pipeline:
         self.device = device if isinstance(device, DeviceInfo) else select_device(device or "auto")
         self.map_max_side = int(map_max_side)
         self.frame_max_side = int(frame_max_side)
-        self.options = {"am_steps": int(am_steps), "am_top_k": int(am_top_k), "am_classes": tuple(am_classes)}
+        self.options = {"am_steps": int(am_steps), "am_top_k": int(am_top_k), "am_classes": tuple(am_classes),
+                        **dict(options or {})}
         self.explainers: list[Explainer] = [e for e in applicable_explainers(self.bundles)
                                             if methods is None or e.name in methods]
         self._on = None
@@ -184,18 +187,19 @@ class Pipeline:
         try:
             for ex in self.explainers:
                 out = ex.compute(ctx)
-                if out is None:
-                    continue
-                res.maps[ex.name] = out.maps
-                if out.attrs:
-                    res.attrs[ex.name] = out.attrs
-                if out.state is not None:
-                    res.state[ex.name] = out.state
-                stage(ex.name)
+                if out is not None:  # None: nothing to show for this study (its notice says why)
+                    res.maps[ex.name] = out.maps
+                    if out.attrs:
+                        res.attrs[ex.name] = out.attrs
+                    if out.state is not None:
+                        res.state[ex.name] = out.state
+                stage(ex.name)  # every stage reports (progress, timing, cancel), whether or not it had output
         finally:
             ctx.release()
         for ex in self.explainers:
             if ex.proposes_boxes and ex.name in res.maps:
-                res.boxes[ex.name] = ex.propose_boxes(res)
+                boxes = ex.propose_boxes(res)  # None: this method proposes nothing for this study
+                if boxes is not None:
+                    res.boxes[ex.name] = boxes
         stage("boxes")
         return res

@@ -33,11 +33,12 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
     assert sorted(p.name for p in d.iterdir()) == ["panels.png", "results.h5", "summary.json"]
     summary = json.loads((d / "summary.json").read_text())
     for stage in ("preprocess", "alignment", "segmentation", "cam", "gradcam", "attention_mining",
-                  "disease_mask", "contrast", "prior", "boxes"):
+                  "disease_mask", "contrast", "anatomy", "prior", "boxes"):
         assert stage in summary["timings"], stage
     assert set(summary["probabilities"]) == set(summary["classes"]) and len(summary["classes"]) == 14
-    assert set(summary["boxes"]) == {"cam", "gradcam", "attention_mining", "contrast", "prior"}
-    assert summary["default_box_method"] == "attention_mining"
+    assert set(summary["boxes"]) - {"anatomy"} == {"cam", "gradcam", "attention_mining", "contrast", "prior"}
+    default = "anatomy" if "anatomy" in summary["boxes"] else "attention_mining"
+    assert summary["default_box_method"] == default
     h, w = summary["image_shape"]
     prior = summary["boxes"]["prior"]
     assert [b["label"] for b in prior] == [c for c in summary["classes"] if c in BOXED_CLASSES]
@@ -61,7 +62,7 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
         np.testing.assert_allclose(back.get(ex, name), ref.get(ex, name), rtol=1e-5, atol=1e-6, err_msg=name)
     assert [b.label for b in back.boxes["attention_mining"]] == [b.label for b in ref.boxes["attention_mining"]]
     assert [(b.label, b.x, b.w) for b in back.boxes["prior"]] == [(b["label"], b["x"], b["w"]) for b in prior]
-    assert results_summary(d / "results.h5")["default_box_method"] == "attention_mining"
+    assert results_summary(d / "results.h5")["default_box_method"] == default
 
     from PIL import Image
 

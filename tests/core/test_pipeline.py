@@ -39,7 +39,7 @@ def test_all_stages_run_in_order_and_timed(full_run):
     pl = full_run[0]
     names = [n for n, _ in seen]
     STAGES = ["preprocess", "alignment", "segmentation", "cam", "gradcam", "attention_mining", "disease_mask",
-              "contrast", "prior", "boxes"]
+              "contrast", "anatomy", "prior", "boxes"]
     assert names == STAGES == pl.stages
     assert all(r is res for _, r in seen)  # partial results object filled progressively
     assert set(res.timings) == set(STAGES) and all(t >= 0 for t in res.timings.values())
@@ -80,7 +80,8 @@ def test_maps_are_in_original_coordinates(full_run):
 def test_boxes_in_original_pixels(full_run):
     _, study, res, _, _ = full_run
     h, w = study.shape
-    assert set(res.boxes) == {"cam", "gradcam", "attention_mining", "contrast", "prior"}
+    # anatomy proposes only with a localiser model (resources/priors/anatomy_localiser.json) and lungs found
+    assert set(res.boxes) - {"anatomy"} == {"cam", "gradcam", "attention_mining", "contrast", "prior"}
     assert res.boxes["cam"] and res.boxes["attention_mining"]
     for b in (b for bs in res.boxes.values() for b in bs):
         assert b.label in res.classes

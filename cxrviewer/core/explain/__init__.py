@@ -6,6 +6,7 @@ survive PyInstaller; package scanning does not). A new method: one file + one li
 from __future__ import annotations
 
 from cxrviewer.core.explain import alignment as alignment  # registers "alignment"
+from cxrviewer.core.explain import anatomy as anatomy  # registers "anatomy" (the default box method)
 from cxrviewer.core.explain import attention_mining as attention_mining  # registers "attention_mining"
 from cxrviewer.core.explain import cam as cam  # registers "cam"
 from cxrviewer.core.explain import contrast as contrast  # registers "contrast"
@@ -34,6 +35,7 @@ __all__ = [
     "MapSpec",
     "PanelSpec",
     "alignment",
+    "anatomy",
     "applicable_explainers",
     "attention_mining",
     "boxes",

@@ -169,8 +169,9 @@ class Explainer:
         """Whether the pipeline asks :meth:`propose_boxes` (default: when there is a box rule)."""
         return self.box_rule is not None
 
-    def propose_boxes(self, results: "Results") -> list[Box]:
-        """Boxes (original pixels) from ``box_map`` by ``box_rule``, every class."""
+    def propose_boxes(self, results: "Results") -> list[Box] | None:
+        """Boxes (original pixels) from ``box_map`` by ``box_rule``, every class. A method that
+        overrides this may return None: it proposes nothing for this study (no ``boxes`` entry)."""
         if self.box_rule is None:
             return []
         maps = results.get(self.name, self.box_map)
