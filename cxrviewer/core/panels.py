@@ -7,18 +7,29 @@ class, so a newly registered explainer appears in both without touching either.
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from cxrviewer.core import explain as _explain  # noqa: F401  (registers the explanation methods)
-from cxrviewer.core.explain.registry import Explainer, PanelSpec, registered_explainers, registry_version
+from cxrviewer.core.explain.registry import (Explainer, PanelSpec, get_explainer, registered_explainers,
+                                             registry_version)
+from cxrviewer.core.geometry import Box
+from cxrviewer.core.model_card import BELOW_PRIOR, below_prior, model_card
 from cxrviewer.core.results import Results
 from cxrviewer.core.roles import ROLE_TITLES
 
-__all__ = ["PanelData", "PanelRef", "default_box_method", "needs_class_maps", "panel_data", "panel_list",
-           "panel_model", "panel_ref", "proposal_sources"]
+__all__ = ["BELOW_PRIOR", "BelowPrior", "PRIOR", "PanelData", "PanelRef", "alignment_note", "below_prior_by_role",
+           "class_panel", "default_box_method", "needs_class_maps", "panel_below_prior", "panel_data",
+           "panel_list", "panel_model", "panel_ref", "prior_boxes", "proposal_sources", "reference_sources",
+           "split_below_prior", "wrap_caption"]
+
+#: the explainer of the location prior (one fixed reference box per class, never a proposal)
+PRIOR = "prior"
+#: role -> the classes whose maps scored below the location prior in that role's model card
+BelowPrior = Mapping[str, Collection[str]]
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ def _index(version: int) -> tuple[tuple[PanelRef, ...], dict[str, PanelRef], tup
     refs = tuple(sorted((PanelRef(p, c()) for c in classes for p in c.panels),
                         key=lambda r: (r.spec.order, r.spec.key)))
     sources = tuple(c.name for c in sorted(classes, key=lambda c: (c.box_priority, c.order))
-                    if c.box_rule is not None)
+                    if c().proposes_boxes and not c.reference)
     return refs, {r.key: r for r in refs}, sources
 
 
@@ -61,9 +72,14 @@ def panel_ref(key: str) -> PanelRef:
 
 
 def proposal_sources() -> list[str]:
-    """Explainers with a box rule, in the order the viewer prefers their proposals (the prior has
-    none: a reference box, never a proposal)."""
+    """Explainers that propose boxes, in the order the viewer prefers their proposals (lowest
+    ``box_priority`` first); a reference (the prior) is never a proposal source."""
     return list(_index(registry_version())[2])
+
+
+def reference_sources() -> frozenset[str]:
+    """Explainers whose boxes are references (the ``prior``): drawn on request, never proposals."""
+    return frozenset(c.name for c in registered_explainers() if getattr(c, "reference", False))
 
 
 def default_box_method(available: Collection[str] | None = None) -> str | None:
@@ -102,6 +118,7 @@ class PanelData:
     heat_key: tuple = ()
     image_key: tuple = ()
     overlay_key: tuple = ()
+    below_prior: bool = False  # the producing model's card says this class's maps are below the prior
 
 
 def _class_name(res: Results, c: int | None) -> str:
@@ -134,8 +151,18 @@ def _step_data(ref: PanelRef, res: Results, c: int, caption: str) -> PanelData:
                      heat_key=(id(steps), s.step), overlay_key=(id(erased), s.step) if has else ())
 
 
-def panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
-    """What panel ``key`` shows for class index ``c`` of ``res``."""
+def panel_data(key: str, res: Results | None, c: int | None, below: BelowPrior | None = None) -> PanelData:
+    """What panel ``key`` shows for class index ``c`` of ``res``; the caption ends in
+    ``· below the location prior`` when :func:`panel_below_prior` says so (``below``: role -> classes,
+    default :func:`below_prior_by_role` of the results' own model summaries)."""
+    d = _panel_data(key, res, c)
+    if d.filled and res is not None and panel_below_prior(key, res, c, below):
+        d.caption = f"{d.caption} · {BELOW_PRIOR}"
+        d.below_prior = True
+    return d
+
+
+def _panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
     ref = panel_ref(key)
     s = ref.spec
     if res is None:
@@ -171,3 +198,97 @@ def panel_model(key: str, res: Results) -> str:
     """The name of the model whose output panel ``key`` shows ('' when unknown)."""
     ex = panel_ref(key).explainer
     return str(res.models.get(ex.model_role(res), {}).get("name", ""))
+
+
+def class_panel(key: str) -> bool:
+    """Whether panel ``key`` shows a map of the selected class (CAM, Grad-CAM, attention mining, the
+    CIA contrast with its class grid, disease masks), not an image or class-free masks."""
+    ref = panel_ref(key)
+    return ref.spec.kind != "image" and any(m.per_class for m in ref.explainer.maps)
+
+
+def below_prior_by_role(res: Results, manifests: Mapping[str, Any] | None = None) -> dict[str, frozenset[str]]:
+    """role -> classes below the location prior in the card of the model that filled that role.
+
+    ``manifests``: bundle folder name (``res.models[role]["bundle"]``) -> its manifest (a ``Manifest``
+    or a dict), e.g. the current model set's; a role without one uses its summary in ``res.models``
+    when that carries ``model_card`` or a ``below_prior`` list.
+    """
+    out: dict[str, frozenset[str]] = {}
+    for role, summary in res.models.items():
+        found = (manifests or {}).get(str(summary.get("bundle", "")))
+        if found is not None:
+            classes = below_prior(found)
+        elif model_card(summary):
+            classes = below_prior(summary)
+        else:
+            classes = frozenset(str(c) for c in summary.get("below_prior") or ())
+        if classes:
+            out[role] = classes
+    return out
+
+
+def panel_below_prior(key: str, res: Results, c: int | None, below: BelowPrior | None = None) -> bool:
+    """Whether panel ``key`` shows class ``c`` from a model whose card puts that class below the prior
+    (see :func:`below_prior_by_role`; the producing model is the explainer's ``model_role``)."""
+    name = _class_name(res, c)
+    if not name or not class_panel(key):
+        return False
+    below = below_prior_by_role(res) if below is None else below
+    return name in below.get(panel_ref(key).explainer.model_role(res), ())
+
+
+def prior_boxes(res: Results | None, names: Collection[str]) -> tuple[Box, ...]:
+    """The location prior's fixed box of each class in ``names`` (original pixels; empty without a prior)."""
+    if res is None or not names:
+        return ()
+    boxes = res.boxes.get(PRIOR)
+    if boxes is None and res.attr(PRIOR, "boxes"):
+        boxes = get_explainer(PRIOR).propose_boxes(res)
+    return tuple(b for b in boxes or () if b.label in names)
+
+
+def alignment_note(res: Results | None) -> tuple[str, bool] | None:
+    """(text, rejected) of the alignment check of ``res`` for a status line (None: not checked).
+
+    Rejected: ``Alignment rejected (NCC 0.55 < 0.70): maps on the unaligned image``; accepted:
+    ``Aligned, NCC 0.91``.
+    """
+    q = res.attr("alignment", "quality") if res is not None else None
+    if not isinstance(q, (int, float)):
+        return None
+    if res.attr("alignment", "rejected"):  # type: ignore[union-attr]
+        lo = res.attr("alignment", "min_quality")  # type: ignore[union-attr]
+        bound = f" < {lo:.2f}" if isinstance(lo, (int, float)) else ""
+        return f"Alignment rejected (NCC {q:.2f}{bound}): maps on the unaligned image", True
+    return f"Aligned, NCC {q:.2f}", False
+
+
+def split_below_prior(caption: str) -> tuple[str, str]:
+    """(the rest, ``· below the location prior``) of a marked caption; (caption, '') otherwise."""
+    tail = f" · {BELOW_PRIOR}"
+    return (caption[:-len(tail)], tail[1:]) if caption.endswith(tail) else (caption, "")
+
+
+def wrap_caption(text: str, fits: Callable[[str], bool]) -> list[str]:
+    """``text`` as lines ``fits`` accepts: broken before its `` · `` parts first (a continued line
+    starts with ``·``), then between words; a word too long for a line is cut with ``…``."""
+    parts = text.split(" · ")
+    lines: list[str] = []
+    for seg in [parts[0], *("· " + p for p in parts[1:])]:
+        if lines and fits(f"{lines[-1]} {seg}"):
+            lines[-1] = f"{lines[-1]} {seg}"
+            continue
+        start = len(lines)
+        for word in seg.split(" "):
+            if len(lines) > start and fits(f"{lines[-1]} {word}"):
+                lines[-1] = f"{lines[-1]} {word}"
+            else:
+                lines.append(word if fits(word) else _elide(word, fits))
+    return lines
+
+
+def _elide(word: str, fits: Callable[[str], bool]) -> str:
+    while len(word) > 1 and not fits(word + "…"):
+        word = word[:-1]
+    return word + "…"

@@ -151,16 +151,38 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+#: caption colours of ``panels.png``: plain text, and a line that says the maps are below the prior
+CAPTION_RGB = (235, 235, 235)
+WARNING_RGB = (255, 190, 80)
+
+
+def _text_width(font: Any, text: str) -> float:
+    return float(font.getlength(text)) if hasattr(font, "getlength") else 6.0 * len(text)
+
+
 def _tile(rgb: np.ndarray, caption: Sequence[str], tile: int, font: Any) -> Image.Image:
+    """The picture scaled into a ``tile`` square, its caption wrapped to the tile's width below it
+    (a ``below the location prior`` mark on lines of its own, in amber)."""
+    from .panels import split_below_prior, wrap_caption
+
     h, w = rgb.shape[:2]
     s = tile / max(h, w)
     im = Image.fromarray(rgb).resize((max(1, int(w * s)), max(1, int(h * s))), Image.Resampling.BILINEAR)
     line_h = int(font.size * 1.25) if hasattr(font, "size") else 13
-    out = Image.new("RGB", (tile, tile + line_h * len(caption) + 6), (20, 20, 20))
+
+    def fits(t: str) -> bool:
+        return _text_width(font, t) <= tile - 8
+
+    lines: list[tuple[str, tuple[int, int, int]]] = []
+    for text in caption:
+        main, mark = split_below_prior(text)
+        lines += [(t, CAPTION_RGB) for t in wrap_caption(main, fits) if t]
+        lines += [(t, WARNING_RGB) for t in wrap_caption(mark, fits) if mark]
+    out = Image.new("RGB", (tile, tile + line_h * len(lines) + 6), (20, 20, 20))
     out.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
     d = ImageDraw.Draw(out)
-    for i, text in enumerate(caption):
-        d.text((4, tile + 3 + i * line_h), text, fill=(235, 235, 235), font=font)
+    for i, (text, colour) in enumerate(lines):
+        d.text((4, tile + 3 + i * line_h), text, fill=colour, font=font)
     return out
 
 
@@ -178,8 +200,12 @@ def _tile_rgb(d: Any, ref: Any, base_small: np.ndarray) -> np.ndarray | None:
     return overlay(base_small, heat, ref.spec.colormap, normalise=fixed is None)
 
 
-def panel_tiles(study: Any, results: Any, *, class_index: int | None = None) -> list[tuple[np.ndarray, list[str]]]:
-    """The (RGB image, caption lines) of every panel the results allow, in the viewer's order."""
+def panel_tiles(study: Any, results: Any, *, class_index: int | None = None,
+                below: Any = None) -> list[tuple[np.ndarray, list[str]]]:
+    """The (RGB image, caption lines) of every panel the results allow, in the viewer's order.
+
+    ``below``: role -> classes below the location prior (:func:`cxrviewer.core.panels.below_prior_by_role`;
+    default: what the results' model summaries carry)."""
     from .panels import panel_data, panel_list, panel_model
 
     base = np.asarray(study.display_image(), np.float32)
@@ -190,7 +216,7 @@ def panel_tiles(study: Any, results: Any, *, class_index: int | None = None) -> 
     if c is None and r.classes:
         c = 0
     for ref in panel_list():
-        d = panel_data(ref.key, r, c)
+        d = panel_data(ref.key, r, c, below)
         rgb = _tile_rgb(d, ref, base_small) if d.filled else None
         if rgb is not None:
             tiles.append((rgb, [d.caption, panel_model(ref.key, r)]))
@@ -198,10 +224,14 @@ def panel_tiles(study: Any, results: Any, *, class_index: int | None = None) -> 
 
 
 def render_panels(study: Any, results: Any, *, class_index: int | None = None, tile: int = 256,
-                  columns: int = 4) -> Image.Image:
-    """Side-by-side figure of every available panel with class, probability and model burned in."""
+                  columns: int = 4, below: Any = None) -> Image.Image:
+    """Side-by-side figure of every available panel with class, probability and model burned in
+    (``below``: see :func:`panel_tiles`); a rejected alignment is said in the header, in red."""
+    from .panels import alignment_note, wrap_caption
+
     font = _font(max(10, tile // 20))
-    tiles = [_tile(rgb, cap, tile, font) for rgb, cap in panel_tiles(study, results, class_index=class_index)]
+    tiles = [_tile(rgb, cap, tile, font)
+             for rgb, cap in panel_tiles(study, results, class_index=class_index, below=below)]
     cols = max(1, min(columns, len(tiles)))
     rows = (len(tiles) + cols - 1) // cols
     th = max(t.height for t in tiles)
@@ -211,12 +241,15 @@ def render_panels(study: Any, results: Any, *, class_index: int | None = None, t
     width = cols * (tile + 4) + 4
     chars = max(20, int(width / (0.6 * getattr(font, "size", 11))))
     text = f"{results.study_id} | {results.device} | {models}"
-    lines = [text[i:i + chars] for i in range(0, min(len(text), 4 * chars), chars)]
+    lines = [(text[i:i + chars], (255, 255, 160)) for i in range(0, min(len(text), 4 * chars), chars)]
+    note = alignment_note(results)
+    if note is not None and note[1]:
+        lines += [(t, (255, 110, 90)) for t in wrap_caption(note[0], lambda t: _text_width(font, t) <= width - 12)]
     header = line * len(lines) + 6
     fig = Image.new("RGB", (width, header + rows * (th + 4) + 4), (0, 0, 0))
     d = ImageDraw.Draw(fig)
-    for i, t in enumerate(lines):
-        d.text((6, 3 + i * line), t, fill=(255, 255, 160), font=font)
+    for i, (t, colour) in enumerate(lines):
+        d.text((6, 3 + i * line), t, fill=colour, font=font)
     for i, t in enumerate(tiles):
         fig.paste(t, (4 + (i % cols) * (tile + 4), header + (i // cols) * (th + 4)))
     return fig

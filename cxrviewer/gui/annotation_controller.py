@@ -44,6 +44,7 @@ from ..core.annotations import (
     AnnotationSession, AnnotationStore, Edit, EditRefused, StudyRecord, proposals_from_results,
 )
 from ..core.errors import CxrError
+from ..core.panels import PRIOR, reference_sources
 from . import settings
 from .annotation_actions import ANNOTATE, AnnotationActions
 from .annotation_clipboard import AnnotationClipboard
@@ -282,7 +283,9 @@ class AnnotationController(QObject):
         study = self.session.study
         if not self._mode or study is None:
             return
-        groups = proposals_from_results(results, study.study_id)
+        # the location prior is a reference box (View > Show location prior), never a proposal to accept
+        refs = reference_sources() | {PRIOR}
+        groups = {src: bxs for src, bxs in proposals_from_results(results, study.study_id).items() if src not in refs}
         if groups:
             self.edits.add_model_proposals(groups, self.model_name())
 

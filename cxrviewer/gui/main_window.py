@@ -24,7 +24,7 @@ from pathlib import Path
 from PySide6.QtCore import QSignalBlocker, Qt
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QMainWindow,
-                               QMessageBox, QProgressBar, QSlider, QTextBrowser, QToolBar, QVBoxLayout,
+                               QMessageBox, QProgressBar, QSizePolicy, QSlider, QTextBrowser, QToolBar, QVBoxLayout,
                                QWidget)
 
 from .. import __version__
@@ -48,6 +48,7 @@ from .widgets.colorbar import ColorBar
 from .widgets.findings import FindingsPanel
 from .widgets.log_panel import LogPanel, QtLogHandler
 from .widgets.model_picker import ModelPicker, badge_html
+from .widgets.status_flags import AlignmentFlag
 from .widgets.study_list import StudyList
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ contrast), up&ndash;down = centre (down = darker); steps scale with the current 
 <tr><td><b>Shift+W</b></td><td>W/L mode: left drag does window/level</td></tr>
 <tr><td><b>E, W/N, Ctrl+Z …</b></td><td>annotation mode, draw a box, undo …: all annotation keys (rebindable) in Help &gt; Keyboard shortcuts (edit)… (Ctrl+/)</td></tr>
 <tr><td><b>G</b></td><td>show/hide ground-truth boxes</td></tr>
+<tr><td><b>Shift+P</b></td><td>show/hide the location prior: the grey dashed median training box of the
+shown class (a reference, never a finding; not selectable, not saved)</td></tr>
 <tr><td><b>Space</b></td><td>reset: fit image and header window</td></tr>
 <tr><td><b>F</b></td><td>fit image to the panel</td></tr>
 <tr><td><b>+ / &minus;</b></td><td>zoom in / out</td></tr>
@@ -223,8 +226,14 @@ class MainWindow(QMainWindow):
         self.device_label = QLabel(f"Device: {self.device}")
         self.models_label = QLabel("")
         self.models_label.setTextFormat(Qt.TextFormat.RichText)
-        for w in (self.progress, self.stage_label, self.models_label, self.device_label):
-            sb.addPermanentWidget(w)
+        self.align_flag = AlignmentFlag(self)  # rejected alignment: red; accepted: quiet NCC
+        # stage times and device give way (full text in their tooltips): the flag and badges stay whole
+        self.device_label.setToolTip(self.device_label.text())
+        for w in (self.stage_label, self.device_label):
+            w.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+            w.setMinimumWidth(60)
+        for w in (self.align_flag, self.progress, self.stage_label, self.models_label, self.device_label):
+            sb.addPermanentWidget(w, 1 if w in (self.stage_label, self.device_label) else 0)
 
     def _action(self, text: str, slot, shortcuts: Sequence[str | QKeySequence] = (), *,
                 checkable: bool = False, tip: str = "") -> QAction:
@@ -252,6 +261,10 @@ class MainWindow(QMainWindow):
         self.act_wl_mode = a("&W/L mode (left drag)", self.set_wl_mode, ["Shift+W"], checkable=True)
         self.act_gt = a("Ground-truth &boxes", self.state.set_gt_visible, ["G"], checkable=True)
         self.act_gt.setChecked(self.state.gt_visible)
+        self.act_prior = a("Show location &prior", self.set_show_prior, ["Shift+P"], checkable=True,
+                           tip="Grey dashed reference box: the median training box of the shown class")
+        self.act_prior.setChecked(settings.show_prior())
+        self.grid.show_prior = self.act_prior.isChecked()
         self.act_reset = a("&Reset view", self.reset_view, ["Space"])
         self.act_fit = a("&Fit", self.grid.fit_all, ["F"])
         self.act_zoom_in = a("Zoom &in", lambda: self.grid.zoom(1.25), ["+", "=", QKeySequence.StandardKey.ZoomIn])
@@ -289,7 +302,7 @@ class MainWindow(QMainWindow):
         v = mb.addMenu("&View")
         presets = v.addMenu("Window &presets")
         presets.addActions(self.act_presets)
-        v.addActions([self.act_invert, self.act_wl_mode, self.act_gt])
+        v.addActions([self.act_invert, self.act_wl_mode, self.act_gt, self.act_prior])
         v.addSeparator()
         v.addActions([self.act_reset, self.act_fit, self.act_zoom_in, self.act_zoom_out])
         v.addSeparator()
@@ -486,6 +499,13 @@ class MainWindow(QMainWindow):
         for p in self.grid.panels.values():
             p.fit()
 
+    def set_show_prior(self, on: bool) -> None:
+        """View > Show location prior (kept in the settings)."""
+        settings.set_show_prior(on)
+        if self.act_prior.isChecked() != bool(on):
+            self.act_prior.setChecked(bool(on))
+        self.grid.set_show_prior(on)
+
     def set_wl_mode(self, on: bool) -> None:
         """Left drag does window/level in every panel (trackpads)."""
         for p in self.grid.panels.values():
@@ -517,6 +537,7 @@ class MainWindow(QMainWindow):
 
     def _on_inference_started(self, _sha: str) -> None:
         self.results = None
+        self.align_flag.clear_flag()
         self.progress.setRange(0, self._expected_stages())
         self.progress.setValue(0)
         self.progress.show()
@@ -534,6 +555,7 @@ class MainWindow(QMainWindow):
         first = self.results is None or self.results.probabilities is None
         self.results = res
         self.grid.set_results(res, display=display)
+        self.align_flag.set_results(res)
         if first and res.probabilities is not None:
             study = self.state.study
             self.findings.set_results(res, study.labels if study is not None else None,
@@ -574,8 +596,15 @@ class MainWindow(QMainWindow):
         if res.probabilities is not None and row >= 0:
             self.study_list.set_findings(row, [(res.classes[i], float(res.probabilities[i]))
                                                for i in res.top_classes(3)])
-        for note in res.notices:
+        for note in self._notices(res):
             self.log_panel.add(note, "warning")
+
+    def _notices(self, res: Results) -> list[str]:
+        """The results' notices, with the rejected-alignment flag when no notice says so already."""
+        notes = list(res.notices)
+        if self.align_flag.rejected and not any("alignment rejected" in n.lower() for n in notes):
+            notes.append(self.align_flag.text())
+        return notes
 
     def _on_inference_unavailable(self, _sha: str, why: str) -> None:
         self.progress.hide()
@@ -613,6 +642,7 @@ class MainWindow(QMainWindow):
         if folder and folder != settings.active_model_dir() and folder in settings.model_dirs():
             settings.set_active_model_dir(folder)
         self.inference.set_bundles(bundles)
+        self.grid.set_manifests(self.model_picker.manifests())
         roles = self._roles()
         if roles:
             self.grid.set_available(roles)
@@ -668,6 +698,7 @@ class MainWindow(QMainWindow):
     # ---- state -> widgets ------------------------------------------------
     def _on_study_changed(self, study: Study | None) -> None:
         ref = self.state.current_ref
+        self.align_flag.clear_flag()  # the flag belongs to the results of the study shown
         if study is None:
             self.setWindowTitle(APP_TITLE)
             self.inference.cancel()

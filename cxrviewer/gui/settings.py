@@ -49,3 +49,13 @@ def active_model_dir() -> str:
 
 def set_active_model_dir(path: str) -> None:
     app_settings().setValue("models/active", str(path))
+
+
+def show_prior() -> bool:
+    """View > Show location prior (off until the user turns it on)."""
+    value = app_settings().value("view/show_prior", False)
+    return value is True or str(value).lower() in ("true", "1")
+
+
+def set_show_prior(on: bool) -> None:
+    app_settings().setValue("view/show_prior", bool(on))

@@ -13,6 +13,7 @@ one range (see :class:`~cxrviewer.gui.views.panel_grid.PanelGrid`).
 """
 from __future__ import annotations
 
+import html
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,14 +22,16 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Signal
+from PySide6.QtGui import QFont, QFontMetricsF
 
 from ...core.display import DisplayData
 from ...core.geometry import Box
-from ...core.panels import panel_data, panel_list, panel_ref, proposal_sources
+from ...core.panels import (BelowPrior, class_panel, panel_data, panel_list, panel_ref, prior_boxes, proposal_sources,
+                             split_below_prior, wrap_caption)
 from ...core.render import outline_rgba, segmentation_rgba
 from .. import windowing as wl
 from .image_panel import ImagePanel
-from .layers import BoxLayer, Layer, label_color
+from .layers import BoxLayer, Layer, PriorLayer, label_color
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class PanelContent:
     image_pyramid: list | None = None  # display pyramid of ``image`` built off the GUI thread
     valid: np.ndarray | None = None  # bool map: where ``heat`` has data (outside a warped frame: none)
     proposals: tuple[Box, ...] = ()
+    prior: tuple[Box, ...] = ()  # the location prior's reference box of the class (View > Show location prior)
     caption: str = ""
     filled: bool = False  # the panel's data has arrived
     #: identity of what is shown: (id of the source array, index) per part; a class slice is a
@@ -104,9 +108,12 @@ def proposals_for(res: Any, name: str, limit: int = MAX_PROPOSALS) -> tuple[Box,
     return ()
 
 
-def panel_content(key: str, res: Any | None, c: int | None, display: DisplayData | None = None) -> PanelContent:
-    """The data panel ``key`` shows for class index ``c`` (pure numpy; see cxrviewer/core/panels.py)."""
-    d = panel_data(key, res, c)
+def panel_content(key: str, res: Any | None, c: int | None, display: DisplayData | None = None, *,
+                  below: BelowPrior | None = None, prior: bool = False) -> PanelContent:
+    """The data panel ``key`` shows for class index ``c`` (pure numpy; see cxrviewer/core/panels.py);
+    ``below``: role -> classes below the location prior; ``prior``: add the class's prior box to a
+    panel that shows a map of the class."""
+    d = panel_data(key, res, c, below)
     if not d.filled:
         return PanelContent(caption=d.caption)
     disp = display or DisplayData()
@@ -121,6 +128,8 @@ def panel_content(key: str, res: Any | None, c: int | None, display: DisplayData
                                                                                              d.masks)
     if key == ORIGINAL and c is not None:
         ct.proposals = proposals_for(res, res.classes[c])
+    if prior and c is not None and d.image is None and class_panel(key):
+        ct.prior = prior_boxes(res, (res.classes[c],))
     if ct.heat is not None and panel_ref(key).spec.fixed_range is None:
         valid = disp.valid
         if valid is not None and valid.shape == ct.heat.shape:
@@ -231,6 +240,20 @@ class IoULayer(Layer):
         self.clear()
 
 
+#: colour of the "below the location prior" line of a panel title
+BELOW_PRIOR_COLOUR = "#f0b050"
+
+
+def title_html(caption: str, fits) -> str:
+    """A panel title as HTML lines that ``fits`` accepts (:func:`wrap_caption`); the
+    ``· below the location prior`` mark on a line of its own, in amber."""
+    main, mark = split_below_prior(caption)
+    lines = [html.escape(t) for t in wrap_caption(main, fits)] if main else []
+    if mark:
+        lines += [f"<span style='color:{BELOW_PRIOR_COLOUR}'>{html.escape(t)}</span>" for t in wrap_caption(mark, fits)]
+    return "<br>".join(lines)
+
+
 class ExplanationPanel(ImagePanel):
     """One panel of the grid: base image + map + overlay + boxes (see module docstring).
 
@@ -248,6 +271,7 @@ class ExplanationPanel(ImagePanel):
         self.map = self.add_layer(MapLayer("map"))
         self.overlay = self.add_layer(RGBALayer("overlay"))
         self.proposals = self.add_layer(BoxLayer("proposals", dashed=True))
+        self.prior = self.add_layer(PriorLayer("prior"))
         self.ious = self.add_layer(IoULayer("iou"))
         self.heatmap.set_visible(False)  # the base class's layer is unused here
         self.content = PanelContent()
@@ -256,9 +280,30 @@ class ExplanationPanel(ImagePanel):
         self.own_image = False  # showing its own base image (aligned / paired normal)
         self.own_window = False  # W/L not linked (aligned, paired normal)
         self.setMinimumSize(120, 120)
+        self._caption = self.spec.title
         self.view.sigRangeChangedManually.connect(self._on_manual_range)
         self.windowDragged.connect(self._on_window_drag)
         self.scene().sigMouseClicked.connect(self._on_click)
+
+    # ---- title: wrapped to the panel's width, never clipped -----------------------
+    @property
+    def caption(self) -> str:
+        """The full caption (the title shows it wrapped)."""
+        return self._caption
+
+    def set_title(self, text: str) -> None:
+        self._caption = text
+        self.setToolTip(text)
+        font = QFont(self._title.item.font())
+        font.setPointSizeF(10.0)
+        metrics = QFontMetricsF(font)
+        width = max(60.0, self.width() - 10.0)
+        super().set_title(title_html(text, lambda t: metrics.horizontalAdvance(t) <= width) if text else "")
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt naming
+        super().resizeEvent(event)
+        if hasattr(self, "_caption"):
+            self.set_title(self._caption)
 
     def _on_manual_range(self, _mask) -> None:
         self.viewManuallyChanged.emit(self.key)
@@ -319,6 +364,8 @@ class ExplanationPanel(ImagePanel):
             self.overlay.set_rgba(rgba)
         if reset or content.proposals != old.proposals:
             self.proposals.set_boxes(content.proposals)
+        if reset or content.prior != old.prior:
+            self.prior.set_boxes(content.prior)
         gt = [b for b in (study.gt_boxes if study is not None else [])]
         if self.key == ORIGINAL and content.proposals and gt:
             names = {b.label for b in content.proposals}

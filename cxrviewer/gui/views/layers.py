@@ -168,6 +168,18 @@ class HeatmapLayer(Layer):
         self.set_heatmap(None)
 
 
+def box_rect(box: Box, colour: QColor, width: float, *, dashed: bool) -> QGraphicsRectItem:
+    """An unfilled rectangle of ``box`` (original pixels) with a cosmetic pen (screen pixels at any zoom)."""
+    pen = QPen(colour, width)
+    pen.setCosmetic(True)
+    if dashed:
+        pen.setStyle(Qt.PenStyle.DashLine)
+    rect = QGraphicsRectItem(QRectF(box.x, box.y, box.w, box.h))
+    rect.setPen(pen)
+    rect.setBrush(QBrush(Qt.BrushStyle.NoBrush))
+    return rect
+
+
 class BoxLayer(Layer):
     """Read-only rectangles with a class label each (ground truth, proposals)."""
 
@@ -185,14 +197,7 @@ class BoxLayer(Layer):
         self.boxes = list(boxes)
         for box in self.boxes:
             color = label_color(box.label)
-            pen = QPen(color, 2.0)
-            pen.setCosmetic(True)  # width in screen pixels at any zoom
-            if self.dashed:
-                pen.setStyle(Qt.PenStyle.DashLine)
-            rect = QGraphicsRectItem(QRectF(box.x, box.y, box.w, box.h))
-            rect.setPen(pen)
-            rect.setBrush(QBrush(Qt.BrushStyle.NoBrush))
-            self._add(rect)
+            self._add(box_rect(box, color, 2.0, dashed=self.dashed))
             text = box.label if box.score is None or not self.show_scores else f"{box.label} {box.score:.2f}"
             fill = QColor(0, 0, 0, 150)
             label = pg.TextItem(text, color=color, anchor=(0, 1), fill=fill)
@@ -206,3 +211,27 @@ class BoxLayer(Layer):
     def on_image_changed(self, shape: tuple[int, int] | None) -> None:
         super().on_image_changed(shape)
         self.clear()
+
+
+class PriorLayer(BoxLayer):
+    """The location prior's fixed box per class: grey, dashed, labelled ``prior · <class>`` at its
+    lower right corner, drawn under the proposals and transparent to the mouse (a reference, never
+    selectable, editable or saved; not part of any annotation)."""
+
+    z = 19.0
+    COLOUR = QColor(190, 190, 190)
+
+    def set_boxes(self, boxes: Sequence[Box]) -> None:
+        self.clear()
+        self.boxes = list(boxes)
+        for box in self.boxes:
+            rect = box_rect(box, self.COLOUR, 1.5, dashed=True)
+            label = pg.TextItem(f"prior · {box.label}", color=self.COLOUR, anchor=(1, 0), fill=QColor(0, 0, 0, 150))
+            label.setPos(box.x + box.w, box.y + box.h)
+            for item in (rect, label):
+                item.setAcceptedMouseButtons(Qt.MouseButton.NoButton)
+                item.setAcceptHoverEvents(False)
+                item.setFlag(QGraphicsItem.GraphicsItemFlag.ItemIsSelectable, False)
+                item.setFlag(QGraphicsItem.GraphicsItemFlag.ItemIsMovable, False)
+                item.setToolTip("Location prior: the median training box of the class (a reference, not a finding)")
+                self._add(item)

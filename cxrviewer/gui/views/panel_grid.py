@@ -29,7 +29,7 @@ from PySide6.QtWidgets import QGridLayout, QWidget
 from ...core.render import colormap
 from ..state import ViewerState
 from ...core.display import DisplayData
-from ...core.panels import panel_list, panel_ref
+from ...core.panels import below_prior_by_role, panel_list, panel_ref
 from .explain_panels import ORIGINAL, SCALE_QUANTITY, ExplanationPanel, panel_content, panel_keys, scale_group
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ class PanelGrid(QWidget):
         self.class_index: int | None = None
         self.available: set[str] | None = None  # panels the model set can fill (None: unknown)
         self.hide_unavailable = True
+        self.show_prior = False  # the location prior's grey reference box of the shown class
+        #: bundle folder name -> manifest of the current model set (their cards mark "below the prior")
+        self.manifests: dict[str, Any] = {}
         self._class_auto = True  # follow the top finding until the user selects a class
         self.ranges: dict[str, tuple[float, float]] = {}
         self._pyramid: list[np.ndarray] | None = None
@@ -352,7 +355,9 @@ class PanelGrid(QWidget):
         """Recompute panel contents and colour ranges; redraw what changed."""
         res, c = self.results, self.class_index
         study = self.state.study
-        contents = {k: panel_content(k, res, c, self.display) for k in self.order}
+        below = below_prior_by_role(res, self.manifests) if res is not None else None
+        contents = {k: panel_content(k, res, c, self.display, below=below, prior=self.show_prior)
+                    for k in self.order}
         ranges: dict[str, tuple[float, float]] = {}
         for k, ct in contents.items():
             if ct.heat is None:
@@ -371,7 +376,7 @@ class PanelGrid(QWidget):
             old = p.content
             changed = (ct.heat_key != old.heat_key or ct.rgba_key != old.rgba_key
                        or ct.image_key != old.image_key or ct.proposals != old.proposals
-                       or ct.caption != old.caption)
+                       or ct.prior != old.prior or ct.caption != old.caption)
             queued = self._queue.get(k)
             if changed or (queued is not None and queued[0] == self._show_study):
                 # drawn later (one panel per turn); replaces an older queued draw of this panel
@@ -394,6 +399,16 @@ class PanelGrid(QWidget):
         if not p.own_window and (p is self.original or self.linked) and p.has_image() and not p.own_image:
             p.set_window(*self.state.window)
         p.set_invert(self._invert_for(p))
+
+    def set_show_prior(self, on: bool) -> None:
+        """Draw (or hide) the location prior's grey box of the shown class in the panels with its maps."""
+        self.show_prior = bool(on)
+        self.refresh()
+
+    def set_manifests(self, manifests: dict[str, Any]) -> None:
+        """The current model set's manifests by bundle folder name (their model cards)."""
+        self.manifests = dict(manifests)
+        self.refresh()
 
     def filled_keys(self) -> list[str]:
         return [k for k in self.order if self.panels[k].filled]

@@ -5,19 +5,26 @@ model folder…, kept in settings). The bundles of the chosen folder are listed
 with their role and a plain badge: **untrained** (random weights),
 **research demo** (manifest provenance ``research_demo``) or **research use only**
 (provenance ``research_use_only``, e.g. JSRT-trained weights), so nobody mistakes a
-demo network for a clinical one.
+demo network for a clinical one. A bundle's model card (its evaluation) opens from the
+"Model card…" button, the context menu or a double click.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from PySide6.QtCore import QSignalBlocker, Signal
+from PySide6.QtCore import QPoint, QSignalBlocker, Qt, Signal
 from PySide6.QtGui import QBrush, QColor
-from PySide6.QtWidgets import (QComboBox, QHeaderView, QLabel, QTreeWidget, QTreeWidgetItem, QVBoxLayout,
-                               QWidget)
+from PySide6.QtWidgets import (QComboBox, QHeaderView, QLabel, QMenu, QPushButton, QTreeWidget, QTreeWidgetItem,
+                               QVBoxLayout, QWidget)
 
 from ...core.catalog import BundleInfo, scan_bundles
+from ...core.errors import CxrError
+from .model_card import ModelCardDialog, bundle_card_lines
+
+log = logging.getLogger(__name__)
 
 BADGE_COLOURS = {"untrained": "#e0453a", "research demo": "#e8a33a", "research use only": "#c9a227"}
 
@@ -50,13 +57,23 @@ class ModelPicker(QWidget):
         self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.tree.header().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
         self.tree.header().setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        self.tree.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.tree.customContextMenuRequested.connect(self._context_menu)
+        self.tree.itemDoubleClicked.connect(lambda item, _col: self.show_card(self.tree.indexOfTopLevelItem(item)))
+        self.tree.currentItemChanged.connect(lambda *_: self.card_button.setEnabled(self._row() >= 0))
         self.summary = QLabel(self)
+        self.card_button = QPushButton("Model card…", self)
+        self.card_button.setToolTip("The selected bundle's evaluation (AUROC, localisation against the prior)")
+        self.card_button.setEnabled(False)
+        self.card_button.clicked.connect(lambda: self.show_card(self._row()))
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.combo)
         lay.addWidget(self.summary)
         lay.addWidget(self.tree)
+        lay.addWidget(self.card_button, 0, Qt.AlignmentFlag.AlignRight)
         self.bundles: list[BundleInfo] = []
+        self.card_dialog: ModelCardDialog | None = None
         self.combo.currentIndexChanged.connect(self._on_combo)
 
     @property
@@ -99,3 +116,44 @@ class ModelPicker(QWidget):
             self.tree.addTopLevelItem(item)
         self.summary.setText(badge_html(self.bundles))
         self.modelSetChanged.emit(folder, list(self.bundles))
+
+    # ---- model cards ---------------------------------------------------------------
+    def _row(self) -> int:
+        item = self.tree.currentItem()
+        return self.tree.indexOfTopLevelItem(item) if item is not None else -1
+
+    def _context_menu(self, pos: QPoint) -> None:
+        item = self.tree.itemAt(pos)
+        if item is None:
+            return
+        menu = QMenu(self.tree)
+        row = self.tree.indexOfTopLevelItem(item)
+        menu.addAction("Model card…", lambda: self.show_card(row))
+        menu.exec(self.tree.viewport().mapToGlobal(pos))
+
+    def show_card(self, row: int) -> ModelCardDialog | None:
+        """Open (or refresh) the card window of bundle ``row`` of the list; None for no such row."""
+        if not 0 <= row < len(self.bundles):
+            return None
+        b = self.bundles[row]
+        lines = bundle_card_lines(b.path)
+        if self.card_dialog is not None:
+            self.card_dialog.close()
+        self.card_dialog = ModelCardDialog(b.name, lines, self)
+        self.card_dialog.show()
+        self.card_dialog.raise_()
+        return self.card_dialog
+
+    def manifests(self) -> dict[str, Any]:
+        """The manifests of the listed bundles by folder name (what results name as ``bundle``)."""
+        from ...core.bundle import read_manifest
+
+        out: dict[str, Any] = {}
+        for b in self.bundles:
+            if b.error:
+                continue
+            try:
+                out[b.path.name] = read_manifest(b.path)
+            except CxrError as exc:
+                log.warning("cannot read %s: %s", b.path, exc)
+        return out
