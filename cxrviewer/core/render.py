@@ -239,12 +239,15 @@ def render_panels(study: Any, results: Any, *, class_index: int | None = None, t
     models = ", ".join(f"{role}={m.get('name', '?')}" + ("" if m.get("trained", True) else " (untrained)")
                        for role, m in results.models.items())
     width = cols * (tile + 4) + 4
-    chars = max(20, int(width / (0.6 * getattr(font, "size", 11))))
     text = f"{results.study_id} | {results.device} | {models}"
-    lines = [(text[i:i + chars], (255, 255, 160)) for i in range(0, min(len(text), 4 * chars), chars)]
+
+    def fits(t: str) -> bool:
+        return _text_width(font, t) <= width - 12
+
+    lines = [(t, (255, 255, 160)) for t in wrap_caption(text, fits)[:4]]  # between words, never mid-word
     note = alignment_note(results)
     if note is not None and note[1]:
-        lines += [(t, (255, 110, 90)) for t in wrap_caption(note[0], lambda t: _text_width(font, t) <= width - 12)]
+        lines += [(t, (255, 110, 90)) for t in wrap_caption(note[0], fits)]
     header = line * len(lines) + 6
     fig = Image.new("RGB", (width, header + rows * (th + 4) + 4), (0, 0, 0))
     d = ImageDraw.Draw(fig)

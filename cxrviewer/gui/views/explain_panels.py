@@ -281,6 +281,7 @@ class ExplanationPanel(ImagePanel):
         self.own_window = False  # W/L not linked (aligned, paired normal)
         self.setMinimumSize(120, 120)
         self._caption = self.spec.title
+        self._title.item.document().setDocumentMargin(1.0)  # titles wrap to the panel: keep the width for text
         self.view.sigRangeChangedManually.connect(self._on_manual_range)
         self.windowDragged.connect(self._on_window_drag)
         self.scene().sigMouseClicked.connect(self._on_click)
@@ -297,7 +298,7 @@ class ExplanationPanel(ImagePanel):
         font = QFont(self._title.item.font())
         font.setPointSizeF(10.0)
         metrics = QFontMetricsF(font)
-        width = max(60.0, self.width() - 10.0)
+        width = max(60.0, self.width() - 4.0)  # 1 px document margin each side, 1 px slack
         super().set_title(title_html(text, lambda t: metrics.horizontalAdvance(t) <= width) if text else "")
 
     def resizeEvent(self, event) -> None:  # noqa: N802 - Qt naming
