@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.errors import CxrError
     from cxrviewer.core.io import open_worklist
     from cxrviewer.core.io.results import write_results
-    from cxrviewer.core.panels import default_box_method
+    from cxrviewer.core.panels import below_prior_by_role, default_box_method
     from cxrviewer.core.pipeline import Pipeline
     from cxrviewer.core.render import save_panels
 
@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
             write_results(results, d / "results.h5", default_box_method=default_box_method(results.boxes))
             if not args.no_panels:
                 c = results.classes.index(classes[0]) if classes and classes[0] in results.classes else None
-                save_panels(study, results, d / "panels.png", class_index=c)
+                cards = {b.path.name: b.manifest for b in pipeline.bundles.values()}  # model cards
+                save_panels(study, results, d / "panels.png", class_index=c, below=below_prior_by_role(results, cards))
                 files["panels"] = "panels.png"
             (d / "summary.json").write_text(json.dumps(summary_dict(results, files), indent=2) + "\n",
                                             encoding="utf-8")

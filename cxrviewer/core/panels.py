@@ -172,9 +172,10 @@ def _panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
     if s.per_class and (c is None or not res.classes):
         return PanelData(s.title + ("" if res.classes else " (no classifier)"))
     if arr is None:
-        missing = ex.name not in res.maps
-        return PanelData(s.title + (f" (no {ROLE_TITLES.get(ex.model_role(res), ex.model_role(res))} model)"
-                                    if missing else ""))
+        role = ex.model_role(res)
+        if role and role not in res.models:
+            return PanelData(s.title + f" (no {ROLE_TITLES.get(role, role)} model)")
+        return PanelData(s.title + " (nothing to show for this study: see Messages)")
     caption = _caption(ref, res, c, ex.caption(res, s, c))
     if s.step:
         return _step_data(ref, res, c, caption)  # type: ignore[arg-type]

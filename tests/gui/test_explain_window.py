@@ -75,6 +75,12 @@ def same(a, b) -> bool:
     return a is not None and a.shape == b.shape and np.shares_memory(a, b) and np.array_equal(a, b)
 
 
+def fillable(win: MainWindow, res) -> dict:
+    """The panels the results can fill (the anatomy panel is empty when the tiny U-Net finds no lungs)."""
+    return {k: p for k, p in win.grid.panels.items()
+            if not (k == "anatomy" and res.get("anatomy", "posterior") is None)}
+
+
 def open_and_analyse(qtbot, win: MainWindow, paths) -> tuple:
     with qtbot.waitSignal(win.inference.finished, timeout=WAIT_MS) as blocker:
         win.open_paths([str(p) for p in paths])
@@ -93,7 +99,9 @@ def test_open_study_fills_every_panel_progressively(qtbot, make_win, studies):
     assert filled_per_stage[0] < len(PANEL_SPECS) and filled_per_stage == sorted(filled_per_stage)
     for key, panel in win.grid.panels.items():
         assert panel.has_image(), key
-        assert panel.filled, (key, panel.content.caption)
+        assert panel.filled == (key in fillable(win, res)), (key, panel.content.caption)
+    if "anatomy" not in fillable(win, res):
+        assert "nothing to show for this study" in win.grid.panels["anatomy"].content.caption
     c = win.grid.class_index
     assert c == res.top_classes(1)[0]  # the top finding is shown first
     assert same(win.grid.panels["original"].map.data, res.get("cam", "cam")[c])
@@ -182,7 +190,7 @@ def test_switching_study_mid_inference_leaves_no_stale_panel(qtbot, make_win, st
     assert win.grid.results.pixel_sha256 == current
     c = win.grid.class_index
     assert same(win.grid.panels["original"].map.data, res.get("cam", "cam")[c])
-    assert all(p.filled for p in win.grid.panels.values())
+    assert all(p.filled for p in fillable(win, res).values())
     assert not [m for lvl, m in win.log_panel.messages if lvl == "error"]
 
 
@@ -205,7 +213,7 @@ def test_results_cached_in_memory_and_on_disk(qtbot, make_win, studies, tmp_path
         win.state.step(-1)
     assert back.args[0] == sha0 and back.args[2] == "memory" and back.args[1] is res0
     qtbot.waitUntil(lambda: not win.grid.pending, timeout=WAIT_MS)
-    assert all(p.filled for p in win.grid.panels.values())
+    assert all(p.filled for p in fillable(win, res0).values())
     assert list((tmp_path / "cache").glob(f"{sha0[:32]}-*.h5"))
     win2 = make_win()  # a new session: the HDF5 results cache answers
     _sha, res, src = open_and_analyse(qtbot, win2, studies[:1])
@@ -310,6 +318,6 @@ def test_panels_the_models_cannot_fill_are_hidden(qtbot, make_win, studies, tiny
     _sha, res, _src = open_and_analyse(qtbot, win, studies[:1])
     assert res.probabilities is None and res.get("segmentation", "masks") is not None
     shown = [k for k, p in win.grid.panels.items() if p.isVisible()]
-    assert shown == ["original", "lung_heart"]
+    assert shown == ["original", "anatomy", "lung_heart"]  # anatomy needs only the lung/heart masks
     assert win.grid.panels["lung_heart"].filled and win.grid.panels["lung_heart"].overlay.data is not None
     assert "no classifier" in win.grid.original.content.caption
