@@ -9,9 +9,10 @@ pipeline (``cxrviewer.core.pipeline.Pipeline``, alignment stage only) aligns eac
 and the field a network sees is its input drawn back onto the original the way its maps are
 (an :class:`~cxrviewer.core.explain.context.ExplainContext` mapper: the manifest crop, then the
 inverse alignment warp, as ``valid_region`` in cxrviewer/core/explain/alignment.py does for the
-alignment's ``valid`` map). The classifier, DM and CIA networks see the aligned frame (the
-canonical chest frame, a lung crop: resources/canonical_chest.json ``crop_box``); segmentation
-and alignment see the original frame (cxrviewer/core/explain/segmentation.py, alignment.py).
+alignment's ``valid`` map). The classifier, DM and CIA networks see the aligned frame: the whole
+registered chest (the full-frame extent of the canonical lung crop, resources/canonical_chest.json
+``crop_box``; ``align_for_models`` / ``full_frame_theta``, the ``affine`` map of results.h5);
+segmentation and alignment see the original frame (cxrviewer/core/explain/segmentation.py, alignment.py).
 
 Reported per bundle and per class: the fraction of boxes FULLY inside the field, the mean
 fraction of each box's area inside, and the mean fraction of the image the field covers. Boxes

@@ -5,7 +5,9 @@ trainer, the CIA trainer (``--negatives canonical``) and ``init-bundle`` read it
 
 The canonical PNG is a lung crop (``crop_box`` of the ``.json``) of the registered full-frame
 average. The alignment network and its NCC check work on that crop; the classifier, DM and CIA
-networks see the *whole registered chest*, the affine of :func:`full_frame_theta` (docs/field-of-view.md).
+networks see the *whole registered chest*: the registered full frame, widened by the ``.json``'s
+``model_frame`` (:func:`model_frame_box`) so that long-field films keep their bases and heart in
+view, through the affine of :func:`full_frame_theta` with :func:`crop_in_frame` (docs/field-of-view.md).
 """
 from __future__ import annotations
 
@@ -49,6 +51,29 @@ def load_canonical(path: str | os.PathLike | None = None, size: int | None = Non
     if size is not None and tuple(t.shape[-2:]) != (size, size):
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
     return t.clamp(0, 1)
+
+
+#: The models' frame when the canonical record names none: the registered full frame itself.
+FULL_FRAME: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+
+
+def model_frame_box(path: str | os.PathLike) -> tuple[float, float, float, float]:
+    """The frame the classifier/DM/CIA networks see, ``(x0, y0, x1, y1)`` as fractions of the
+    registered full frame (``model_frame`` of ``<name>.json``; may reach beyond 0..1), default :data:`FULL_FRAME`."""
+    meta = Path(path).with_suffix(".json")
+    if meta.is_file():
+        box = json.loads(meta.read_text(encoding="utf-8")).get("model_frame")
+        if box and len(box) == 4:
+            return tuple(float(v) for v in box)  # type: ignore[return-value]
+    return FULL_FRAME
+
+
+def crop_in_frame(crop: Sequence[float], frame: Sequence[float]) -> tuple[float, float, float, float]:
+    """The lung-crop box ``crop`` (fractions of the registered full frame) as fractions of ``frame``."""
+    fx0, fy0, fx1, fy1 = (float(v) for v in frame)
+    x0, y0, x1, y1 = (float(v) for v in crop)
+    w, h = fx1 - fx0, fy1 - fy0
+    return ((x0 - fx0) / w, (y0 - fy0) / h, (x1 - fx0) / w, (y1 - fy0) / h)
 
 
 def canonical_crop_box(path: str | os.PathLike) -> tuple[float, float, float, float] | None:

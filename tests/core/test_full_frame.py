@@ -11,8 +11,8 @@ import torch
 
 from _tiny_bundles import make_tiny_bundles, synthetic_study
 from cxrviewer.core.bundle import load_bundle
-from cxrviewer.core.canonical import (canonical_crop_box, crop_theta, default_canonical_path, full_frame_theta,
-                                      full_to_crop_theta)
+from cxrviewer.core.canonical import (canonical_crop_box, crop_in_frame, crop_theta, default_canonical_path,
+                                      full_frame_theta, full_to_crop_theta, model_frame_box)
 from cxrviewer.core.explain.alignment import align_for_models
 from cxrviewer.core.models.alignment import affine_matrix, invert_affine, raw_from_params, warp
 from cxrviewer.core.pipeline import Pipeline
@@ -36,6 +36,16 @@ def test_crop_corner_is_the_crop_box_fraction_of_the_full_frame():
     assert _apply(full_to_crop_theta(BOX), 2 * x1 - 1, 2 * y1 - 1) == pytest.approx((1, 1))
     eye = compose(crop_theta(BOX).double(), full_to_crop_theta(BOX))
     np.testing.assert_allclose(eye[0].numpy(), [[1, 0, 0], [0, 1, 0]], atol=1e-6)
+
+
+def test_crop_in_frame_places_the_crop_in_a_wider_frame():
+    frame = (-0.125, -0.05, 1.125, 1.375)
+    theta_crop = affine_matrix(torch.tensor([[0.7, 0.65, 0.05, -0.08, 0.1]]))
+    # the models' frame = the full frame widened: the same as composing with crop_theta(frame)
+    wide = full_frame_theta(theta_crop, crop_in_frame(BOX, frame))
+    np.testing.assert_allclose(wide.numpy(), compose(full_frame_theta(theta_crop, BOX), crop_theta(frame)).numpy(),
+                               atol=1e-6)
+    assert crop_in_frame(BOX, (0, 0, 1, 1)) == pytest.approx(BOX)
 
 
 def test_full_frame_contains_the_lung_crop_and_maps_back():
@@ -95,28 +105,35 @@ def whole_chest_run(tmp_path_factory):
 def test_classifier_dm_and_cia_see_the_whole_chest(whole_chest_run):
     res, seen, study, box = whole_chest_run
     assert res.attr("alignment", "rejected") is False and res.attr("alignment", "frame") == "full"
-    # the network placed the lung crop at the canonical box: the models' frame is then the whole image,
-    # lung bases and costophrenic angles (below y1 = 0.70) included
-    np.testing.assert_allclose(res.get("alignment", "affine"), [[1, 0, 0], [0, 1, 0]], atol=1e-5)
+    # the network placed the lung crop at the canonical box, i.e. the image IS the registered full frame:
+    # the models' frame is that frame widened by model_frame, so the whole image, lung bases and
+    # costophrenic angles (below the crop's y1 = 0.70) included, lies inside it
+    frame_box = model_frame_box(default_canonical_path())
+    np.testing.assert_allclose(res.get("alignment", "affine"), crop_theta(frame_box)[0].numpy(), atol=1e-5)
     assert res.get("alignment", "valid").all()
     frame = torch.from_numpy(study.model_input)[None, None]
     for role, x in seen.items():
         x01 = (x.float() + 1) / 2  # minus1_1 inputs
-        want = torch.nn.functional.interpolate(frame, size=x.shape[-2:], mode="bilinear", align_corners=False,
-                                               antialias=True)
+        want = warp(frame, crop_theta(frame_box), out_size=tuple(x.shape[-2:])).clamp(0, 1)
         assert float((x01 - want).abs().mean()) < 0.02, role
-        bottom = int(round(box[3] * x.shape[-2])) + 2
-        assert float((x01[..., bottom:, :] - want[..., bottom:, :]).abs().max()) < 0.1, role
+        # the image's bottom rows (below the lung crop) are in the input, at their full-frame place
+        h = x.shape[-2]
+        fx0, fy0, fx1, fy1 = frame_box
+        rows = slice(int((box[3] - fy0) / (fy1 - fy0) * h) + 2, int((1 - fy0) / (fy1 - fy0) * h) - 2)
+        cols = slice(int(-fx0 / (fx1 - fx0) * h) + 2, int((1 - fx0) / (fx1 - fx0) * h) - 2)
+        assert float(x01[..., rows, cols].mean()) > 0.3, role  # image content, not the black fill
+        assert float((x01[..., rows, cols] - want[..., rows, cols]).abs().max()) < 0.15, role
 
 
 def test_align_for_models_is_the_explainers_step(whole_chest_run):
     res, _, study, box = whole_chest_run
     theta_crop = torch.from_numpy(res.get("alignment", "crop_affine"))[None]
-    np.testing.assert_allclose(full_frame_theta(theta_crop, box)[0].numpy(), res.get("alignment", "affine"),
+    in_frame = crop_in_frame(box, model_frame_box(default_canonical_path()))
+    np.testing.assert_allclose(full_frame_theta(theta_crop, in_frame)[0].numpy(), res.get("alignment", "affine"),
                                atol=1e-6)
     align = whole_chest_run[0].__dict__.get("_bundles_for_test")
     assert align is not None
     frame = torch.from_numpy(study.model_input)[None, None]
     theta_full, check = align_for_models(frame, align, refine=False, min_quality=-1.0)
-    assert check.crop_box == pytest.approx(box) and not check.rejected
+    assert check.crop_box == pytest.approx(in_frame) and not check.rejected
     np.testing.assert_allclose(theta_full[0].numpy(), res.get("alignment", "affine"), atol=1e-5)

@@ -10,7 +10,8 @@ import torch
 
 from _tiny_bundles import make_tiny_bundles
 from cxrviewer.core.bundle import load_bundle
-from cxrviewer.core.canonical import canonical_crop_box, default_canonical_path, full_frame_theta, load_canonical
+from cxrviewer.core.canonical import (canonical_crop_box, crop_in_frame, default_canonical_path, full_frame_theta,
+                                      load_canonical, model_frame_box)
 from cxrviewer.core.explain.alignment import MIN_QUALITY, check_alignment
 from cxrviewer.core.models.alignment import affine_matrix, invert_affine, raw_from_params, warp
 from cxrviewer.core.pipeline import Pipeline
@@ -174,7 +175,7 @@ def test_a_chest_passes_and_refinement_is_optional(pipeline, canonical):
     np.testing.assert_allclose(plain.get("alignment", "crop_affine"), plain.get("alignment", "network_affine"),
                                atol=1e-6)
     # the later networks see the whole registered chest: the checked lung-crop affine composed onto the full frame
-    box = canonical_crop_box(default_canonical_path())
+    box = crop_in_frame(canonical_crop_box(default_canonical_path()), model_frame_box(default_canonical_path()))
     full = full_frame_theta(torch.from_numpy(plain.get("alignment", "network_affine"))[None], box)
     np.testing.assert_allclose(plain.get("alignment", "affine"), full[0].numpy(), atol=1e-6)
     assert plain.attr("alignment", "frame") == "full"

@@ -66,11 +66,26 @@ def _align_source(align: Any) -> tuple[Any, dict | None, dict]:
         return None, _stored_alignment(align), {**attrs, "reused_from": str(align)}
     bundle = load_alignment_bundle(align)
     wfile = bundle.path / "weights.pt"
+    frame = _frame_record(bundle)
     return bundle, None, {"bundle": bundle.path.name, "path": str(bundle.path),
                           "weights_sha256": sha256_file(wfile) if wfile.is_file() else None,
                           "canonical_chest": (bundle.manifest.canonical_chest or {}).get("file"),
                           "frame_max_side": FRAME_MAX_SIDE, "frame": "whole registered chest (full_frame_theta)",
-                          "rejected": "stored unaligned, as the app runs"}
+                          **frame, "rejected": "stored unaligned, as the app runs"}
+
+
+def _frame_record(bundle: Any) -> dict:
+    """The canonical crop box and models' frame an alignment bundle's canonical chest records."""
+    from cxrviewer.core.canonical import canonical_crop_box, model_frame_box
+    from cxrviewer.core.explain.alignment import canonical_path
+
+    try:
+        path = canonical_path(bundle)
+    except FileNotFoundError:
+        path = None
+    if path is None:
+        return {"crop_box": None, "model_frame": None}
+    return {"crop_box": canonical_crop_box(path), "model_frame": list(model_frame_box(path))}
 
 
 def _cache_image(r: Record, size: int, bundle: Any, stored: dict | None):

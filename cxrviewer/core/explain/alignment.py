@@ -15,8 +15,9 @@ and its measurement are in docs/alignment.md ("Alignment check").
 
 Two frames: the network, the refinement and the quality check work on the canonical *lung crop*
 (the canonical PNG); the later networks see the *whole registered chest*, the crop's full-frame
-extent (:func:`~cxrviewer.core.canonical.full_frame_theta` with the canonical's ``crop_box``), so
-the lung bases, costophrenic angles and heart stay in view (docs/field-of-view.md).
+extent widened by the canonical record's ``model_frame`` (:func:`~cxrviewer.core.canonical.full_frame_theta`
+with the canonical's ``crop_box`` placed in that frame), so the lung bases, costophrenic angles
+and heart stay in view (docs/field-of-view.md).
 :func:`align_for_models` is the one implementation of this step: this explainer and the aligned
 training cache (``training.data.cache.build_cache(..., align=bundle)``) both call it. Stored maps:
 ``affine`` = the full-frame affine the later networks and ``valid`` use, ``crop_affine`` = the
@@ -107,7 +108,7 @@ class AlignmentCheck:
     refined: bool = False
     canonical: str | None = None
     seconds: float = 0.0
-    crop_box: tuple[float, float, float, float] | None = None  # the canonical's lung crop in the full frame
+    crop_box: tuple[float, float, float, float] | None = None  # the canonical's lung crop in the models' frame
     network_params: torch.Tensor | None = None  # [1, 5] as the network gave them
     problem: str | None = None  # why it was not checked (a named canonical chest is missing)
 
@@ -180,11 +181,12 @@ def align_for_models(frame01: torch.Tensor, bundle: "LoadedBundle", *, refine: b
     The network's lung-crop affine (cia-net Eq. 1, disease-masks Eq. 6) is refined and scored
     against the bundle's canonical chest (:func:`check_alignment`, unchanged: the check lives on
     the lung crop), then composed onto the whole registered chest with the canonical's
-    ``crop_box`` (:func:`~cxrviewer.core.canonical.full_frame_theta`). ``check.rejected`` says the
+    ``crop_box`` and ``model_frame`` (:func:`~cxrviewer.core.canonical.full_frame_theta`,
+    :func:`~cxrviewer.core.canonical.crop_in_frame`). ``check.rejected`` says the
     caller must keep the unaligned frame. The pipeline's alignment explainer and the aligned
     training cache both call this function, so the models train on what the app feeds them.
     """
-    from cxrviewer.core.canonical import canonical_crop_box
+    from cxrviewer.core.canonical import canonical_crop_box, crop_in_frame, model_frame_box
 
     net, params = _network_theta(frame01, bundle, autocast)
     try:
@@ -196,7 +198,9 @@ def align_for_models(frame01: torch.Tensor, bundle: "LoadedBundle", *, refine: b
     else:
         path, canon = found
         check = check_alignment(frame01, canon, net, refine=refine, min_quality=min_quality)
-        check.canonical, check.crop_box = path.name, canonical_crop_box(path)
+        box = canonical_crop_box(path)
+        check.canonical = path.name
+        check.crop_box = None if box is None else crop_in_frame(box, model_frame_box(path))
     check.network_params = params
     return check.full_theta, check
 
