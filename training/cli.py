@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from .commands import cache as _cache
 from .commands import align as _align
 from .commands import canonical as _canonical
+from .commands import card as _card
 from .commands import cia as _cia
 from .commands import classify as _classify
 from .commands import disease_masks as _disease_masks
@@ -34,6 +35,7 @@ COMMANDS = {
     "cia": _cia,
     "segment": _segment,
     "evaluate": _evaluate,
+    "card": _card,
     "disease-masks": _disease_masks,
     "mine": _mine,
 }
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxr-train`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given (recorded by evaluate in metrics.json)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args._run(args))

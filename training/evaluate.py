@@ -3,18 +3,24 @@
 :func:`evaluate_pipeline` scores the app's own pipeline (:class:`cxrviewer.core.pipeline.Pipeline`,
 the one behind the viewer and ``cxrviewer analyze``): each study is loaded as the app loads it,
 run through the same preprocessing, alignment, crop and map resolution, and every explainer
-that proposes boxes (:mod:`cxrviewer.core.explain.registry`: a ``box_rule``, or ``proposes_boxes``)
-is scored on the boxes it proposed, in ORIGINAL pixels, against the ground-truth boxes. A newly
-registered method with a ``box_rule`` is scored without touching this file. The ``prior``
-explainer (cxrviewer/core/explain/prior.py, the fixed median box the app ships or the bundle
-carries) is one of them; an explainer's ``title`` attribute of the run names its row, so the
-shipped prior, computed from ALL official NIH boxes, reads "prior (shipped, all NIH boxes:
-optimistic on NIH)": on NIH folds the floor below (the fold's own training boxes) is the honest
-reference. AUROC per class comes from the pipeline's probabilities;
-localisation accuracy and AFP at T(IoU) 0.1..0.7 and T(IoBB) 0.1/0.25/0.5/0.75/0.9
-(baseline-cam-space-attention-gated.txt Sec. 5.2) for the eight boxed classes, with the
-model-free floor (median training box per class, METHODS.md "Always report the floor") beside
-every method.
+that proposes boxes (:mod:`cxrviewer.core.explain.registry`: ``proposes_boxes``, a ``box_rule``
+or its own ``propose_boxes``) is scored on the boxes it proposed, in ORIGINAL pixels, against the
+ground-truth boxes. A newly registered method is scored without touching this file.
+
+* AUROC per class from the pipeline's probabilities (as the app shows them), every test image.
+* Localisation, ChestX-ray8 protocol (baseline-cam-space-attention-gated.txt Sec. 5.2), for the
+  eight boxed classes at T(IoU) 0.1..0.7 and T(IoBB) 0.1/0.25/0.5/0.75/0.9: for class c the
+  evaluated images are the test images with a ground-truth box of c (n); an image is a hit when a
+  predicted box of c overlaps a GT box of c above T; AFP = predicted boxes of c that overlap no GT
+  box of c above T, summed over those n images, / n (:data:`EVALUATED_IMAGES`).
+* Three box budgets (:data:`BUDGETS`): one box per class (the highest-scoring box of c per image),
+  top-3 per class, and every proposed box (the JSON's plain ``iou`` / ``iobb``).
+* References beside every method: the ``prior`` explainer (cxrviewer/core/explain/prior.py, one
+  fixed median box per class as fractions of the image), which here gets the prior of the
+  evaluated fold's TRAINING boxes (``prior_boxes``; without them it is the bundle's or the shipped
+  one, computed from ALL official NIH boxes and titled "prior (shipped, all NIH boxes: optimistic
+  on NIH)"), and the model-free floor (median training box per class in pixels, METHODS.md
+  "Always report the floor"). The explainer's ``title`` attribute of the run names its row.
 
 :func:`evaluate_model` scores a bare network on a training dataset in its input space (for the
 trainers and the benchmarks, whose models are not bundles yet); its boxes come from the same
@@ -26,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +44,9 @@ from cxrviewer.core.errors import CxrError
 from cxrviewer.core.explain import get_explainer
 from cxrviewer.core.explain.gradcam import GradCamExplainer, capture_activation, gradcam_from_activation
 from cxrviewer.core.explain.metrics import (IOBB_THRESHOLDS, IOU_THRESHOLDS, LocResult, auroc_per_class,
-                                            floor_boxes, localization_table)
+                                            floor_boxes, localization_table, top_boxes)
+from cxrviewer.core.explain.prior import OPTION as PRIOR_OPTION
+from cxrviewer.core.explain.prior import location_prior
 from cxrviewer.core.geometry import Box
 
 if TYPE_CHECKING:
@@ -48,14 +56,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_model", "evaluate_pipeline", "markdown_tables", "scored_explainers", "single_model_boxes",
-           "write_report"]
+__all__ = ["BUDGETS", "EVALUATED_IMAGES", "FLOOR_TITLE", "PROTOCOL", "evaluate_model", "evaluate_pipeline",
+           "markdown_tables", "scored_explainers", "single_model_boxes", "write_report"]
 
 #: Short method names :func:`evaluate_model` also accepts (``cia`` is what training/trainers/cia.py passes).
 SHORT_NAMES = {"am": "attention_mining", "cia": "contrast"}
 #: Training boxes for the floor: one list for every test image, or a list per record key
 #: (e.g. the boxes of the other folds when every image is a test image).
 TrainBoxes = Sequence[Box] | Mapping[str, Sequence[Box]]
+#: box budgets: JSON key -> (boxes kept per class and image, None: all; words in the tables). ``all``
+#: is stored under the plain ``iou`` / ``iobb`` keys, the others as ``{budget: {"iou", "iobb"}}``.
+BUDGETS: dict[str, tuple[int | None, str]] = {
+    "top1": (1, "one box per class (the highest-scoring box of each class per image; the prior's one box)"),
+    "top3": (3, "top-3 boxes per class (the three highest-scoring boxes of each class per image)"),
+    "all": (None, "every proposed box (as the app draws them)"),
+}
+#: which images the accuracy and the AFP of a class are computed over
+EVALUATED_IMAGES = ("for class c: the test images with a ground-truth box of c (n); a hit: a predicted box of c "
+                    "overlapping a GT box of c above T; AFP: predicted boxes of c overlapping no GT box of c above T, "
+                    "summed over those images / n (boxes of c on images without a GT box of c are not counted)")
+#: the words under the title of every tables.md
+PROTOCOL = ("ChestX-ray8 protocol, in original pixels. " + EVALUATED_IMAGES[0].upper() + EVALUATED_IMAGES[1:] + ".")
+#: the floor's row label
+FLOOR_TITLE = "floor (median training box, pixels)"
 
 
 # ---- the app's pipeline -----------------------------------------------------------------------
@@ -98,87 +121,156 @@ def _labels(study: "Study", classes: Sequence[str]) -> np.ndarray:
 
 
 def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_boxes: TrainBoxes = (),
-                      methods: Sequence[str] | None = None,
+                      prior_boxes: TrainBoxes = (), prior_title: str = "", methods: Sequence[str] | None = None,
                       progress: Callable[[int, int, str], None] | None = None) -> dict:
     """AUROC and localisation tables of ``pipeline`` on ``records`` (see the module docstring).
 
     ``records``: :class:`~cxrviewer.core.io.StudyRef` s (or training records) with labels and
-    ground-truth boxes. ``train_boxes`` (original pixels) give the floor (see :data:`TrainBoxes`).
-    ``methods``: explainer names to score (default: every one with a box rule the pipeline runs).
-    ``progress(i, n, key)`` is called after each study. A study that cannot be loaded or analysed
-    is listed under ``failed`` and left out.
+    ground-truth boxes. ``train_boxes`` (original pixels) give the floor, ``prior_boxes`` (fractions
+    of each box's image) the ``prior`` explainer's boxes through the pipeline option
+    :data:`cxrviewer.core.explain.prior.OPTION`, named ``prior_title`` in the tables (both: one
+    list for every record or a list per record key, :data:`TrainBoxes`; without ``prior_boxes``
+    the prior is the bundle's or the shipped one). ``methods``: explainer names to score (default:
+    every one that proposes boxes and runs with the loaded bundles). ``progress(i, n, key)`` is
+    called after each study. A study that cannot be loaded or analysed is listed under ``failed``.
+
+    Returns ``{"auroc": {class: v}, "mean_auroc", "auroc_role", "methods": {name: {"title", "iou",
+    "iobb" (every proposed box), "top1": {"iou", "iobb"}, "top3": {...}}}, "floor_iou", "floor_iobb",
+    "floor": {"title", "iou", "iobb"}, "budgets", "evaluated_images", "n_images", "n_boxed_images",
+    ...}``; a table is ``{threshold: {class: {"acc", "afp", "n", "hits", "fps"}}}``.
     """
     scorers = scored_explainers(pipeline, methods)
-    classes = tuple(pipeline.classes)
-    probs: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    preds: dict[str, dict[str, list[Box]]] = {e.name: {} for e in scorers}
-    titles = {e.name: e.title for e in scorers}
-    gts: dict[str, list[Box]] = {}
-    failed: list[dict[str, str]] = []
-    for i, rec in enumerate(records):
-        key = str(getattr(rec, "key", i))
-        try:
-            study = _load(rec)
-            res = pipeline.run(study)
-        except CxrError as exc:
-            log.warning("%s: %s", key, exc)
-            failed.append({"key": key, "error": str(exc)})
+    run = _Run(pipeline, scorers)
+    priors = _Priors(prior_boxes, prior_title or "prior (median box of the given training boxes)")
+    if priors and "prior" in run.titles:
+        run.titles["prior"] = priors.title
+    had = pipeline.options.get(PRIOR_OPTION, _NONE)
+    try:
+        for i, rec in enumerate(records):
+            key = str(getattr(rec, "key", i))
+            if priors:
+                pipeline.options[PRIOR_OPTION] = priors(key)
+            run.add(key, rec)
+            if progress is not None:
+                progress(i + 1, len(records), key)
+    finally:
+        if had is _NONE:
+            pipeline.options.pop(PRIOR_OPTION, None)
         else:
-            if res.probabilities is not None:
-                classes = tuple(res.classes)
-                probs.append(np.asarray(res.probabilities, np.float64))
-                labels.append(_labels(study, classes))
-            if study.gt_boxes:
-                gts[key] = list(study.gt_boxes)
-                for e in scorers:
-                    preds[e.name][key] = list(res.boxes.get(e.name, []))
-                    titles[e.name] = str(res.attr(e.name, "title", titles[e.name]))
-        if progress is not None:
-            progress(i + 1, len(records), key)
-    out: dict[str, Any] = {"n_images": len(records) - len(failed), "n_boxed_images": len(gts),
-                           "classes": list(classes), "boxed_classes": list(BOXED_CLASSES),
-                           **_auroc_json(probs, labels, classes),
-                           "methods": {e.name: {"title": titles[e.name], **_loc_json(preds[e.name], gts)}
+            pipeline.options[PRIOR_OPTION] = had
+    out: dict[str, Any] = {"n_images": len(records) - len(run.failed), "n_boxed_images": len(run.gts),
+                           "classes": list(run.classes), "boxed_classes": list(BOXED_CLASSES),
+                           **_auroc_json(run.probs, run.labels, run.classes, "classifier"),
+                           "methods": {e.name: {"title": run.titles[e.name], **_loc_json(run.preds[e.name], run.gts)}
                                        for e in scorers},
-                           "frame": "original pixels"}
-    out.update(_floor_json(train_boxes, gts))
-    if failed:
-        out["failed"] = failed
+                           "budgets": {k: words for k, (_, words) in BUDGETS.items()},
+                           "evaluated_images": EVALUATED_IMAGES, "frame": "original pixels"}
+    out.update(_floor_json(train_boxes, run.gts))
+    if run.failed:
+        out["failed"] = run.failed
     return out
 
 
-def _auroc_json(probs: list[np.ndarray], labels: list[np.ndarray], classes: Sequence[str]) -> dict:
+_NONE = object()
+
+
+class _Run:
+    """What :func:`evaluate_pipeline` collects study by study."""
+
+    def __init__(self, pipeline: "Pipeline", scorers: Sequence["Explainer"]) -> None:
+        self.pipeline, self.scorers = pipeline, scorers
+        self.classes = tuple(pipeline.classes)
+        self.probs: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.preds: dict[str, dict[str, list[Box]]] = {e.name: {} for e in scorers}
+        self.titles = {e.name: e.title for e in scorers}
+        self.gts: dict[str, list[Box]] = {}
+        self.failed: list[dict[str, str]] = []
+
+    def add(self, key: str, rec: Any) -> None:
+        """Run one study; its probabilities, and its boxes when it has ground-truth boxes."""
+        try:
+            study = _load(rec)
+            res = self.pipeline.run(study)
+        except CxrError as exc:
+            log.warning("%s: %s", key, exc)
+            self.failed.append({"key": key, "error": str(exc)})
+            return
+        if res.probabilities is not None:
+            self.classes = tuple(res.classes)
+            self.probs.append(np.asarray(res.probabilities, np.float64))
+            self.labels.append(_labels(study, self.classes))
+        for e in self.scorers:
+            self.titles[e.name] = str(res.attr(e.name, "title", self.titles[e.name]))
+        if study.gt_boxes:
+            self.gts[key] = list(study.gt_boxes)
+            for e in self.scorers:
+                self.preds[e.name][key] = list(res.boxes.get(e.name, []))
+
+
+def _per_key(boxes: TrainBoxes, key: Hashable) -> Sequence[Box]:
+    return boxes.get(key, ()) if isinstance(boxes, Mapping) else boxes
+
+
+class _Priors:
+    """The prior option of each record: :func:`location_prior` of its training boxes (fractions),
+    computed once per distinct box list; falsy when no training boxes were given."""
+
+    def __init__(self, boxes: TrainBoxes, title: str) -> None:
+        self.boxes, self.title = boxes, title
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.boxes)
+
+    def __call__(self, key: str) -> dict[str, Any]:
+        tb = _per_key(self.boxes, key)
+        if id(tb) not in self._cache:
+            self._cache[id(tb)] = {**location_prior(tb), "title": self.title, "source": "evaluation training boxes"}
+        return self._cache[id(tb)]
+
+
+def _auroc_json(probs: list[np.ndarray], labels: list[np.ndarray], classes: Sequence[str],
+                role: str | None = None) -> dict:
+    """``auroc`` per class and ``mean_auroc``; ``auroc_role``: the pipeline role whose
+    probabilities they are (the classifier's one forward, ``ExplainContext.classifier_pass``)."""
     if not probs or len(probs[0]) != len(classes):
         return {"auroc": None, "mean_auroc": None}
     au = auroc_per_class(np.stack(probs), np.stack(labels))
-    return {"auroc": {c: _num(v) for c, v in zip(classes, au)},
-            "mean_auroc": _num(np.nanmean(au)) if np.isfinite(au).any() else None}
+    out = {"auroc": {c: _num(v) for c, v in zip(classes, au)},
+           "mean_auroc": _num(np.nanmean(au)) if np.isfinite(au).any() else None}
+    return {**out, "auroc_role": role} if role else out
 
 
-def _loc_json(preds: Mapping[str, Sequence[Box]], gts: Mapping[str, Sequence[Box]]) -> dict:
-    return {"iou": _table_json(localization_table(preds, gts, metric="iou")),
-            "iobb": _table_json(localization_table(preds, gts, metric="iobb"))}
+def _loc_json(preds: Mapping[Hashable, Sequence[Box]], gts: Mapping[Hashable, Sequence[Box]]) -> dict:
+    """``iou`` / ``iobb``: every proposed box (budget ``all``); ``top1`` / ``top3``: ``{"iou", "iobb"}``
+    of the highest-scoring box(es) of each class per image (:data:`BUDGETS`)."""
+    out: dict[str, Any] = {}
+    for budget, (k, _) in BUDGETS.items():
+        kept = preds if k is None else {img: top_boxes(b, k) for img, b in preds.items()}
+        tabs = {m: _table_json(localization_table(kept, gts, metric=m)) for m in ("iou", "iobb")}
+        if k is None:
+            out.update(tabs)
+        else:
+            out[budget] = tabs
+    return out
 
 
-def _floor_json(train_boxes: TrainBoxes, gts: Mapping[str, Sequence[Box]]) -> dict:
-    """``floor_iou`` / ``floor_iobb``: the median training box of each class placed on every
-    boxed test image (per image from its own training boxes when ``train_boxes`` is a mapping)."""
+def _floor_json(train_boxes: TrainBoxes, gts: Mapping[Hashable, Sequence[Box]]) -> dict:
+    """``floor_iou`` / ``floor_iobb`` (also as ``floor: {"title", "iou", "iobb"}``): the median
+    training box of each class placed on every boxed test image (per image from its own training
+    boxes when ``train_boxes`` is a mapping). One box per class: the same under every budget."""
     if not train_boxes:
         return {}
-    if isinstance(train_boxes, Mapping):
-        medians: dict[int, list[Box]] = {}
-        preds = {}
-        for k in gts:
-            tb = train_boxes.get(k, ())
-            if id(tb) not in medians:
-                medians[id(tb)] = list(floor_boxes(tb).values())
-            preds[k] = medians[id(tb)]
-    else:
-        one = list(floor_boxes(train_boxes).values())
-        preds = {k: one for k in gts}
-    loc = _loc_json(preds, gts)
-    return {"floor_iou": loc["iou"], "floor_iobb": loc["iobb"]}
+    medians: dict[int, list[Box]] = {}
+    preds = {}
+    for k in gts:
+        tb = _per_key(train_boxes, k)
+        if id(tb) not in medians:
+            medians[id(tb)] = list(floor_boxes(tb).values())
+        preds[k] = medians[id(tb)]
+    tabs = {m: _table_json(localization_table(preds, gts, metric=m)) for m in ("iou", "iobb")}
+    return {"floor_iou": tabs["iou"], "floor_iobb": tabs["iobb"], "floor": {"title": FLOOR_TITLE, **tabs}}
 
 
 # ---- a bare network on a training dataset (input space) ---------------------------------------
@@ -264,7 +356,8 @@ def _num(v: float) -> float | None:
 
 
 def _table_json(table: Mapping[float, Mapping[str, LocResult]]) -> dict:
-    return {f"{t:g}": {c: {"acc": _num(r.accuracy), "afp": _num(r.afp), "n": r.n_images}
+    return {f"{t:g}": {c: {"acc": _num(r.accuracy), "afp": _num(r.afp), "n": r.n_images,
+                           "hits": r.n_correct, "fps": r.n_false_positives}
                        for c, r in row.items()} for t, row in table.items()}
 
 
@@ -281,36 +374,59 @@ def _method_title(name: str, entry: Mapping) -> str:
         return name
 
 
-def _loc_markdown(tab: Mapping, label: str, name: str, ths: Sequence[float]) -> list[str]:
+def _mean(vals: Sequence[float | None]) -> float | None:
+    have = [v for v in vals if v is not None]
+    return sum(have) / len(have) if have else None
+
+
+def _rows(result: Mapping) -> list[tuple[str, Mapping]]:
+    """(row label, entry) of every method, then the floor (one box per class under every budget)."""
+    methods = result.get("methods") or ({result["method"]: {k: result.get(k) for k in ("iou", "iobb", *BUDGETS)}}
+                                        if "method" in result else {})
+    rows = [(_method_title(n, e), e) for n, e in methods.items()]
+    floor = {"iou": result.get("floor_iou"), "iobb": result.get("floor_iobb")}
+    if floor["iou"] or floor["iobb"]:
+        rows.append((FLOOR_TITLE, {**floor, **{b: floor for b in BUDGETS if b != "all"}}))
+    return rows
+
+
+def _budget_table(rows: Sequence[tuple[str, Mapping]], budget: str, metric: str, name: str,
+                  ths: Sequence[float]) -> list[str]:
+    """One table: a row per (method, threshold), a column per boxed class ("accuracy / AFP")."""
+    tabs = [(label, (e.get(budget) or {}).get(metric) if budget != "all" else e.get(metric)) for label, e in rows]
+    tabs = [(label, tab) for label, tab in tabs if tab]
+    if not tabs:
+        return []
     short = [c.replace("_", " ") for c in BOXED_CLASSES]
-    lines = [f"Localisation accuracy, {label}, {name} (n boxed images per class in the last row)", "",
-             "| " + " | ".join([name] + short + ["Mean"]) + " |", "|" + "---|" * (len(short) + 2)]
-    for t in ths:
-        row = tab[f"{t:g}"]
-        accs = [row[c]["acc"] for c in BOXED_CLASSES]
-        vals = [a for a in accs if a is not None]
-        mean = sum(vals) / len(vals) if vals else None
-        lines.append("| " + " | ".join([f"{t:g}"] + [_fmt(a) for a in accs] + [_fmt(mean)]) + " |")
-    n_row = tab[f"{ths[0]:g}"]
-    return lines + ["| n | " + " | ".join(str(n_row[c]["n"]) for c in BOXED_CLASSES) + " | |", ""]
+    lines = [f"Localisation accuracy / AFP at {name}, {BUDGETS[budget][1]}", "",
+             "| " + " | ".join(["method", name] + short + ["Mean"]) + " |", "|" + "---|" * (len(short) + 3)]
+    for label, tab in tabs:
+        for i, t in enumerate(ths):
+            row = tab[f"{t:g}"]
+            cells = [f"{_fmt(row[c]['acc'])} / {_fmt(row[c]['afp'])}" for c in BOXED_CLASSES]
+            mean = (f"{_fmt(_mean([row[c]['acc'] for c in BOXED_CLASSES]))} / "
+                    f"{_fmt(_mean([row[c]['afp'] for c in BOXED_CLASSES]))}")
+            lines.append("| " + " | ".join(["" if i else label, f"{t:g}"] + cells + [mean]) + " |")
+    n_row = tabs[0][1][f"{ths[0]:g}"]
+    return lines + ["| n (images with a GT box of the class) | | "
+                    + " | ".join(str(n_row[c]["n"]) for c in BOXED_CLASSES) + " | |", ""]
 
 
 def markdown_tables(result: Mapping, *, title: str = "") -> str:
-    """The papers' layout: per method (then the floor) one row per threshold, one column per boxed
-    class, then the mean; then AUROC per class."""
+    """Per budget (one box per class, top-3, every proposed box) and overlap (T(IoU), T(IoBB)) one
+    table: a row per method and threshold (the prior among the methods, the floor last), a column
+    per boxed class with "accuracy / AFP", then the mean; then AUROC per class."""
     lines = [f"## {title}".rstrip(), ""] if title else []
-    methods = result.get("methods") or ({result["method"]: {"iou": result.get("iou"), "iobb": result.get("iobb")}}
-                                        if "method" in result else {})
-    blocks = [(_method_title(n, e), e) for n, e in methods.items()]
-    blocks.append(("floor (median training box)", {"iou": result.get("floor_iou"), "iobb": result.get("floor_iobb")}))
-    for label, entry in blocks:
-        for key, name, ths in (("iou", "T(IoU)", IOU_THRESHOLDS), ("iobb", "T(IoBB)", IOBB_THRESHOLDS)):
-            if entry.get(key):
-                lines += _loc_markdown(entry[key], label, name, ths)
+    lines += [PROTOCOL, ""]
+    rows = _rows(result)
+    for budget in BUDGETS:
+        for metric, name, ths in (("iou", "T(IoU)", IOU_THRESHOLDS), ("iobb", "T(IoBB)", IOBB_THRESHOLDS)):
+            lines += _budget_table(rows, budget, metric, name, ths)
     auroc = result.get("auroc")
     if auroc:
         names = list(auroc)
-        lines += ["AUROC per class", "", "| " + " | ".join([c.replace("_", " ") for c in names] + ["Mean"]) + " |",
+        lines += ["AUROC per class (the classifier's probabilities as the app computes them, every test image)", "",
+                  "| " + " | ".join([c.replace("_", " ") for c in names] + ["Mean"]) + " |",
                   "|" + "---|" * (len(names) + 1),
                   "| " + " | ".join([_fmt(auroc[c]) for c in names] + [_fmt(result.get("mean_auroc"))]) + " |", ""]
     return "\n".join(lines)

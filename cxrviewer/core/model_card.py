@@ -1,19 +1,27 @@
 """A bundle's model card: its evaluation, carried in ``manifest.json`` under ``model_card``.
 
-Written by ``cxr-train card`` from an evaluation of the app's own pipeline; read by the GUI's
-Models panel and by the panel titles / panels.png, which mark every class whose maps did not
-beat the location prior ("below the location prior"). The layout (every key optional except
+Written by ``cxr-train card`` (training/commands/card.py) from the ``metrics.json`` of
+``cxr-train evaluate``, an evaluation of the app's own pipeline; read by the GUI's Models panel
+and by the panel titles / panels.png, which mark every class whose maps did not beat the
+location prior ("below the location prior"). The layout (every key optional except
 ``localisation.per_class`` for :func:`below_prior`)::
 
-    {"data": "NIH ChestX-ray14, 1,222 images (../shared/data/nih)",
-     "protocol": "5-fold patient-wise CV, one box per class, maps at 512 px as cxrviewer analyze",
-     "command": "cxr-train evaluate ...", "date": "2026-12-03T...",
-     "auroc": {class: float | None}, "mean_auroc": float,
+    {"data": "../shared/data/nih: 235 test images, 85 with ground-truth boxes",
+     "protocol": "patient-wise fold 0 of 5 held out (seed 0); ... maps at 256 px; T(IoU) 0.3, one box ...",
+     "command": "cxr-train evaluate ...", "card_command": "cxr-train card ...", "date": "2026-12-03T...",
+     "auroc": {class: float | None}, "mean_auroc": float,   # None, with "auroc_note", when the
+                                                            # probabilities were another bundle's
      "localisation": {"t_iou": 0.3, "budget": "one box per class", "method": "cam",
-                      "per_class": {class: {"method": float, "prior": float, "n": int}}},
-     "below_prior": [class, ...]}
+                      "method_title": str, "prior_title": str,
+                      "per_class": {class: {"method": float | None, "prior": float | None, "n": int,
+                                            "method_afp": float | None, "prior_afp": float | None,
+                                            "floor": float | None}}},
+     "below_prior": [class, ...],
+     "caveat": "..."}   # only when the test images may include the bundle's training images
 
-``below_prior`` is derived from ``localisation.per_class`` when absent (:func:`below_prior`).
+``below_prior`` is derived from ``localisation.per_class`` when absent (:func:`below_prior`);
+``n`` is the number of test images with a ground-truth box of the class (accuracy and AFP are
+over those images), ``prior`` the location prior learned from the evaluated fold's training boxes.
 """
 from __future__ import annotations
 
@@ -66,7 +74,9 @@ def card_lines(manifest: "Manifest | Mapping[str, Any] | None") -> list[str]:
     card = model_card(manifest)
     if not card:
         return ["No model card: this bundle carries no evaluation."]
-    lines = [f"{k.capitalize()}: {card[k]}" for k in ("data", "protocol", "command", "date") if card.get(k)]
+    lines = [f"{k.capitalize()}: {card[k]}" for k in ("data", "protocol", "command", "date", "caveat") if card.get(k)]
+    if card.get("auroc_note"):
+        lines.append(f"AUROC: none on this card ({card['auroc_note']})")
     if card.get("mean_auroc") is not None:
         lines.append(f"Mean AUROC: {_fmt(card['mean_auroc'])}")
     for c, v in (card.get("auroc") or {}).items():

@@ -28,7 +28,7 @@ from cxrviewer.core.pipeline import Pipeline
 from training.cli import main
 from training.commands.init_bundle import init_bundle
 from training.data import load_records, patient_folds
-from training.evaluate import evaluate_pipeline, markdown_tables, single_model_boxes
+from training.evaluate import FLOOR_TITLE, evaluate_pipeline, markdown_tables, single_model_boxes
 from training.phantoms import PhantomConfig, write_phantom_dataset
 
 SIZE = 96  # phantom pixels: differs from the maps' 64 px and the network's 64 px input
@@ -103,11 +103,12 @@ def test_every_box_method_is_scored_in_original_pixels(phantoms, classifier, toy
     assert {c: v["acc"] for c, v in res["methods"]["cam"]["iou"]["0.3"].items()} == \
         {c: (None if np.isnan(v.accuracy) else v.accuracy) for c, v in want.items()}
     md = markdown_tables(res, title="t")
-    assert "oracle (`toy_oracle`), T(IoU)" in md and "floor (median training box), T(IoBB)" in md
-    assert md.count("| T(IoU) |") == 6 and "AUROC per class" in md
+    # one table per budget (one box, top-3, every box) and overlap; a row block per method, the floor last
+    assert md.count("| method | T(IoU) |") == 3 and md.count("| method | T(IoBB) |") == 3 and "AUROC per class" in md
+    assert md.count("| oracle (`toy_oracle`) | 0.1 |") == 6 and md.count(f"| {FLOOR_TITLE} | 0.1 |") == 6
     # the shipped prior (all NIH boxes) is a method row, labelled as optimistic, before the honest floor
     assert res["methods"]["prior"]["title"] == SHIPPED_TITLE
-    assert md.index(f"{SHIPPED_TITLE} (`prior`), T(IoU)") < md.index("floor (median training box), T(IoU)")
+    assert md.index(f"| {SHIPPED_TITLE} (`prior`) | 0.1 |") < md.index(f"| {FLOOR_TITLE} | 0.1 |")
 
 
 def test_methods_restrict_and_the_floor_per_image(phantoms, classifier):
@@ -129,8 +130,14 @@ def test_cli_folds(phantoms, classifier, tmp_path, capsys):
     base = ["evaluate", "--data", str(phantoms), "--device", "cpu", "--map-size", "64"]
     assert main([*base, "--model", str(classifier), "--out", str(tmp_path / "all"), "--fold", "all"]) == 0
     res = json.loads((tmp_path / "all" / "metrics.json").read_text())
-    assert res["n_images"] == 8 and res["fold"] == "all" and "other folds" in res["floor"]
+    assert res["n_images"] == 8 and res["fold"] == "all" and "other folds" in res["floor_source"]
+    assert res["floor"]["iou"] == res["floor_iou"] and res["floor"]["title"] == FLOOR_TITLE
     assert set(res["methods"]) == {"cam", "gradcam", "attention_mining", "prior"} and "floor_iou" in res
+    # --fold all keeps the prior (from the other folds, per image) and the floor in the tables
+    assert "other folds" in res["methods"]["prior"]["title"] and "other folds" in res["prior_source"]
+    tables = (tmp_path / "all" / "tables.md").read_text()
+    assert f"| {res['methods']['prior']['title']} (`prior`) | 0.1 |" in tables and f"| {FLOOR_TITLE} | 0.1 |" in tables
+    assert res["command"].startswith("cxr-train evaluate --data") and "--fold all" in res["command"]
     assert res["models"]["classifier"]["architecture"] == "msa"
     assert "Grad-CAM (`gradcam`)" in (tmp_path / "all" / "tables.md").read_text()
 
@@ -140,7 +147,8 @@ def test_cli_folds(phantoms, classifier, tmp_path, capsys):
     res = json.loads((tmp_path / "f0" / "metrics.json").read_text())
     records = load_records(phantoms)
     assert res["n_images"] == int((patient_folds(records, 5, 0) == 0).sum())
-    assert list(res["methods"]) == ["cam", "attention_mining"]
+    assert list(res["methods"]) == ["cam", "attention_mining", "prior"]  # the prior always comes along
+    assert res["methods"]["prior"]["title"] == "prior (median box of the training folds' boxes (all but fold 0 of 5))"
     capsys.readouterr()
 
     assert main([*base, "--model", str(classifier), "--out", str(tmp_path / "off"), "--fold", "-1"]) == 2
@@ -150,6 +158,39 @@ def test_cli_folds(phantoms, classifier, tmp_path, capsys):
     assert "not a model bundle" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--model", str(classifier), "--out", str(tmp_path / "x"), "--method", "segmentation"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fold", "7", "--n-folds", "5"], "--fold 7 is not one of 0..4"),
+    (["--n-folds", "1"], "need at least 2 folds"),
+    (["--fold", "all", "--n-folds", "0"], "need at least 2 folds"),
+    (["--fold", "-1"], "no official train_val_list.txt"),
+    (["--fold", "-1", "--seed", "3"], "--seed have no effect with --fold -1"),
+    (["--fold", "20", "--n-folds", "50"], "fold 20 holds no images"),
+    (["--map-size", "0"], "--map-size 0"),
+])
+def test_cli_unmeetable_requests_exit_2(phantoms, classifier, tmp_path, capsys, flags, message):
+    out = tmp_path / "o"
+    code = main(["evaluate", "--data", str(phantoms), "--device", "cpu", "--model", str(classifier),
+                 "--out", str(out), *flags])
+    assert code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_two_bundles_of_one_role_is_an_error(phantoms, classifier, tmp_path, capsys):
+    other = init_bundle("msa", tmp_path / "clf2", kwargs={"backbone": "tiny"}, input_size=64, canonical=False)
+    assert main(["evaluate", "--data", str(phantoms), "--device", "cpu", "--model", str(classifier),
+                 "--model", str(other), "--out", str(tmp_path / "o")]) == 2
+    assert "no pipeline role left for" in capsys.readouterr().err
+
+
+def test_cli_method_prior_alone(phantoms, classifier, tmp_path):
+    assert main(["evaluate", "--data", str(phantoms), "--device", "cpu", "--model", str(classifier), "--map-size",
+                 "64", "--out", str(tmp_path / "p"), "--fold", "all", "--method", "prior"]) == 0
+    res = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert list(res["methods"]) == ["prior"] and res["mean_auroc"] is not None  # AUROC still from the classifier
+    prior = res["methods"]["prior"]
+    assert {"iou", "iobb", "top1", "top3"} <= set(prior) and "floor_iou" in res
+    assert sum(r["n"] for r in prior["top1"]["iou"]["0.1"].values()) > 0
 
 
 def test_cli_alignment_bundle_alone(phantoms, tmp_path):
@@ -165,6 +206,10 @@ def test_cli_alignment_bundle_alone(phantoms, tmp_path):
     assert main(["evaluate", "--data", str(phantoms), "--model", str(path), "--out", str(tmp_path / "o"),
                  "--fold", "all", "--device", "cpu"]) == 0
     assert "phantom" in json.loads((tmp_path / "o" / "metrics.json").read_text())
+    # flags that do nothing for a lone alignment bundle are refused
+    for flag in (["--method", "cam"], ["--map-size", "64"]):
+        assert main(["evaluate", "--data", str(phantoms), "--model", str(path), "--out", str(tmp_path / "o2"),
+                     "--fold", "all", "--device", "cpu", *flag]) == 2
 
 
 def test_single_model_gradcam_is_one_forward_and_the_registry_rule():
@@ -197,5 +242,6 @@ def test_evaluate_model_on_a_dataset_renders_like_the_pipeline():
     res = evaluate_model(model, ds, method="cam", train_boxes=[Box("Cardiomegaly", 10, 20, 30, 24)])
     assert res["method"] == "cam" and res["n_boxed_images"] == 2 and res["mean_auroc"] is not None
     assert res["floor_iou"]["0.7"]["Cardiomegaly"]["acc"] == 1.0  # the floor box is the GT box here
+    assert res["top1"]["iou"]["0.7"]["Cardiomegaly"]["n"] == 2 and "iobb" in res["top3"]
     md = markdown_tables(res)
-    assert "Class activation map (CAM) (`cam`), T(IoU)" in md and "floor (median training box), T(IoU)" in md
+    assert "| Class activation map (CAM) (`cam`) | 0.1 |" in md and f"| {FLOOR_TITLE} | 0.1 |" in md

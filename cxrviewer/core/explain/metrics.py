@@ -5,8 +5,12 @@
 - Localisation accuracy and AFP, ChestX-ray8 style (baseline-cam Sec. 5.2; cia-net Sec. 4.1):
   for class ``c``, over the images that have a ground-truth box of ``c``, an image is correct
   when any predicted box of ``c`` overlaps any GT box of ``c`` with IoU > T(IoU) (or IoBB >
-  T(IoBB)); the comparison is strict, as both papers write "IoU > T(IoU)". A predicted box that
-  overlaps no GT box of its class above T is a false positive; AFP = false positives / images.
+  T(IoBB)); the comparison is strict, as both papers write "IoU > T(IoU)". A predicted box of
+  ``c`` that overlaps no GT box of ``c`` above T is a false positive; AFP = false positives of
+  ``c`` / the number of images with a GT box of ``c`` (boxes of ``c`` on images without a GT box of
+  ``c`` are not counted: those images are not evaluated for ``c``).
+- Box budgets (:func:`top_boxes`): one box per class (the highest-scoring box of each class per
+  image) or the top-k per class, so methods that propose many boxes are compared on equal terms.
 - :func:`accuracy_until_afp`: iterative-attention-mining.txt Sec. 3.2 (ranked list B, boxes taken
   in rank order until the AFP reaches a bound).
 - AUROC per class (rank statistic with average ranks for ties; NaN when a class has one label only).
@@ -40,6 +44,7 @@ __all__ = [
     "iou",
     "localization_accuracy",
     "localization_table",
+    "top_boxes",
 ]
 
 Metric = Literal["iou", "iobb"]
@@ -121,6 +126,18 @@ def localization_accuracy(
         n_correct=correct,
         n_false_positives=fps,
     )
+
+
+def top_boxes(boxes: Iterable[Box], k: int | None) -> list[Box]:
+    """The ``k`` highest-scoring boxes of each class (all when ``k`` is None), in input order per
+    class among equal scores; a box without a score ranks below every scored box of its class."""
+    if k is None:
+        return list(boxes)
+    by_class: dict[str, list[Box]] = defaultdict(list)
+    for b in boxes:
+        by_class[b.label].append(b)
+    return [b for bs in by_class.values()
+            for b in sorted(bs, key=lambda b: (b.score is None, -(b.score or 0.0)))[:k]]
 
 
 def localization_table(

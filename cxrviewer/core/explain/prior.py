@@ -1,9 +1,11 @@
 """The location prior: one fixed box per class, the median training box (a reference, not a prediction).
 
 The numbers are fractions of the image, ``[x, y, w, h]`` in [0, 1] (x and w of the width, y and h
-of the height), so one prior serves every image size. They come from the classifier (or CIA)
-bundle's own training boxes when its manifest carries ``provenance["location_prior"]``, else from
-the shipped ``resources/priors/nih_median_boxes.json`` (the official NIH boxes, written by
+of the height), so one prior serves every image size. They come, first found wins, from the
+pipeline option :data:`OPTION` (``Pipeline.options["location_prior"]``: ``cxr-train evaluate``
+puts the prior of the evaluated fold's TRAINING boxes there, with a ``title`` naming it), from the
+classifier (or CIA) bundle's own training boxes when its manifest carries
+``provenance["location_prior"]``, else from the shipped ``resources/priors/nih_median_boxes.json`` (the official NIH boxes, written by
 ``benchmarks/make_location_prior.py``). Both have the layout of :func:`location_prior`:
 ``{"boxes": {class: [x, y, w, h]}, "count": {class: n}, ...provenance}``.
 
@@ -29,11 +31,14 @@ if TYPE_CHECKING:
     from cxrviewer.core.explain.context import ExplainContext
     from cxrviewer.core.results import Results
 
-__all__ = ["PROVENANCE_KEY", "PriorExplainer", "SHIPPED_TITLE", "bundle_prior", "default_prior_path",
+__all__ = ["OPTION", "PROVENANCE_KEY", "PriorExplainer", "SHIPPED_TITLE", "bundle_prior", "default_prior_path",
            "load_prior", "location_prior"]
 
 #: the manifest provenance key a bundle's own prior is stored under
 PROVENANCE_KEY = "location_prior"
+#: the pipeline option that overrides the bundle's and the shipped prior: a :func:`location_prior`
+#: mapping, optionally with ``title`` (its name in tables) and ``source`` (recorded in the attributes)
+OPTION = "location_prior"
 #: the bundles whose classes are the results' classes (see ``Pipeline.classes``), asked in this order
 _ROLES = ("classifier", "cia")
 #: the title of the shipped prior in evaluation tables: it was computed from ALL NIH boxes
@@ -92,16 +97,22 @@ def _fractions(prior: Mapping[str, Any], classes: Iterable[str]) -> dict[str, li
 
 
 @register_explainer("prior")
-class PriorExplainer(Explainer, title="prior (fixed median box)", short="prior", order=200, box_priority=1000):
+class PriorExplainer(Explainer, title="prior (fixed median box)", short="prior", order=200, box_priority=1000,
+                      reference=True):
     """The fixed median box per class (see the module docstring); needs no network."""
 
     requires = ()
     proposes_boxes = True  # boxes from the prior's fractions, not from a map and a box rule
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
+        given = ctx.option(OPTION, None)
         own = bundle_prior(ctx.bundles)
-        if own is not None:
-            attrs: dict[str, Any] = {"source": "bundle", "bundle": own[0], "title": self.title}
+        if isinstance(given, Mapping):  # even without boxes: no training boxes, no prior box
+            attrs: dict[str, Any] = {"source": str(given.get("source", "option")),
+                                     "title": str(given.get("title", "prior (given to the pipeline)"))}
+            prior = given
+        elif own is not None:
+            attrs = {"source": "bundle", "bundle": own[0], "title": self.title}
             prior = own[1]
         else:
             path = default_prior_path()
