@@ -20,6 +20,7 @@ from .commands import classify as _classify
 from .commands import disease_masks as _disease_masks
 from .commands import evaluate as _evaluate
 from .commands import init_bundle as _init_bundle
+from .commands import localiser as _localiser
 from .commands import mine as _mine
 from .commands import segment as _segment
 from .commands import phantoms as _phantoms
@@ -36,6 +37,7 @@ COMMANDS = {
     "segment": _segment,
     "evaluate": _evaluate,
     "card": _card,
+    "localiser": _localiser,
     "disease-masks": _disease_masks,
     "mine": _mine,
 }
