@@ -192,13 +192,33 @@ def _md(result: dict[str, Any]) -> str:
                 afps = [row[c]["afp"] for c in BOXED_CLASSES if row.get(c, {}).get("afp") is not None]
                 lines.append(f"| {agg[n]['title']} | " + " | ".join(cells)
                              + f" | **{np.mean(accs):.3f}** | {np.mean(afps):.2f} |")
+            if budget == "top1":
+                lines += _paper_rows(t)
     au = result["auroc"]
     lines += ["", f"### Classifier AUROC as the app runs it ({au['n_studies']} studies, each scored by its "
               "held-out fold's classifier)", "", "| class | AUROC (mean ± std over folds) |", "|---|---|"]
     lines += [f"| {c} | {v['mean']:.3f} ± {v['std']:.3f} |" if v["mean"] is not None else f"| {c} | – |"
               for c, v in au["per_class"].items()]
     lines.append(f"| **mean** | **{au['mean_auroc']['mean']:.3f} ± {au['mean_auroc']['std']:.3f}** |")
+    from _nih_paper_numbers import PAPERS
+
+    for p in PAPERS:
+        if p.get("auroc"):
+            lines.append(f"| *{p['name']}: mean* | *{p['auroc']['Mean']:.2f}* |")
     return "\n".join(lines) + "\n"
+
+
+def _paper_rows(t: str) -> list[str]:
+    """The papers' rows at T(IoU) ``t`` (benchmarks/_nih_paper_numbers.py), in italics: their own data and
+    protocols (full NIH, ~100x ours), context and not a like-for-like comparison."""
+    from _nih_paper_numbers import PAPERS
+
+    rows = []
+    for p in PAPERS:
+        vals = (p.get("iou") or {}).get(t)
+        if vals:
+            rows.append(f"| *{p['name']}* | " + " | ".join(f"*{v:.2f}*" for v in vals[:8]) + f" | *{vals[8]:.2f}* | |")
+    return rows
 
 
 def _write_md(path: Path, tables: str, header: str) -> None:
