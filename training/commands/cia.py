@@ -121,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     from ..trainers.cia import train_cia
     from ..trainers.loop import dist_info
 
+    if getattr(args, "align", None) and args.negatives == "canonical":
+        raise SystemExit("--negatives canonical pairs with the canonical lung crop, but --align trains on the "
+                         "models' frame (the whole registered chest): use --negatives paired or random "
+                         "(aligned training normals, the bank the app pairs with)")
     kwargs = {"backbone": args.backbone, **parse_kwargs(args.arch_kwargs)}
     model = create_model("cia", **kwargs)
     _, train_ds, val_ds, train_r, val_r = _datasets(args)
@@ -139,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     prov = provenance(command_line(), cfg, args.data, history, fold=args.fold, n_folds=args.n_folds,
                       n_train=len(train_r), n_val=len(val_r), annotations=args.annotations,
-                      cia={k: v for k, v in info.items() if k != "normal_bank"}, research_demo=True)
+                      cia={k: v for k, v in info.items() if k != "normal_bank"}, research_demo=True,
+                      cache_alignment=getattr(train_ds, "alignment", None))
     extras_info = {"normal_bank": info.get("normal_bank", {})}
     path = save_bundle(model.cpu(), args.out, classes=list(CLASSES), input_size=args.size,
                        normalisation=dataset_preprocess(train_ds).to_manifest()["normalisation"], role="cia",

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     model, history = train_classifier(model, train_ds, val_ds, cfg)
     if dist_info()[0] == 0:
         prov = provenance(command_line(), cfg, args.data, history, fold=args.fold, n_folds=args.n_folds,
-                          n_train=len(train_r), n_val=len(val_r))
+                          n_train=len(train_r), n_val=len(val_r),
+                          cache_alignment=getattr(train_ds, "alignment", None))
         path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov)
         final = history[-1].get("metrics", {}) if history else {}
         print(json.dumps({"bundle": str(path), "mean_auroc": final.get("mean_auroc")}))
