@@ -178,7 +178,7 @@ def _md(result: dict[str, Any]) -> str:
     """The tables of docs/nih-benchmark.md (between the markers)."""
     from cxrviewer.core.classes import BOXED_CLASSES
 
-    agg, lines = result["localisation"], []
+    agg, lines = result["localisation"], _summary(result)
     names = [n for n in agg if n not in ("floor",)] + (["floor"] if "floor" in agg else [])
     for budget, label in (("top1", "one box per class"), ("top3", "top-3 boxes per class")):
         for t in ("0.3", "0.5", "0.1", "0.7"):
@@ -196,6 +196,9 @@ def _md(result: dict[str, Any]) -> str:
                 afps = [row[c]["afp"] for c in BOXED_CLASSES if row.get(c, {}).get("afp") is not None]
                 lines.append(f"| {agg[n]['title']} | " + " | ".join(cells)
                              + f" | **{np.mean(accs):.3f}** | {np.mean(afps):.2f} |")
+            first = agg[names[0]].get(budget, {}).get(t, {})
+            lines.append("| n (boxed test images, all folds) | " + " | ".join(
+                str(first.get(c, {}).get("n", "–")) for c in BOXED_CLASSES) + " | | |")
             if budget == "top1":
                 lines += _paper_rows(t)
     au = result["auroc"]
@@ -210,6 +213,32 @@ def _md(result: dict[str, Any]) -> str:
         if p.get("auroc"):
             lines.append(f"| *{p['name']}: mean* | *{p['auroc']['Mean']:.2f}* |")
     return "\n".join(lines) + "\n"
+
+
+def _summary(result: dict[str, Any]) -> list[str]:
+    """The default box method against the prior and the classifier's mean AUROC, in words."""
+    from cxrviewer.core.classes import BOXED_CLASSES
+    from cxrviewer.core.panels import default_box_method
+
+    agg = result["localisation"]
+    name = default_box_method(agg) or ""
+    if name not in agg or "prior" not in agg:
+        return []
+
+    def mean(n: str, t: str) -> float:
+        return float(np.mean([agg[n]["top1"][t][c]["acc"] for c in BOXED_CLASSES]))
+
+    worst = min(BOXED_CLASSES, key=lambda c: agg[name]["top1"]["0.3"][c]["acc"] - agg["prior"]["top1"]["0.3"][c]["acc"])
+    d = agg[name]["top1"]["0.3"][worst]["acc"] - agg["prior"]["top1"]["0.3"][worst]["acc"]
+    car = agg[name]["top1"]["0.5"]["Cardiomegaly"]
+    au = result["auroc"]["mean_auroc"]
+    return [f"- Default box method ({agg[name]['title']}), one box per class, mean over the 8 boxed classes: "
+            f"**{mean(name, '0.3'):.3f}** at T(IoU)=0.3 (prior {mean('prior', '0.3'):.3f}), "
+            f"**{mean(name, '0.5'):.3f}** at 0.5 (prior {mean('prior', '0.5'):.3f}).",
+            f"- Largest shortfall against the prior at 0.3: {worst} {d:+.3f}.",
+            f"- Cardiomegaly at T(IoU)=0.5: {car['acc']:.2f} ± {car['acc_std']:.2f}.",
+            f"- Classifier as the app runs it: mean AUROC {au['mean']:.3f} ± {au['std']:.3f} over folds "
+            f"(per fold {', '.join(f'{v:.3f}' for v in au['folds'])}).", ""]
 
 
 def _paper_rows(t: str) -> list[str]:

@@ -209,7 +209,7 @@ def posterior_map(cands: Sequence[tuple[Quad, float]], shape: tuple[int, int], i
         xa, xb = int(max(0, math.floor(x0 * sx))), int(min(w, math.ceil(x1 * sx)))
         if yb > ya and xb > xa:
             m[ya:yb, xa:xb] += max(float(wt), 0.0)
-    m = ndimage.gaussian_filter(m, sigma=max(h, w) / 64.0) * (0.3 + 0.7 * region.astype(np.float32))
+    m = ndimage.gaussian_filter(m, sigma=max(h, w) / 32.0) * (0.3 + 0.7 * region.astype(np.float32))
     top = float(m.max())
     return m / top if top > 0 else m
 
@@ -311,8 +311,12 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
 
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
         if class_index is None:
-            return "Anatomy"
+            return ""
         c = results.classes[class_index]
         choice = (results.attr(self.name, "choice") or {}).get(c, "")
         where = {"side:L": "image-left lung", "side:R": "image-right lung"}.get(choice, choice.replace("sym:", ""))
-        return f"Anatomy ({where})" if where else "Anatomy"
+        kind = {"platt": "calibrated p", "uncalibrated": "uncalibrated p", "prevalence": "prevalence"}.get(
+            str(results.attr(self.name, "score_kind")), "score")
+        score = (results.attr(self.name, "scores") or {}).get(c)
+        return " · ".join(x for x in (f"box: {where}" if where else "",
+                                      f"{kind} {score:.2f}" if score is not None else "") if x)
