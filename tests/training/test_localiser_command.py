@@ -62,3 +62,15 @@ def test_localiser_refuses_what_it_cannot_do(phantoms, tmp_path, capsys):
     assert main(["localiser", "--data", str(phantoms), "--models", str(models), "--out", str(tmp_path / "x.json"),
                  "--fold-models", str(models), "--device", "cpu"]) == 2
     assert "'{k}'" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_trainers_refuse_a_fold_they_cannot_hold_out(phantoms):
+    from training.data import load_records, split_records
+
+    records = load_records(phantoms)
+    with pytest.raises(ValueError, match="official"):
+        split_records(records, fold=-1, folder=phantoms)  # no official lists: no silent fold 0
+    with pytest.raises(ValueError, match="0..4"):
+        split_records(records, fold=5, n_folds=5)
+    with pytest.raises(SystemExit, match="official"):
+        main(["classify", "--data", str(phantoms), "--fold", "-1", "--out", "x.cxrbundle", "--epochs", "1"])

@@ -104,7 +104,11 @@ def _datasets(args: argparse.Namespace):
     records = merge_annotations(load_records(args.data), args.annotations, status=status)
     if args.limit:
         records = records[: args.limit]
-    train_r, val_r = split_records(records, fold=args.fold, n_folds=args.n_folds, seed=args.seed, folder=args.data)
+    try:
+        train_r, val_r = split_records(records, fold=args.fold, n_folds=args.n_folds, seed=args.seed,
+                                       folder=args.data)
+    except ValueError as exc:
+        raise SystemExit(f"cxr-train: {exc}") from None
     aug = None if args.no_augment else AugmentConfig()
     return (records, ChestDataset(train_r, args.size, augment_cfg=aug, seed=args.seed),
             ChestDataset(val_r, args.size, seed=args.seed), train_r, val_r)

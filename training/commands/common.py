@@ -63,8 +63,11 @@ def datasets(args: argparse.Namespace, *, augment: bool = True):
     records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
-    train_r, val_r = split_records(records, fold=args.fold, n_folds=args.n_folds, seed=args.seed,
-                                   folder=args.data)
+    try:
+        train_r, val_r = split_records(records, fold=args.fold, n_folds=args.n_folds, seed=args.seed,
+                                       folder=args.data)
+    except ValueError as exc:
+        raise SystemExit(f"cxr-train: {exc}") from None
     aug = None if (args.no_augment or not augment) else AugmentConfig()
     align = getattr(args, "align", None)
     if align and not args.cache:
@@ -74,6 +77,9 @@ def datasets(args: argparse.Namespace, *, augment: bool = True):
         if not cache.is_file():
             build_cache(records, cache, args.size, align=align)
         ds = CachedDataset(cache)
+        if ds.size != args.size:
+            raise SystemExit(f"--size {args.size} but the cache {cache} holds {ds.size} px images "
+                             f"(give --size {ds.size} or another --cache)")
         if align and ds.alignment is None:
             raise SystemExit(f"--align: cache {cache} holds unaligned images (build a new one)")
         index = {k: i for i, k in enumerate(ds.keys)}

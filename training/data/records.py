@@ -84,13 +84,17 @@ def official_split(folder: str | Path, records: list[Record]) -> tuple[list[Reco
 
 def split_records(records: list[Record], *, fold: int = 0, n_folds: int = 5, seed: int = 0,
                   folder: str | Path | None = None) -> tuple[list[Record], list[Record]]:
-    """(train, held-out) records: the official split when the folder has it and ``fold < 0``,
-    else patient-wise fold ``fold`` of ``n_folds`` held out."""
-    if folder is not None and fold < 0:
-        off = official_split(folder, records)
-        if off is not None:
-            return off
-        fold = 0
+    """(train, held-out) records: the official split when ``fold < 0`` (the folder must have it),
+    else patient-wise fold ``fold`` of ``n_folds`` held out. A request that cannot be met raises
+    ``ValueError`` (never a silent other split)."""
+    if fold < 0:
+        off = official_split(folder, records) if folder is not None else None
+        if off is None:
+            raise ValueError(f"--fold {fold} needs the official train_val_list.txt / test_list.txt"
+                             + (f" in {folder}" if folder is not None else "") + "; use --fold N")
+        return off
+    if n_folds < 2 or not 0 <= fold < n_folds:
+        raise ValueError(f"--fold {fold} is not one of 0..{n_folds - 1} (--n-folds {n_folds}; at least 2)")
     folds = patient_folds(records, n_folds, seed)
     train = [r for r, f in zip(records, folds) if f != fold]
     held = [r for r, f in zip(records, folds) if f == fold]
