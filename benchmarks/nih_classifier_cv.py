@@ -4,7 +4,7 @@
         [--arch-kwargs '{"backbone": "tiny"}'] [--size 160] [--epochs 10] [--folds 5]
         [--align resources/models/alignment.cxrbundle | none] [--cache /work/cv/nih_aligned_160.h5]
         [--lr 1e-3] [--lr-step-epochs 7] [--weight-decay 1e-4] [--augment '{"rotation_deg": 5}']
-        [--cv-dir /work/cv] [--bundle resources/models/nih-classifier.cxrbundle]
+        [--cv-dir CV] [--bundle resources/models/nih-classifier.cxrbundle]
 
 Trains one model per held-out fold (same recipe, seed 0) on the images exactly as the app feeds
 them to the classifier: the aligned cache (``training.data.build_cache(..., align=BUNDLE)``: the
@@ -58,7 +58,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--align", default=str(MODELS / "alignment.cxrbundle"),
                     help="alignment bundle the cache is built with ('none': unaligned images)")
     ap.add_argument("--cache", default=None, help="HDF5 cache (built if missing; default CV_DIR/nih_aligned_SIZE.h5)")
-    ap.add_argument("--cv-dir", default="/work/cv", help="fold models folders and heldout.npz ('' : none)")
+    ap.add_argument("--cv-dir", default=str(REPO / "benchmarks" / "cv"),
+                    help="fold models folders, heldout.npz and the default cache (default benchmarks/cv, "
+                         "git-ignored; '' : no fold outputs)")
     ap.add_argument("--bundle", default=str(MODELS / "nih-classifier.cxrbundle"))
     ap.add_argument("--out-json", default=str(REPO / "benchmarks" / "results" / "nih_classifier_cv.json"))
     ap.add_argument("--out-md", default=str(REPO / "docs" / "nih-classifier.md"))
@@ -101,7 +103,7 @@ def cache_for(args: argparse.Namespace, records) -> Path:
     from training.data import build_cache
 
     aligned = args.align.lower() != "none"
-    default = Path(args.cv_dir or "/work/cv") / (f"nih_aligned_{args.size}.h5" if aligned else f"nih_{args.size}.h5")
+    default = Path(args.cv_dir or REPO / "benchmarks" / "cv") / (f"nih_aligned_{args.size}.h5" if aligned else f"nih_{args.size}.h5")
     cache = Path(args.cache) if args.cache else default
     if not cache.is_file():
         build_cache(records, cache, args.size, align=args.align if aligned else None)
