@@ -312,9 +312,6 @@ def _ship_localiser(args: argparse.Namespace, samples: list) -> None:
     _write_json(Path(args.write_localiser), model)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 #: the box method whose CV numbers go on the card of the bundle serving a role
 CARD_METHODS = {"classifier": "cam", "segmentation": "anatomy"}
@@ -352,3 +349,7 @@ def _write_cards(args: argparse.Namespace, result: dict[str, Any]) -> None:
             card["mean_auroc"] = result["auroc"]["mean_auroc"]["mean"]
         write_model_card(path, card)
         print(f"model card: {path.name} ({method}; below the prior: {', '.join(card['below_prior']) or 'none'})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
