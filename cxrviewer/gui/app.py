@@ -20,21 +20,17 @@ def _resource_roots() -> list[Path]:
 
 
 def demo_paths() -> list[str]:
-    """Demo studies: ``resources/demo/`` if present, plus pydicom-data's RG1_UNCR.dcm."""
+    """Demo studies: the phantom NIH folder ``resources/demo/`` and the real DICOM chest in
+    ``resources/demo_dicom/`` (shipped: nothing is downloaded; a missing one is logged)."""
     found: list[str] = []
-    for root in _resource_roots():
-        demo = root / "demo"
-        if demo.is_dir() and any(demo.iterdir()):
-            found.append(str(demo))
-            break
-    try:
-        from pydicom.data import get_testdata_file
-
-        rg1 = get_testdata_file("RG1_UNCR.dcm")
-        if rg1:
-            found.append(str(rg1))
-    except Exception as err:  # noqa: BLE001 - optional test data, any failure means "absent"
-        log.debug("pydicom-data not usable: %s", err)
+    for name, pattern in (("demo", None), ("demo_dicom", "*.dcm")):
+        for root in _resource_roots():
+            folder = root / name
+            if folder.is_dir() and any(folder.iterdir()):
+                found += [str(folder)] if pattern is None else sorted(str(p) for p in folder.glob(pattern))
+                break
+        else:
+            log.warning("demo study folder resources/%s is missing", name)
     return found
 
 

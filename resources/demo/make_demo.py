@@ -6,8 +6,8 @@ Four 1024 x 1024 8-bit PNG phantoms from ``training.phantoms.generate_phantom``
 (fixed seeds and findings) under ``images/``, their labels in
 ``Data_Entry_2017_demo.csv`` and the boxes of the boxed findings in
 ``BBox_List_2017_demo.csv`` (NIH column layout, 1024 px frame), so the viewer
-shows labels and ground-truth boxes. The real chest of the demo (RG1_UNCR.dcm)
-comes from pydicom-data at run time and is not copied here.
+shows labels and ground-truth boxes. The real chest of the demo is the DICOM in
+``resources/demo_dicom/`` (see its README.md).
 """
 from __future__ import annotations
 

@@ -332,10 +332,23 @@ def test_png16_and_corrupt_file(qtbot, win, png16, tmp_path):
     assert win.state.current_index == 0
 
 
-def test_demo_paths_include_rg1(rg1_uncr):
+def test_demo_paths_are_shipped_and_need_no_network(monkeypatch):
+    import socket
+
+    import pydicom.data
+
+    from cxrviewer.core.io import load_study
     from cxrviewer.gui.app import demo_paths
 
-    assert str(rg1_uncr) in demo_paths()
+    def no_network(*args, **kwargs):
+        raise AssertionError("the demo must not open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(pydicom.data, "get_testdata_file", no_network)
+    paths = demo_paths()
+    assert paths[0].endswith("demo") and paths[1].endswith("RG1_J2KR.dcm") and len(paths) == 2
+    study = load_study(paths[1])  # the real CR chest, MONOCHROME1, decoded locally
+    assert study.shape == (1955, 1841) and study.invert_display
 
 
 def test_right_drag_changes_levels_on_fake_study(qtbot, win):
