@@ -109,6 +109,7 @@ def _fold_eval(args: argparse.Namespace, k: int, samples: list, fold_of: dict[st
     from cxrviewer.core.device import select_device
     from cxrviewer.core.pipeline import Pipeline
     from cxrviewer.core.roles import assign_roles
+    from training.commands.evaluate import fraction_boxes, pixel_boxes
     from training.evaluate import evaluate_pipeline
     from training.localiser import fit_localiser
 
@@ -121,28 +122,18 @@ def _fold_eval(args: argparse.Namespace, k: int, samples: list, fold_of: dict[st
                           classifier_sha256=clf.manifest.weights_sha256 if clf else None,
                           provenance={"fold": k, "name": f"localiser fitted without fold {k}"})
     model["name"] = f"anatomy localiser (folds != {k})"
-    train_boxes = [b for r in refs if fold_of[r.key] != k for b in _pixel_boxes(r)]
+    train_refs = [r for r in refs if fold_of[r.key] != k]
     pipe = Pipeline(bundles, dev, map_max_side=args.map_size, options={"anatomy_model": model})
     test = [r for r in refs if fold_of[r.key] == k and r.gt_boxes]
     t0 = time.perf_counter()
-    res = evaluate_pipeline(pipe, test, train_boxes=[b for b, _ in train_boxes],
-                            prior_boxes=[b.scaled(1.0 / w, 1.0 / h) for b, (h, w) in train_boxes],
+    res = evaluate_pipeline(pipe, test, train_boxes=[b for r in train_refs for b in pixel_boxes(r)],
+                            prior_boxes=[b for r in train_refs for b in fraction_boxes(r)],
                             prior_title="prior (median box of the other folds)",
                             progress=lambda i, n, key: i % 25 == 0 and print(f"fold {k}: {i}/{n}", flush=True))
     res["seconds"] = time.perf_counter() - t0
     res["localiser"] = {c: {"anchor": v["sym"]["anchor"], "side": v["side"] is not None}
                         for c, v in model["classes"].items()}
     return res
-
-
-def _pixel_boxes(ref: Any) -> list:
-    """(box in image pixels, image (h, w)) of a reference's ground truth (NIH box frame scaled)."""
-    from PIL import Image
-
-    with Image.open(ref.path) as im:
-        w, h = im.size
-    frame = int(ref.extra.get("box_frame") or 0) or w
-    return [(b.scaled(w / frame, h / frame), (h, w)) for b in ref.gt_boxes]
 
 
 def _aggregate(folds: list[dict]) -> dict[str, Any]:

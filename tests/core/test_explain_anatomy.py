@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrviewer.core.explain.anatomy import (anatomy_boxes, anatomy_features, cam_log_ratio, decide, from_norm,
-                                            posterior_map, to_norm)
+from cxrviewer.core.explain.anatomy import (anatomy_boxes, anatomy_features, anatomy_shaping, cam_log_ratio,
+                                            decide, from_norm, posterior_map, to_norm)
 from training.localiser import Sample, fit_localiser, platt, template
 
 H = W = 64  # mask grid; the image is 10x larger
@@ -67,7 +67,7 @@ def test_decision_takes_the_side_only_when_the_evidence_is_strong():
     assert choice == "side:L" and box == pytest.approx(from_norm([0.0, 0.6, 1.0, 1.0], a["L"]))
     assert decide(_cls(5.0), a, [-1.0, 0, 0, 0, 0], None)[1] == "side:R"
     assert decide(_cls(0.0), a, [1.0, 0, 0, 0, 0], None)[1] == "sym:thorax"  # p 0.5 * 0.6 = 0.3: not better
-    post = posterior_map(cands, (H, W), (640, 640), phantom_masks().max(0) > 0)
+    post = posterior_map(cands, (H, W), (640, 640), anatomy_shaping(phantom_masks()))
     ys, xs = np.unravel_index(np.argmax(post), post.shape)
     assert post.max() == pytest.approx(1.0) and xs * 10 < 300 and ys * 10 > 350  # mass where the box is
 

@@ -172,7 +172,7 @@ def _image_size(ref: Any) -> tuple[int, int] | None:
         return None
 
 
-def _pixel_boxes(ref: Any) -> list:
+def pixel_boxes(ref: Any) -> list:
     """A study reference's ground-truth boxes in its image's pixels (the NIH box frame scaled to
     the image size read from the file header, as ``StudyRef.load`` scales them)."""
     boxes = list(ref.gt_boxes)
@@ -184,7 +184,7 @@ def _pixel_boxes(ref: Any) -> list:
                                                                  for b in boxes]
 
 
-def _fraction_boxes(ref: Any) -> list:
+def fraction_boxes(ref: Any) -> list:
     """The ground-truth boxes as fractions of the image (the prior's frame): divided by the box
     frame (NIH: 1024), else by the image size (boxes of an image of unknown size are left out)."""
     boxes = list(ref.gt_boxes)
@@ -217,8 +217,8 @@ def _references(args: argparse.Namespace, refs: dict, train: list, test: list,
         where = "train_val_list.txt's boxes"
     else:
         where = f"the training folds' boxes (all but fold {args.fold} of {args.n_folds})"
-    floor = _train_boxes(_pixel_boxes, refs, train, test, fold_of)
-    prior = _train_boxes(_fraction_boxes, refs, train, test, fold_of)
+    floor = _train_boxes(pixel_boxes, refs, train, test, fold_of)
+    prior = _train_boxes(fraction_boxes, refs, train, test, fold_of)
     return {"kw": {"train_boxes": floor, "prior_boxes": prior, "prior_title": f"prior (median box of {where})"},
             "json": {"floor_source": f"median box of {where}, pixels" if floor else "none: the training images "
                      "have no boxes", "prior_source": f"median box of {where}, fractions of the image" if prior
