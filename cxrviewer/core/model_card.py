@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from .atomic import mkstemp_beside
 
 if TYPE_CHECKING:
     from cxrviewer.core.bundle import Manifest
@@ -106,7 +106,7 @@ def write_model_card(bundle: str | os.PathLike, card: Mapping[str, Any]) -> Path
     path = folder / MANIFEST
     d = json.loads(path.read_text(encoding="utf-8"))
     d["model_card"] = json.loads(json.dumps(dict(card)))  # JSON-able, a plain copy
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=folder)
+    fd, tmp = mkstemp_beside(folder / "manifest.json")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(d, indent=2) + "\n")

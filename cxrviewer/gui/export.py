@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 from PySide6.QtCore import QRect, Qt
 from PySide6.QtGui import QColor, QFont, QImage, QPainter
 from PySide6.QtWidgets import QWidget
+from ..core.atomic import mkstemp_beside
 
 
 def models_text(results: Any) -> str:
@@ -44,7 +44,7 @@ def caption_lines(study_name: str, results: Any, class_index: int | None) -> lis
 
 def _atomic_write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from cxrviewer.core.preprocess import Preprocess
 from .dataset import Normalisation, _AugmentedBase, load_pixels
 from .records import Record
 from .transforms import AugmentConfig, resize_image_and_boxes
+from cxrviewer.core.atomic import mkstemp_beside
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -118,7 +118,7 @@ def build_cache(records: list[Record], out: str | Path, size: int = 256, *, prog
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     bundle, stored, align_attrs = _align_source(align) if align is not None else (None, None, {})
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    fd, tmp = mkstemp_beside(out)
     os.close(fd)
     n = len(records)
     box_rows: list[tuple] = []

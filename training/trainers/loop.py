@@ -18,7 +18,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from cxrviewer.core.atomic import mkstemp_beside
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Progress:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_beside(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -39,6 +38,7 @@ from ..classes import CLASSES, canonical
 from ..errors import AnnotationStoreError, ExportError
 from .model import AnnotatedBox, Edit, LABEL_STATES, REVIEW_STATUSES, StudyIdentity, StudyRecord
 from .store import AnnotationStore
+from ..atomic import mkstemp_beside
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[IO[bytes]], None] |
     tmp: str | None = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = mkstemp_beside(target)
         with os.fdopen(fd, "wb") as fh:
             if isinstance(write, (bytes, bytearray)):
                 fh.write(write)

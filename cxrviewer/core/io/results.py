@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ import numpy as np
 from ..errors import CxrError
 from ..geometry import Box
 from ..results import RESULTS_FORMAT_VERSION, Results
+from ..atomic import mkstemp_beside
 
 FORMAT_VERSION = RESULTS_FORMAT_VERSION
 GROUPS = ("explainers", "boxes")
@@ -105,7 +105,7 @@ def write_results(results: Results, path: str | os.PathLike, *, default_box_meth
     caller's :func:`cxrviewer.core.panels.default_box_method`) becomes a root attribute."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".h5.tmp", dir=p.parent)
+    fd, tmp = mkstemp_beside(p, ".h5.tmp")
     os.close(fd)
     r = results
     try:
@@ -120,9 +120,6 @@ def write_results(results: Results, path: str | os.PathLike, *, default_box_meth
                     _put(g, k, v)
             for source, boxes in r.boxes.items():
                 _write_boxes(bg, source, boxes)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
         os.replace(tmp, p)
     except OSError as exc:
         raise ResultsFileError(f"cannot write results: {exc}", path=str(p)) from exc
