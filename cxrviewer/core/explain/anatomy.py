@@ -254,6 +254,7 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
     panels = (PanelSpec("anatomy", "Anatomy-guided location posterior", "posterior", quantity="location posterior",
                         fixed_range=(0.0, 1.0), order=5, colormap="inferno", caption="Anatomy"),)
     proposes_boxes = True
+    box_score = "probability"  # the calibrated class probability (or the prevalence)
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         masks = ctx.results.get("segmentation", "masks")

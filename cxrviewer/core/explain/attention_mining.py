@@ -263,6 +263,7 @@ class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="
               PanelSpec("am_final", "Attention mining final", "final", quantity="am_final", order=30,
                         caption="AM final H_f"))
     box_rule = BoxRule("ranked", max_boxes=3)
+    box_score = "map"  # mean raw H_f inside the box
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         p = ctx.classifier_pass()

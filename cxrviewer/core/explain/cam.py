@@ -83,6 +83,7 @@ class CamExplainer(Explainer, title="Class activation map (CAM)", short="cls", o
     maps = (MapSpec("cam", "CAM S_c", "score"),)
     panels = (PanelSpec("original", "Original + CAM", "cam", quantity="activation", order=0, caption="CAM"),)
     box_rule = BoxRule("threshold")
+    box_score = "map"  # mean raw CAM inside the box
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         p = ctx.classifier_pass()  # the classifier's one forward: probabilities + CAM

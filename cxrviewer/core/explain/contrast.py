@@ -101,6 +101,7 @@ class ContrastExplainer(Explainer, title="Contrast-induced attention (CIA)", sho
               PanelSpec("normal", "Paired normal", "paired_normal", kind="image", order=50, per_class=False,
                         caption="Paired normal"))
     box_rule = BoxRule("grid", 0.5)
+    box_score = "probability"  # mean grid probability inside the box
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         from cxrviewer.core.models.cia import hash_codes, nearest_normal

@@ -107,6 +107,7 @@ class GradCamExplainer(Explainer, title="Grad-CAM", short="gcam", order=40, requ
     maps = (MapSpec("gradcam", "Grad-CAM", "score"),)
     panels = (PanelSpec("gradcam", "Grad-CAM", "gradcam", quantity="gradcam", order=100, caption="Grad-CAM"),)
     box_rule = BoxRule("threshold")
+    box_score = "map"  # mean raw Grad-CAM inside the box
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         p = ctx.classifier_pass()

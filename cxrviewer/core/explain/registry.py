@@ -10,6 +10,8 @@ registered with :func:`register_explainer` (cf. pytorch-grad-cam's ``BaseCAM`` a
 * ``panels``: how its maps are shown (:class:`PanelSpec`: panel kind, colour-scale quantity),
 * ``box_rule`` / ``box_map``: how its boxes are proposed (a :class:`~.boxes.BoxRule`), or none
   (a method that overrides ``propose_boxes`` sets ``proposes_boxes``, as the ``prior`` does),
+* ``box_score``: what its boxes' ``score`` is (:data:`BOX_SCORES`: ``probability`` or ``map``,
+  the default: a raw map value, never shown as a probability),
 
 and implements :meth:`Explainer.compute`, which the pipeline calls with an
 :class:`~cxrviewer.core.explain.context.ExplainContext` (the shared model passes) and which
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExplainError", "Explainer", "ExplainerOutput", "MapSpec", "PanelSpec", "applicable_explainers",
+__all__ = ["BOX_SCORES", "ExplainError", "Explainer", "ExplainerOutput", "MapSpec", "PanelSpec", "applicable_explainers",
            "get_explainer", "list_explainers", "register_explainer", "registered_explainers", "registry_version",
            "unregister_explainer"]
 
@@ -49,6 +51,9 @@ VALUES = ("score", "probability", "mask", "image", "labels", "vector", "affine",
 #: coordinates; ``aligned`` = the aligned image's own frame; ``own`` = the array's own frame
 #: (e.g. a bank image or a network grid); ``none`` = not an image (a vector or a matrix)
 FRAMES = ("original", "aligned", "own", "none")
+#: what a method's ``Box.score`` is: ``probability`` (0..1, e.g. a calibrated class probability
+#: or CIA-Net's grid probability) or ``map`` (the raw map values' mean inside the box)
+BOX_SCORES = ("probability", "map")
 
 
 @dataclass(frozen=True)
@@ -131,9 +136,11 @@ class Explainer:
     #: True for a reference (the fixed-box ``prior``): its boxes are scored and drawn on request,
     #: never offered as proposals nor chosen as the default box method
     reference: ClassVar[bool] = False
+    #: what ``Box.score`` of this method's boxes is (one of :data:`BOX_SCORES`)
+    box_score: ClassVar[str] = "map"
 
     _META: ClassVar[tuple[str, ...]] = ("title", "short", "order", "requires", "families", "needs_model",
-                                        "on_demand", "box_map", "box_priority", "reference")
+                                        "on_demand", "box_map", "box_priority", "reference", "box_score")
 
     def __init_subclass__(cls, **meta: Any) -> None:
         """Scalar metadata may be given as class keywords: ``class X(Explainer, title=..., order=...)``."""
@@ -143,6 +150,8 @@ class Explainer:
         super().__init_subclass__()
         for key, value in meta.items():
             setattr(cls, key, value)
+        if cls.box_score not in BOX_SCORES:
+            raise TypeError(f"{cls.__name__}.box_score must be one of {BOX_SCORES}, not {cls.box_score!r}")
 
     # -- the pipeline API ------------------------------------------------------
     @classmethod
