@@ -24,8 +24,10 @@ from cxrviewer.core.panels import PRIOR, proposal_sources, reference_sources
 __all__ = ["DUPLICATE_IOU", "MIN_MAP_SCORE", "MIN_PROBABILITY", "box_score_kind", "min_score_for",
            "proposal_source", "score_text", "select_proposals"]
 
-#: probabilities below this are not shown (the model does not think the finding is there)
-MIN_PROBABILITY = 0.1
+#: probabilities below this are not shown: the model rules the finding out. Low, because the
+#: annotator has already chosen the class and asks where, and calibrated probabilities of NIH
+#: findings are small (prevalences of 0.2-10 %; anatomy's Mass box on the demo's phantom: p 0.07)
+MIN_PROBABILITY = 0.02
 #: raw map scores at or below this are not shown (no positive evidence inside the box)
 MIN_MAP_SCORE = 0.0
 #: a box overlapping an already kept box of its class this much is a duplicate

@@ -49,7 +49,7 @@ def _grid(label: str, n: int, score0: float, step: float = -0.3) -> list[Box]:
 
 def test_top_k_per_class_over_sources_in_preference_order() -> None:
     groups = {"m:cam": _grid("Mass", 5, 1.9) + _grid("Nodule", 5, 1.5),
-              "m:anatomy": [Box("Mass", 200, 200, 40, 40, 0.62), Box("Nodule", 300, 300, 10, 10, 0.05)],
+              "m:anatomy": [Box("Mass", 200, 200, 40, 40, 0.62), Box("Nodule", 300, 300, 10, 10, 0.01)],
               "m:prior": [Box("Mass", 400, 400, 40, 40)]}
     got = select_proposals(groups, classes=None)
     by_class: dict[str, list[tuple[str, Box]]] = {}
@@ -60,7 +60,7 @@ def test_top_k_per_class_over_sources_in_preference_order() -> None:
     assert by_class["Mass"][0] == ("m:anatomy", groups["m:anatomy"][0])  # the preferred method first
     assert [b.score for _, b in by_class["Mass"][1:]] == pytest.approx([1.9, 1.6])
     assert all(k != "m:prior" for k, _ in got)  # a reference is never a proposal
-    assert all(k != "m:anatomy" for k, _ in by_class["Nodule"])  # p 0.05 is below the floor
+    assert all(k != "m:anatomy" for k, _ in by_class["Nodule"])  # p 0.01 is below the floor
 
 
 def test_classes_filter_thresholds_and_duplicates() -> None:
