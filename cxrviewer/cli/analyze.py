@@ -2,19 +2,26 @@
 
     cxrviewer analyze PATH ... [--models DIR] --out DIR [--device auto|cpu|cuda] [--classes NAME ...]
 
-For each study: ``OUT/<study-id>/results.h5`` (all maps, boxes, timings; layout in
-``cxrviewer.core.io.results``), ``summary.json`` (probabilities, every method's boxes
+For each study: ``OUT/<name>/results.h5`` (all maps, boxes, timings; layout in
+``cxrviewer.core.io.results``), ``summary.json`` (source path, pixel_sha256, probabilities, every method's boxes
 with the prior's fixed median box per class under ``prior``, ``default_box_method``,
 per-stage timings, device, models) and ``panels.png`` (original, CAM, aligned, attention
 mining, contrast + paired normal, disease mask, lung/heart masks, as available).
 A study that cannot be read or analysed gets a one-line error; the others go on
 and the exit status is non-zero at the end.
+
+``<name>`` is the file's stem (for an NIH folder: the image id, e.g. ``00002578_000``).
+Names are given in input order: two files with the same stem get ``name`` and ``name-2``.
+An existing ``OUT/<name>/`` is reused only when its ``summary.json`` records the same
+source file (a rerun overwrites its own results); any other existing folder is left
+alone and the next free suffix is taken.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -36,24 +43,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-panels", action="store_true", help="do not write panels.png")
 
 
-def _safe_name(study_id: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", study_id).strip("._") or "study"
+def _safe_name(stem: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "study"
     return s[:120]
+
+
+def _source_of(folder: Path) -> str | None:
+    """The absolute source path recorded in ``folder/summary.json`` (None: none readable)."""
+    try:
+        src = json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("source_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return os.path.abspath(src) if isinstance(src, str) and src else None
+
+
+def output_names(sources: list[Path], out: Path) -> list[str]:
+    """One folder name per source file, in input order: the file's stem, ``stem-2``, ... .
+
+    A name is taken when no folder of that name exists in ``out`` or when the existing
+    folder's ``summary.json`` records the same source file (a rerun); a folder of another
+    file, or one that is not an analysis of ours, is never reused.
+    """
+    used: set[str] = set()
+    names: list[str] = []
+    for src in sources:
+        base, k = _safe_name(src.stem), 1
+        while True:
+            name = base if k == 1 else f"{base}-{k}"
+            k += 1
+            if name in used:
+                continue
+            d = out / name
+            if not d.exists() or _source_of(d) == os.path.abspath(src):
+                break
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def _box_json(b: Any) -> dict[str, Any]:
     return {"label": b.label, "x": b.x, "y": b.y, "w": b.w, "h": b.h, "score": b.score}
 
 
-def summary_dict(results: Any, files: dict[str, str]) -> dict[str, Any]:
-    """The JSON summary of one analysed study."""
+def summary_dict(results: Any, files: dict[str, str], source: Path | None = None) -> dict[str, Any]:
+    """The JSON summary of one analysed study (``source``: the file analysed, recorded absolute)."""
     from cxrviewer.core.panels import default_box_method
 
     r = results
     probs = ({n: float(p) for n, p in zip(r.classes, r.probabilities)} if r.probabilities is not None else {})
     return {
         "study_id": r.study_id,
-        "source_path": r.source_path,
+        "source_path": os.path.abspath(source) if source is not None else r.source_path,
         "pixel_sha256": r.pixel_sha256,
         "image_shape": list(r.image_shape),
         "classes": list(r.classes),
@@ -108,18 +148,12 @@ def run(args: argparse.Namespace) -> int:
     if not wl.refs and not wl.errors:
         err("no studies found in " + ", ".join(args.paths))
         return 1
-    used: set[str] = set()
-    for ref in wl.refs:
+    names = output_names([Path(ref.path) for ref in wl.refs], out)
+    for ref, name in zip(wl.refs, names):
         t0 = time.perf_counter()
         try:
             study = ref.load()
             results = pipeline.run(study)
-            name = _safe_name(study.study_id)
-            k = 2
-            base = name
-            while name in used:
-                name, k = f"{base}_{k}", k + 1
-            used.add(name)
             d = out / name
             d.mkdir(parents=True, exist_ok=True)
             files = {"results": "results.h5", "summary": "summary.json"}
@@ -129,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 cards = {b.path.name: b.manifest for b in pipeline.bundles.values()}  # model cards
                 save_panels(study, results, d / "panels.png", class_index=c, below=below_prior_by_role(results, cards))
                 files["panels"] = "panels.png"
-            (d / "summary.json").write_text(json.dumps(summary_dict(results, files), indent=2) + "\n",
+            (d / "summary.json").write_text(json.dumps(summary_dict(results, files, ref.path), indent=2) + "\n",
                                             encoding="utf-8")
         except CxrError as exc:
             failures += 1
@@ -142,5 +176,5 @@ def run(args: argparse.Namespace) -> int:
             continue
         top = results.top_classes(1)
         best = f"{results.classes[top[0]]} p={results.probabilities[top[0]]:.3f}" if top else "no classifier"
-        print(f"{study.study_id}: {best}, {time.perf_counter() - t0:.1f} s on {results.device} -> {d}")
+        print(f"{ref.display_name}: {best}, {time.perf_counter() - t0:.1f} s on {results.device} -> {d}")
     return 1 if failures else 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -28,10 +29,11 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
                "--device", "cpu", "--map-size", "128"])
     assert rc == 0
     dirs = list(out.iterdir())
-    assert len(dirs) == 1
+    assert [p.name for p in dirs] == [rg1_uncr.stem]  # named after the file, not the pixel hash
     d = dirs[0]
     assert sorted(p.name for p in d.iterdir()) == ["panels.png", "results.h5", "summary.json"]
     summary = json.loads((d / "summary.json").read_text())
+    assert summary["source_path"] == os.path.abspath(rg1_uncr) and len(summary["pixel_sha256"]) == 64
     for stage in ("preprocess", "alignment", "segmentation", "cam", "gradcam", "attention_mining",
                   "disease_mask", "contrast", "anatomy", "prior", "boxes"):
         assert stage in summary["timings"], stage
@@ -80,8 +82,40 @@ def test_bad_input_reported_and_others_continue(models_dir, rg1_uncr, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.dcm" in err[0]
     (d,) = out.iterdir()
+    assert d.name == rg1_uncr.stem
     assert sorted(p.name for p in d.iterdir()) == ["results.h5", "summary.json"]
     assert "Nodule" in read_results(d / "results.h5").get("attention_mining", "steps")
+
+
+def test_same_stem_gets_suffix_and_a_rerun_reuses_its_folder(models_dir, rg1_uncr, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "chest.dcm", tmp_path / "b" / "chest.dcm"
+    first.write_bytes(rg1_uncr.read_bytes())
+    second.write_bytes(rg1_uncr.read_bytes())
+    out = tmp_path / "out"
+    (out / "chest").mkdir(parents=True)  # an unrelated folder of someone else: never overwritten
+    (out / "chest" / "notes.txt").write_text("mine")
+    args = ["--models", str(models_dir), "--out", str(out), "--device", "cpu", "--map-size", "64", "--no-panels"]
+    assert main(["analyze", str(first), str(second), *args]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["chest", "chest-2", "chest-3"]
+    assert [p.name for p in (out / "chest").iterdir()] == ["notes.txt"]
+    src = {n: json.loads((out / n / "summary.json").read_text())["source_path"] for n in ("chest-2", "chest-3")}
+    assert src == {"chest-2": os.path.abspath(first), "chest-3": os.path.abspath(second)}
+    # a rerun of the second file alone reuses its own folder
+    assert main(["analyze", str(second), *args]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["chest", "chest-2", "chest-3"]
+    capsys.readouterr()
+
+
+def test_output_names_in_input_order(tmp_path):
+    from cxrviewer.cli.analyze import output_names
+
+    srcs = [tmp_path / "x" / "00002578_000.png", tmp_path / "y" / "00002578_000.png", tmp_path / "a b#.dcm"]
+    assert output_names(srcs, tmp_path / "out") == ["00002578_000", "00002578_000-2", "a_b"]
+    (tmp_path / "out" / "a_b").mkdir(parents=True)
+    (tmp_path / "out" / "a_b" / "summary.json").write_text("{not json")
+    assert output_names(srcs, tmp_path / "out")[2] == "a_b-2"
 
 
 def test_missing_models_is_one_line_error(tmp_path, rg1_uncr, capsys):
