@@ -20,6 +20,8 @@ from .shortcuts import ShortcutRegistry, ShortcutsDialog
 
 #: The registry mode in which the editing keys are live.
 ANNOTATE = "annotate"
+#: On/off actions: their slot gets the checked state.
+CHECKABLE = ("annot.mode", "annot.all_classes", "annot.view_proposals")
 
 #: (id, menu text, default keys, mode, description) -- the README table is generated from it.
 SHORTCUTS: tuple[tuple[str, str, tuple[str, ...], str | None, str], ...] = (
@@ -40,6 +42,10 @@ SHORTCUTS: tuple[tuple[str, str, tuple[str, ...], str | None, str], ...] = (
      "accept the selected (else the first) model proposal"),
     ("annot.reject", "&Reject proposal", ("X", "Backspace"), ANNOTATE,
      "reject the selected (else the first) model proposal"),
+    ("annot.all_classes", "Proposals of &every class", ("Shift+C",), None,
+     "show the model proposals of every class (default: the best 3 of the current class)"),
+    ("annot.view_proposals", "Proposals outside annotation mode", (), None,
+     "show the model proposals in view mode too"),
     ("annot.class_menu", "&Class…", ("C",), ANNOTATE, "choose the class (of the selection and of new boxes)"),
     ("annot.class_next", "Next class", ("]",), ANNOTATE, "next class"),
     ("annot.class_prev", "Previous class", ("[",), ANNOTATE, "previous class"),
@@ -65,7 +71,8 @@ MENU_GROUPS: tuple[tuple[str, ...], ...] = (
     ("annot.delete", "annot.copy", "annot.paste", "annot.duplicate", "annot.carry"),
     ("annot.class_menu", "annot.class_next", "annot.class_prev", "annot.select_next",
      "annot.select_prev", "annot.cancel"),
-    ("annot.accept", "annot.reject"), ("annot.done", "annot.next", "annot.prev"),
+    ("annot.accept", "annot.reject", "annot.all_classes", "annot.view_proposals"),
+    ("annot.done", "annot.next", "annot.prev"),
     ("annot.finetune",),
 )
 
@@ -83,7 +90,7 @@ def _connected(text: str, parent: QWidget, slot: Callable[[], Any]) -> QAction:
 class AnnotationActions:
     """The QActions of the annotation tools on ``host`` (see the module docstring).
 
-    ``slots``: SHORTCUTS id -> callable (``annot.mode`` gets the checked state);
+    ``slots``: SHORTCUTS id -> callable (those of :data:`CHECKABLE` get the checked state);
     ``project``: PROJECT_ACTIONS id -> callable; ``export``/``import_``: called with a format.
     """
 
@@ -96,9 +103,9 @@ class AnnotationActions:
         for sid, text, keys, mode, desc in SHORTCUTS:
             act = QAction(text, host)
             act.setStatusTip(desc)
-            act.setCheckable(sid == "annot.mode")
+            act.setCheckable(sid in CHECKABLE)
             slot = slots[sid]
-            if sid == "annot.mode":
+            if sid in CHECKABLE:
                 act.toggled.connect(slot)
             else:
                 act.triggered.connect(lambda _=False, s=slot: s())
@@ -116,7 +123,11 @@ class AnnotationActions:
     # ---- state ----------------------------------------------------------------------
     def set_mode_checked(self, on: bool) -> None:
         """Show the annotation mode without triggering it again."""
-        act = self.actions["annot.mode"]
+        self.set_checked("annot.mode", on)
+
+    def set_checked(self, sid: str, on: bool) -> None:
+        """Show an on/off action's state without triggering it."""
+        act = self.actions[sid]
         if act.isChecked() != on:
             act.blockSignals(True)
             act.setChecked(on)

@@ -28,6 +28,12 @@ Space marks the study done (the viewer's "reset view" moves to its menu entry
 meanwhile), D/A step studies, Del deletes, Y/Enter accept and X/Backspace reject a
 proposal, C/[ ] change the class, S selects the next box. Outside it the viewer's
 keys are unchanged. See :data:`~cxrviewer.gui.annotation_actions.SHORTCUTS`.
+E with no project open asks for one (new, open, the default one, or cancel);
+:meth:`AnnotationController.reopen_last` reopens the last session's project.
+
+Proposals: the current class's best three (Shift+C: every class's), in annotation mode
+only unless Annotate > Proposals outside annotation mode is on
+(:class:`~cxrviewer.gui.annotation_edits.AnnotationEdits`).
 """
 from __future__ import annotations
 
@@ -103,10 +109,12 @@ class AnnotationController(QObject):
         self.dock = AnnotationDock()
         self.dock_widget: QDockWidget | None = None
         self.edits = AnnotationEdits(self.session, self.editor, self.dock, self.feedback, parent, self)
+        self.edits.show_proposals = False  # view mode: proposals only when asked for
         self.clipboard = AnnotationClipboard(self.session, self.edits, panel, self.feedback)
         self.io = AnnotationIO(self.session, self.feedback, parent)
         self.finetune = FineTuneController(self.feedback, self)
         self._mode = False
+        self._view_proposals = False  # proposals shown outside annotation mode too
         self.registry = registry or registry_for(parent)
         self.actions = AnnotationActions(parent, self.registry, self._slots(),
                                          self._project_slots(), self.io.export_dialog,
@@ -147,7 +155,7 @@ class AnnotationController(QObject):
     def _slots(self) -> dict[str, Callable[..., Any]]:
         ed, clip = self.edits, self.clipboard
         return {
-            "annot.mode": self.set_annotation_mode, "annot.draw": self.toggle_draw,
+            "annot.mode": self.request_annotation_mode, "annot.draw": self.toggle_draw,
             "annot.delete": ed.delete_selected, "annot.copy": clip.copy_selected,
             "annot.paste": clip.paste, "annot.duplicate": clip.duplicate_selected,
             "annot.carry": clip.carry_previous, "annot.undo": ed.undo, "annot.redo": ed.redo,
@@ -159,6 +167,8 @@ class AnnotationController(QObject):
             "annot.select_next": lambda: self.editor.select_step(1),
             "annot.select_prev": lambda: self.editor.select_step(-1),
             "annot.cancel": self.editor.cancel, "annot.finetune": self.start_finetune_default,
+            "annot.all_classes": lambda on: ed.set_proposal_view(all_classes=on),
+            "annot.view_proposals": self.set_view_proposals,
             "annot.shortcuts": self.show_shortcuts,
         }
 
@@ -213,6 +223,19 @@ class AnnotationController(QObject):
         ok = self.open_store(path)
         if ok:
             self.feedback.info(f"Annotations are saved in {path}")
+        return ok
+
+    def reopen_last(self) -> bool:
+        """Reopen the last session's project (setting ``annotation/last_store``) when none is open
+        and the file still exists."""
+        if self.session.store is not None:
+            return True
+        last = str(settings.app_settings().value("annotation/last_store", "") or "")
+        if not last or not Path(last).is_file():
+            return False
+        ok = self.open_store(last, create=False)
+        if ok:
+            self.feedback.info(f"Annotation project {last} reopened")
         return ok
 
     def open_store(self, path: str | os.PathLike, *, read_only: bool = False,
@@ -279,9 +302,10 @@ class AnnotationController(QObject):
         self.edits.refresh()
 
     def on_results(self, _sha: str, results: Any, _source: str = "") -> None:
-        """Pipeline results -> dashed proposals (annotation mode only, shown study only)."""
+        """Pipeline results -> dashed proposals (annotation mode, or proposals asked for in view
+        mode; shown study only)."""
         study = self.session.study
-        if not self._mode or study is None:
+        if not (self._mode or self._view_proposals) or study is None:
             return
         # the location prior is a reference box (View > Show location prior), never a proposal to accept
         refs = reference_sources() | {PRIOR}
@@ -298,7 +322,24 @@ class AnnotationController(QObject):
     def annotation_mode(self) -> bool:
         return self._mode
 
+    def request_annotation_mode(self, on: bool = True) -> None:
+        """E / the menu: :meth:`set_annotation_mode`, but with no project open the user chooses
+        one first (new, open, the default one; cancel leaves annotation mode off)."""
+        if not on or self.session.store is not None:
+            self.set_annotation_mode(on)
+            return
+        choice = self.io.choose_project(self.default_store_path())
+        if choice == "new":
+            self.new_store_dialog()
+        elif choice == "open":
+            self.open_store_dialog()
+        elif choice == "default":
+            self.set_annotation_mode(True)
+        self.actions.set_mode_checked(self._mode)
+        self.panel.setFocus()  # the keys work at once, without a click on the image
+
     def set_annotation_mode(self, on: bool = True) -> None:
+        """Annotation mode on/off (on opens the default project when none is open)."""
         on = bool(on)
         if on and not self.ensure_store():
             on = False
@@ -309,7 +350,15 @@ class AnnotationController(QObject):
         self.actions.set_mode_checked(on)
         if not on:
             self.editor.set_draw_mode(False)
+        self.edits.show_proposals = on or self._view_proposals
         self._update_ui()
+        self.edits.refresh()
+
+    def set_view_proposals(self, on: bool) -> None:
+        """Show the model proposals in view mode too (Annotate > Proposals outside annotation mode)."""
+        self._view_proposals = bool(on)
+        self.actions.set_checked("annot.view_proposals", self._view_proposals)
+        self.edits.set_proposal_view(shown=self._mode or self._view_proposals)
 
     def toggle_draw(self) -> None:
         """Draw one box (turning annotation mode on), or stop drawing."""
@@ -317,7 +366,9 @@ class AnnotationController(QObject):
             self.editor.set_draw_mode(False)
             return
         if not self._mode:
-            self.set_annotation_mode(True)
+            self.request_annotation_mode(True)
+            if not self._mode:
+                return
         try:
             self.session.check_editable()
         except EditRefused as exc:

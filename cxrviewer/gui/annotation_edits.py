@@ -4,6 +4,11 @@ Each command is one :class:`~cxrviewer.core.annotations.AnnotationSession` edit 
 store transaction, one undo step); :meth:`AnnotationEdits.run` reports a refused or
 failed edit and redraws the box editor and the dock from the store, so the screen
 always shows what is saved.
+
+Which pending proposals are shown is a display choice (the store keeps them all): the
+current class's best :attr:`AnnotationEdits.top_k` (:func:`cxrviewer.core.proposals.select_proposals`),
+every class's with :attr:`AnnotationEdits.all_classes`, none when :attr:`AnnotationEdits.show_proposals`
+is off (view mode). Accept, reject and select-next act on the shown ones.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from ..core.annotations import (
 from ..core.classes import CLASSES
 from ..core.errors import CxrError
 from ..core.geometry import Box
+from ..core.proposals import select_proposals
 from .annotation_feedback import AnnotationFeedback
 from .views.box_editor import BoxEditor, EditorItem, ItemKey
 from .widgets.annotations import AnnotationDock
@@ -36,6 +42,9 @@ class AnnotationEdits(QObject):
     edited = Signal(object)
     refreshed = Signal()
 
+    #: proposals shown per class (the best by :func:`select_proposals`)
+    top_k = 3
+
     def __init__(self, session: AnnotationSession, editor: BoxEditor, dock: AnnotationDock,
                  feedback: AnnotationFeedback, menu_parent: QWidget,
                  parent: QObject | None = None) -> None:
@@ -45,6 +54,10 @@ class AnnotationEdits(QObject):
         self.dock = dock
         self.feedback = feedback
         self.menu_parent = menu_parent
+        #: every class's proposals (else only those of the class of new boxes)
+        self.all_classes = False
+        #: whether proposals are shown at all (the controller: annotation mode, or asked for)
+        self.show_proposals = True
 
     # ---- running and redrawing ----------------------------------------------------------
     def run(self, op: Callable[..., Edit], *args: Any, select_created: bool = False) -> Edit | None:
@@ -86,11 +99,29 @@ class AnnotationEdits(QObject):
             self.dock.show_study([], {}, None)
         else:
             items = ([EditorItem.from_box(b) for b in snap.boxes]
-                     + [EditorItem.from_proposal(p) for p in snap.proposals])
+                     + [EditorItem.from_proposal(p) for p in self.visible_proposals(snap.proposals)])
             self.editor.set_items(items, selected=select)
             self.dock.show_study(items, snap.labels, snap.record.status)
             self.dock.set_selection(self.editor.selected)
         self.refreshed.emit()
+
+    def visible_proposals(self, proposals: Sequence[Any]) -> list[Any]:
+        """The pending proposals to show (see the module docstring), best first per class."""
+        if not self.show_proposals:
+            return []
+        groups: dict[str, list[Any]] = {}
+        for p in proposals:
+            groups.setdefault(p.model_name, []).append(p)
+        classes = None if self.all_classes else [self.editor.draw_label]
+        return [p for _, p in select_proposals(groups, classes=classes, top_k=self.top_k)]
+
+    def set_proposal_view(self, *, all_classes: bool | None = None, shown: bool | None = None) -> None:
+        """Change which proposals are shown (display only) and redraw."""
+        if all_classes is not None:
+            self.all_classes = bool(all_classes)
+        if shown is not None:
+            self.show_proposals = bool(shown)
+        self.refresh()
 
     def selected(self, kind: str) -> list[int]:
         """Ids of the selected boxes (``"box"``) or proposals (``"proposal"``)."""
@@ -124,6 +155,8 @@ class AnnotationEdits(QObject):
         boxes = self.selected("box")
         if boxes and self.session.writable:
             self.run(self.session.relabel, boxes, label)
+        else:
+            self.refresh()  # the new class's proposals
 
     def step_class(self, delta: int) -> None:
         label = self.editor.draw_label
@@ -142,11 +175,32 @@ class AnnotationEdits(QObject):
         return menu
 
     # ---- proposals ---------------------------------------------------------------------
+    def shown_proposals(self) -> list[int]:
+        """The selected proposals, else the first shown one (never a hidden one)."""
+        selected = self.selected("proposal")
+        if selected:
+            return selected
+        first = next((it.id for it in self.editor.items if it.kind == "proposal"), None)
+        return [] if first is None else [first]
+
+    def _no_proposal(self, verb: str) -> None:
+        which = "" if self.all_classes else f"{self.editor.draw_label} "
+        self.feedback.info(f"No {which}model proposal shown to {verb}"
+                           + ("" if self.all_classes else " (Annotate > Proposals of every class)"), 3000)
+
     def accept_proposal(self) -> None:
-        self.run(self.session.accept_proposals, self.selected("proposal"), select_created=True)
+        ids = self.shown_proposals()
+        if not ids:
+            self._no_proposal("accept")
+            return
+        self.run(self.session.accept_proposals, ids, select_created=True)
 
     def reject_proposal(self) -> None:
-        self.run(self.session.reject_proposals, self.selected("proposal"))
+        ids = self.shown_proposals()
+        if not ids:
+            self._no_proposal("reject")
+            return
+        self.run(self.session.reject_proposals, ids)
 
     def add_model_proposals(self, boxes: Mapping[str, Sequence[Box]] | Sequence[Box],
                             model_name: str) -> int:

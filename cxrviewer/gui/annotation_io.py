@@ -1,15 +1,24 @@
 """Annotation project files: default places, the annotator's name, the cross-process lock,
-and the export/import/project file dialogs with their messages."""
+and the export/import/project file dialogs with their messages.
+
+Default projects live in the user's data folder (:func:`user_data_dir`, Qt's
+``AppDataLocation``), one per opened folder (``projects/<folder>-<hash>.cxrann``) or
+``default.cxrann``: never beside the opened folder, so never inside the installation or a
+checkout (e.g. ``resources/demo``). A project an earlier version made beside a user's own
+folder is still found there.
+"""
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QLockFile, QObject, QStandardPaths, Signal
-from PySide6.QtWidgets import QFileDialog, QWidget
+from PySide6.QtWidgets import QFileDialog, QMessageBox, QWidget
 
 from ..core.annotations import SUFFIX, AnnotationSession, Edit, EditRefused
 from ..core.errors import CxrError
@@ -47,14 +56,35 @@ def opened_folder(source: str | None) -> Path | None:
     return Path(src) if src and "," not in src and Path(src).is_dir() else None
 
 
+def app_roots() -> list[Path]:
+    """The installation: the frozen app's folder, the checkout (or site-packages) holding the
+    package, and the Python prefix."""
+    roots = [Path(__file__).resolve().parents[2], Path(sys.prefix).resolve()]
+    frozen = getattr(sys, "_MEIPASS", None)
+    if frozen:
+        roots.append(Path(frozen).resolve())
+    return roots
+
+
+def inside_app(path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies inside the installation or the checkout (:func:`app_roots`)."""
+    p = Path(path).resolve()
+    return any(p == r or r in p.parents for r in app_roots())
+
+
 def default_store_path(source: str | None) -> Path:
-    """``<folder>.cxrann`` beside an opened folder, else ``default.cxrann`` in the data dir."""
+    """The default project of an opened folder, ``<data>/projects/<folder>-<hash>.cxrann``
+    (a ``<folder>.cxrann`` an earlier version made beside a user's folder is kept), else
+    ``<data>/default.cxrann`` (``<data>``: :func:`user_data_dir`)."""
     folder = opened_folder(source)
-    if folder is not None:
-        folder = folder.resolve()
-        if os.access(folder.parent, os.W_OK):
-            return folder.parent / f"{folder.name}{SUFFIX}"
-    return user_data_dir() / f"default{SUFFIX}"
+    if folder is None:
+        return user_data_dir() / f"default{SUFFIX}"
+    folder = folder.resolve()
+    beside = folder.parent / f"{folder.name}{SUFFIX}"
+    if beside.is_file() and not inside_app(beside):
+        return beside
+    digest = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:8]
+    return user_data_dir() / "projects" / f"{folder.name}-{digest}{SUFFIX}"
 
 
 def project_lock(path: Path) -> tuple[Callable[[], None] | None, str | None]:
@@ -144,6 +174,21 @@ class AnnotationIO(QObject):
         if not path:
             return None
         return path if path.endswith(SUFFIX) else path + SUFFIX
+
+    def choose_project(self, default: Path) -> str | None:
+        """No project open: ask "new", "open" or "default" (``default`` is its path); None:
+        cancelled."""
+        box = QMessageBox(QMessageBox.Icon.Question, "Annotation project",
+                          "Boxes and labels are saved in an annotation project. Create or open one?",
+                          QMessageBox.StandardButton.Cancel, self.parent_widget)
+        box.setInformativeText(f"The default project for these studies is {default}")
+        role = QMessageBox.ButtonRole.AcceptRole
+        buttons = {"new": box.addButton("New project…", role), "open": box.addButton("Open project…", role),
+                   "default": box.addButton("Use default project", role)}
+        box.setDefaultButton(buttons["default"])
+        box.exec()
+        clicked = box.clickedButton()
+        return next((k for k, b in buttons.items() if b is clicked), None)
 
     def open_project_path(self, folder: Path) -> str | None:
         """Ask for an existing project; None when cancelled."""

@@ -66,15 +66,20 @@ class PipelineHolder:
 
 
 def results_cache_dir() -> Path:
-    """``<cache dir>/results-cache`` (``$CXRVIEWER_CONFIG_DIR`` in tests)."""
+    """``<cache dir>/results-cache``: ``$CXRVIEWER_CACHE_DIR``, else ``$CXRVIEWER_CONFIG_DIR/cache``
+    (the tests' isolated folder), else Qt's per-user ``CacheLocation`` (e.g. ``~/.cache/cxrviewer``):
+    a cache, never in the configuration folder."""
+    env = os.environ.get("CXRVIEWER_CACHE_DIR")
     cfg = os.environ.get("CXRVIEWER_CONFIG_DIR")
-    if cfg:
-        base = Path(cfg)
+    if env:
+        base = Path(env)
+    elif cfg:
+        base = Path(cfg) / "cache"
     else:
         from PySide6.QtCore import QStandardPaths
 
-        base = Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppConfigLocation)
-                    or Path.home() / ".config" / "cxrviewer")
+        loc = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.CacheLocation)
+        base = Path(loc) if loc else Path.home() / ".cache" / "cxrviewer"
     return base / "results-cache"
 
 

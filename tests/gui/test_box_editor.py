@@ -259,8 +259,15 @@ def test_proposals_dashed_accept_reject_keep_provenance(qtbot, host, ctrl):
                                           Box("Nodule", 300, 200, 40, 40, 0.4)]}, "tinycia")
     assert n == 2
     assert ctrl.edits.add_model_proposals({"cia": [Box("Mass", 50, 50, 80, 60, 0.9)]}, "tinycia") == 0
+    # only the current class's proposals are shown (issue 14); Y with none shown accepts nothing
+    assert ctrl.editor.draw_label == "Atelectasis" and ctrl.editor.items == []
+    qtbot.keyClick(panel, Qt.Key.Key_Y)
+    assert stored(ctrl) == [] and len(ctrl.store.proposals(ctrl.record.id, "pending")) == 2
+    ctrl.edits.set_class("Mass")
+    assert [it.label for it in ctrl.editor.items] == ["Mass"]
+    QTest.keySequence(panel, QKeySequence("Shift+C"))  # every class's proposals
     props = [it for it in ctrl.editor.items if it.kind == "proposal"]
-    assert len(props) == 2
+    assert len(props) == 2 and ctrl.actions.actions["annot.all_classes"].isChecked()
     drawn = ctrl.editor.outline(props[0].key)
     assert drawn.pen().style() == Qt.PenStyle.DashLine
     assert stored(ctrl) == []
@@ -433,8 +440,8 @@ def test_main_window_has_the_editor(qtbot, tmp_path):
     # pipeline results of this study become dashed proposals (annotation mode)
     from types import SimpleNamespace
 
-    res = SimpleNamespace(boxes={"cia": [Box("Mass", 200, 150, 60, 50, 0.8)]},
-                          study_id=win.state.study.study_id)
+    res = SimpleNamespace(boxes={"cia": [Box(ctrl.editor.draw_label, 200, 150, 60, 50, 0.8)]},
+                          study_id=win.state.study.study_id)  # (the current class: shown by default)
     ctrl.on_results("sha", res, "computed")  # (the window connects it to win.inference.finished)
     assert [it.kind for it in ctrl.editor.items] == ["box", "proposal"]
     # a fine-tuned bundle shows up in the model picker (its folder added and selected)

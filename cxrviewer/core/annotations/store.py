@@ -207,7 +207,8 @@ class AnnotationStore:
         return version
 
     def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
-        """Back up an existing store (``<name>.v<N>.bak``), then run the migrations."""
+        """Back up an existing store (``<name>.v<N>.bak``), then run the migrations (a new file:
+        all of them, which builds it at the current schema; only an upgrade is logged)."""
         if version > 0:
             backup = self.path.with_name(f"{self.path.name}.v{version}.bak")
             dst = sqlite3.connect(str(backup))
@@ -217,7 +218,10 @@ class AnnotationStore:
                 dst.close()
             log.info("%s: backed up schema v%d to %s before upgrading", self.path, version, backup)
         reached = migrate(conn)
-        log.info("%s: schema migrated to v%s", self.path, reached[-1] if reached else version)
+        if version == 0:  # a brand-new file: created at the current schema, nothing was migrated
+            log.debug("%s: new annotation store (schema v%s)", self.path, reached[-1] if reached else version)
+        else:
+            log.info("%s: schema migrated to v%s", self.path, reached[-1] if reached else version)
 
     # ---- housekeeping -----------------------------------------------------------
     @property

@@ -20,6 +20,10 @@ one-shot "N draws one box"):
   (``refused`` signal) -- the store refuses zero-area boxes as well.
 * Accepted boxes are solid, model proposals dashed; the selection is drawn
   thicker with 8 handles of constant screen size.
+* Z order: proposals under the ground truth (:mod:`.layers`), accepted boxes above it, the
+  selection on top. Labels say what a proposal's score is (``p 0.62`` / ``map 1.94``,
+  :func:`cxrviewer.core.proposals.score_text`) and are placed where they cover no other label,
+  the ground truth's included (:func:`.layers.layout_text_items`, redone on zoom).
 
 Coordinates are original-image pixels (the panel's view coordinates), the same as
 :class:`~cxrviewer.core.geometry.Box` and the store's rows.
@@ -38,7 +42,8 @@ from PySide6.QtGui import QBrush, QColor, QPen
 from PySide6.QtWidgets import QGraphicsItem, QGraphicsRectItem
 
 from ...core.classes import CLASSES
-from .layers import Layer, label_color
+from ...core.proposals import score_text
+from .layers import BoxLayer, Layer, Rect, label_color, label_style, layout_text_items
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,10 @@ GraphicsItemT = TypeVar("GraphicsItemT", bound=QGraphicsItem)
 
 #: (kind, id): kind is "box" (accepted) or "proposal" (a model's, pending).
 ItemKey = tuple[str, int]
+
+#: z of the outlines (labels 0.5 above): proposals under the ground truth layer (20),
+#: accepted boxes over it, the selection (and the box being drawn) on top
+Z_PROPOSAL, Z_BOX, Z_SELECTED = 18.0, 30.0, 32.0
 
 #: Resize parts of a rectangle; "inside" moves it.
 _PARTS = ("nw", "n", "ne", "e", "se", "s", "sw", "w")
@@ -95,12 +104,18 @@ class EditorItem:
                    "model", p.model_name, p.score, "")
 
     def caption(self) -> str:
+        """Class, the score as what it is (a model's box) and "?" for a proposal."""
         text = self.label
         if self.score is not None:
-            text += f" {self.score:.2f}"
+            text += f" {score_text(self.model_name or '', self)}"
         if self.kind == "proposal":
             text += " ?"
         return text
+
+    @property
+    def z(self) -> float:
+        """Outline z: proposals under the ground truth (20), accepted boxes above it."""
+        return Z_PROPOSAL if self.kind == "proposal" else Z_BOX
 
 
 # ---- pure geometry (unit-tested without Qt) -------------------------------------------
@@ -214,11 +229,14 @@ class _Drawn:
         fill = QColor(color)
         fill.setAlpha(40 if selected else 0)
         self.rect.setBrush(QBrush(fill) if selected else QBrush(Qt.BrushStyle.NoBrush))
-        layer.add(self.rect)
-        self.text = pg.TextItem(item.caption(), color=color, anchor=(0, 1),
-                                fill=QColor(0, 0, 0, 150))
-        layer.add(self.text)
+        z = Z_SELECTED if selected else item.z
+        layer.add(self.rect).setZValue(z)
+        fg, bg = label_style(item.label, proposal=item.kind == "proposal")
+        self.text = pg.TextItem(item.caption(), color=fg, anchor=(0, 0), fill=bg)
+        layer.add(self.text).setZValue(z + 0.5)
         self.handles: list[_Handle] = [layer.add(_Handle(color)) for _ in _PARTS] if selected else []
+        for handle in self.handles:
+            handle.setZValue(z + 1.0)
         self.set_rect(item.rect)
 
     @property
@@ -307,8 +325,11 @@ class BoxEditor(QObject):
         self._draw_mode = False
         self._drag: _Drag | None = None
         self._preview: _Drawn | None = None
+        #: the shown labels' rects (view units), after the last layout
+        self.label_rects: list[Rect] = []
         self.layer = panel.add_layer(_EditorLayer("box_editor", self._on_image_changed))
         panel.view.drag_interceptors.insert(0, self._on_drag)
+        panel.view.sigTransformChanged.connect(self._layout_labels)  # labels keep their screen size
         panel.scene().sigMouseClicked.connect(self._on_click)
         panel.scene().sigMouseMoved.connect(self._on_hover)
 
@@ -374,6 +395,24 @@ class BoxEditor(QObject):
         for d in self._drawn.values():
             self._remove(d)
         self._drawn = keep
+        self._layout_labels()
+
+    def _layout_labels(self, *_args: object) -> None:
+        """Place the labels where they cover no other: accepted boxes first, then the selected
+        proposal, then proposals best first, clear of the panel's other box layers (ground truth)."""
+        shape = self.layer.image_shape
+        if shape is None or not self._drawn:
+            self.label_rects = []
+            return
+        taken = [r for lay in getattr(self.panel, "layers", {}).values()
+                 if isinstance(lay, BoxLayer) and lay.visible for r in lay.label_rects]
+        sel = set(self._selected)
+        order = sorted(self._drawn.values(),
+                       key=lambda d: 0 if d.item.kind == "box" else (1 if d.item.key in sel else 2))
+        s = float(getattr(self.panel, "display_scale", 1.0) or 1.0)
+        self.label_rects = layout_text_items(
+            self.layer.view, [(d.text, d.shown) for d in order], taken=taken,
+            bounds=(0.0, 0.0, shape[1] * s, shape[0] * s), keep=[d.item.kind == "box" for d in order])
 
     def _remove(self, d: _Drawn) -> None:
         for g in d.graphics:

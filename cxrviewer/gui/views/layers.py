@@ -6,12 +6,21 @@ y = row, origin at the top-left pixel corner), the same coordinates as
 
 A layer owns its graphics items and adds them to the panel's ViewBox with
 ``ignoreBounds=True`` (an overlay never changes the fitted view). Z order:
-image 0, heatmap 10, boxes 20, editors 30 (the box editor's layer in
-:mod:`cxrviewer.gui.views.box_editor`).
+image 0, heatmap 10, prior 17, model proposals 18 (dashed), ground truth 20, the box
+editor's accepted boxes 30 and selection 32 (:mod:`cxrviewer.gui.views.box_editor`; its
+proposals at 18); a label sits 0.5 above its box, so ground truth and its labels are never
+under a proposal.
+
+Labels: a solid box (ground truth, accepted) has its label on the class colour in black or
+white (:func:`cxrviewer.core.classes.text_colour`), a proposal in its class colour lightened to
+4.5:1 on near black (WCAG AA either way). :func:`place_labels` puts each label above, inside or
+below its box, or stacked beside it, where it covers no other label (fixed screen size, so it is
+redone when the zoom changes).
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,20 +29,99 @@ from PySide6.QtCore import QRectF, Qt
 from PySide6.QtGui import QBrush, QColor, QPen
 from PySide6.QtWidgets import QGraphicsItem, QGraphicsRectItem
 
-from ...core.classes import CLASSES
+from ...core.classes import class_colour, lighten_to_contrast, text_colour
 from ...core.geometry import Box
 
 log = logging.getLogger(__name__)
 
-# Distinct colours for the 14 ChestX-ray14 classes (+ fallback), readable on grey.
-_PALETTE = ["#ff595e", "#ffca3a", "#8ac926", "#1982c4", "#6a4c93", "#ff924c", "#52d1dc",
-            "#f15bb5", "#00f5d4", "#fee440", "#9b5de5", "#c5d86d", "#f4a261", "#e76f51"]
+#: (x, y, w, h) in view units (original-image pixels; y down)
+Rect = tuple[float, float, float, float]
+#: the background of proposal labels
+DARK_LABEL = "#141414"
+#: how far a label may be stacked beside its box (label heights)
+MAX_STACK = 6
 
 
 def label_color(label: str) -> QColor:
-    """A stable colour per class name."""
-    idx = CLASSES.index(label) if label in CLASSES else sum(map(ord, label))
-    return QColor(_PALETTE[idx % len(_PALETTE)])
+    """A stable colour per class name (outlines)."""
+    return QColor(class_colour(label))
+
+
+def label_style(label: str, *, proposal: bool = False) -> tuple[QColor, QColor]:
+    """(text, background) of a box label: black/white on the class colour, or for a proposal the
+    class colour (lightened to 4.5:1) on near black."""
+    if proposal:
+        return QColor(lighten_to_contrast(class_colour(label), DARK_LABEL)), QColor(DARK_LABEL)
+    bg = class_colour(label)
+    return QColor(text_colour(bg)), QColor(bg)
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _inside(r: Rect, bounds: Rect) -> bool:
+    return (r[0] >= bounds[0] and r[1] >= bounds[1] and r[0] + r[2] <= bounds[0] + bounds[2]
+            and r[1] + r[3] <= bounds[1] + bounds[3])
+
+
+def _candidates(box: Rect, w: float, h: float) -> list[Rect]:
+    """Label positions by preference: above, inside top, below, inside bottom (left, then
+    right aligned), then stacked further below and above."""
+    x, y, bw, bh = box
+    right = x + bw - w
+    spots = [(x, y - h), (x, y), (x, y + bh), (x, y + bh - h), (right, y - h), (right, y + bh)]
+    for k in range(1, MAX_STACK + 1):
+        spots += [(x, y + bh + k * h), (x, y - (k + 1) * h)]
+    return [(sx, sy, w, h) for sx, sy in spots]
+
+
+def place_labels(boxes: Sequence[Rect], sizes: Sequence[tuple[float, float]], *, taken: Sequence[Rect] = (),
+                 bounds: Rect | None = None, gap: float = 0.0) -> list[Rect | None]:
+    """Where each label goes (in order: earlier labels win), or None where no spot is free.
+
+    ``sizes``: label (w, h) in view units; ``taken``: rects other labels already hold;
+    ``bounds``: prefer spots inside it (the image); ``gap``: spacing kept between labels.
+    """
+    placed: list[Rect] = [(t[0] - gap, t[1] - gap, t[2] + 2 * gap, t[3] + 2 * gap) for t in taken]
+    out: list[Rect | None] = []
+    for box, (w, h) in zip(boxes, sizes):
+        spots = _candidates(box, w, h)
+        if bounds is not None:
+            spots = [r for r in spots if _inside(r, bounds)] + [r for r in spots if not _inside(r, bounds)]
+        spot = next((r for r in spots if not any(_overlaps(r, q) for q in placed)), None)
+        out.append(spot)
+        if spot is not None:
+            placed.append((spot[0] - gap, spot[1] - gap, spot[2] + 2 * gap, spot[3] + 2 * gap))
+    return out
+
+
+def layout_text_items(view: pg.ViewBox | None, entries: Sequence[tuple[pg.TextItem, Rect]], *,
+                      taken: Sequence[Rect] = (), bounds: Rect | None = None,
+                      keep: Sequence[bool] = ()) -> list[Rect]:
+    """Move ``(label, box)`` text items (anchor (0, 0)) to :func:`place_labels` spots at the view's
+    current zoom; a label without a free spot is hidden, unless ``keep[i]`` (then it stays at its
+    first choice; hidden = opacity 0, so the layer's visibility stays the layer's). Returns the
+    rects of the shown labels (view units)."""
+    if view is None or not entries:
+        return []
+    px, py = view.viewPixelSize()
+    if not (px > 0 and py > 0 and math.isfinite(px) and math.isfinite(py)):
+        return []
+    sizes = []
+    for label, _ in entries:
+        r = label.textItem.boundingRect()
+        sizes.append((r.width() * px, r.height() * py))
+    spots = place_labels([b for _, b in entries], sizes, taken=taken, bounds=bounds, gap=1.0 * px)
+    shown = []
+    for i, ((label, box), spot, size) in enumerate(zip(entries, spots, sizes)):
+        if spot is None and i < len(keep) and keep[i]:
+            spot = _candidates(box, *size)[0]
+        if spot is not None:
+            label.setPos(spot[0], spot[1])
+            shown.append(spot)
+        label.setOpacity(1.0 if spot is not None else 0.0)
+    return shown
 
 
 class Layer:
@@ -181,32 +269,73 @@ def box_rect(box: Box, colour: QColor, width: float, *, dashed: bool) -> QGraphi
 
 
 class BoxLayer(Layer):
-    """Read-only rectangles with a class label each (ground truth, proposals)."""
+    """Read-only rectangles with a class label each (ground truth; dashed: model proposals).
+
+    Labels are laid out so they do not cover one another (:func:`layout_text_items`, again on
+    every zoom); :attr:`label_rects` are the shown ones, which the box editor keeps clear of.
+    """
 
     z = 20.0
+    #: z of a dashed (proposal) layer: under the ground truth
+    PROPOSAL_Z = 18.0
 
     def __init__(self, name: str = "boxes", *, dashed: bool = False, show_scores: bool = True) -> None:
         super().__init__(name)
         self.dashed = dashed
         self.show_scores = show_scores
+        if dashed:
+            self.z = self.PROPOSAL_Z
         self.boxes: list[Box] = []
+        self.labels: list[pg.TextItem] = []
+        self.label_rects: list[Rect] = []
 
-    def set_boxes(self, boxes: Sequence[Box]) -> None:
-        """Replace the drawn boxes (``Box`` coordinates are original-image pixels)."""
+    def attach(self, view: pg.ViewBox) -> None:
+        super().attach(view)
+        view.sigTransformChanged.connect(self._on_transform)
+
+    def detach(self) -> None:
+        if self.view is not None:
+            try:
+                self.view.sigTransformChanged.disconnect(self._on_transform)
+            except (RuntimeError, TypeError):  # never connected
+                pass
+        super().detach()
+
+    def _on_transform(self, *_args: object) -> None:
+        self.relayout()
+
+    def set_boxes(self, boxes: Sequence[Box], *, texts: Sequence[str] | None = None) -> None:
+        """Replace the drawn boxes (original-image pixels); ``texts``: the labels (default: the
+        class, and the raw score when ``show_scores``)."""
         self.clear()
         self.boxes = list(boxes)
-        for box in self.boxes:
-            color = label_color(box.label)
-            self._add(box_rect(box, color, 2.0, dashed=self.dashed))
-            text = box.label if box.score is None or not self.show_scores else f"{box.label} {box.score:.2f}"
-            fill = QColor(0, 0, 0, 150)
-            label = pg.TextItem(text, color=color, anchor=(0, 1), fill=fill)
+        for i, box in enumerate(self.boxes):
+            self._add(box_rect(box, label_color(box.label), 2.0, dashed=self.dashed))
+            if texts is not None:
+                text = texts[i]
+            else:
+                text = box.label if box.score is None or not self.show_scores else f"{box.label} {box.score:.2f}"
+            fg, bg = label_style(box.label, proposal=self.dashed)
+            label = pg.TextItem(text, color=fg, anchor=(0, 0), fill=bg)
             label.setPos(box.x, box.y)
             self._add(label)
+            label.setZValue(self.z + 0.5)
+            self.labels.append(label)
+        self.relayout()
+
+    def relayout(self) -> None:
+        """Place the labels for the current zoom (see :func:`place_labels`)."""
+        bounds = None if self.image_shape is None else (0.0, 0.0, float(self.image_shape[1]),
+                                                        float(self.image_shape[0]))
+        entries = [(lab, (b.x, b.y, b.w, b.h)) for lab, b in zip(self.labels, self.boxes)]
+        self.label_rects = layout_text_items(self.view, entries, bounds=bounds,
+                                             keep=[not self.dashed] * len(entries))
 
     def clear(self) -> None:
         super().clear()
         self.boxes = []
+        self.labels = []
+        self.label_rects = []
 
     def on_image_changed(self, shape: tuple[int, int] | None) -> None:
         super().on_image_changed(shape)
@@ -218,7 +347,7 @@ class PriorLayer(BoxLayer):
     lower right corner, drawn under the proposals and transparent to the mouse (a reference, never
     selectable, editable or saved; not part of any annotation)."""
 
-    z = 19.0
+    z = 17.0
     COLOUR = QColor(190, 190, 190)
 
     def set_boxes(self, boxes: Sequence[Box]) -> None:

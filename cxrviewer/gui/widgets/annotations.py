@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QGroup
                                QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from ...core.classes import CLASSES
+from ...core.proposals import score_text
 from ..views.box_editor import EditorItem, ItemKey
 
 #: Shown in the label combos; index 0 = not set.
@@ -22,12 +23,12 @@ STATUS_TEXT = {"unseen": "unseen", "in_progress": "in progress", "done": "done",
 
 
 def provenance_text(item: EditorItem) -> str:
-    """"manual (ann)", "model cia 0.83", "proposal cia 0.83" for the box list."""
+    """"manual, ann", "model m:anatomy p 0.83", "proposal m:cam map 1.20" for the box list (the
+    score as what it is, :func:`~cxrviewer.core.proposals.score_text`)."""
+    score = "" if item.score is None else f" {score_text(item.model_name or '', item)}"
     if item.kind == "proposal":
-        score = "" if item.score is None else f" {item.score:.2f}"
         return f"proposal {item.model_name or ''}{score}".strip()
     if item.source == "model":
-        score = "" if item.score is None else f" {item.score:.2f}"
         who = f", by {item.annotator}" if item.annotator else ""
         return f"model {item.model_name or ''}{score}{who}"
     return f"manual, {item.annotator}" if item.annotator else "manual"
