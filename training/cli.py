@@ -43,13 +43,41 @@ COMMANDS = {
 }
 
 
+#: what ``cxr-train --help`` says
+DESCRIPTION = """Build training data, train the models of the cxrviewer app and evaluate them. Every
+command writes what the app loads: model bundles (NAME.cxrbundle folders), the canonical chest,
+the anatomy-guided localiser, or evaluation tables. Training commands save a checkpoint every
+epoch in OUT.run/ (rerun the same command to resume) and run on the GPU when there is one.
+'cxr-train COMMAND --help' lists a command's options and their defaults."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and adds "(default: X)" to every option whose help
+    does not already say its default (None and off switches have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if (text is None or "default" in text or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of ``text`` on one line (the command list of ``cxr-train --help``)."""
+    flat = " ".join(text.split())
+    end = flat.find(". ")
+    return flat if end < 0 else flat[: end + 1]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cxr-train", description=__doc__)
+    """The ``cxr-train`` parser with one sub-parser per command."""
+    p = argparse.ArgumentParser(prog="cxr-train", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for name, mod in COMMANDS.items():
-        sp = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None,
-                            description=mod.__doc__)
+        sp = sub.add_parser(name, help=_first_sentence(mod.DESCRIPTION), description=mod.DESCRIPTION,
+                            epilog="examples:\n" + mod.EXAMPLES, formatter_class=HelpFormatter)
         mod.add_arguments(sp)
         sp.set_defaults(_run=mod.run)
     return p

@@ -16,6 +16,14 @@ from pathlib import Path
 
 from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
 
+#: what ``cxr-train align --help`` says
+DESCRIPTION = """Train the alignment module (CIA-Net) that registers a chest X-ray to the canonical chest, and
+write an alignment bundle. The loss combines the error on known random affine perturbations
+with an image loss on the warped image (Euclidean plus perceptual). A held-out recovery check
+runs every --eval-every epochs."""
+EXAMPLES = """  cxr-train align --data NIH --canonical resources/canonical_chest.png \
+      --arch-kwargs '{"backbone": "tiny"}' --epochs 60 --out models/alignment.cxrbundle"""
+
 log = logging.getLogger(__name__)
 
 
@@ -25,9 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-kwargs", default=None, help='JSON kwargs, e.g. \'{"backbone": "tiny"}\'')
     g = p.add_argument_group("alignment loss")
     g.add_argument("--rotation", type=float, default=12.0, help="max random rotation, degrees (default 12)")
-    g.add_argument("--scale-range", type=float, nargs=2, default=(0.9, 1.1), metavar=("MIN", "MAX"))
+    g.add_argument("--scale-range", type=float, nargs=2, default=(0.9, 1.1), metavar=("MIN", "MAX"),
+                   help="range of the random scale")
     g.add_argument("--shift", type=float, default=0.10, help="max random shift, fraction of the size (0.10)")
-    g.add_argument("--param-weight", type=float, default=10.0)
+    g.add_argument("--param-weight", type=float, default=10.0, help="weight of the L1 loss on the affine parameters")
     g.add_argument("--image-weight", type=float, default=0.5, help="weight of the Eq. 6-9 image loss")
     g.add_argument("--perceptual-weight", type=float, default=1.0,
                    help="weight of the perceptual term inside the image loss (1 = Eq. 9; random-init features)")

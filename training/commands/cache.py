@@ -8,6 +8,12 @@ import argparse
 import logging
 import time
 
+#: what ``cxr-train cache --help`` says
+DESCRIPTION = """Build an HDF5 cache of the images of an NIH-layout folder, resized to the training size, so
+that each epoch reads one file instead of decoding every PNG. The training commands take it
+with --cache."""
+EXAMPLES = """  cxr-train cache --data NIH --out nih256.h5 --size 256"""
+
 log = logging.getLogger(__name__)
 
 

@@ -15,6 +15,13 @@ from pathlib import Path
 
 from .common import command_line
 
+#: what ``cxr-train canonical --help`` says
+DESCRIPTION = """Build the canonical chest: the average of the "No Finding" radiographs of an NIH-layout
+folder, sharpened by re-averaging after registering each one to the current average, and
+cropped around the lungs, as in CIA-Net. Writes the PNG and a provenance .json beside it;
+the alignment module and the app align every study to this image."""
+EXAMPLES = """  cxr-train canonical --data NIH --out resources/canonical_chest.png"""
+
 log = logging.getLogger(__name__)
 
 

@@ -22,6 +22,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+#: what ``cxr-train card --help`` says
+DESCRIPTION = """Write a bundle's model card from the metrics.json of cxr-train evaluate: the evaluation's
+data and protocol, the AUROC per class, and for each boxed class the accuracy of one box method
+beside the location prior. The card is stored in the bundle's manifest.json; the app shows it
+and marks the classes where the method is below the prior. The bundle must be one that the
+metrics evaluated."""
+EXAMPLES = """  cxr-train card --bundle models/dm.cxrbundle --metrics eval/dm/metrics.json"""
+
 __all__ = ["card_from_metrics"]
 
 

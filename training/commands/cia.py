@@ -15,6 +15,16 @@ from pathlib import Path
 
 from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
 
+#: what ``cxr-train cia --help`` says
+DESCRIPTION = """Train CIA-Net (contrast-induced attention) with limited box supervision and write a bundle
+that includes its bank of normal images for pairing. --box-fraction sets the share of boxed
+images whose boxes are used; --annotations adds the labels and accepted boxes of an
+annotation project. The defaults follow the paper (ResNet-50, 512 px, SGD lr 1e-3 divided by
+10 every 5 epochs, weight decay 1e-4, 15 epochs, batch 6); use --optimizer adam for small CPU
+runs."""
+EXAMPLES = """  cxr-train cia --data NIH --box-fraction 0.4 --negatives paired --out models/cia.cxrbundle
+  cxr-train cia --data NIH --annotations project.cxrann --out models/cia.cxrbundle"""
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="canonical chest PNG for --negatives canonical (default resources/canonical_chest.png, "
                         "else the mean training normal)")
     p.add_argument("--annotations", default=None,
-                   help="annotation store (.cxrannot): its labels and accepted boxes override the CSVs "
+                   help="annotation project (.cxrann): its labels and accepted boxes override the CSVs "
                         "for the images it knows; its other images with a readable path are added")
     p.add_argument("--annotation-status", default=None,
                    help="only studies with these review statuses, comma-separated (e.g. done,verified)")

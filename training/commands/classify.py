@@ -14,6 +14,15 @@ import logging
 
 from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
 
+#: what ``cxr-train classify --help`` says
+DESCRIPTION = """Train a chest X-ray classifier for the 14 NIH classes (weighted binary cross-entropy) and
+write a model bundle the app loads. Any classifier architecture of the registry works: the
+baseline CAM network, space attention, attention-gated, MSA, lung/heart. A checkpoint is saved
+every epoch in OUT.run/ (rerun the same command to resume) with a log.jsonl; the held-out
+fold's mean AUROC is printed at the end."""
+EXAMPLES = """  cxr-train classify --data NIH --arch resnet50 --size 512 --epochs 5 --out models/cls.cxrbundle
+  torchrun --nproc_per_node 2 -m training.cli classify ...   (several GPUs)"""
+
 log = logging.getLogger(__name__)
 
 

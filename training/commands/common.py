@@ -10,37 +10,42 @@ from ..trainers.loop import TrainConfig
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data options of the training commands (folder, cache, size, fold)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="NIH-layout folder (real NIH or phantoms)")
     g.add_argument("--cache", default=None,
                    help="HDF5 cache (cxr-train cache); built here first if the file does not exist")
-    g.add_argument("--size", type=int, default=256, help="input size in pixels (default 256)")
+    g.add_argument("--size", type=int, default=256, help="network input size in pixels")
     g.add_argument("--align", default=None, metavar="BUNDLE",
                    help="train on the images exactly as the app feeds them: --cache is built (if missing) "
                         "by the app's alignment step with this alignment bundle (whole registered chest, "
                         "rejected alignments unaligned); an existing --cache must be an aligned one")
     g.add_argument("--fold", type=int, default=0,
-                   help="held-out patient-wise fold (default 0); -1 = the official split if present")
-    g.add_argument("--n-folds", type=int, default=5)
+                   help="held-out patient-wise fold; -1 = the official split if present")
+    g.add_argument("--n-folds", type=int, default=5, help="number of patient-wise folds")
     g.add_argument("--limit", type=int, default=0, help="use only the first N records (0 = all)")
     g.add_argument("--no-augment", action="store_true", help="turn augmentation off")
 
 
 def add_train_arguments(p: argparse.ArgumentParser, *, epochs: int = 5, batch_size: int = 16,
                         lr: float = 1e-4, optimizer: str = "adam") -> None:
+    """The training-loop options (epochs, optimiser, device, checkpoints, output bundle)."""
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=batch_size)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default=optimizer)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--lr-step-epochs", type=int, default=0, help="divide the lr by 10 every N epochs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--run-dir", default=None, help="checkpoints and log.jsonl (default: OUT.run)")
+    g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (per GPU)")
+    g.add_argument("--lr", type=float, default=lr, help="learning rate")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default=optimizer,
+                   help="adam, or sgd (Nesterov, momentum 0.9)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    g.add_argument("--lr-step-epochs", type=int, default=0, help="divide the lr by 10 every N epochs (0 = never)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the split, the augmentation and the weights")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0 = load in the main process)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to train (auto: the GPU when there is one)")
+    g.add_argument("--run-dir", default=None,
+                   help="folder for checkpoints and log.jsonl (default: OUT.run next to the bundle)")
     g.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    g.add_argument("--out", required=True, help="bundle to write")
+    g.add_argument("--out", required=True, help="bundle to write (*.cxrbundle)")
 
 
 def train_config(args: argparse.Namespace, **extra) -> TrainConfig:

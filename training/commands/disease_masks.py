@@ -14,6 +14,14 @@ from pathlib import Path
 
 from .common import add_data_arguments, add_train_arguments, command_line, datasets, train_config
 
+#: what ``cxr-train disease-masks --help`` says
+DESCRIPTION = """Train the disease-masks model: build per-class disease masks from a trained classifier's
+class activation maps, then retrain the classifier guided by them, and write a "dm" bundle that
+also stores the masks. With --pseudo the masks come from the lung and heart anatomy instead
+(for comparison)."""
+EXAMPLES = """  cxr-train disease-masks --data NIH --classifier cls.cxrbundle --alignment align.cxrbundle \
+      --size 512 --epochs 5 --out models/dm.cxrbundle"""
+
 log = logging.getLogger(__name__)
 
 

@@ -28,6 +28,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+#: what ``cxr-train evaluate --help`` says
+DESCRIPTION = """Evaluate model bundles on an NIH-layout folder through the app's own pipeline and write
+metrics.json and tables.md to --out. It reports the AUROC per class and, for every explanation
+method that proposes boxes, the localisation accuracy and false positives per image at several
+IoU and IoBB thresholds under three box budgets (one box per class, top 3, all boxes), beside
+the location prior and the median-box floor. A lone alignment bundle gets alignment metrics
+instead. A fold request that cannot be met, or a flag that would have no effect, exits with
+status 2."""
+EXAMPLES = """  cxr-train evaluate --data NIH --models resources/models --fold 0 --out eval/fold0
+  cxr-train evaluate --data NIH --model dm.cxrbundle --fold -1 --out eval/dm"""
+
 log = logging.getLogger(__name__)
 
 #: defaults of the flags whose explicit use is checked (None in the parser = not given)
@@ -74,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "scored as the reference): " + ", ".join(methods))
     p.add_argument("--map-size", type=int, default=None,
                    help=f"longest side of the maps (default {MAP_SIZE}, as analyze)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run the models (auto: the GPU when there is one)")
 
 
 def _error(msg: str) -> int:

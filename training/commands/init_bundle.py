@@ -30,6 +30,15 @@ from cxrviewer.core.canonical import canonical_ref, default_canonical_path
 from cxrviewer.core.classes import CLASSES
 from cxrviewer.core.errors import CxrError
 
+#: what ``cxr-train init-bundle --help`` says
+DESCRIPTION = """Write an untrained model bundle (random weights) for any registered architecture, to try the
+app's pipeline and panels before a model is trained. The bundle's manifest says it is untrained
+and a research demo. A CIA-Net bundle also gets a bank of normal images for pairing: from
+--normals when given, otherwise synthetic ones (jittered copies of the canonical chest, or
+chest-like phantoms)."""
+EXAMPLES = """  cxr-train init-bundle --arch msa --kwargs '{"backbone": "tiny"}' --input-size 256 --out models/msa
+  cxr-train init-bundle --arch cia --normals NIH/images --bank-size 64 --out models/cia"""
+
 log = logging.getLogger(__name__)
 
 
@@ -196,7 +205,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bank-size", type=int, default=16, help="number of normal images in a CIA bank")
     p.add_argument("--canonical", default=None,
                    help="canonical chest image to reference (default resources/canonical_chest.png if present)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights and the synthetic bank")
     p.add_argument("--name", default=None, help="bundle name shown in the GUI (default: folder stem)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 

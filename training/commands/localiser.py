@@ -20,6 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: what ``cxr-train localiser --help`` says
+DESCRIPTION = """Learn the anatomy-guided localiser, the app's default box method, from an NIH-layout folder
+and write it as JSON. Every study is run through the app's pipeline with the bundles of
+--models; with --fold-models each study is run with the models of its own held-out fold, so
+the evidence comes from a classifier that never saw it."""
+EXAMPLES = """  cxr-train localiser --data NIH --models resources/models --fold-models 'CV/fold{k}' \
+      --out resources/priors/anatomy_localiser.json"""
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-folds", type=int, default=5, help="patient-wise folds of --fold-models (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split (default 0)")
     p.add_argument("--map-size", type=int, default=256, help="longest side of the maps (default 256)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run the models (auto: the GPU when there is one)")
     p.add_argument("--out", required=True, help="the localiser JSON to write")
 
 

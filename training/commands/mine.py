@@ -15,6 +15,13 @@ from pathlib import Path
 
 from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
 
+#: what ``cxr-train mine --help`` says
+DESCRIPTION = """Train a classifier with iterative attention mining: train the MSA network plainly (or start
+from --init), then fine-tune it by erasing each class's most attended region, with knowledge
+preservation (--kp). Writes a bundle whose attention-mining steps the app shows."""
+EXAMPLES = """  cxr-train mine --data NIH --arch msa --size 512 --pretrain-epochs 5 --epochs 3 --kp kp --out models/am.cxrbundle
+  cxr-train mine --data NIH --init msa.cxrbundle --kp vanilla --epochs 3 --out models/am_vanilla.cxrbundle"""
+
 log = logging.getLogger(__name__)
 
 

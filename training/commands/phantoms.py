@@ -11,6 +11,13 @@ from pathlib import Path
 
 from cxrviewer.core.errors import CxrError
 
+#: what ``cxr-train phantoms --help`` says
+DESCRIPTION = """Write synthetic chest phantoms with exact ground truth as an NIH ChestX-ray14 folder:
+images/, Data_Entry_2017.csv and BBox_List_2017.csv (and, with --masks, lung, heart and finding
+masks). The same seed gives identical files. Use them to try training and evaluation without
+real data."""
+EXAMPLES = """  cxr-train phantoms --out data/phantoms --n 500 --size 256 --seed 0 --masks"""
+
 log = logging.getLogger(__name__)
 
 

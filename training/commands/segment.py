@@ -17,6 +17,13 @@ from pathlib import Path
 
 from .common import add_train_arguments, command_line, train_config
 
+#: what ``cxr-train segment --help`` says
+DESCRIPTION = """Train the lung and heart U-Net (Dice loss) on JSRT images with SCR masks and write a
+segmentation bundle. One image-wise fold is held out; its Dice per class, measured at full
+resolution, is stored in the bundle. JSRT and SCR are for research use only, and so are the
+weights (the manifest says so)."""
+EXAMPLES = """  cxr-train segment --data JSRT --size 160 --width 16 --epochs 10 --out models/segmentation.cxrbundle"""
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", required=True, help="JSRT folder: images/*.jpg and masks/<class>/<stem>.png")
     g.add_argument("--size", type=int, default=160, help="network input size in pixels (default 160)")
     g.add_argument("--fold", type=int, default=0, help="held-out image-wise fold (default 0)")
-    g.add_argument("--n-folds", type=int, default=5)
+    g.add_argument("--n-folds", type=int, default=5, help="number of image-wise folds")
     g.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
     g.add_argument("--no-augment", action="store_true", help="turn augmentation off")
     m = p.add_argument_group("model")
