@@ -1,12 +1,146 @@
-"""GUI entry point: ``run_gui(paths, demo, models_dir)`` used by ``cxrviewer``."""
+"""GUI entry point: ``run_gui(paths, demo, models_dir)`` used by ``cxrviewer``.
+
+Before Qt starts on Linux, ``display_problem`` checks that there is a display and that the
+system libraries of Qt's X11 (xcb) platform plugin are installed, so a stock machine gets a
+one-line message with the apt-get command instead of Qt's abort.
+"""
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
+import os
+import re
 import sys
-from collections.abc import Sequence
+import sysconfig
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+#: The system libraries PySide6's xcb platform plugin loads (the NEEDED entries of
+#: plugins/platforms/libqxcb.so, libQt6XcbQpa, libQt6Gui, libQt6DBus that PySide6 does not
+#: ship), each with the Debian/Ubuntu package that provides it.
+XCB_LIBRARIES: dict[str, str] = {
+    "libxcb.so.1": "libxcb1",
+    "libX11.so.6": "libx11-6",
+    "libX11-xcb.so.1": "libx11-xcb1",
+    "libxcb-cursor.so.0": "libxcb-cursor0",
+    "libxcb-icccm.so.4": "libxcb-icccm4",
+    "libxcb-image.so.0": "libxcb-image0",
+    "libxcb-keysyms.so.1": "libxcb-keysyms1",
+    "libxcb-randr.so.0": "libxcb-randr0",
+    "libxcb-render.so.0": "libxcb-render0",
+    "libxcb-render-util.so.0": "libxcb-render-util0",
+    "libxcb-shape.so.0": "libxcb-shape0",
+    "libxcb-shm.so.0": "libxcb-shm0",
+    "libxcb-sync.so.1": "libxcb-sync1",
+    "libxcb-util.so.1": "libxcb-util1",
+    "libxcb-xfixes.so.0": "libxcb-xfixes0",
+    "libxcb-xkb.so.1": "libxcb-xkb1",
+    "libxkbcommon.so.0": "libxkbcommon0",
+    "libxkbcommon-x11.so.0": "libxkbcommon-x11-0",
+    "libGL.so.1": "libgl1",
+    "libEGL.so.1": "libegl1",
+    "libfontconfig.so.1": "libfontconfig1",
+    "libfreetype.so.6": "libfreetype6",
+    "libglib-2.0.so.0": "libglib2.0-0",
+    "libgthread-2.0.so.0": "libglib2.0-0",
+    "libdbus-1.so.3": "libdbus-1-3",
+}
+
+
+def _library_dirs() -> list[Path]:
+    """Folders a shared library may be in: LD_LIBRARY_PATH, PySide6's Qt/lib, a frozen bundle,
+    the system's (multiarch) library folders."""
+    dirs = [Path(d) for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    spec = importlib.util.find_spec("PySide6")  # finds the package without importing Qt
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        dirs.append(Path(loc) / "Qt" / "lib")
+    frozen = getattr(sys, "_MEIPASS", None)
+    if frozen:
+        dirs.append(Path(frozen))
+    arch = sysconfig.get_config_var("MULTIARCH") or ""
+    for base in ("/lib", "/usr/lib", "/usr/local/lib"):
+        dirs += [Path(base) / arch] if arch else []
+        dirs.append(Path(base))
+    dirs += [Path("/lib64"), Path("/usr/lib64")]
+    return dirs
+
+
+def library_present(soname: str) -> bool:
+    """Whether the dynamic loader can find ``soname`` (a file lookup first, then dlopen)."""
+    if any((d / soname).exists() for d in _library_dirs()):
+        return True
+    try:
+        ctypes.CDLL(soname)
+    except OSError:
+        return False
+    return True
+
+
+def _plugin_load_error() -> str | None:
+    """The soname that keeps PySide6's libqxcb.so from loading, None when it loads (or is not found)."""
+    spec = importlib.util.find_spec("PySide6")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    for root in roots:
+        plugin = Path(root) / "Qt" / "plugins" / "platforms" / "libqxcb.so"
+        if plugin.is_file():
+            try:
+                ctypes.CDLL(str(plugin))
+            except OSError as exc:
+                m = re.search(r"([\w.+-]+\.so[\w.]*): cannot open shared object file", str(exc))
+                return m.group(1) if m else None
+    return None
+
+
+def missing_libraries(present: Callable[[str], bool] | None = None) -> list[str]:
+    """The sonames of Qt's xcb plugin that are not installed, in ``XCB_LIBRARIES`` order."""
+    present = present or library_present
+    missing = [name for name in XCB_LIBRARIES if not present(name)]
+    if not missing:
+        extra = _plugin_load_error()  # a library this table does not know (a newer Qt)
+        missing = [extra] if extra else []
+    return missing
+
+
+def _missing_message(missing: Sequence[str]) -> str:
+    packages = list(dict.fromkeys(XCB_LIBRARIES[m] for m in missing if m in XCB_LIBRARIES))
+    unknown = [m for m in missing if m not in XCB_LIBRARIES]
+    text = f"cxrviewer: Qt cannot start its display plugin (xcb): missing {', '.join(missing)}."
+    if packages:
+        text += " Install them with: sudo apt-get install " + " ".join(packages)
+    if unknown:
+        text += (" (and the package that provides " if packages else " Install the package that provides ") \
+            + ", ".join(unknown) + (")" if packages else "")
+    return text
+
+
+def display_problem(env: Mapping[str, str] | None = None, platform: str | None = None,
+                    present: Callable[[str], bool] | None = None) -> str | None:
+    """A one-line reason why Qt cannot open a window here, or None (checked on Linux only).
+
+    Checked when Qt would use its xcb plugin: QT_QPA_PLATFORM unset or ``xcb``. No DISPLAY
+    (and no WAYLAND_DISPLAY) is a problem; so are missing xcb libraries when Qt will use X11
+    (DISPLAY set and no Wayland session, or QT_QPA_PLATFORM=xcb). Under Wayland, Qt uses its
+    Wayland plugin, so the X11 libraries are not required.
+    """
+    env = os.environ if env is None else env
+    if not (platform or sys.platform).startswith("linux"):
+        return None
+    qpa = env.get("QT_QPA_PLATFORM", "").split(";")[0].split(":")[0].strip()
+    if qpa and qpa != "xcb":
+        return None  # offscreen, wayland, vnc, ...: not the xcb plugin
+    if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
+        return ("cxrviewer: no display (DISPLAY is not set): start it in a desktop session or with ssh -X; "
+                "without a display, 'cxrviewer --self-test' checks the installation "
+                "(or run with QT_QPA_PLATFORM=offscreen)")
+    if not qpa and env.get("WAYLAND_DISPLAY"):
+        return None
+    if not env.get("DISPLAY"):
+        return "cxrviewer: QT_QPA_PLATFORM=xcb but DISPLAY is not set: unset QT_QPA_PLATFORM under Wayland"
+    missing = missing_libraries(present)
+    return _missing_message(missing) if missing else None
 
 
 def _resource_roots() -> list[Path]:
@@ -19,19 +153,28 @@ def _resource_roots() -> list[Path]:
     return roots
 
 
-def demo_paths() -> list[str]:
-    """Demo studies: the phantom NIH folder ``resources/demo/`` and the real DICOM chest in
-    ``resources/demo_dicom/`` (shipped: nothing is downloaded; a missing one is logged)."""
+def find_demo() -> tuple[list[str], list[str]]:
+    """(paths, missing): the demo studies, the phantom NIH folder ``resources/demo/`` and the
+    real DICOM chest in ``resources/demo_dicom/`` (shipped: nothing is downloaded), and the
+    ``resources/...`` folders that are missing (each is logged)."""
     found: list[str] = []
+    missing: list[str] = []
     for name, pattern in (("demo", None), ("demo_dicom", "*.dcm")):
         for root in _resource_roots():
             folder = root / name
-            if folder.is_dir() and any(folder.iterdir()):
-                found += [str(folder)] if pattern is None else sorted(str(p) for p in folder.glob(pattern))
+            paths = [str(folder)] if pattern is None else sorted(str(p) for p in folder.glob(pattern))
+            if folder.is_dir() and any(folder.iterdir()) and paths:
+                found += paths
                 break
         else:
             log.warning("demo study folder resources/%s is missing", name)
-    return found
+            missing.append(f"resources/{name}/")
+    return found, missing
+
+
+def demo_paths() -> list[str]:
+    """The demo studies that are present (see :func:`find_demo`)."""
+    return find_demo()[0]
 
 
 def reserve_gui_core() -> int:
@@ -42,9 +185,17 @@ def reserve_gui_core() -> int:
 
 
 def run_gui(paths: Sequence[str], demo: bool = False, models_dir: str | None = None) -> int:
-    """Open the main window on ``paths`` (files/folders); ``demo`` adds the demo studies."""
+    """Open the main window on ``paths`` (files/folders); ``demo`` adds the demo studies.
+
+    Returns 1 with a one-line message on stderr when Qt cannot open a window here
+    (:func:`display_problem`).
+    """
+    problem = display_problem()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     from PySide6.QtCore import QTimer
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtWidgets import QApplication, QLabel
 
     from .main_window import MainWindow
 
@@ -56,11 +207,14 @@ def run_gui(paths: Sequence[str], demo: bool = False, models_dir: str | None = N
     win.show()
     to_open = [str(p) for p in paths]
     if demo:
-        extra = demo_paths()
+        extra, missing = find_demo()
         to_open += extra
-        if not extra:
-            win.statusBar().showMessage("No demo studies found (resources/demo/ is absent and "
-                                        "pydicom-data is not installed)")
+        if missing:  # said in the status bar for as long as the window is open
+            note = QLabel(f"Demo study missing: {', '.join(missing)}")
+            note.setObjectName("demoMissing")
+            note.setToolTip("Missing demo study folder(s): " + ", ".join(missing)
+                            + " (part of the installation; reinstall or check out the repository again)")
+            win.statusBar().addPermanentWidget(note)
     if to_open:
         QTimer.singleShot(0, lambda: win.open_paths(to_open))
     return int(app.exec())
