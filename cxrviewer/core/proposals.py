@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 from cxrviewer.core.explain.registry import registered_explainers
 from cxrviewer.core.panels import PRIOR, proposal_sources, reference_sources
 
-__all__ = ["DUPLICATE_IOU", "MIN_MAP_SCORE", "MIN_PROBABILITY", "box_score_kind", "min_score_for",
+__all__ = ["DUPLICATE_IOU", "MAX_AREA_FRACTION", "MIN_MAP_SCORE", "MIN_PROBABILITY", "box_score_kind", "min_score_for",
            "proposal_source", "score_text", "select_proposals"]
 
 #: probabilities below this are not shown: the model rules the finding out. Low, because the
@@ -32,6 +32,8 @@ MIN_PROBABILITY = 0.02
 MIN_MAP_SCORE = 0.0
 #: a box overlapping an already kept box of its class this much is a duplicate
 DUPLICATE_IOU = 0.7
+#: a box covering more of the image than this says nothing about where (with ``image_shape``)
+MAX_AREA_FRACTION = 0.8
 
 
 class ScoredBox(Protocol):
@@ -96,14 +98,16 @@ def _passes(source: str, box: ScoredBox, min_score: float | None) -> bool:
 
 
 def select_proposals(boxes_by_source: Mapping[str, Sequence[B]], *, classes: Collection[str] | None,
-                     top_k: int = 3, min_score: float | None = None) -> list[tuple[str, B]]:
+                     top_k: int = 3, min_score: float | None = None,
+                     image_shape: tuple[int, int] | None = None) -> list[tuple[str, B]]:
     """Per class of ``classes`` (None: every class) the ``top_k`` proposals worth showing.
 
     Sources are taken in the app's preference order (:func:`proposal_sources`; unknown ones
     after, by name; references such as the prior never), boxes within a source best score first
     (a box without a score last). Dropped: scores below ``min_score`` (None: the floor for what
-    the source's score is, :func:`min_score_for`) and near-duplicates of a kept box of the same
-    class. Keys may be sources or stored model names ``"<model>:<source>"``. Returns
+    the source's score is, :func:`min_score_for`), near-duplicates of a kept box of the same
+    class and, given the image's ``(height, width)``, boxes over :data:`MAX_AREA_FRACTION` of it.
+    Keys may be sources or stored model names ``"<model>:<source>"``. Returns
     ``(key, box)`` pairs, class by class in first-seen order.
     """
     refs = reference_sources() | {PRIOR}
@@ -111,6 +115,7 @@ def select_proposals(boxes_by_source: Mapping[str, Sequence[B]], *, classes: Col
     keys = sorted((k for k in boxes_by_source if proposal_source(k) not in refs),
                   key=lambda k: (order.get(proposal_source(k), len(order)), proposal_source(k), k))
     wanted = None if classes is None else set(classes)
+    max_area = None if image_shape is None else MAX_AREA_FRACTION * image_shape[0] * image_shape[1]
     kept: dict[str, list[tuple[str, B]]] = {}
     for key in keys:
         ranked = sorted(boxes_by_source[key], key=lambda b: (b.score is None, -(b.score or 0.0)))
@@ -119,6 +124,8 @@ def select_proposals(boxes_by_source: Mapping[str, Sequence[B]], *, classes: Col
                 continue
             chosen = kept.setdefault(box.label, [])
             if len(chosen) >= top_k or not _passes(proposal_source(key), box, min_score):
+                continue
+            if max_area is not None and box.w * box.h > max_area:
                 continue
             if any(_iou(box, other) >= DUPLICATE_IOU for _, other in chosen):
                 continue

@@ -115,6 +115,7 @@ class AnnotationController(QObject):
         self.finetune = FineTuneController(self.feedback, self)
         self._mode = False
         self._view_proposals = False  # proposals shown outside annotation mode too
+        self._panel_proposals_visible = True
         self.registry = registry or registry_for(parent)
         self.actions = AnnotationActions(parent, self.registry, self._slots(),
                                          self._project_slots(), self.io.export_dialog,
@@ -345,6 +346,7 @@ class AnnotationController(QObject):
             on = False
         if on != self._mode:
             self._mode = on
+            self._hide_panel_proposals(on)
             self.registry.set_mode(ANNOTATE if on else None)
             self.modeChanged.emit(on)
         self.actions.set_mode_checked(on)
@@ -353,6 +355,18 @@ class AnnotationController(QObject):
         self.edits.show_proposals = on or self._view_proposals
         self._update_ui()
         self.edits.refresh()
+
+    def _hide_panel_proposals(self, hide: bool) -> None:
+        """The panel's own (view-mode) proposal layer, if it has one, gives way to the editor's
+        in annotation mode and comes back as it was after."""
+        layer = getattr(self.panel, "layers", {}).get("proposals")
+        if layer is None:
+            return
+        if hide:
+            self._panel_proposals_visible = layer.visible
+            layer.set_visible(False)
+        else:
+            layer.set_visible(self._panel_proposals_visible)
 
     def set_view_proposals(self, on: bool) -> None:
         """Show the model proposals in view mode too (Annotate > Proposals outside annotation mode)."""

@@ -113,7 +113,9 @@ class AnnotationEdits(QObject):
         for p in proposals:
             groups.setdefault(p.model_name, []).append(p)
         classes = None if self.all_classes else [self.editor.draw_label]
-        return [p for _, p in select_proposals(groups, classes=classes, top_k=self.top_k)]
+        rec = self.session.record
+        shape = None if rec is None else (int(rec.height), int(rec.width))
+        return [p for _, p in select_proposals(groups, classes=classes, top_k=self.top_k, image_shape=shape)]
 
     def set_proposal_view(self, *, all_classes: bool | None = None, shown: bool | None = None) -> None:
         """Change which proposals are shown (display only) and redraw."""

@@ -72,3 +72,10 @@ def test_classes_filter_thresholds_and_duplicates() -> None:
     assert [b for _, b in got] == [cam[0], cam[2]]
     assert select_proposals({"cam": cam}, classes=["Mass"], top_k=0) == []
     assert select_proposals({}, classes=None) == []
+
+
+def test_a_box_over_most_of_the_image_is_not_shown() -> None:
+    am = [Box("Mass", 0, 0, 1024, 1024, 0.9), Box("Mass", 700, 600, 100, 90, 0.6)]
+    assert len(select_proposals({"attention_mining": am}, classes=None)) == 2
+    got = select_proposals({"attention_mining": am}, classes=None, image_shape=(1024, 1024))
+    assert [b for _, b in got] == [am[1]]
