@@ -222,7 +222,9 @@ def test_the_last_project_reopens(qtbot, tmp_path):
     assert again.reopen_last() and again.store.path == tmp_path / "mine.cxrann"
     again.shutdown()
     (tmp_path / "mine.cxrann").unlink()
-    assert not AnnotationController.attach(Host(), annotator="t").reopen_last()  # gone: nothing
+    host3 = Host()
+    qtbot.addWidget(host3)
+    assert not AnnotationController.attach(host3, annotator="t").reopen_last()  # gone: nothing
 
 
 def _listing(folder: Path) -> set[str]:
