@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         mod = SUBCOMMANDS[argv[0]]
-        p = argparse.ArgumentParser(prog=f"cxrviewer {argv[0]}", description=mod.__doc__)
+        p = argparse.ArgumentParser(prog=f"cxrviewer {argv[0]}",
+                                    description=getattr(mod, "DESCRIPTION", None) or mod.__doc__)
         p.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
         mod.add_arguments(p)
         args = p.parse_args(argv[1:])

@@ -30,6 +30,16 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+#: what ``cxrviewer analyze --help`` says
+DESCRIPTION = """Run every model on studies without the window and write, per study, a folder
+OUT/NAME/ with results.h5 (all maps and boxes, the format the app reads), summary.json
+(source path, pixel SHA-256, class probabilities, every method's boxes, timings, device,
+models) and panels.png (the panels the models allow). NAME is the file's name without its
+extension (for an NIH folder: the image id); two files with the same name get NAME and
+NAME-2, in input order. An existing folder is reused only when it holds the results of the
+same file; any other folder is left alone. A study that cannot be read gets a one-line error,
+the others go on, and the exit status is 1 at the end."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="DICOM/PNG/JPEG files, folders or NIH ChestX-ray14 folders")

@@ -167,3 +167,11 @@ def test_init_bundle_bank_from_canonical_chest(tmp_path):
     assert b.manifest.extras_info["normal_bank"]["synthetic"] is True
     bank = b.extras["normal_bank_images"].astype(float)
     assert bank[:, 32, 32].mean() > 180 and bank[:, 2, 2].mean() < 80  # the disc survives the jitter
+
+
+def test_analyze_help_is_written_for_users(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text and "NAME-2" in text
