@@ -205,6 +205,7 @@ def run_gui(paths: Sequence[str], demo: bool = False, models_dir: str | None = N
     app.setOrganizationName("cxrviewer")
     win = MainWindow(popup_errors=True, models_dir=models_dir)
     win.show()
+    win.annotations.reopen_last()  # the annotation project of the last session (tests' windows never do)
     to_open = [str(p) for p in paths]
     if demo:
         extra, missing = find_demo()

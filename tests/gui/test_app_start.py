@@ -107,3 +107,40 @@ def test_missing_demo_study_is_said_in_the_status_bar(qtbot, monkeypatch):
     finally:
         safety.stop()
     assert seen and "resources/demo_dicom/" in seen[0] and "missing" in seen[0]
+
+
+def test_run_gui_reopens_the_last_project(qtbot, tmp_path, monkeypatch):
+    """The annotation project of the last session is open again when the app starts."""
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from cxrviewer.core.annotations import AnnotationStore
+    from cxrviewer.gui import settings
+    from cxrviewer.gui.main_window import MainWindow
+
+    monkeypatch.setattr(gui_app, "display_problem", lambda *a, **k: None)
+    project = tmp_path / "last.cxrann"
+    AnnotationStore(project).close()
+    settings.app_settings().setValue("annotation/last_store", str(project))
+    seen: list[str | None] = []
+
+    def close_when_shown():
+        wins = [w for w in QApplication.topLevelWidgets() if isinstance(w, MainWindow) and w.isVisible()]
+        if wins:
+            store = wins[-1].annotations.store
+            seen.append(str(store.path) if store is not None else None)
+            wins[-1].close()
+        else:
+            QTimer.singleShot(20, close_when_shown)
+
+    QTimer.singleShot(0, close_when_shown)
+    safety = QTimer()
+    safety.setSingleShot(True)
+    safety.timeout.connect(QApplication.instance().quit)
+    safety.start(20_000)
+    try:
+        assert gui_app.run_gui([], demo=False) == 0
+    finally:
+        safety.stop()
+        settings.app_settings().remove("annotation/last_store")
+    assert seen == [str(project)]
