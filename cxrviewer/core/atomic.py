@@ -23,6 +23,16 @@ def normal_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def mkdtemp_beside(target: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
+    """A new temporary folder beside ``target`` (renamed into place by the caller) with the mode
+    ``os.mkdir`` would give (``0o777 & ~umask``, not ``mkdtemp``'s 0700)."""
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=folder))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def mkstemp_beside(target: str | os.PathLike[str], suffix: str = ".tmp") -> tuple[int, str]:
     """``(fd, path)`` of a new temporary file in ``target``'s folder (same file system, so
     ``os.replace(path, target)`` is atomic), named ``.<target name>.XXXX<suffix>``, with normal

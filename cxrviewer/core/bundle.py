@@ -28,7 +28,6 @@ import logging
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import mkdtemp_beside
 from .checksum import sha256_file
 from .errors import BundleError, ModelError
 from .families import FAMILIES  # noqa: F401  (the bundle families, re-exported)
@@ -539,7 +539,7 @@ def save_bundle(
     if p.exists() and not overwrite:
         raise BundleError("bundle already exists (pass overwrite=True)", path=str(p))
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
+    tmp = mkdtemp_beside(p)
     try:
         _write_files(tmp, model, manifest, arrays, _STORE_DTYPES[weights_dtype])
         _move_into_place(tmp, p)

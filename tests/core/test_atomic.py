@@ -46,3 +46,14 @@ def test_exports_and_results_have_normal_permissions(tmp_path, umask022) -> None
                   map_shape=(8, 8), classes=("A",), probabilities=np.array([0.5], np.float32))
     write_results(res, tmp_path / "results.h5")
     assert _mode(tmp_path / "results.h5") == 0o644
+
+
+def test_saved_bundle_folder_has_normal_permissions(tmp_path, umask022) -> None:
+    from cxrviewer.core.bundle import save_bundle
+    from cxrviewer.core.classes import CLASSES
+    from cxrviewer.core.models import create_model
+
+    model = create_model("cam_classifier", backbone="tiny")
+    out = save_bundle(model, tmp_path / "m.cxrbundle", classes=CLASSES, input_size=64)
+    assert _mode(out) == 0o755  # not mkdtemp's 0700
+    assert all(_mode(f) == 0o644 for f in out.iterdir())
