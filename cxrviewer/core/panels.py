@@ -24,7 +24,7 @@ from cxrviewer.core.roles import ROLE_TITLES
 __all__ = ["BELOW_PRIOR", "BelowPrior", "PRIOR", "PanelData", "PanelRef", "alignment_note", "below_prior_by_role",
            "class_panel", "default_box_method", "needs_class_maps", "panel_below_prior", "panel_data",
            "panel_list", "panel_model", "panel_ref", "prior_boxes", "proposal_sources", "reference_sources",
-           "split_below_prior", "wrap_caption"]
+           "scale_label", "split_below_prior", "wrap_caption"]
 
 #: the explainer of the location prior (one fixed reference box per class, never a proposal)
 PRIOR = "prior"
@@ -182,7 +182,7 @@ def _panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
     if s.per_class:
         idx = ex.classes(res).index(_class_name(res, c)) if _class_name(res, c) in ex.classes(res) else None
         if idx is None or idx >= arr.shape[0]:
-            return PanelData(caption)
+            return PanelData(f"{caption} (this model has no map for {_class_name(res, c)})")
         arr, key_ = arr[idx], (id(arr), idx)
     else:
         key_ = (id(arr),)
@@ -192,7 +192,30 @@ def _panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
         return PanelData(caption, True, image=arr, image_levels=(0.0, hi), image_key=key_, frame=frame)
     if s.kind == "masks":
         return PanelData(caption, True, masks=arr, overlay_key=key_)
+    if s.fixed_range is not None and s.per_class and "source" in res.attrs.get(ex.name, {}):
+        caption = f"{caption} {_mask_note(res, ref, arr)}"
     return PanelData(caption, True, heat=arr, heat_key=key_)
+
+
+#: colour-bar names of the quantities (others: the PanelSpec's ``quantity``)
+QUANTITY_LABELS = {"activation": "CAM activation", "am_final": "AM final H_f", "probability": "ψ probability"}
+
+
+def scale_label(key: str) -> str:
+    """The name of the quantity panel ``key`` maps (its colour bar's label)."""
+    spec = panel_ref(key).spec
+    return QUANTITY_LABELS.get(spec.quantity, spec.quantity or spec.title)
+
+
+def _mask_note(res: Results, ref: PanelRef, heat: np.ndarray) -> str:
+    """What a probability-mask panel shows: its source and how much of the image is >= 0.5."""
+    src = res.attrs.get(ref.explainer.name, {}).get("source")
+    finite = np.asarray(heat, np.float32)
+    finite = finite[np.isfinite(finite)]
+    share = float((finite >= 0.5).mean()) if finite.size else 0.0
+    what = {"pdm": "pseudo mask: the class's anatomical region from the segmentation, not a detection",
+            "dm": "DM model", "classifier": "classifier's ψ"}.get(str(src), str(src or "unknown source"))
+    return f"[{what}; ψ≥0.5 on {share:.0%} of the map]"
 
 
 def panel_model(key: str, res: Results) -> str:

@@ -47,6 +47,13 @@ COLORMAPS: dict[str, np.ndarray] = {
     "hot": _interp_lut([(0, 0, 0), (230, 0, 0), (255, 210, 0), (255, 255, 255)]),
 }
 
+#: the heat maps' colour map in the viewer and in ``panels.png`` (perceptually uniform; jet stays selectable)
+DEFAULT_COLORMAP = "viridis"
+#: the lowest 30 % of a map's colour range fades in from transparent (the radiograph stays visible)
+FADE = 0.3
+#: the viewer's default heat-map opacity, also used by ``panels.png``
+OPACITY = 0.45
+
 #: RGB of the segmentation classes (left lung, right lung, heart).
 SEGMENTATION_COLOURS: tuple[tuple[int, int, int], ...] = ((230, 60, 60), (60, 200, 90), (70, 120, 255))
 
@@ -59,6 +66,34 @@ def colormap(name: str) -> np.ndarray:
         raise KeyError(f"unknown colormap {name!r}; known: {', '.join(COLORMAPS)}") from None
 
 
+def format_value(v: float) -> str:
+    """A colour bar's end value: 3 significant digits, integers when large."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def overlay_lut(name: str, fade: float = FADE) -> np.ndarray:
+    """``[256, 4]`` RGBA LUT: colour map ``name`` with an alpha ramp over its lowest ``fade``
+    fraction, so low values leave the radiograph visible (the viewer and ``panels.png`` share it)."""
+    rgb = colormap(name)
+    ramp = np.clip(np.linspace(0.0, 1.0, 256) / max(fade, 1e-6), 0.0, 1.0) if fade > 0 else np.ones(256)
+    return np.concatenate([rgb, (ramp * 255).round().astype(np.uint8)[:, None]], axis=1)
+
+
+def heat_over(base01: np.ndarray, heat: np.ndarray, levels: tuple[float, float], name: str = DEFAULT_COLORMAP,
+              opacity: float = OPACITY, valid: np.ndarray | None = None) -> np.ndarray:
+    """``heat`` (resized to the base) drawn through :func:`overlay_lut` at ``levels`` over the grey
+    base -> RGB uint8; outside ``valid`` and where the map is NaN only the base shows."""
+    base = gray_rgb(base01).astype(np.float32)
+    h = _fit(np.asarray(heat, np.float32), base01.shape)
+    idx = np.clip(np.nan_to_num(normalise01(h, *levels)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    rgba = overlay_lut(name)[idx].astype(np.float32)
+    alpha = rgba[..., 3:] / 255.0 * opacity
+    alpha[~np.isfinite(h)] = 0.0
+    if valid is not None:
+        alpha[~(_fit(np.asarray(valid, np.float32), base01.shape, nearest=True) > 0.5)] = 0.0
+    return np.clip(base * (1 - alpha) + rgba[..., :3] * alpha + 0.5, 0, 255).astype(np.uint8)
+
+
 def normalise01(a: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
     """Min-max (or ``vmin``/``vmax``) scale to [0, 1]; a constant map gives zeros."""
     a = np.asarray(a, np.float32)
@@ -67,12 +102,6 @@ def normalise01(a: np.ndarray, vmin: float | None = None, vmax: float | None = N
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return np.zeros_like(a)
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
-
-
-def apply_colormap(values01: np.ndarray, name: str = "jet") -> np.ndarray:
-    """``[H, W]`` values in [0, 1] -> ``[H, W, 3]`` uint8 RGB."""
-    idx = np.clip(np.nan_to_num(np.asarray(values01, np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return colormap(name)[idx]
 
 
 def gray_rgb(img01: np.ndarray) -> np.ndarray:
@@ -90,15 +119,6 @@ def _fit(arr: np.ndarray, shape: tuple[int, int], *, nearest: bool = False) -> n
     if arr.ndim == 3:
         return np.asarray(Image.fromarray(arr).resize((w, h), resample))
     return np.asarray(Image.fromarray(np.asarray(arr, np.float32), mode="F").resize((w, h), resample))
-
-
-def overlay(base01: np.ndarray, heat: np.ndarray, name: str = "jet", alpha: float = 0.45,
-            *, normalise: bool = True) -> np.ndarray:
-    """Heat map blended over a grayscale image (both resized to the base's shape) -> RGB uint8."""
-    base = gray_rgb(base01).astype(np.float32)
-    h = _fit(np.asarray(heat, np.float32), base01.shape)
-    col = apply_colormap(normalise01(h) if normalise else h, name).astype(np.float32)
-    return np.clip(base * (1 - alpha) + col * alpha + 0.5, 0, 255).astype(np.uint8)
 
 
 def mask_overlay(base01: np.ndarray, masks: np.ndarray,
@@ -160,9 +180,38 @@ def _text_width(font: Any, text: str) -> float:
     return float(font.getlength(text)) if hasattr(font, "getlength") else 6.0 * len(text)
 
 
-def _tile(rgb: np.ndarray, caption: Sequence[str], tile: int, font: Any) -> Image.Image:
-    """The picture scaled into a ``tile`` square, its caption wrapped to the tile's width below it
-    (a ``below the location prior`` mark on lines of its own, in amber)."""
+#: a tile's colour bar: (quantity, low, high, colour map)
+Scale = tuple[str, float, float, str]
+BAR_H = 14
+
+
+def _draw_bar(d: ImageDraw.ImageDraw, scale: Scale, box: tuple[int, int, int, int], font: Any) -> None:
+    """``quantity  low [gradient] high`` inside ``box`` (x0, y0, x1, y1)."""
+    label, lo, hi, name = scale
+    x0, y0, x1, y1 = box
+    t_lo, t_hi = format_value(lo), format_value(hi)
+    w_lo, w_hi = _text_width(font, t_lo) + 4, _text_width(font, t_hi) + 4
+    room = x1 - x0 - w_lo - w_hi
+    w_bar = int(max(16, min(room * 0.45, 120)))
+    lab = label
+    while lab and _text_width(font, lab) > room - w_bar - 6:
+        lab = lab[:-2] + "…" if len(lab) > 2 else ""
+    x = x0
+    if lab:
+        d.text((x, y0), lab, fill=CAPTION_RGB, font=font)
+        x = int(x1 - w_hi - w_bar - w_lo)
+    d.text((x, y0), t_lo, fill=CAPTION_RGB, font=font)
+    x = int(x + w_lo)
+    lut = colormap(name)
+    for i in range(w_bar):
+        d.line([(x + i, y0 + 2), (x + i, y1 - 2)], fill=tuple(int(v) for v in lut[int(i * 255 / max(w_bar - 1, 1))]))
+    d.rectangle([x, y0 + 2, x + w_bar, y1 - 2], outline=(120, 120, 120))
+    d.text((x + w_bar + 3, y0), t_hi, fill=CAPTION_RGB, font=font)
+
+
+def _tile(rgb: np.ndarray, caption: Sequence[str], tile: int, font: Any, scale: Scale | None = None) -> Image.Image:
+    """The picture scaled into a ``tile`` square, its colour bar (``scale``) under it, then its
+    caption wrapped to the tile's width (a ``below the location prior`` mark in amber)."""
     from .panels import split_below_prior, wrap_caption
 
     h, w = rgb.shape[:2]
@@ -178,60 +227,92 @@ def _tile(rgb: np.ndarray, caption: Sequence[str], tile: int, font: Any) -> Imag
         main, mark = split_below_prior(text)
         lines += [(t, CAPTION_RGB) for t in wrap_caption(main, fits) if t]
         lines += [(t, WARNING_RGB) for t in wrap_caption(mark, fits) if mark]
-    out = Image.new("RGB", (tile, tile + line_h * len(lines) + 6), (20, 20, 20))
+    bar_h = max(BAR_H, line_h) if scale is not None else 0
+    out = Image.new("RGB", (tile, tile + bar_h + line_h * len(lines) + 6), (20, 20, 20))
     out.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
     d = ImageDraw.Draw(out)
+    if scale is not None:
+        _draw_bar(d, scale, (4, tile + 2, tile - 4, tile + bar_h), font)
     for i, (text, colour) in enumerate(lines):
-        d.text((4, tile + 3 + i * line_h), text, fill=colour, font=font)
+        d.text((4, tile + bar_h + 3 + i * line_h), text, fill=colour, font=font)
     return out
 
 
-def _tile_rgb(d: Any, ref: Any, base_small: np.ndarray) -> np.ndarray | None:
-    """The RGB picture of one panel's data (None: nothing to draw)."""
+def _tile_rgb(d: Any, ref: Any, base_small: np.ndarray, cmap: str,
+              valid: np.ndarray | None) -> tuple[np.ndarray | None, Scale | None]:
+    """The RGB picture of one panel's data and its colour bar (None, None: nothing to draw); a
+    heat map is drawn as in the viewer (same LUT, fade and opacity), transparent outside ``valid``."""
+    from .panels import scale_label
+
     if d.image is not None:
         lo, hi = d.image_levels
-        return gray_rgb((np.asarray(d.image, np.float32) - lo) / max(hi - lo, 1e-12))
+        return gray_rgb((np.asarray(d.image, np.float32) - lo) / max(hi - lo, 1e-12)), None
     if d.masks is not None:
-        return mask_overlay(base_small, d.masks)
+        return mask_overlay(base_small, d.masks), None
     if d.heat is None:
-        return None
+        return None, None
+    heat = np.asarray(d.heat, np.float32)
     fixed = ref.spec.fixed_range
-    heat = normalise01(d.heat, *fixed) if fixed else d.heat
-    return overlay(base_small, heat, ref.spec.colormap, normalise=fixed is None)
+    use = valid if fixed is None and valid is not None and valid.shape == heat.shape else None
+    vals = heat[use] if use is not None and use.any() else heat
+    finite = vals[np.isfinite(vals)]
+    levels = tuple(fixed) if fixed else ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
+    return heat_over(base_small, heat, levels, cmap, valid=use), (scale_label(ref.key), *levels, cmap)
+
+
+Tile = tuple[np.ndarray, list[str], "Scale | None"]
 
 
 def panel_tiles(study: Any, results: Any, *, class_index: int | None = None,
                 below: Any = None) -> list[tuple[np.ndarray, list[str]]]:
-    """The (RGB image, caption lines) of every panel the results allow, in the viewer's order.
+    """The (RGB image, caption lines) of every panel the results allow (see :func:`scaled_tiles`)."""
+    return [(rgb, cap) for rgb, cap, _scale in scaled_tiles(study, results, class_index=class_index, below=below)]
 
-    ``below``: role -> classes below the location prior (:func:`cxrviewer.core.panels.below_prior_by_role`;
-    default: what the results' model summaries carry)."""
+
+def scaled_tiles(study: Any, results: Any, *, class_index: int | None = None, below: Any = None,
+                 colormap_name: str = DEFAULT_COLORMAP, title: str | None = None) -> list[Tile]:
+    """The (RGB image, caption lines, colour bar) of every panel the results allow, in the viewer's
+    order (``below``: role -> classes below the location prior, see
+    :func:`cxrviewer.core.panels.below_prior_by_role`; default: the results' model summaries)."""
     from .panels import panel_data, panel_list, panel_model
 
     base = np.asarray(study.display_image(), np.float32)
     base_small = _fit(base, results.map_shape)
     r = results
-    tiles: list[tuple[np.ndarray, list[str]]] = [(gray_rgb(base_small), ["Original", str(r.study_id)[:40]])]
+    valid = r.get("alignment", "valid")
+    valid = np.asarray(valid, bool) if valid is not None else None
+    tiles: list[Tile] = [(gray_rgb(base_small), ["Original", (title or study_title(study, r))[:60]], None)]
     c = class_index if class_index is not None else (r.top_classes(1) or [None])[0]
     if c is None and r.classes:
         c = 0
     for ref in panel_list():
         d = panel_data(ref.key, r, c, below)
-        rgb = _tile_rgb(d, ref, base_small) if d.filled else None
+        rgb, scale = _tile_rgb(d, ref, base_small, colormap_name, valid) if d.filled else (None, None)
         if rgb is not None:
-            tiles.append((rgb, [d.caption, panel_model(ref.key, r)]))
+            tiles.append((rgb, [d.caption, panel_model(ref.key, r)], scale))
     return tiles
 
 
+def study_title(study: Any, results: Any) -> str:
+    """The file name of the study's source (the results' study id when it has none)."""
+    src = getattr(getattr(study, "meta", None), "source_path", "") or ""
+    return Path(src).name or str(results.study_id)
+
+
 def render_panels(study: Any, results: Any, *, class_index: int | None = None, tile: int = 256,
-                  columns: int = 4, below: Any = None) -> Image.Image:
-    """Side-by-side figure of every available panel with class, probability and model burned in
-    (``below``: see :func:`panel_tiles`); a rejected alignment is said in the header, in red."""
+                  columns: int = 4, below: Any = None, colormap_name: str = DEFAULT_COLORMAP,
+                  title: str | None = None) -> Image.Image:
+    """Side-by-side figure of every available panel, each map with its colour bar (quantity and
+    raw range), class, probability and model burned in; the header names ``title`` (default: the
+    study's file name); a rejected alignment is said in the header, in red (``below``: see
+    :func:`panel_tiles`)."""
     from .panels import alignment_note, wrap_caption
 
+    title = title or study_title(study, results)
     font = _font(max(10, tile // 20))
-    tiles = [_tile(rgb, cap, tile, font)
-             for rgb, cap in panel_tiles(study, results, class_index=class_index, below=below)]
+    tiles = [_tile(rgb, cap, tile, font, scale) for rgb, cap, scale in
+             scaled_tiles(study, results, class_index=class_index, below=below, colormap_name=colormap_name,
+                          title=title)]
     cols = max(1, min(columns, len(tiles)))
     rows = (len(tiles) + cols - 1) // cols
     th = max(t.height for t in tiles)
@@ -239,7 +320,7 @@ def render_panels(study: Any, results: Any, *, class_index: int | None = None, t
     models = ", ".join(f"{role}={m.get('name', '?')}" + ("" if m.get("trained", True) else " (untrained)")
                        for role, m in results.models.items())
     width = cols * (tile + 4) + 4
-    text = f"{results.study_id} | {results.device} | {models}"
+    text = f"{title} | {results.device} | {models}"
 
     def fits(t: str) -> bool:
         return _text_width(font, t) <= width - 12

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from PySide6.QtCore import QSignalBlocker, Qt
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence, QShowEvent
 from PySide6.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QMainWindow,
-                               QMessageBox, QProgressBar, QSizePolicy, QSlider, QTextBrowser, QToolBar, QVBoxLayout,
+                               QMessageBox, QProgressBar, QSlider, QTextBrowser, QToolBar, QVBoxLayout,
                                QWidget)
 
 from .. import __version__
@@ -44,11 +44,10 @@ from .export import caption_lines, export_findings_csv, export_png
 from .state import ViewerState
 from .views.explain_panels import SCALE_MODES
 from .views.panel_grid import LAYOUTS, PanelGrid
-from .widgets.colorbar import ColorBar
 from .widgets.findings import FindingsPanel
 from .widgets.log_panel import LogPanel, QtLogHandler
 from .widgets.model_picker import ModelPicker, badge_html
-from .widgets.status_flags import AlignmentFlag
+from .widgets.status_flags import AlignmentFlag, ElidedLabel
 from .widgets.study_list import StudyList
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,9 @@ contrast), up&ndash;down = centre (down = darker); steps scale with the current 
 <tr><td><b>Shift+P</b></td><td>show/hide the location prior: the grey dashed median training box of the
 shown class (a reference, never a finding; not selectable, not saved)</td></tr>
 <tr><td><b>Space</b></td><td>reset: fit image and header window</td></tr>
-<tr><td><b>F</b></td><td>fit image to the panel</td></tr>
+<tr><td><b>F</b></td><td>fit the whole image in every panel (panels stay fitted on resize until you zoom or pan)</td></tr>
+<tr><td><b>Shift+B</b></td><td>show/hide model proposals: the shown class's three best boxes, dashed, their score
+labelled as a probability (p) or a raw map value (map)</td></tr>
 <tr><td><b>+ / &minus;</b></td><td>zoom in / out</td></tr>
 <tr><td><b>&rarr; &darr; Page Down</b></td><td>next study</td></tr>
 <tr><td><b>&larr; &uarr; Page Up</b></td><td>previous study</td></tr>
@@ -92,6 +93,10 @@ not calibrated like CT Hounsfield units; for MONOCHROME1 images the axis is reve
 The status bar shows the window as centre/width in modality units and the zoom in screen
 pixels per image pixel.</p>
 """
+
+
+#: the window's size before the first show fits it into the screen
+DEFAULT_SIZE = (1440, 900)
 
 
 def shortcuts_html() -> str:
@@ -125,7 +130,8 @@ class MainWindow(QMainWindow):
         self.models_dir = models_dir or os.environ.get("CXRVIEWER_MODELS") or None
         self._auto_layout = True  # all panels with models, one big panel without; until the user picks
         self.setWindowTitle(APP_TITLE)
-        self.resize(1440, 900)
+        self.resize(*DEFAULT_SIZE)  # the first show shrinks it into the screen (fit_to_screen)
+        self._fitted_to_screen = False
         self.setAcceptDrops(True)
 
         self.state = ViewerState(self)
@@ -210,28 +216,24 @@ class MainWindow(QMainWindow):
         return dock
 
     def _make_status_bar(self) -> None:
+        """Fields that never overlap: cursor, W/L and zoom keep their width; stage times and device
+        elide ("…", full text in the tooltip); the alignment flag and model badges stay whole."""
         sb = self.statusBar()
-        self.cursor_label = QLabel("")
-        self.wl_label = QLabel("W/L –")
+        self.cursor_label = ElidedLabel("", min_width=120)
+        self.wl_label = ElidedLabel("W/L –", min_width=110)
         self.zoom_label = QLabel("Zoom –")
+        self.zoom_label.setMinimumWidth(self.zoom_label.fontMetrics().horizontalAdvance("Zoom 1000%") + 8)
         for w in (self.cursor_label, self.wl_label, self.zoom_label):
-            w.setMinimumWidth(90)
             sb.addPermanentWidget(w)
         self.progress = QProgressBar(self)
         self.progress.setMaximumWidth(140)
         self.progress.setFormat("%v/%m stages")
         self.progress.hide()
-        self.stage_label = QLabel("")
-        self.stage_label.setToolTip("Per-stage times of the last analysis")
-        self.device_label = QLabel(f"Device: {self.device}")
+        self.stage_label = ElidedLabel("", min_width=60, auto_tip=False)  # tooltip: per-stage times
+        self.device_label = ElidedLabel(f"Device: {self.device}", min_width=60)
         self.models_label = QLabel("")
         self.models_label.setTextFormat(Qt.TextFormat.RichText)
         self.align_flag = AlignmentFlag(self)  # rejected alignment: red; accepted: quiet NCC
-        # stage times and device give way (full text in their tooltips): the flag and badges stay whole
-        self.device_label.setToolTip(self.device_label.text())
-        for w in (self.stage_label, self.device_label):
-            w.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
-            w.setMinimumWidth(60)
         for w in (self.align_flag, self.progress, self.stage_label, self.models_label, self.device_label):
             sb.addPermanentWidget(w, 1 if w in (self.stage_label, self.device_label) else 0)
 
@@ -265,6 +267,9 @@ class MainWindow(QMainWindow):
                            tip="Grey dashed reference box: the median training box of the shown class")
         self.act_prior.setChecked(settings.show_prior())
         self.grid.show_prior = self.act_prior.isChecked()
+        self.act_proposals = a("Show &proposals", self.grid.set_show_proposals, ["Shift+B"], checkable=True,
+                               tip="Dashed boxes: the shown class's three best model proposals, with what their "
+                                   "score is (p = probability, map = raw map value)")
         self.act_reset = a("&Reset view", self.reset_view, ["Space"])
         self.act_fit = a("&Fit", self.grid.fit_all, ["F"])
         self.act_zoom_in = a("Zoom &in", lambda: self.grid.zoom(1.25), ["+", "=", QKeySequence.StandardKey.ZoomIn])
@@ -302,7 +307,7 @@ class MainWindow(QMainWindow):
         v = mb.addMenu("&View")
         presets = v.addMenu("Window &presets")
         presets.addActions(self.act_presets)
-        v.addActions([self.act_invert, self.act_wl_mode, self.act_gt, self.act_prior])
+        v.addActions([self.act_invert, self.act_wl_mode, self.act_gt, self.act_prior, self.act_proposals])
         v.addSeparator()
         v.addActions([self.act_reset, self.act_fit, self.act_zoom_in, self.act_zoom_out])
         v.addSeparator()
@@ -351,8 +356,6 @@ class MainWindow(QMainWindow):
             self.scale_combo.addItem(text, mode)
         self.scale_combo.setToolTip("Colour scale: raw values, shared so panels are comparable")
         self.scale_combo.currentIndexChanged.connect(lambda _i: self.grid.set_scale_mode(self.scale_combo.currentData()))
-        self.colorbar = ColorBar(bar)
-        self.colorbar.setMinimumWidth(160)
         self.focus_combo.setMaximumWidth(170)
         for label, w in (("Layout ", self.layout_combo), (" ", self.focus_combo)):
             bar.addWidget(QLabel(label))
@@ -364,8 +367,6 @@ class MainWindow(QMainWindow):
                          (" Scale ", self.scale_combo)):
             leg.addWidget(QLabel(label))
             leg.addWidget(w)
-        leg.addWidget(QLabel("  "))
-        leg.addWidget(self.colorbar)
 
     def _wire(self) -> None:
         s = self.state
@@ -385,7 +386,6 @@ class MainWindow(QMainWindow):
         inf_.unavailable.connect(self._on_inference_unavailable)
         inf_.classMined.connect(lambda *_: self.grid.refresh())
         self.findings.classSelected.connect(self.select_class)
-        self.grid.scaleChanged.connect(self.colorbar.set_scale)
         self.model_picker.modelSetChanged.connect(self._on_model_set)
 
     # ---- opening --------------------------------------------------------
@@ -772,6 +772,30 @@ class MainWindow(QMainWindow):
             self.open_paths(paths)
 
     # ---- closing ------------------------------------------------------------
+    def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt naming
+        """The first show fits the default-sized window into the available geometry of its screen
+        (a size the caller chose is kept)."""
+        super().showEvent(event)
+        if not self._fitted_to_screen and (self.width(), self.height()) == DEFAULT_SIZE:
+            self._fitted_to_screen = True
+            self.fit_to_screen()
+
+    def fit_to_screen(self) -> None:
+        """Shrink (and move) the window into its screen's available geometry, never grow it."""
+        screen = self.screen()
+        if screen is None:
+            return
+        avail = screen.availableGeometry()
+        frame = self.frameGeometry().size() - self.geometry().size()
+        w = min(self.width(), avail.width() - frame.width())
+        h = min(self.height(), avail.height() - frame.height())
+        if (w, h) != (self.width(), self.height()):
+            self.resize(max(w, 320), max(h, 240))
+        x = min(max(self.x(), avail.left()), avail.right() - self.frameGeometry().width() + 1)
+        y = min(max(self.y(), avail.top()), avail.bottom() - self.frameGeometry().height() + 1)
+        if (x, y) != (self.x(), self.y()):
+            self.move(max(x, avail.left()), max(y, avail.top()))
+
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt naming
         """Stop background work first: queued jobs dropped, the running one awaited."""
         self._closing = True

@@ -37,7 +37,9 @@ def test_panel_content_picks_the_class_maps():
     r = _results()
     ct = panel_content("original", r, 1)
     assert same(ct.heat, r.get("cam", "cam")[1]) and ct.filled and "Nodule" in ct.caption and "0.90" in ct.caption
-    assert [b.label for b in ct.proposals] == ["Nodule"]
+    assert ct.proposals == ()  # proposals only when asked for (View > Show proposals)
+    shown = panel_content("original", r, 1, proposals=True)
+    assert [b.label for b in shown.proposals] == ["Nodule"] and shown.proposal_texts == ("Nodule map 0.80",)
     t2 = panel_content("am2", r, 1)
     assert same(t2.heat, r.get("attention_mining", "steps")["Nodule"][1]) and t2.rgba is not None
     assert panel_content("am1", r, 1).rgba is None  # nothing erased before step 1

@@ -5,11 +5,14 @@ registry, cxrviewer/core/explain/registry.py), pulls
 the map for the selected class with :func:`panel_content` (pure numpy, no Qt,
 unit-tested) and draws it with cheap layers: a colour-mapped ``ImageItem``
 stretched over the image (:class:`MapLayer`, maps are at most 256 px), an RGBA
-overlay for outlines and masks (:class:`RGBALayer`), dashed proposal boxes and
-IoU labels. All coordinates are original-image pixels, so panels link.
+overlay for outlines and masks (:class:`RGBALayer`), dashed proposal boxes (View > Show
+proposals: the selected class's best three, their score labelled as what it is) and IoU
+labels. All coordinates are original-image pixels, so panels link.
 
 Colour scale: maps keep raw values; :func:`scale_group` says which panels share
-one range (see :class:`~cxrviewer.gui.views.panel_grid.PanelGrid`).
+one range (see :class:`~cxrviewer.gui.views.panel_grid.PanelGrid`); every panel with a map
+carries its own colour bar (:class:`~cxrviewer.gui.widgets.colorbar.ColorBarItem`: quantity,
+the levels it draws, its colour map) under its image.
 """
 from __future__ import annotations
 
@@ -21,15 +24,17 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QRectF, Signal
+from PySide6.QtCore import QRectF, Qt, Signal
 from PySide6.QtGui import QFont, QFontMetricsF
 
 from ...core.display import DisplayData
 from ...core.geometry import Box
-from ...core.panels import (BelowPrior, class_panel, panel_data, panel_list, panel_ref, prior_boxes, proposal_sources,
-                             split_below_prior, wrap_caption)
+from ...core.panels import (BelowPrior, class_panel, panel_data, panel_list, panel_ref, prior_boxes, split_below_prior,
+                             wrap_caption)
+from ...core.proposals import score_text, select_proposals
 from ...core.render import outline_rgba, segmentation_rgba
 from .. import windowing as wl
+from ..widgets.colorbar import ColorBarItem
 from .image_panel import ImagePanel
 from .layers import BoxLayer, Layer, PriorLayer, label_color
 
@@ -73,6 +78,7 @@ class PanelContent:
     image_pyramid: list | None = None  # display pyramid of ``image`` built off the GUI thread
     valid: np.ndarray | None = None  # bool map: where ``heat`` has data (outside a warped frame: none)
     proposals: tuple[Box, ...] = ()
+    proposal_texts: tuple[str, ...] = ()  # each proposal's label: class and what its score is
     prior: tuple[Box, ...] = ()  # the location prior's reference box of the class (View > Show location prior)
     caption: str = ""
     filled: bool = False  # the panel's data has arrived
@@ -97,22 +103,22 @@ class _Lazy:
 MAX_PROPOSALS = 3
 
 
-def proposals_for(res: Any, name: str, limit: int = MAX_PROPOSALS) -> tuple[Box, ...]:
-    """Proposed boxes for a class (the ``limit`` best) of the first method, in the registry's
-    proposal order (attention mining, CAM, CIA, ...), that proposed any."""
-    for src in proposal_sources():
-        boxes = [b for b in res.boxes.get(src, []) if b.label == name]
-        if boxes:
-            boxes.sort(key=lambda b: -(b.score if b.score is not None else 0.0))
-            return tuple(boxes[:limit])
-    return ()
+def proposals_for(res: Any, name: str, limit: int = MAX_PROPOSALS) -> tuple[tuple[Box, ...], tuple[str, ...]]:
+    """The ``limit`` best proposals of class ``name`` worth showing
+    (:func:`cxrviewer.core.proposals.select_proposals`) and their labels (``"Nodule map 1.94"``,
+    ``"Nodule p 0.07"``: the score as what it is)."""
+    pairs = select_proposals(res.boxes, classes=(name,), top_k=limit)
+    boxes = tuple(b for _src, b in pairs)
+    texts = tuple(" ".join(t for t in (b.label, score_text(src, b)) if t) for src, b in pairs)
+    return boxes, texts
 
 
 def panel_content(key: str, res: Any | None, c: int | None, display: DisplayData | None = None, *,
-                  below: BelowPrior | None = None, prior: bool = False) -> PanelContent:
+                  below: BelowPrior | None = None, prior: bool = False, proposals: bool = False) -> PanelContent:
     """The data panel ``key`` shows for class index ``c`` (pure numpy; see cxrviewer/core/panels.py);
     ``below``: role -> classes below the location prior; ``prior``: add the class's prior box to a
-    panel that shows a map of the class."""
+    panel that shows a map of the class; ``proposals``: the original panel shows the class's best
+    proposals."""
     d = panel_data(key, res, c, below)
     if not d.filled:
         return PanelContent(caption=d.caption)
@@ -126,8 +132,8 @@ def panel_content(key: str, res: Any | None, c: int | None, display: DisplayData
         over = disp.overlays.get(key)
         ct.rgba = over if over is not None and disp.sources.get(key) == id(d.masks) else _Lazy(segmentation_rgba,
                                                                                              d.masks)
-    if key == ORIGINAL and c is not None:
-        ct.proposals = proposals_for(res, res.classes[c])
+    if proposals and key == ORIGINAL and c is not None:
+        ct.proposals, ct.proposal_texts = proposals_for(res, res.classes[c])
     if prior and c is not None and d.image is None and class_panel(key):
         ct.prior = prior_boxes(res, (res.classes[c],))
     if ct.heat is not None and panel_ref(key).spec.fixed_range is None:
@@ -244,11 +250,19 @@ class IoULayer(Layer):
 BELOW_PRIOR_COLOUR = "#f0b050"
 
 
-def title_html(caption: str, fits) -> str:
-    """A panel title as HTML lines that ``fits`` accepts (:func:`wrap_caption`); the
-    ``· below the location prior`` mark on a line of its own, in amber."""
+#: a panel title wraps to at most this many lines; the rest is elided (full text in the tooltip)
+TITLE_LINES = 2
+
+
+def title_html(caption: str, fits, elide=None) -> str:
+    """A panel title as HTML lines that ``fits`` accepts (:func:`wrap_caption`), at most
+    :data:`TITLE_LINES` (the last one ``elide``d); the ``· below the location prior`` mark on a
+    line of its own, in amber."""
     main, mark = split_below_prior(caption)
-    lines = [html.escape(t) for t in wrap_caption(main, fits)] if main else []
+    wrapped = wrap_caption(main, fits) if main else []
+    if len(wrapped) > TITLE_LINES and elide is not None:
+        wrapped = wrapped[:TITLE_LINES - 1] + [elide(" ".join(wrapped[TITLE_LINES - 1:]))]
+    lines = [html.escape(t) for t in wrapped]
     if mark:
         lines += [f"<span style='color:{BELOW_PRIOR_COLOUR}'>{html.escape(t)}</span>" for t in wrap_caption(mark, fits)]
     return "<br>".join(lines)
@@ -270,7 +284,7 @@ class ExplanationPanel(ImagePanel):
         self.key = key
         self.map = self.add_layer(MapLayer("map"))
         self.overlay = self.add_layer(RGBALayer("overlay"))
-        self.proposals = self.add_layer(BoxLayer("proposals", dashed=True))
+        self.proposals = self.add_layer(BoxLayer("proposals", dashed=True))  # under the ground truth
         self.prior = self.add_layer(PriorLayer("prior"))
         self.ious = self.add_layer(IoULayer("iou"))
         self.heatmap.set_visible(False)  # the base class's layer is unused here
@@ -279,7 +293,9 @@ class ExplanationPanel(ImagePanel):
         self._drag_range: tuple[np.ndarray, Any] | None = None  # (image, its W/L data range)
         self.own_image = False  # showing its own base image (aligned / paired normal)
         self.own_window = False  # W/L not linked (aligned, paired normal)
-        self.setMinimumSize(120, 120)
+        self.bar = ColorBarItem()  # the map's colour bar, under the image (collapsed without a map)
+        self.ci.addItem(self.bar, row=2, col=0)
+        self.setMinimumSize(24, 24)  # never widen the window: 1xN puts every panel in one row
         self._caption = self.spec.title
         self._title.item.document().setDocumentMargin(1.0)  # titles wrap to the panel: keep the width for text
         self.view.sigRangeChangedManually.connect(self._on_manual_range)
@@ -298,8 +314,17 @@ class ExplanationPanel(ImagePanel):
         font = QFont(self._title.item.font())
         font.setPointSizeF(10.0)
         metrics = QFontMetricsF(font)
-        width = max(60.0, self.width() - 4.0)  # 1 px document margin each side, 1 px slack
-        super().set_title(title_html(text, lambda t: metrics.horizontalAdvance(t) <= width) if text else "")
+        width = max(30.0, self.width() - 4.0)  # 1 px document margin each side, 1 px slack
+        super().set_title(title_html(text, lambda t: metrics.horizontalAdvance(t) <= width,
+                                     lambda t: metrics.elidedText(t, Qt.TextElideMode.ElideRight, width))
+                          if text else "")
+
+    def set_scale(self, label: str, levels: tuple[float, float] | None, cmap: str) -> None:
+        """The colour bar: ``label`` and the ``levels`` the map is drawn with (None: no map, no bar)."""
+        if levels is None or self.content.heat is None:
+            self.bar.set_shown(False)
+        else:
+            self.bar.set_scale(label, levels[0], levels[1], cmap)
 
     def resizeEvent(self, event) -> None:  # noqa: N802 - Qt naming
         super().resizeEvent(event)
@@ -363,8 +388,8 @@ class ExplanationPanel(ImagePanel):
         if reset or content.rgba_key != old.rgba_key:
             rgba = content.rgba.value() if isinstance(content.rgba, _Lazy) else content.rgba
             self.overlay.set_rgba(rgba)
-        if reset or content.proposals != old.proposals:
-            self.proposals.set_boxes(content.proposals)
+        if reset or content.proposals != old.proposals or content.proposal_texts != old.proposal_texts:
+            self.proposals.set_boxes(content.proposals, texts=content.proposal_texts)
         if reset or content.prior != old.prior:
             self.prior.set_boxes(content.prior)
         gt = [b for b in (study.gt_boxes if study is not None else [])]
@@ -378,3 +403,4 @@ class ExplanationPanel(ImagePanel):
     def reset_content(self) -> None:
         self.content = PanelContent()
         self.set_title(self.spec.title)
+        self.bar.set_shown(False)

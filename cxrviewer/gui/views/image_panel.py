@@ -10,7 +10,8 @@ window/level (horizontal = width, vertical = centre; see
 :func:`cxrviewer.gui.windowing.drag_window`). With :attr:`ImagePanel.wl_mode`
 on, left drag does window/level too (for trackpads). Auto-range is off: the
 view changes only on fit/reset/zoom or user interaction, never when levels,
-overlays or boxes change.
+overlays or boxes change. Until the user zooms or pans (:attr:`ImagePanel.auto_fit`), the
+panel re-fits the whole image whenever it is resized (layout changes, window resizes).
 
 Extending (explanation panels, box editor)
 ------------------------------------------
@@ -90,6 +91,20 @@ class WindowLevelViewBox(pg.ViewBox):
         super().mouseDragEvent(ev, axis)
 
 
+class TitleItem(pg.LabelItem):
+    """A panel title whose text never sets a minimum width (pyqtgraph's LabelItem does, and a
+    too-wide title widens the panel's whole layout past the panel: the view gets cut off)."""
+
+    def updateMin(self) -> None:  # noqa: N802 - pyqtgraph naming
+        bounds = self.itemRect()
+        self.setMinimumWidth(0)
+        self.setMinimumHeight(bounds.height())
+        self._sizeHint = {Qt.SizeHint.MinimumSize: (0, bounds.height()),
+                          Qt.SizeHint.PreferredSize: (bounds.width(), bounds.height()),
+                          Qt.SizeHint.MaximumSize: (-1, -1), Qt.SizeHint.MinimumDescent: (0, 0)}
+        self.updateGeometry()
+
+
 class ImagePanel(pg.GraphicsLayoutWidget):
     """One image with window/level, inversion, zoom/pan and overlay layers.
 
@@ -103,13 +118,17 @@ class ImagePanel(pg.GraphicsLayoutWidget):
     viewChanged = Signal(float)
 
     FIT_PADDING = 0.02
+    #: the view shows the whole image and keeps doing so on resize (False once the user zooms/pans)
+    auto_fit = True
+    _image: np.ndarray | None = None  # (class default: pyqtgraph resizes the view during __init__)
 
     def __init__(self, parent=None, *, title: str = "") -> None:
         super().__init__(parent)
         self.setBackground("k")
         self.ci.setContentsMargins(0, 0, 0, 0)
         self.ci.setSpacing(0)
-        self._title = self.ci.addLabel(title, row=0, col=0, color="#dddddd", size="10pt")
+        self._title = TitleItem(title, color="#dddddd", size="10pt")
+        self.ci.addItem(self._title, row=0, col=0)
         self._title.setVisible(bool(title))
         if not title:
             self._title.setMaximumHeight(0)
@@ -126,6 +145,7 @@ class ImagePanel(pg.GraphicsLayoutWidget):
         self.view.disableAutoRange()
         self.view.sigWindowDrag.connect(self.windowDragged)
         self.view.sigRangeChanged.connect(self._on_range_changed)
+        self.view.sigRangeChangedManually.connect(self._leave_fit)
         self.scene().sigMouseMoved.connect(self._on_mouse_moved)
 
         self.study: Study | None = None
@@ -294,12 +314,22 @@ class ImagePanel(pg.GraphicsLayoutWidget):
             return
         h, w = shape
         s = self.display_scale
+        self.auto_fit = True
         self.view.setRange(QRectF(0, 0, w * s, h * s), padding=self.FIT_PADDING)
+
+    def _leave_fit(self, *_args) -> None:
+        self.auto_fit = False
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt naming
+        super().resizeEvent(event)
+        if self.auto_fit:
+            self.fit()
 
     def zoom(self, factor: float) -> None:
         """Zoom about the view centre (factor > 1 magnifies)."""
         if factor <= 0:
             return
+        self.auto_fit = False
         centre = self.view.viewRect().center()
         self.view.scaleBy((1.0 / factor, 1.0 / factor), center=centre)
 

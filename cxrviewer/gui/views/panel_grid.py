@@ -7,10 +7,15 @@ explainer registry (:func:`cxrviewer.core.panels.panel_list`). The grid, not the
 * window/level and invert -> every panel showing the study; with ``linked``
   off, a W/L drag in a panel other than the original changes that panel only;
 * zoom/pan -> panels are ViewBox-linked to the original (``set_linked``);
-  the paired normal (its own image, another patient) is never linked;
+  the paired normal (its own image, another patient) is never linked; until the
+  user zooms or pans, every panel fits the whole image (on open, layout change,
+  resize; F fits again);
 * results + class -> :func:`panel_content` per panel, one colour range per
   scale group (:func:`scale_group`), re-drawing only the panels whose arrays
-  changed (stage updates arrive several times per study; slots stay cheap).
+  changed (stage updates arrive several times per study; slots stay cheap);
+  each panel's colour bar shows its quantity and the levels it draws;
+* the class the user chose stays across studies (by name); before any choice the
+  grid follows the top finding.
 
 Layouts (OHIF-like): ``grid`` (all panels), ``1x1`` / ``2x2`` (starting at the
 focused panel), ``1xN`` (one row).
@@ -26,28 +31,17 @@ from PySide6.QtCore import QRectF, QTimer, Signal
 from PySide6.QtGui import QPainter
 from PySide6.QtWidgets import QGridLayout, QWidget
 
-from ...core.render import colormap
-from ..state import ViewerState
 from ...core.display import DisplayData
-from ...core.panels import below_prior_by_role, panel_list, panel_ref
-from .explain_panels import ORIGINAL, SCALE_QUANTITY, ExplanationPanel, panel_content, panel_keys, scale_group
+from ...core.panels import below_prior_by_role, panel_list, panel_ref, scale_label
+from ...core.render import DEFAULT_COLORMAP, OPACITY, overlay_lut
+from ..state import ViewerState
+from .explain_panels import (ORIGINAL, SCALE_QUANTITY, SCALE_SHARED, ExplanationPanel, panel_content, panel_keys,
+                             scale_group)
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("grid", "1x1", "2x2", "1xN")
 UNLINKED = ("normal",)  # never view-linked (another image, another frame)
-
-
-FADE = 0.3  # the lowest 30 % of a map's colour range fades in from transparent
-
-
-def overlay_lut(name: str, fade: float = FADE) -> np.ndarray:
-    """RGBA LUT: the colour map with an alpha ramp over its lowest ``fade`` fraction, so
-    low values (and the outside of a warped map, which holds the map's minimum) leave the
-    radiograph visible; the opacity slider scales the whole overlay."""
-    rgb = colormap(name)
-    ramp = np.clip(np.linspace(0.0, 1.0, 256) / max(fade, 1e-6), 0.0, 1.0) if fade > 0 else np.ones(256)
-    return np.concatenate([rgb, (ramp * 255).round().astype(np.uint8)[:, None]], axis=1)
 
 
 def finite_range(a: np.ndarray) -> tuple[float, float]:
@@ -65,12 +59,10 @@ class PanelGrid(QWidget):
     """Explanation panels in a grid; see the module docstring.
 
     Signals: ``panelsUpdated(int)`` (number of filled panels after an update),
-    ``scaleChanged(str, float, float, str)`` (group, low, high, colormap of the
-    active panel), ``activePanelChanged(str)``.
+    ``activePanelChanged(str)``.
     """
 
     panelsUpdated = Signal(int)
-    scaleChanged = Signal(str, float, float, str)
     activePanelChanged = Signal(str)
 
     def __init__(self, state: ViewerState, parent: QWidget | None = None) -> None:
@@ -83,8 +75,8 @@ class PanelGrid(QWidget):
         self.focus_key = ORIGINAL
         self.active_key = ORIGINAL
         self.linked = True
-        self.colormap_name = "jet"
-        self.opacity = 0.45
+        self.colormap_name = DEFAULT_COLORMAP
+        self.opacity = OPACITY
         self.scale_mode = SCALE_QUANTITY
         self.results: Any = None
         self.display = DisplayData()
@@ -92,9 +84,11 @@ class PanelGrid(QWidget):
         self.available: set[str] | None = None  # panels the model set can fill (None: unknown)
         self.hide_unavailable = True
         self.show_prior = False  # the location prior's grey reference box of the shown class
+        self.show_proposals = False  # the shown class's best proposals on the original panel (View menu)
         #: bundle folder name -> manifest of the current model set (their cards mark "below the prior")
         self.manifests: dict[str, Any] = {}
         self._class_auto = True  # follow the top finding until the user selects a class
+        self._chosen_class = ""  # the class the user selected (kept across studies)
         self.ranges: dict[str, tuple[float, float]] = {}
         self._pyramid: list[np.ndarray] | None = None
         self._grid = QGridLayout(self)
@@ -181,7 +175,6 @@ class PanelGrid(QWidget):
         if key in self.panels and key != self.active_key:
             self.active_key = key
             self.activePanelChanged.emit(key)
-            self._emit_scale()
 
     @property
     def active(self) -> ExplanationPanel:
@@ -215,14 +208,20 @@ class PanelGrid(QWidget):
         self._syncing = True
         try:
             for k, p in self.panels.items():
-                if k != key and k not in UNLINKED and p.has_image() and only in (None, k):
-                    box = p.view.boundingRect()
-                    w, h = box.width() * sx, box.height() * sy
-                    p.view.setRange(QRectF(centre.x() - w / 2, centre.y() - h / 2, w, h), padding=0.0)
+                if k == key or k in UNLINKED or not p.has_image() or only not in (None, k):
+                    continue
+                if src.auto_fit:  # a fitted source: every panel fits (panels differ in size)
+                    p.fit()
+                    continue
+                box = p.view.boundingRect()
+                w, h = box.width() * sx, box.height() * sy
+                p.view.setRange(QRectF(centre.x() - w / 2, centre.y() - h / 2, w, h), padding=0.0)
+                p.auto_fit = False
         finally:
             self._syncing = False
 
     def fit_all(self) -> None:
+        """Every panel shows its whole image (and keeps doing so on resize)."""
         for p in self.panels.values():
             p.fit()
 
@@ -268,7 +267,6 @@ class PanelGrid(QWidget):
         """A new study: the original panel shows it now, the others one per event-loop turn."""
         self.results = None
         self.ranges = {}
-        self._class_auto = True
         self._queue.clear()
         self.display = DisplayData()
         pyr = study.display_pyramid if study is not None else None
@@ -330,8 +328,9 @@ class PanelGrid(QWidget):
         if results is not None and results.models:
             self.set_available(results.models)
         if class_index is not None:
-            self.class_index = class_index
-            self._class_auto = False
+            self._choose(class_index, results)
+        elif not self._class_auto and results is not None and self._chosen_class in results.classes:
+            self.class_index = results.classes.index(self._chosen_class)  # the user's class, in this model set
         if (self._class_auto or self.class_index is None
                 or (results is not None and self.class_index >= len(results.classes))):
             # until the user picks a class: the most probable one (once probabilities arrive)
@@ -340,9 +339,15 @@ class PanelGrid(QWidget):
         self.refresh()
 
     def set_class(self, class_index: int) -> None:
+        """The user's class: shown now and kept for the next studies."""
+        self._choose(class_index, self.results)
+        self.refresh()
+
+    def _choose(self, class_index: int, results: Any) -> None:
         self.class_index = int(class_index)
         self._class_auto = False
-        self.refresh()
+        if results is not None and 0 <= self.class_index < len(results.classes):
+            self._chosen_class = results.classes[self.class_index]
 
     @property
     def class_name(self) -> str:
@@ -356,8 +361,8 @@ class PanelGrid(QWidget):
         res, c = self.results, self.class_index
         study = self.state.study
         below = below_prior_by_role(res, self.manifests) if res is not None else None
-        contents = {k: panel_content(k, res, c, self.display, below=below, prior=self.show_prior)
-                    for k in self.order}
+        contents = {k: panel_content(k, res, c, self.display, below=below, prior=self.show_prior,
+                                     proposals=self.show_proposals) for k in self.order}
         ranges: dict[str, tuple[float, float]] = {}
         for k, ct in contents.items():
             if ct.heat is None:
@@ -376,6 +381,7 @@ class PanelGrid(QWidget):
             old = p.content
             changed = (ct.heat_key != old.heat_key or ct.rgba_key != old.rgba_key
                        or ct.image_key != old.image_key or ct.proposals != old.proposals
+                       or ct.proposal_texts != old.proposal_texts
                        or ct.prior != old.prior or ct.caption != old.caption)
             queued = self._queue.get(k)
             if changed or (queued is not None and queued[0] == self._show_study):
@@ -386,9 +392,15 @@ class PanelGrid(QWidget):
                 if levels is not None and levels != p.map_levels:
                     p.map.set_style(levels=levels)
                     p.map_levels = levels
+                self._set_bar(p)
         self.ranges = ranges
-        self._emit_scale()
         self._kick()
+
+    def _set_bar(self, p: ExplanationPanel) -> None:
+        """Panel ``p``'s colour bar: its quantity, the levels its map is drawn with, the colour map."""
+        label = scale_label(p.key) + (" (one scale, all maps)" if self.scale_mode == SCALE_SHARED
+                                      and panel_ref(p.key).spec.fixed_range is None else "")
+        p.set_scale(label, p.map_levels, self.colormap_name)
 
     def _draw(self, p: ExplanationPanel, ct: Any, study: Any, levels: Any, lut: np.ndarray) -> None:
         if study is not None and p.study is not study and ct.image is None:
@@ -396,6 +408,7 @@ class PanelGrid(QWidget):
         p.show_content(ct, study=study, levels=levels, lut=lut, opacity=self.opacity,
                        gt_visible=self.state.gt_visible, pyramid=self._pyramid)
         p.map_levels = levels
+        self._set_bar(p)
         if not p.own_window and (p is self.original or self.linked) and p.has_image() and not p.own_image:
             p.set_window(*self.state.window)
         p.set_invert(self._invert_for(p))
@@ -403,6 +416,11 @@ class PanelGrid(QWidget):
     def set_show_prior(self, on: bool) -> None:
         """Draw (or hide) the location prior's grey box of the shown class in the panels with its maps."""
         self.show_prior = bool(on)
+        self.refresh()
+
+    def set_show_proposals(self, on: bool) -> None:
+        """Draw (or hide) the shown class's best proposals on the original panel."""
+        self.show_proposals = bool(on)
         self.refresh()
 
     def set_manifests(self, manifests: dict[str, Any]) -> None:
@@ -419,7 +437,7 @@ class PanelGrid(QWidget):
         lut = overlay_lut(name)
         for p in self.panels.values():
             p.map.set_style(lut=lut)
-        self._emit_scale()
+            self._set_bar(p)
 
     def set_opacity(self, opacity: float) -> None:
         self.opacity = float(opacity)
@@ -429,12 +447,3 @@ class PanelGrid(QWidget):
     def set_scale_mode(self, mode: str) -> None:
         self.scale_mode = mode
         self.refresh()
-
-    def _emit_scale(self) -> None:
-        key = self.active_key if self.panels[self.active_key].content.heat is not None else ORIGINAL
-        g = scale_group(key, self.scale_mode)
-        lo, hi = self.ranges.get(g, (0.0, 1.0))
-        label = {"all": "all maps", "activation": "CAM / AM steps", "am_final": "AM final H_f",
-                 "probability": "ψ (probability)"}.get(
-            g, panel_ref(g).spec.title if g in self.panels else g)
-        self.scaleChanged.emit(label, lo, hi, self.colormap_name)

@@ -1,65 +1,92 @@
-"""A horizontal colour bar: the colour map with the raw values at its ends."""
+"""Colour bars: the colour map with the quantity's name and the raw values at its ends.
+
+:class:`ColorBarItem` is the one a panel carries (a pyqtgraph graphics widget in the panel's own
+layout, under the image, so it is in every layout and in every grab of the panel).
+"""
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtCore import QRect, QSize, Qt
-from PySide6.QtGui import QColor, QImage, QPainter
-from PySide6.QtWidgets import QSizePolicy, QWidget
+import pyqtgraph as pg
+from PySide6.QtCore import QRectF, QSizeF, Qt
+from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter
 
-from ...core.render import colormap
-
-
-def _num(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+from ...core.render import colormap, format_value
 
 
-class ColorBar(QWidget):
-    """Legend for the heat maps: ``label  low [gradient] high``."""
+def lut_image(name: str) -> QImage:
+    """A 256 x 1 RGB image of colour map ``name``."""
+    lut = np.ascontiguousarray(colormap(name)[None, :, :])
+    return QImage(lut.data, 256, 1, 256 * 3, QImage.Format.Format_RGB888).copy()
 
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.label, self.low, self.high, self.cmap = "", 0.0, 1.0, "jet"
+
+class ColorBarItem(pg.GraphicsWidget):
+    """``label  low [gradient] high`` in one line under a panel's image; hidden without a map.
+
+    ``label``, ``low``, ``high`` and ``cmap`` are exactly what the panel's map is drawn with
+    (its quantity, its colour levels, its colour map).
+    """
+
+    HEIGHT = 16.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.label, self.low, self.high, self.cmap = "", 0.0, 1.0, ""
         self._image: QImage | None = None
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.set_colormap("jet")
+        self._font = QFont()
+        self._font.setPointSizeF(8.0)
+        self.setMinimumWidth(0)
+        self.set_shown(False)
 
-    def sizeHint(self) -> QSize:  # noqa: N802 - Qt naming
-        return QSize(320, 24)
+    def sizeHint(self, which, constraint=QSizeF()) -> QSizeF:  # noqa: N802 - Qt naming
+        """No width of its own (the panel's width), fixed height when shown."""
+        h = self.HEIGHT if self.isVisible() else 0.0
+        return QSizeF(1e6 if which == Qt.SizeHint.MaximumSize else 0.0, h)
 
-    def set_colormap(self, name: str) -> None:
-        self.cmap = name
-        lut = np.ascontiguousarray(colormap(name)[None, :, :].repeat(2, 0))
-        self._lut = lut  # keep the buffer alive for the QImage
-        self._image = QImage(lut.data, 256, 2, 256 * 3, QImage.Format.Format_RGB888).copy()
-        self.update()
+    def set_shown(self, on: bool) -> None:
+        """Show the bar (a map is drawn) or collapse it to zero height."""
+        self.setVisible(on)
+        h = self.HEIGHT if on else 0.0
+        self.setMinimumHeight(h)
+        self.setMaximumHeight(h)
+        self.updateGeometry()
 
-    def set_scale(self, label: str, low: float, high: float, cmap: str | None = None) -> None:
-        self.label, self.low, self.high = label, float(low), float(high)
-        if cmap and cmap != self.cmap:
-            self.set_colormap(cmap)
-        self.setToolTip(f"{label}: {self.low:.4g} … {self.high:.4g} (raw values, {self.cmap})")
+    def set_scale(self, label: str, low: float, high: float, cmap: str) -> None:
+        """The quantity's name, the drawn levels and the colour map."""
+        if cmap != self.cmap or self._image is None:
+            self._image = lut_image(cmap)
+        self.label, self.low, self.high, self.cmap = label, float(low), float(high), cmap
+        self.setToolTip(f"{label}: colour {cmap} from {self.low:.4g} to {self.high:.4g} (raw values)")
+        self.set_shown(True)
         self.update()
 
     @property
     def text(self) -> str:
-        return f"{self.label} {_num(self.low)}…{_num(self.high)}"
+        return f"{self.label} {format_value(self.low)}…{format_value(self.high)}"
 
-    def paintEvent(self, _event) -> None:  # noqa: N802 - Qt naming
-        p = QPainter(self)
-        fm = p.fontMetrics()
-        h = self.height()
-        lab = f"{self.label}  " if self.label else ""
-        lo, hi = _num(self.low), _num(self.high)
-        x = 2
-        p.setPen(self.palette().windowText().color())
-        p.drawText(QRect(x, 0, fm.horizontalAdvance(lab + lo) + 4, h), Qt.AlignmentFlag.AlignVCenter, lab + lo)
-        x += fm.horizontalAdvance(lab + lo) + 6
-        w_hi = fm.horizontalAdvance(hi) + 6
-        bar = QRect(x, 5, max(20, self.width() - x - w_hi - 2), h - 10)
-        if self._image is not None:
-            p.drawImage(bar, self._image)
+    def paint(self, p: QPainter, *_args) -> None:
+        if not self.isVisible() or self._image is None:
+            return
+        r = self.rect()
+        fm = QFontMetricsF(self._font)
+        p.setFont(self._font)
+        p.setPen(QColor(230, 230, 230))
+        lo, hi = format_value(self.low), format_value(self.high)
+        w_lo, w_hi = fm.horizontalAdvance(lo) + 4, fm.horizontalAdvance(hi) + 4
+        room = r.width() - w_lo - w_hi - 4
+        w_bar = max(12.0, min(room * 0.5, 160.0))
+        w_lab = room - w_bar - 4
+        lab = fm.elidedText(self.label, Qt.TextElideMode.ElideRight, w_lab) if w_lab > 20 else ""
+        x = r.left() + 2
+        if lab:
+            p.drawText(QRectF(x, r.top(), w_lab, r.height()), Qt.AlignmentFlag.AlignVCenter, lab)
+            x += w_lab + 4
+        else:
+            w_bar = max(12.0, room)
+        p.drawText(QRectF(x, r.top(), w_lo, r.height()), Qt.AlignmentFlag.AlignVCenter, lo)
+        x += w_lo
+        bar = QRectF(x, r.top() + 3, w_bar, r.height() - 6)
+        p.drawImage(bar, self._image)
         p.setPen(QColor(120, 120, 120))
         p.drawRect(bar)
-        p.setPen(self.palette().windowText().color())
-        p.drawText(QRect(bar.right() + 4, 0, w_hi, h), Qt.AlignmentFlag.AlignVCenter, hi)
-        p.end()
+        p.setPen(QColor(230, 230, 230))
+        p.drawText(QRectF(bar.right() + 3, r.top(), w_hi, r.height()), Qt.AlignmentFlag.AlignVCenter, hi)

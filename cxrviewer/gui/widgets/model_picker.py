@@ -51,6 +51,9 @@ class ModelPicker(QWidget):
         super().__init__(parent)
         self.combo = QComboBox(self)
         self.combo.setToolTip("Folder of *.cxrbundle model bundles used for the explanations")
+        # a long folder name never widens the dock (and the window): the combo elides instead
+        self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(10)
         self.tree = QTreeWidget(self)
         self.tree.setHeaderLabels(["Bundle", "Role", "Status"])
         self.tree.setRootIsDecorated(False)
@@ -62,6 +65,7 @@ class ModelPicker(QWidget):
         self.tree.itemDoubleClicked.connect(lambda item, _col: self.show_card(self.tree.indexOfTopLevelItem(item)))
         self.tree.currentItemChanged.connect(lambda *_: self.card_button.setEnabled(self._row() >= 0))
         self.summary = QLabel(self)
+        self.summary.setWordWrap(True)  # badges wrap in a narrow dock instead of setting its width
         self.card_button = QPushButton("Model card…", self)
         self.card_button.setToolTip("The selected bundle's evaluation (AUROC, localisation against the prior)")
         self.card_button.setEnabled(False)

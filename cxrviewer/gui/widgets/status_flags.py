@@ -1,9 +1,13 @@
-"""Status-bar flags of the shown study: the alignment check (rejected: a red flag; accepted: quiet NCC)."""
+"""Status-bar fields: the alignment check (rejected: a red flag; accepted: quiet NCC) and
+:class:`ElidedLabel` (a plain-text field that shortens with "…" instead of running into its
+neighbour; full text in its tooltip)."""
 from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtWidgets import QLabel, QWidget
+from PySide6.QtCore import QSize, Qt
+from PySide6.QtGui import QPainter
+from PySide6.QtWidgets import QLabel, QSizePolicy, QWidget
 
 from ...core.panels import alignment_note
 
@@ -41,3 +45,34 @@ class AlignmentFlag(QLabel):
         self.setText("")
         self.setToolTip("")
         self.hide()
+
+
+class ElidedLabel(QLabel):
+    """A one-line plain-text status field: at most its text's width, at least ``min_width``;
+    when narrower than its text it draws the text elided and keeps the full text in the tooltip."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None, *, min_width: int = 40,
+                 auto_tip: bool = True) -> None:
+        self._auto_tip = auto_tip  # False: the owner sets its own tooltip
+        super().__init__(text, parent)
+        self._min = int(min_width)
+        self.setTextFormat(Qt.TextFormat.PlainText)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
+        if auto_tip:
+            self.setToolTip(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 - Qt naming
+        super().setText(text)
+        if self._auto_tip:
+            self.setToolTip(text)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt naming
+        return QSize(self._min, super().minimumSizeHint().height())
+
+    def paintEvent(self, _event) -> None:  # noqa: N802 - Qt naming
+        p = QPainter(self)
+        rect = self.contentsRect()
+        text = self.fontMetrics().elidedText(self.text(), Qt.TextElideMode.ElideRight, rect.width())
+        p.setPen(self.palette().windowText().color())
+        p.drawText(rect, int(Qt.AlignmentFlag.AlignVCenter | Qt.AlignmentFlag.AlignLeft), text)
+        p.end()
