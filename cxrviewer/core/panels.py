@@ -192,13 +192,13 @@ def _panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
         return PanelData(caption, True, image=arr, image_levels=(0.0, hi), image_key=key_, frame=frame)
     if s.kind == "masks":
         return PanelData(caption, True, masks=arr, overlay_key=key_)
-    if s.fixed_range is not None and s.per_class and "source" in res.attrs.get(ex.name, {}):
+    if s.quantity == "probability" and s.per_class and "source" in res.attrs.get(ex.name, {}):
         caption = f"{caption} {_mask_note(res, ref, arr)}"
     return PanelData(caption, True, heat=arr, heat_key=key_)
 
 
 #: colour-bar names of the quantities (others: the PanelSpec's ``quantity``)
-QUANTITY_LABELS = {"activation": "CAM activation", "am_final": "AM final H_f", "probability": "ψ probability"}
+QUANTITY_LABELS = {"activation": "CAM/AM activation", "am_final": "AM final H_f", "probability": "ψ probability"}
 
 
 def scale_label(key: str) -> str:
@@ -213,8 +213,8 @@ def _mask_note(res: Results, ref: PanelRef, heat: np.ndarray) -> str:
     finite = np.asarray(heat, np.float32)
     finite = finite[np.isfinite(finite)]
     share = float((finite >= 0.5).mean()) if finite.size else 0.0
-    what = {"pdm": "pseudo mask: the class's anatomical region from the segmentation, not a detection",
-            "dm": "DM model", "classifier": "classifier's ψ"}.get(str(src), str(src or "unknown source"))
+    what = {"pdm": "not a finding: the class's usual region, from the lung/heart segmentation",
+            "dm": "from the DM model", "classifier": "from the classifier"}.get(str(src), str(src or "source unknown"))
     return f"[{what}; ψ≥0.5 on {share:.0%} of the map]"
 
 

@@ -176,6 +176,14 @@ CAPTION_RGB = (235, 235, 235)
 WARNING_RGB = (255, 190, 80)
 
 
+#: characters Pillow's default font lacks, spelled out in ``panels.png``
+_PLAIN = str.maketrans({"ψ": "psi", "≥": ">=", "≤": "<="})
+
+
+def _plain(text: str) -> str:
+    return text.translate(_PLAIN)
+
+
 def _text_width(font: Any, text: str) -> float:
     return float(font.getlength(text)) if hasattr(font, "getlength") else 6.0 * len(text)
 
@@ -188,6 +196,7 @@ BAR_H = 14
 def _draw_bar(d: ImageDraw.ImageDraw, scale: Scale, box: tuple[int, int, int, int], font: Any) -> None:
     """``quantity  low [gradient] high`` inside ``box`` (x0, y0, x1, y1)."""
     label, lo, hi, name = scale
+    label = _plain(label)
     x0, y0, x1, y1 = box
     t_lo, t_hi = format_value(lo), format_value(hi)
     w_lo, w_hi = _text_width(font, t_lo) + 4, _text_width(font, t_hi) + 4
@@ -224,7 +233,7 @@ def _tile(rgb: np.ndarray, caption: Sequence[str], tile: int, font: Any, scale: 
 
     lines: list[tuple[str, tuple[int, int, int]]] = []
     for text in caption:
-        main, mark = split_below_prior(text)
+        main, mark = split_below_prior(_plain(text))
         lines += [(t, CAPTION_RGB) for t in wrap_caption(main, fits) if t]
         lines += [(t, WARNING_RGB) for t in wrap_caption(mark, fits) if mark]
     bar_h = max(BAR_H, line_h) if scale is not None else 0

@@ -44,7 +44,7 @@ def test_every_map_tile_has_its_colour_bar_with_quantity_and_raw_range():
     assert scales["Original"] is None
     label, lo, hi, cmap = scales["CAM"]
     cam = r.get("cam", "cam")[2][:, :30]
-    assert label == "CAM activation" and cmap == DEFAULT_COLORMAP
+    assert label == "CAM/AM activation" and cmap == DEFAULT_COLORMAP
     assert (lo, hi) == (float(cam.min()), float(cam.max()))  # the range drawn, inside the map
     assert scales["Grad-CAM"][0] == "gradcam"
 
@@ -80,3 +80,19 @@ def test_title_is_the_file_name_not_the_pixel_hash():
     assert a.shape[1] == b.shape[1] and not np.array_equal(a[:20], b[:20])
     no_path = dataclasses.replace(study, meta=dataclasses.replace(study.meta, source_path=""))
     assert study_title(no_path, r) == "b41ab04725f0575b"
+
+
+def test_disease_mask_caption_says_source_and_coverage():
+    from cxrviewer.core.panels import panel_data, panel_ref
+
+    r = _results()
+    psi = np.zeros((3, 60, 52), np.float32)
+    psi[1, :, :26] = 1.0  # Nodule: half the map (both lungs of a pseudo mask read "everywhere")
+    name = panel_ref("disease_mask").explainer.name
+    r.maps[name] = {"psi": psi}
+    r.attrs[name] = {"source": "pdm"}
+    d = panel_data("disease_mask", r, 1)
+    assert d.filled and "not a finding" in d.caption and "ψ≥0.5 on 50% of the map" in d.caption
+    r.attrs[name] = {"source": "dm"}
+    assert "from the DM model" in panel_data("disease_mask", r, 1).caption
+    assert "ψ≥0.5" not in panel_data("original", r, 1).caption

@@ -251,7 +251,7 @@ BELOW_PRIOR_COLOUR = "#f0b050"
 
 
 #: a panel title wraps to at most this many lines; the rest is elided (full text in the tooltip)
-TITLE_LINES = 2
+TITLE_LINES = 3
 
 
 def title_html(caption: str, fits, elide=None) -> str:

@@ -73,7 +73,7 @@ class ColorBarItem(pg.GraphicsWidget):
         lo, hi = format_value(self.low), format_value(self.high)
         w_lo, w_hi = fm.horizontalAdvance(lo) + 4, fm.horizontalAdvance(hi) + 4
         room = r.width() - w_lo - w_hi - 4
-        w_bar = max(12.0, min(room * 0.5, 160.0))
+        w_bar = max(12.0, min(room * 0.3, 120.0))  # the name gets the most room
         w_lab = room - w_bar - 4
         lab = fm.elidedText(self.label, Qt.TextElideMode.ElideRight, w_lab) if w_lab > 20 else ""
         x = r.left() + 2
