@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from ...core.render import outline_rgba, segmentation_rgba
 from .. import windowing as wl
 from ..widgets.colorbar import ColorBarItem
 from .image_panel import ImagePanel
-from .layers import BoxLayer, Layer, PriorLayer, label_color
+from .layers import BoxLayer, Layer, PriorLayer, Rect, label_color, layout_text_items
 
 log = logging.getLogger(__name__)
 
@@ -229,17 +229,36 @@ class RGBALayer(MapLayer):
 
 
 class IoULayer(Layer):
-    """'IoU 0.42' under each ground-truth box that has proposals of its class."""
+    """'IoU 0.42' beside each ground-truth box that has proposals of its class, placed where it
+    covers no box label (``taken``: the other layers' label rects; redone when the zoom changes)."""
 
     z = 21.0
+
+    def __init__(self, name: str, taken: Callable[[], Sequence[Rect]]) -> None:
+        super().__init__(name)
+        self._taken = taken
+        self._entries: list[tuple[pg.TextItem, Rect]] = []
+
+    def attach(self, view: pg.ViewBox) -> None:
+        super().attach(view)
+        view.sigTransformChanged.connect(self.relayout)
 
     def set_ious(self, pairs: Sequence[tuple[Box, float]]) -> None:
         self.clear()
         for box, value in pairs:
             label = pg.TextItem(f"IoU {value:.2f}", color=label_color(box.label), anchor=(0, 0),
                                 fill=pg.mkBrush(0, 0, 0, 170))
-            label.setPos(box.x, box.y + box.h)
             self._add(label)
+            self._entries.append((label, (box.x, box.y, box.w, box.h)))
+        self.relayout()
+
+    def relayout(self, *_args: object) -> None:
+        """Place the labels for the current zoom, clear of the box labels."""
+        layout_text_items(self.view, self._entries, taken=list(self._taken()))
+
+    def clear(self) -> None:
+        super().clear()
+        self._entries = []
 
     def on_image_changed(self, shape: tuple[int, int] | None) -> None:
         super().on_image_changed(shape)
@@ -286,7 +305,8 @@ class ExplanationPanel(ImagePanel):
         self.overlay = self.add_layer(RGBALayer("overlay"))
         self.proposals = self.add_layer(BoxLayer("proposals", dashed=True))  # under the ground truth
         self.prior = self.add_layer(PriorLayer("prior"))
-        self.ious = self.add_layer(IoULayer("iou"))
+        self.ious = self.add_layer(IoULayer("iou", lambda: [*self.gt_boxes.label_rects,
+                                                             *self.proposals.label_rects]))
         self.heatmap.set_visible(False)  # the base class's layer is unused here
         self.content = PanelContent()
         self.map_levels: tuple[float, float] | None = None  # colour range the map is drawn with
