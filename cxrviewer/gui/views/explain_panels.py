@@ -254,7 +254,9 @@ class IoULayer(Layer):
 
     def relayout(self, *_args: object) -> None:
         """Place the labels for the current zoom, clear of the box labels."""
-        layout_text_items(self.view, self._entries, taken=list(self._taken()))
+        shape = self.image_shape
+        bounds = None if shape is None else (0.0, 0.0, float(shape[1]), float(shape[0]))
+        layout_text_items(self.view, self._entries, taken=list(self._taken()), bounds=bounds)
 
     def clear(self) -> None:
         super().clear()
