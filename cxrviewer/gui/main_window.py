@@ -8,9 +8,10 @@ This module connects them.
 
 Layout (OHIF/Weasis habits): worklist on the left (filter box, sortable
 columns with top findings and annotation status), the linked panel grid in the
-centre with a view toolbar (layout, link, colour map, opacity, colour scale +
-legend), findings and models on the right, progress, per-stage times, device
-and model badges in the status bar.
+centre with a view toolbar (layout, link, colour map, opacity, colour scale; each
+panel with a map carries its own colour bar), findings and models on the right,
+progress, per-stage times, device and model badges in the status bar (fields
+elide, never overlap). The first show fits the window into its screen.
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ class MainWindow(QMainWindow):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(0)
         self.view_bar = QToolBar("View", central)  # layout, focus panel, link
-        self.legend_bar = QToolBar("Colours", central)  # colour map, opacity, scale, colour bar
+        self.legend_bar = QToolBar("Colours", central)  # colour map, opacity, scale
         lay.addWidget(self.view_bar)
         lay.addWidget(self.legend_bar)
         lay.addWidget(self.grid, 1)
