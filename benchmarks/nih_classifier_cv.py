@@ -1,9 +1,9 @@
 """Real NIH classifier: patient-wise 5-fold cross-validation, AUROC per class.
 
     python benchmarks/nih_classifier_cv.py [--data ../shared/data/nih] [--arch cam_classifier]
-        [--arch-kwargs '{"backbone": "tiny"}'] [--size 160] [--epochs 10] [--folds 5]
+        [--arch-kwargs '{"backbone": "tiny"}'] [--size 160] [--epochs 60] [--folds 5]
         [--align resources/models/alignment.cxrbundle | none] [--cache /work/cv/nih_aligned_160.h5]
-        [--lr 1e-3] [--lr-step-epochs 7] [--weight-decay 1e-4] [--augment '{"rotation_deg": 5}']
+        [--lr 1e-3] [--lr-step-epochs 40] [--weight-decay 1e-4] [--augment '{"rotation_deg": 5}']
         [--cv-dir CV] [--bundle resources/models/nih-classifier.cxrbundle]
 
 Trains one model per held-out fold (same recipe, seed 0) on the images exactly as the app feeds
@@ -46,11 +46,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--arch", default="cam_classifier")
     ap.add_argument("--arch-kwargs", default='{"backbone": "tiny"}')
     ap.add_argument("--size", type=int, default=160)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lr-step-epochs", type=int, default=0, help="lr / 10 every N epochs (0: constant)")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--lr-step-epochs", type=int, default=40, help="lr / 10 every N epochs (0: constant)")
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--augment", default="{}", help="AugmentConfig overrides as JSON ('none': no augmentation)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--only-folds", default=None, help="comma-separated folds to run (tuning); no outputs shipped")
