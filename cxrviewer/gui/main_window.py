@@ -42,6 +42,7 @@ from . import settings, windowing
 from . import inference as inf
 from .annotation_controller import AnnotationController, model_label
 from .export import caption_lines, export_findings_csv, export_png
+from .focus import install_focus_return
 from .state import ViewerState
 from .views.explain_panels import SCALE_MODES
 from .views.panel_grid import LAYOUTS, PanelGrid
@@ -153,6 +154,8 @@ class MainWindow(QMainWindow):
 
         self.grid = PanelGrid(self.state, self)
         self.panel = self.grid.original  # the original image panel (bound to the state via the grid)
+        # keys work again as soon as a dialog closes (no click into the viewer needed)
+        self._focus_return = install_focus_return(self, lambda: self.grid.active)
         central = QWidget(self)
         lay = QVBoxLayout(central)
         lay.setContentsMargins(0, 0, 0, 0)

@@ -101,12 +101,11 @@ def test_target_none_is_harmless(qtbot):
 
 
 def test_main_window_viewer_gets_the_keys_back(qtbot):
-    """The line MainWindow.__init__ adds: ``install_focus_return(self, lambda: self.grid.active)``."""
+    """MainWindow installs ``install_focus_return(self, lambda: self.grid.active)`` itself."""
     from cxrviewer.gui.main_window import MainWindow
 
     w = MainWindow()
     qtbot.addWidget(w)
-    install_focus_return(w, lambda: w.grid.active)
     w.show()
     qtbot.waitExposed(w)
     box = QMessageBox(QMessageBox.Icon.Information, "Export", "Wrote panels.png", QMessageBox.StandardButton.Ok, w)

@@ -252,7 +252,7 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
 
     maps = (MapSpec("posterior", "location posterior (relative, max 1)", "probability"),)
     panels = (PanelSpec("anatomy", "Anatomy-guided location posterior", "posterior", quantity="location posterior",
-                        fixed_range=(0.0, 1.0), order=5, colormap="inferno", caption="Anatomy"),)
+                        fixed_range=(0.0, 1.0), order=5, caption="Anatomy"),)
     proposes_boxes = True
     box_score = "probability"  # the calibrated class probability (or the prevalence)
 

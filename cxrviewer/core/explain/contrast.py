@@ -96,7 +96,7 @@ class ContrastExplainer(Explainer, title="Contrast-induced attention (CIA)", sho
             MapSpec("grid_raw", "grid probabilities as the network gave them", "probability", frame="own"),
             MapSpec("paired_normal", "the paired normal image (bank frame)", "image", frame="own",
                     per_class=False))
-    panels = (PanelSpec("contrast", "Contrast attention dM", "contrast", quantity="contrast", colormap="inferno",
+    panels = (PanelSpec("contrast", "Contrast attention dM", "contrast", quantity="contrast",
                         order=40, per_class=False, caption="Contrast dM"),
               PanelSpec("normal", "Paired normal", "paired_normal", kind="image", order=50, per_class=False,
                         caption="Paired normal"))

@@ -188,7 +188,7 @@ class DiseaseMaskExplainer(Explainer, title="Disease mask (DM prior)", short="ψ
             MapSpec("dm_probabilities", "the DM model's probabilities", "probability", frame="none",
                     per_class=False),
             MapSpec("dm_cam", "the DM model's CAM", "score"))
-    panels = (PanelSpec("disease_mask", "Disease mask", "psi", quantity="probability", colormap="viridis",
+    panels = (PanelSpec("disease_mask", "Disease mask", "psi", quantity="probability",
                         fixed_range=(0.0, 1.0), order=60, caption="Disease mask ψ"),)
 
     @classmethod
@@ -224,10 +224,6 @@ class DiseaseMaskExplainer(Explainer, title="Disease mask (DM prior)", short="ψ
     def model_role(self, results: "Results") -> str:
         src = results.attrs.get(self.name, {}).get("source")
         return {"dm": "dm", "pdm": "segmentation"}.get(src, "classifier")
-
-    def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
-        src = results.attrs.get(self.name, {}).get("source")
-        return f"({src})" if src else ""
 
     def applies_to(self, model: torch.nn.Module | None = None, family: str | None = None) -> bool:
         return super().applies_to(model, family) and (model is None or hasattr(model, "disease_masks"))

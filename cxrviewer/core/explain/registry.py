@@ -93,7 +93,6 @@ class PanelSpec:
     map: str
     kind: str = "heat"
     quantity: str = ""
-    colormap: str = "jet"
     step: int = 0
     outline: str = ""
     fixed_range: tuple[float, float] | None = None
