@@ -198,7 +198,8 @@ def _panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
 
 
 #: colour-bar names of the quantities (others: the PanelSpec's ``quantity``)
-QUANTITY_LABELS = {"activation": "CAM/AM activation", "am_final": "AM final H_f", "probability": "ψ probability"}
+QUANTITY_LABELS = {"activation": "CAM/AM map", "am_final": "AM final H_f", "probability": "ψ probability",
+                   "gradcam": "Grad-CAM", "contrast": "contrast dM"}
 
 
 def scale_label(key: str) -> str:

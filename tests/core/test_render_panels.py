@@ -44,9 +44,9 @@ def test_every_map_tile_has_its_colour_bar_with_quantity_and_raw_range():
     assert scales["Original"] is None
     label, lo, hi, cmap = scales["CAM"]
     cam = r.get("cam", "cam")[2][:, :30]
-    assert label == "CAM/AM activation" and cmap == DEFAULT_COLORMAP
+    assert label == "CAM/AM map" and cmap == DEFAULT_COLORMAP
     assert (lo, hi) == (float(cam.min()), float(cam.max()))  # the range drawn, inside the map
-    assert scales["Grad-CAM"][0] == "gradcam"
+    assert scales["Grad-CAM"][0] == "Grad-CAM"
 
 
 def test_tile_colour_bar_is_drawn_in_the_colour_map():

@@ -101,7 +101,7 @@ def test_colour_bar_follows_the_visible_panel_in_every_layout(qtbot, win):
     win.set_layout("1x1")
     _settle(qtbot, win)
     (key, p), = _visible(win).items()
-    assert key == "original" and p.bar.label == "CAM/AM activation"
+    assert key == "original" and p.bar.label == "CAM/AM map"
     win.cmap_combo.setCurrentIndex(win.cmap_combo.findData("jet"))
     assert p.bar.cmap == "jet"
 
