@@ -305,7 +305,8 @@ class ExplanationPanel(ImagePanel):
         self.key = key
         self.map = self.add_layer(MapLayer("map"))
         self.overlay = self.add_layer(RGBALayer("overlay"))
-        self.proposals = self.add_layer(BoxLayer("proposals", dashed=True))  # under the ground truth
+        # under the ground truth, labels clear of its labels
+        self.proposals = self.add_layer(BoxLayer("proposals", dashed=True, avoid=self.gt_boxes))
         self.prior = self.add_layer(PriorLayer("prior"))
         self.ious = self.add_layer(IoULayer("iou", lambda: [*self.gt_boxes.label_rects,
                                                              *self.proposals.label_rects]))

@@ -279,9 +279,11 @@ class BoxLayer(Layer):
     #: z of a dashed (proposal) layer: under the ground truth
     PROPOSAL_Z = 18.0
 
-    def __init__(self, name: str = "boxes", *, dashed: bool = False, show_scores: bool = True) -> None:
+    def __init__(self, name: str = "boxes", *, dashed: bool = False, show_scores: bool = True,
+                 avoid: "BoxLayer | None" = None) -> None:
         super().__init__(name)
         self.dashed = dashed
+        self.avoid = avoid  # a layer whose shown labels this one's labels keep clear of (the ground truth)
         self.show_scores = show_scores
         if dashed:
             self.z = self.PROPOSAL_Z
@@ -328,7 +330,9 @@ class BoxLayer(Layer):
         bounds = None if self.image_shape is None else (0.0, 0.0, float(self.image_shape[1]),
                                                         float(self.image_shape[0]))
         entries = [(lab, (b.x, b.y, b.w, b.h)) for lab, b in zip(self.labels, self.boxes)]
-        self.label_rects = layout_text_items(self.view, entries, bounds=bounds,
+        other = self.avoid
+        taken = other.label_rects if other is not None and other.visible else []
+        self.label_rects = layout_text_items(self.view, entries, taken=taken, bounds=bounds,
                                              keep=[not self.dashed] * len(entries))
 
     def clear(self) -> None:
