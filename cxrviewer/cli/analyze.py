@@ -3,7 +3,8 @@
     cxrviewer analyze PATH ... [--models DIR] --out DIR [--device auto|cpu|cuda] [--classes NAME ...]
 
 For each study: ``OUT/<name>/results.h5`` (all maps, boxes, timings; layout in
-``cxrviewer.core.io.results``), ``summary.json`` (source path, pixel_sha256, probabilities, every method's boxes
+``cxrviewer.core.io.results``), ``summary.json`` (strict JSON, a non-finite number written as
+``null``: source path, pixel_sha256, probabilities, every method's boxes
 with the prior's fixed median box per class under ``prior``, ``default_box_method``,
 per-stage timings, device, models) and ``panels.png`` (original, CAM, aligned, attention
 mining, contrast + paired normal, disease mask, lung/heart masks, as available).
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.errors import CxrError
     from cxrviewer.core.io import open_worklist
     from cxrviewer.core.io.results import write_results
+    from cxrviewer.core.jsonsafe import dumps
     from cxrviewer.core.panels import below_prior_by_role, default_box_method
     from cxrviewer.core.pipeline import Pipeline
     from cxrviewer.core.render import save_panels
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 cards = {b.path.name: b.manifest for b in pipeline.bundles.values()}  # model cards
                 save_panels(study, results, d / "panels.png", class_index=c, below=below_prior_by_role(results, cards))
                 files["panels"] = "panels.png"
-            (d / "summary.json").write_text(json.dumps(summary_dict(results, files, ref.path), indent=2) + "\n",
+            (d / "summary.json").write_text(dumps(summary_dict(results, files, ref.path), indent=2) + "\n",
                                             encoding="utf-8")
         except CxrError as exc:
             failures += 1

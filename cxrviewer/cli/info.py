@@ -7,13 +7,15 @@ status is 1 when any path failed, 0 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from ..core.jsonsafe import dumps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="DICOM/PNG/JPEG/TIFF files, folders or NIH ChestX-ray14 folders")
-    p.add_argument("--json", action="store_true", help="one JSON object per line (errors too, with ok=false)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line (errors too, with ok=false; non-finite numbers as null)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds allowed to decode compressed pixel data (default 30)")
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     for err in wl.errors:
         failed += 1
         if args.json:
-            print(json.dumps({"path": None, "ok": False, "error": err, "error_type": "WorklistError"}), flush=True)
+            print(dumps({"path": None, "ok": False, "error": err, "error_type": "WorklistError"}), flush=True)
         print(f"ERROR {err}", file=sys.stderr, flush=True)
     for ref in wl:
         try:
@@ -83,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
         except CxrError as exc:
             failed += 1
             if args.json:
-                print(json.dumps({"path": str(ref.path), "ok": False, "error": str(exc),
+                print(dumps({"path": str(ref.path), "ok": False, "error": str(exc),
                                   "error_type": type(exc).__name__}), flush=True)
             print(f"ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             continue
         rec = _record(ref, study)
-        print(json.dumps(rec) if args.json else _line(rec), flush=True)
+        print(dumps(rec) if args.json else _line(rec), flush=True)
     return 1 if failed else 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -41,7 +42,7 @@ from .atomic import mkdtemp_beside
 from .checksum import sha256_file
 from .errors import BundleError, ModelError
 from .families import FAMILIES  # noqa: F401  (the bundle families, re-exported)
-from .preprocess import LEGACY_NORMALISATION_KINDS, NORMALISATIONS
+from .preprocess import LEGACY_NORMALISATION_KINDS, NORMALISATIONS, Preprocess, crop_box_pixels
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,30 @@ EXTRAS = "extras.npz"
 
 #: Normalisation kinds understood by :mod:`cxrviewer.core.preprocess`.
 NORMALISATION_KINDS = tuple(NORMALISATIONS)
+
+# ---- limits: what a bundle may declare, checked before anything is read, built or allocated ----
+#: ``manifest.json`` larger than this is refused before it is parsed.
+MAX_MANIFEST_BYTES = 1 << 20
+#: Most classes a network may declare (``num_classes`` and ``classes``).
+MAX_CLASSES = 1000
+#: Network input side (pixels), each of height and width.
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 8, 4096
+#: Integer ``arch_kwargs`` / ``inference`` values lie in ``[0, MAX_INT_ARG]`` unless listed in
+#: :data:`INT_ARG_RANGES` (widths, sizes, channels).
+MAX_INT_ARG = 4096
+INT_ARG_RANGES: dict[str, tuple[int, int]] = {"num_classes": (1, MAX_CLASSES), "in_channels": (1, 16),
+                                              "depth": (1, 8)}
+#: Most entries of ``arch_kwargs`` (and items of a list value), and longest string value.
+MAX_ARGS, MAX_STRING = 64, 256
+#: Most parameters + buffers (elements) of a network a manifest may describe (counted on the
+#: ``meta`` device, nothing allocated): 100 M = 400 MB of float32, twice the largest shipped net.
+MAX_PARAMETERS = 100_000_000
+#: ``weights.pt`` larger than this is refused before it is hashed or read.
+MAX_WEIGHTS_BYTES = 4 * MAX_PARAMETERS + (16 << 20)
+#: ``extras.npz``: total uncompressed bytes its members declare (zip directory and .npy headers),
+#: checked before any array is inflated; most members.
+MAX_EXTRAS_BYTES = 256 << 20
+MAX_EXTRAS_MEMBERS = 64
 
 
 def _current_spelling(norm: Any) -> Any:
@@ -159,10 +184,14 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, path: str | None = None) -> "Manifest":
+        """Validate ``d`` against the manifest schema (types, ranges, label set) and build it.
+
+        Raises :class:`BundleError` naming the first problem; nothing is built from an invalid dict.
+        """
         if not isinstance(d, Mapping):
             raise BundleError("manifest.json is not a JSON object", path=path)
         version = d.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise BundleError("manifest.json has no integer 'format_version'", path=path)
         if version > FORMAT_VERSION:
             raise BundleError(
@@ -171,44 +200,191 @@ class Manifest:
         for key in ("architecture", "family", "classes", "input_size"):
             if key not in d:
                 raise BundleError(f"manifest.json lacks '{key}'", path=path)
-        size = d["input_size"]
-        if isinstance(size, int):
-            size = [size, size]
-        if (not isinstance(size, (list, tuple)) or len(size) != 2
-                or not all(isinstance(s, int) and s > 0 for s in size)):
-            raise BundleError(f"manifest 'input_size' must be N or [H, W], got {d['input_size']!r}", path=path)
-        classes = d["classes"]
-        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-            raise BundleError("manifest 'classes' must be a list of names", path=path)
+        for key in ("architecture", "family"):
+            if not isinstance(d[key], str) or not 0 < len(d[key]) <= MAX_STRING:
+                raise BundleError(f"manifest '{key}' must be a non-empty string, got {_short(d[key])}", path=path)
         norm = _current_spelling(d.get("normalisation") or {"kind": "minus1_1"})
         if not isinstance(norm, Mapping) or norm.get("kind") not in NORMALISATION_KINDS:
             raise BundleError(f"manifest 'normalisation' kind must be one of {NORMALISATION_KINDS}, "
-                              f"got {norm!r}", path=path)
-        crop = d.get("crop") or {"kind": "none"}
-        if not isinstance(crop, Mapping) or crop.get("kind") not in ("none", "box"):
-            raise BundleError(f"manifest 'crop' must be {{'kind': 'none'}} or {{'kind': 'box', ...}}, "
-                              f"got {crop!r}", path=path)
-        return cls(
-            architecture=str(d["architecture"]),
-            family=str(d["family"]),
-            classes=tuple(classes),
-            input_size=(int(size[0]), int(size[1])),
+                              f"got {_short(norm)}", path=path)
+        m = cls(
+            architecture=d["architecture"],
+            family=d["family"],
+            classes=_valid_classes(d["classes"], d["family"], path),
+            input_size=_valid_input_size(d["input_size"], path),
             normalisation=dict(norm),
-            arch_kwargs=dict(d.get("arch_kwargs") or {}),
-            crop=dict(crop),
-            canonical_chest=d.get("canonical_chest"),
-            name=str(d.get("name") or ""),
-            description=str(d.get("description") or ""),
-            role=d.get("role"),
-            provenance=dict(d.get("provenance") or {}),
-            files=dict(d.get("files") or {}),
-            extras_info=dict(d.get("extras_info") or {}),
-            inference=dict(d.get("inference") or {}),
+            arch_kwargs=_valid_args(d.get("arch_kwargs"), "arch_kwargs", path),
+            crop=_valid_crop(d.get("crop"), path),
+            canonical_chest=_valid_optional_mapping(d, "canonical_chest", path),
+            name=_valid_text(d, "name", path),
+            description=_valid_text(d, "description", path),
+            role=_valid_text(d, "role", path) or None,
+            provenance=_valid_optional_mapping(d, "provenance", path) or {},
+            files=_valid_files(d.get("files"), path),
+            extras_info=_valid_optional_mapping(d, "extras_info", path) or {},
+            inference=_valid_args(d.get("inference"), "inference", path),
             model_card=dict(d["model_card"]) if isinstance(d.get("model_card"), Mapping) else None,
             format_version=version,
-            cxrviewer_version=str(d.get("cxrviewer_version") or ""),
-            created=str(d.get("created") or ""),
+            cxrviewer_version=_valid_text(d, "cxrviewer_version", path),
+            created=_valid_text(d, "created", path),
         )
+        try:  # the preprocessing it describes must be buildable (mean/std, stretch)
+            Preprocess.from_manifest(m)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            raise BundleError(f"manifest preprocessing is unusable: {exc}", path=path) from exc
+        return m
+
+
+# ---- manifest schema ---------------------------------------------------------------
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (for one-line messages)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _valid_input_size(size: Any, path: str | None) -> tuple[int, int]:
+    """``N`` or ``[H, W]``, each an integer in ``[MIN_INPUT_SIDE, MAX_INPUT_SIDE]``."""
+    if _is_int(size):
+        size = [size, size]
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(_is_int(s) and MIN_INPUT_SIDE <= s <= MAX_INPUT_SIDE for s in size)):
+        raise BundleError(f"manifest 'input_size' must be N or [H, W] with each side an integer in "
+                          f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}, got {_short(size)}", path=path)
+    return int(size[0]), int(size[1])
+
+
+def _label_set(family: str) -> tuple[str, tuple[str, ...], Mapping[str, str]] | None:
+    """``(name, labels, aliases)`` the classes of a ``family`` must come from; None: any names."""
+    from .classes import ALIASES, CLASSES
+
+    if family in ("classifier", "cia"):
+        return "NIH ChestX-ray14", CLASSES, ALIASES
+    if family == "segmentation":
+        from .models.unet import SEGMENTATION_CLASSES
+
+        return "lung/heart segmentation", SEGMENTATION_CLASSES, {}
+    return None
+
+
+def _valid_classes(classes: Any, family: str, path: str | None) -> tuple[str, ...]:
+    """A list of unique names from the family's label set (aliases become canonical names)."""
+    if (not isinstance(classes, list) or len(classes) > MAX_CLASSES
+            or not all(isinstance(c, str) and 0 < len(c) <= MAX_STRING for c in classes)):
+        raise BundleError(f"manifest 'classes' must be a list of at most {MAX_CLASSES} non-empty "
+                          f"names, got {_short(classes)}", path=path)
+    names = [c.strip() for c in classes]
+    label_set = _label_set(family)
+    if label_set is not None:
+        set_name, labels, aliases = label_set
+        names = [aliases.get(c, c) for c in names]
+        unknown = list(dict.fromkeys(c for c in names if c not in labels))
+        if unknown:
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise BundleError(f"manifest 'classes' holds names not in the {set_name} label set: "
+                              f"{', '.join(repr(c) for c in unknown[:5])}{more}; known: {', '.join(labels)}",
+                              path=path)
+    dups = sorted({c for c in names if names.count(c) > 1}) if len(set(names)) != len(names) else []
+    if dups:
+        raise BundleError(f"manifest 'classes' names {', '.join(map(repr, dups[:5]))} more than once", path=path)
+    return tuple(names)
+
+
+def _valid_scalar(key: str, v: Any, where: str, path: str | None) -> None:
+    """One ``arch_kwargs``/``inference`` value: null, bool, short string, finite float or ranged int."""
+    if key in INT_ARG_RANGES and v is not None and not _is_int(v):
+        raise BundleError(f"manifest '{where}.{key}' must be an integer, got {_short(v)}", path=path)
+    if v is None or isinstance(v, bool) or (isinstance(v, float) and math.isfinite(v)):
+        return
+    if isinstance(v, str) and len(v) <= MAX_STRING:
+        return
+    if _is_int(v):
+        lo, hi = INT_ARG_RANGES.get(key, (0, MAX_INT_ARG))
+        if lo <= v <= hi:
+            return
+        raise BundleError(f"manifest '{where}.{key}' = {_short(v)} is outside {lo}..{hi}", path=path)
+    raise BundleError(f"manifest '{where}.{key}' must be a JSON number, string, boolean or null "
+                      f"(or a short list of them), got {_short(v)}", path=path)
+
+
+def _valid_args(args: Any, where: str, path: str | None) -> dict[str, Any]:
+    """``arch_kwargs``/``inference``: an object of at most :data:`MAX_ARGS` scalars or short scalar lists."""
+    if args is None:
+        return {}
+    if not isinstance(args, Mapping) or len(args) > MAX_ARGS:
+        raise BundleError(f"manifest '{where}' must be a JSON object of at most {MAX_ARGS} entries, "
+                          f"got {_short(args)}", path=path)
+    for key, v in args.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise BundleError(f"manifest '{where}' key {_short(key)} is not a name", path=path)
+        if isinstance(v, list):
+            if len(v) > MAX_ARGS:
+                raise BundleError(f"manifest '{where}.{key}' lists more than {MAX_ARGS} values", path=path)
+            for item in v:
+                _valid_scalar(key, item, where, path)
+        else:
+            _valid_scalar(key, v, where, path)
+    return dict(args)
+
+
+def _valid_crop(crop: Any, path: str | None) -> dict[str, Any]:
+    """``{"kind": "none"}`` or ``{"kind": "box", "box": [x0, y0, x1, y1]}`` fractions, x0 < x1, y0 < y1."""
+    crop = crop or {"kind": "none"}
+    if not isinstance(crop, Mapping) or crop.get("kind") not in ("none", "box"):
+        raise BundleError(f"manifest 'crop' must be {{'kind': 'none'}} or {{'kind': 'box', ...}}, "
+                          f"got {_short(crop)}", path=path)
+    if crop["kind"] == "box":
+        box = crop.get("box")
+        ok = (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and 0 <= v <= 1 for v in box)
+              and box[0] < box[2] and box[1] < box[3])
+        if not ok:
+            raise BundleError(f"manifest crop 'box' must be [x0, y0, x1, y1] fractions in 0..1 with "
+                              f"x0 < x1 and y0 < y1, got {_short(box)}", path=path)
+        try:
+            crop_box_pixels(crop, (MAX_INPUT_SIDE, MAX_INPUT_SIDE))
+        except ValueError as exc:
+            raise BundleError(f"manifest crop is unusable: {exc}", path=path) from exc
+    return dict(crop)
+
+
+def _valid_optional_mapping(d: Mapping[str, Any], key: str, path: str | None) -> dict[str, Any] | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, Mapping):
+        raise BundleError(f"manifest '{key}' must be a JSON object or null, got {_short(v)}", path=path)
+    return dict(v)
+
+
+def _valid_text(d: Mapping[str, Any], key: str, path: str | None) -> str:
+    v = d.get(key)
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise BundleError(f"manifest '{key}' must be a string, got {_short(v)}", path=path)
+    return v
+
+
+def _valid_files(files: Any, path: str | None) -> dict[str, dict[str, Any]]:
+    """``{name: {"sha256": hex, "bytes": n}}``."""
+    if files is None:
+        return {}
+    if not isinstance(files, Mapping):
+        raise BundleError(f"manifest 'files' must be a JSON object, got {_short(files)}", path=path)
+    for name, info in files.items():
+        ok = (isinstance(info, Mapping) and isinstance(info.get("sha256", ""), str)
+              and (info.get("bytes") is None or (_is_int(info["bytes"]) and info["bytes"] >= 0)))
+        if not ok:
+            raise BundleError(f"manifest 'files' entry {_short(name)} must be {{'sha256': hex, 'bytes': n}}, "
+                              f"got {_short(info)}", path=path)
+    return {str(k): dict(v) for k, v in files.items()}
 
 
 @dataclass
@@ -237,8 +413,23 @@ def _bundle_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def _refuse_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite_float(token: str) -> float:
+    v = float(token)
+    if not math.isfinite(v):
+        raise ValueError(f"number {token[:40]} is out of range")
+    return v
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Parse and validate ``manifest.json`` of the bundle at ``path`` (no weights read)."""
+    """Parse and validate ``manifest.json`` of the bundle at ``path`` (no weights read).
+
+    The file must be at most :data:`MAX_MANIFEST_BYTES`, strict JSON (no ``NaN``/``Infinity``)
+    and pass the schema of :meth:`Manifest.from_dict`; anything else is a :class:`BundleError`.
+    """
     d = _bundle_dir(path)
     mpath = d / MANIFEST
     if not d.is_dir():
@@ -246,9 +437,19 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if not mpath.is_file():
         raise BundleError("bundle has no manifest.json", path=str(d))
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"manifest.json is not valid JSON ({exc})", path=str(d)) from exc
+        with open(mpath, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise BundleError(f"manifest.json cannot be read ({exc.strerror or exc})", path=str(d)) from exc
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"manifest.json is larger than {MAX_MANIFEST_BYTES // 1024} KiB; refused unread",
+                          path=str(d))
+    try:
+        raw = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"manifest.json is not valid JSON ({str(exc)[:200]})", path=str(d)) from exc
+    except RecursionError as exc:
+        raise BundleError("manifest.json is not valid JSON (nested too deeply)", path=str(d)) from exc
     return Manifest.from_dict(raw, path=str(d))
 
 
@@ -314,6 +515,10 @@ def _check_state_dict(model: torch.nn.Module, state: Mapping[str, Any], path: st
                               f"architecture expects {tuple(t.shape)}", path=path)
 
 
+#: Largest file of each kind a bundle may hold (checked before it is hashed or read).
+_FILE_CEILINGS = {WEIGHTS: MAX_WEIGHTS_BYTES, EXTRAS: MAX_EXTRAS_BYTES + (1 << 20)}
+
+
 def _check_file(d: Path, name: str, manifest: Manifest, *, required: bool) -> Path | None:
     p = d / name
     info = manifest.files.get(name)
@@ -327,6 +532,10 @@ def _check_file(d: Path, name: str, manifest: Manifest, *, required: bool) -> Pa
         log.warning("%s: %s is not listed in the manifest; ignored", d, name)
         return None
     size = p.stat().st_size
+    ceiling = _FILE_CEILINGS.get(name)
+    if ceiling is not None and size > ceiling:
+        raise BundleError(f"{name} is {size} bytes, over the {ceiling >> 20} MiB limit; refused unread",
+                          path=str(d))
     want = info.get("bytes")
     if isinstance(want, int) and size != want:
         what = "truncated" if size < want else "longer than recorded"
@@ -340,12 +549,12 @@ def _check_file(d: Path, name: str, manifest: Manifest, *, required: bool) -> Pa
 
 def _load_state_dict(p: Path, bundle: str) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise BundleError(f"{WEIGHTS} holds objects other than tensors and was refused "
                           f"(unsafe pickle payload; never executed): {str(exc).splitlines()[0]}",
                           path=bundle) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the file holds, one typed error
         raise BundleError(f"{WEIGHTS} cannot be read (truncated or not a torch file): "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                           path=bundle) from exc
@@ -356,20 +565,89 @@ def _load_state_dict(p: Path, bundle: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _npy_header(zf: zipfile.ZipFile, member: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and header length of an ``.npy`` member (reads only its header)."""
+    from numpy.lib import format as npformat
+
+    with zf.open(member) as fh:
+        version = npformat.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = npformat.read_array_header_1_0(fh)
+        elif version in ((2, 0), (3, 0)):
+            shape, _, dtype = npformat.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+        header = fh.tell()
+    return tuple(int(n) for n in shape), np.dtype(dtype), header
+
+
+def _check_extras_budget(p: Path, bundle: str) -> None:
+    """Refuse ``extras.npz`` whose members declare more than :data:`MAX_EXTRAS_BYTES` (zip sizes
+    and ``.npy`` headers), object or structured arrays, before anything is inflated."""
+    with zipfile.ZipFile(p) as zf:
+        members = zf.infolist()
+        if len(members) > MAX_EXTRAS_MEMBERS:
+            raise BundleError(f"{EXTRAS} holds {len(members)} arrays (limit {MAX_EXTRAS_MEMBERS})", path=bundle)
+        declared = sum(m.file_size for m in members)
+        if declared > MAX_EXTRAS_BYTES:
+            raise BundleError(f"{EXTRAS} declares {declared} uncompressed bytes, over the "
+                              f"{MAX_EXTRAS_BYTES >> 20} MiB limit; refused before inflating", path=bundle)
+        total = 0
+        for m in members:
+            shape, dtype, header = _npy_header(zf, m)
+            if dtype.hasobject or dtype.kind not in "biufcUS":
+                raise BundleError(f"extra array '{m.filename}' has dtype {dtype}; only numeric/string "
+                                  f"arrays are allowed", path=bundle)
+            nbytes = math.prod(shape) * dtype.itemsize
+            total += nbytes
+            if nbytes > m.file_size - header or total > MAX_EXTRAS_BYTES:
+                what = ("more than its zip entry holds" if nbytes > m.file_size - header
+                        else f"over the {MAX_EXTRAS_BYTES >> 20} MiB limit")
+                raise BundleError(f"extra array '{m.filename}' declares shape {shape} {dtype} "
+                                  f"({nbytes} bytes), {what}; refused before allocating", path=bundle)
+
+
 def _load_extras(p: Path | None, bundle: str) -> dict[str, np.ndarray]:
+    """The arrays of ``extras.npz`` (budget checked first, no pickle, finite floats only)."""
     if p is None:
         return {}
     try:
+        _check_extras_budget(p, bundle)
         with np.load(p, allow_pickle=False) as z:
-            return {k: np.asarray(z[k]) for k in z.files}
-    except ValueError as exc:  # object arrays need pickle: refused
-        raise BundleError(f"{EXTRAS} holds object arrays and was refused: {exc}", path=bundle) from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BundleError(f"{EXTRAS} cannot be read: {exc}", path=bundle) from exc
+            out = {k: np.asarray(z[k]) for k in z.files}
+    except BundleError:
+        raise
+    except ValueError as exc:  # object arrays need pickle: refused; or a malformed header
+        raise BundleError(f"{EXTRAS} holds object arrays or malformed headers and was refused: "
+                          f"{str(exc)[:200]}", path=bundle) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the file holds, one typed error
+        raise BundleError(f"{EXTRAS} cannot be read: {type(exc).__name__}: {str(exc)[:200]}", path=bundle) from exc
+    for k, a in out.items():
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise BundleError(f"extra array '{k}' holds NaN or infinite values; refused", path=bundle)
+    return out
+
+
+def _create(create_model: Any, manifest: Manifest, path: str | None) -> torch.nn.Module:
+    """``create_model`` with the manifest's kwargs; any failure is one :class:`BundleError` line."""
+    try:
+        return create_model(manifest.architecture, **manifest.arch_kwargs)
+    except ModelError as exc:
+        raise BundleError(f"cannot build '{manifest.architecture}': {exc}", path=path) from exc
+    except TypeError as exc:
+        raise BundleError(f"bad arch_kwargs for '{manifest.architecture}': {exc}", path=path) from exc
+    except Exception as exc:  # noqa: BLE001 - allocator RuntimeError, MemoryError, a factory's ValueError...
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise BundleError(f"cannot build '{manifest.architecture}' with {_short(manifest.arch_kwargs, 200)}: "
+                          f"{type(exc).__name__}: {first}", path=path) from exc
 
 
 def build_model(manifest: Manifest, *, path: str | None = None) -> torch.nn.Module:
-    """Construct the (random-weight) network a manifest describes."""
+    """Construct the (random-weight) network a manifest describes.
+
+    It is first built on the ``meta`` device (no memory) and refused when it would hold more
+    than :data:`MAX_PARAMETERS` elements.
+    """
     create_model, get_spec = _registry()
     try:
         spec = get_spec(manifest.architecture)
@@ -379,21 +657,35 @@ def build_model(manifest: Manifest, *, path: str | None = None) -> torch.nn.Modu
     if spec.family != manifest.family:
         raise BundleError(f"manifest family '{manifest.family}' disagrees with the registry "
                           f"('{manifest.architecture}' is a {spec.family})", path=path)
-    try:
-        return create_model(manifest.architecture, **manifest.arch_kwargs)
-    except ModelError as exc:
-        raise BundleError(f"cannot build '{manifest.architecture}': {exc}", path=path) from exc
-    except TypeError as exc:
-        raise BundleError(f"bad arch_kwargs for '{manifest.architecture}': {exc}", path=path) from exc
+    with torch.device("meta"):
+        ghost = _create(create_model, manifest, path)
+    n = sum(t.numel() for t in ghost.parameters()) + sum(t.numel() for t in ghost.buffers())
+    del ghost
+    if n > MAX_PARAMETERS:
+        raise BundleError(f"'{manifest.architecture}' with {_short(manifest.arch_kwargs, 200)} would hold "
+                          f"{n:,} parameters, over the {MAX_PARAMETERS:,} limit; refused before allocating",
+                          path=path)
+    return _create(create_model, manifest, path)
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], names: Iterable[str], path: str) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor."""
+    for k in names:
+        v = state[k]
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            raise BundleError(f"weights tensor '{k}' holds NaN or infinite values; the bundle was refused",
+                              path=path)
 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedBundle:
     """Read, verify and build a bundle; the model is in eval mode with ``requires_grad`` off.
 
-    Checks (each a :class:`BundleError` naming the problem): manifest JSON and
-    format version, known architecture, file sizes and SHA-256, tensors only in
-    the weights (``torch.load(weights_only=True)``), tensor names and shapes,
-    class count versus the network's outputs.
+    Checks (each a :class:`BundleError` naming the problem): manifest size, JSON,
+    format version and schema (types, ranges, class names from the label set),
+    known architecture and its size (counted before allocating), file sizes and
+    SHA-256, the declared sizes of ``extras.npz`` (before inflating), tensors only
+    in the weights (``torch.load(weights_only=True)``), tensor names, shapes and
+    finiteness, class count versus the network's outputs. Nothing else escapes.
     """
     d = _bundle_dir(path)
     manifest = read_manifest(d)
@@ -401,14 +693,21 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     wpath = _check_file(d, WEIGHTS, manifest, required=True)
     assert wpath is not None
     epath = _check_file(d, EXTRAS, manifest, required=False)
+    extras = _load_extras(epath, bundle)
     model = build_model(manifest, path=bundle)
     _check_classes(model, manifest, bundle)
     state = _load_state_dict(wpath, bundle)
     _check_state_dict(model, state, bundle)
-    model.load_state_dict(state, strict=True)
-    extras = _load_extras(epath, bundle)
-    if "disease_masks" in extras and callable(getattr(model, "set_disease_masks", None)):
-        model.set_disease_masks(torch.from_numpy(np.asarray(extras["disease_masks"], dtype=np.float32)))
+    _check_finite(state, model.state_dict(), bundle)
+    try:
+        model.load_state_dict(state, strict=True)
+        if "disease_masks" in extras and callable(getattr(model, "set_disease_masks", None)):
+            model.set_disease_masks(torch.from_numpy(np.asarray(extras["disease_masks"], dtype=np.float32)))
+    except (RuntimeError, TypeError, ValueError, ModelError) as exc:
+        raise BundleError(f"weights or extras do not fit '{manifest.architecture}': "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
+                          path=bundle) from exc
+    del state
     model.eval()
     model.requires_grad_(False)
     model.to(device)

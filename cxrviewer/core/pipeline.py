@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import explain as _explain  # noqa: F401  (registers the explanation methods)
 from .bundle import LoadedBundle, find_bundles, load_bundle
 from .device import DeviceInfo, run_with_oom_fallback, select_device
-from .errors import BundleError, CxrError
+from .errors import BundleError, CxrError, ModelError
 from .explain.context import ExplainContext, scaled_shape
 from .explain.registry import Explainer, applicable_explainers
 from .preprocess import as_image_tensor, crop_box_pixels, resize
@@ -160,6 +161,18 @@ class Pipeline:
         res.models = {role: {**b.manifest.summary(), "bundle": b.path.name} for role, b in self.bundles.items()}
         return res
 
+    def _check_finite(self, res: Results) -> None:
+        """Refuse a classifier whose probabilities hold NaN/Inf (broken weights or input), naming it."""
+        p = res.probabilities
+        if p is None or bool(np.isfinite(p).all()):
+            return
+        b = self.bundles.get("classifier")
+        name = b.name if b is not None else "classifier"
+        bad = [c for c, v in zip(res.classes, np.asarray(p).ravel()) if not np.isfinite(v)]
+        raise ModelError(f"model '{name}' produced non-finite probabilities (NaN/Inf) for {res.study_id} "
+                         f"({', '.join(bad[:3]) or 'all'}{', ...' if len(bad) > 3 else ''}); its output was refused",
+                         path=str(b.path) if b is not None else None)
+
     def _run(self, study: Study, on_stage: Callable[[str, Results], None] | None,
              cancel: Callable[[], bool] | None, *, device: DeviceInfo) -> Results:
         self._move(device)
@@ -187,6 +200,7 @@ class Pipeline:
         try:
             for ex in self.explainers:
                 out = ex.compute(ctx)
+                self._check_finite(res)
                 if out is not None:  # None: nothing to show for this study (its notice says why)
                     res.maps[ex.name] = out.maps
                     if out.attrs:

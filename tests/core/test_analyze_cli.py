@@ -175,3 +175,66 @@ def test_analyze_help_is_written_for_users(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "``" not in text and ":mod:" not in text and "NAME-2" in text
+
+
+def _strict_json(text: str):
+    """``json.loads`` that refuses the non-JSON tokens NaN, Infinity and -Infinity."""
+    def refuse(token):
+        raise ValueError(f"bare {token} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_summary_json_is_strict_json_when_numbers_are_not_finite(rg1_uncr, tmp_path, monkeypatch, capsys):
+    """NaN/Inf probabilities and timings are written as null, never as bare NaN tokens."""
+    from cxrviewer.core.geometry import Box
+    from cxrviewer.core.pipeline import Pipeline
+    from cxrviewer.core.results import Results
+
+    class NaNPipeline:
+        bundles: dict = {}
+
+        def run(self, study):
+            r = Results(study_id=study.study_id, source_path=str(rg1_uncr), pixel_sha256=study.pixel_sha256(),
+                        image_shape=study.shape, map_shape=(8, 8), classes=tuple(BOXED_CLASSES[:3]), device="cpu")
+            r.probabilities = np.array([np.nan, np.inf, 0.5], np.float32)
+            r.timings = {"preprocess": float("nan"), "cam": float("inf")}
+            r.boxes = {"cam": [Box(BOXED_CLASSES[0], 1.0, 2.0, 3.0, 4.0, score=0.5)]}
+            return r
+
+    monkeypatch.setattr(Pipeline, "from_dirs", classmethod(lambda cls, *a, **k: NaNPipeline()))
+    out = tmp_path / "out"
+    rc = main(["analyze", str(rg1_uncr), "--models", str(tmp_path), "--out", str(out), "--no-panels"])
+    assert rc == 0, capsys.readouterr().err
+    text = (out / rg1_uncr.stem / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    summary = _strict_json(text)
+    assert summary["probabilities"] == {BOXED_CLASSES[0]: None, BOXED_CLASSES[1]: None, BOXED_CLASSES[2]: 0.5}
+    assert summary["timings"] == {"preprocess": None, "cam": None} and summary["total_seconds"] is None
+    assert summary["boxes"]["cam"][0]["score"] == 0.5 and summary["boxes"]["cam"][0]["x"] == 1.0
+
+
+def test_analyze_refuses_a_model_with_non_finite_weights(rg1_uncr, tmp_path, capsys):
+    """A bundle whose weights hold NaN: one line naming the bundle and the tensor, exit 2, no traceback."""
+    import hashlib
+
+    import torch
+
+    from cxrviewer.core.bundle import MANIFEST, WEIGHTS
+
+    paths = make_tiny_bundles(tmp_path / "models", roles=("classifier",), input_size=64)
+    p = paths["classifier"]
+    state = torch.load(p / WEIGHTS, weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] = float("nan")
+    torch.save(state, p / WEIGHTS)
+    d = json.loads((p / MANIFEST).read_text())
+    data = (p / WEIGHTS).read_bytes()
+    d["files"][WEIGHTS] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (p / MANIFEST).write_text(json.dumps(d))
+    rc = main(["analyze", str(rg1_uncr), "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out"),
+               "--device", "cpu", "--no-panels"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and f"weights tensor '{name}' holds NaN" in err and str(p) in err
+    assert "Traceback" not in err

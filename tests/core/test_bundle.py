@@ -158,7 +158,7 @@ def test_wrong_shape_names_tensor_and_shapes(tmp_path):
     p = _save(tmp_path)
     d = _manifest(p)
     d["arch_kwargs"]["num_classes"] = 3
-    d["classes"] = ["a", "b", "c"]
+    d["classes"] = list(CLASSES[:3])
     _write_manifest(p, d)
     with pytest.raises(BundleError, match=r"'classifier.weight' has shape \(14, 128\).*expects \(3, 128\)"):
         load_bundle(p)
@@ -184,7 +184,8 @@ def test_missing_or_unexpected_tensor(tmp_path, change, message):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(architecture="no_such_net"), "unknown architecture 'no_such_net'"),
     (lambda d: d.update(format_version=FORMAT_VERSION + 1), "newer than this cxrviewer reads"),
-    (lambda d: d.update(family="segmentation"), "disagrees with the registry"),
+    (lambda d: d.update(family="alignment"), "disagrees with the registry"),
+    (lambda d: d.update(family="segmentation"), "not in the lung/heart segmentation label set"),
     (lambda d: d.update(normalisation={"kind": "weird"}), "normalisation"),
     (lambda d: d.pop("classes"), "lacks 'classes'"),
 ])

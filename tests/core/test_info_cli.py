@@ -47,3 +47,48 @@ def test_info_json_matches_study(rg1_uncr: Path, rg1_j2kr: Path, bad_file: Path,
 def test_info_all_good_exits_zero(rg1_uncr: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["info", str(rg1_uncr)]) == 0
     assert capsys.readouterr().out.count("\n") == 1
+
+
+def _strict_json(text: str):
+    """``json.loads`` that refuses the non-JSON tokens NaN, Infinity and -Infinity."""
+    def refuse(token):
+        raise ValueError(f"bare {token} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_info_json_is_strict_json_when_numbers_are_not_finite(rg1_uncr: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A study whose window, spacing and boxes hold NaN/Inf prints null for them, never bare NaN tokens."""
+    from cxrviewer.cli import info
+
+    real = info._record
+
+    def record(ref, study):
+        rec = real(ref, study)
+        rec["window"] = [float("nan"), float("inf")]
+        rec["meta"]["pixel_spacing"] = [float("-inf"), 0.1]
+        rec["gt_boxes"] = [["Mass", float("nan"), 1.0, 2.0, 3.0]]
+        return rec
+
+    monkeypatch.setattr(info, "_record", record)
+    assert main(["info", "--json", str(rg1_uncr)]) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    rec = _strict_json(out.strip())
+    assert rec["window"] == [None, None] and rec["meta"]["pixel_spacing"] == [None, 0.1]
+    assert rec["gt_boxes"] == [["Mass", None, 1.0, 2.0, 3.0]]
+
+
+def test_json_safe_helper() -> None:
+    import numpy as np
+
+    from cxrviewer.core.jsonsafe import dumps, json_safe, loads_strict
+
+    value = {"a": float("nan"), 2: (1.5, float("-inf")), "arr": np.array([np.nan, 1.0], np.float32),
+             "s": np.float64("inf"), "i": np.int64(3), "ok": [True, None, "x"]}
+    assert json_safe(value) == {"a": None, "2": [1.5, None], "arr": [None, 1.0], "s": None, "i": 3,
+                                "ok": [True, None, "x"]}
+    assert loads_strict(dumps(value)) == json_safe(value)
+    with pytest.raises(ValueError):
+        loads_strict('{"a": NaN}')
