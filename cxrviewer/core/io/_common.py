@@ -5,8 +5,16 @@ turns already-decoded arrays into a :class:`~cxrviewer.core.study.Study`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import gzip
+import logging
 import math
 import os
+import threading
+import warnings
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +42,8 @@ def sniff(path: Path) -> str:
     """
     p = str(path)
     if not os.path.exists(p):
-        raise StudyLoadError("file not found", path=p)
+        reason = missing_reason(p)
+        raise StudyLoadError("file not found" if reason == "not found" else reason, path=p)
     if os.path.isdir(p):
         raise UnsupportedFormatError("is a folder, not an image file (open it as a worklist)", path=p)
     try:
@@ -125,3 +134,146 @@ def build_study(stored: np.ndarray, modality: np.ndarray, window: tuple[float, f
         np.subtract(np.float32(1.0), model_input, out=model_input)
     return Study(stored=stored, modality=modality, model_input=model_input,
                  window=(c, w), invert_display=invert, meta=meta)
+
+
+# --------------------------------------------------------------------------- budgets for text inputs
+#: Decompressed size ceiling of one NIH label/box csv (the full v2020 label file is ~8 MB).
+MAX_CSV_BYTES = 64 * 2**20
+#: Longest csv line accepted (a real row is under 200 bytes).
+MAX_CSV_LINE = 64 * 1024
+#: Most lines read from one csv (the full label file has 112,121).
+MAX_CSV_LINES = 1_000_000
+_CHUNK = 64 * 1024
+
+
+def safe_text(text: object, limit: int = 512) -> str:
+    """``text`` with control and bidi/format characters escaped, cut to ``limit`` characters.
+
+    Used wherever a file name or a header value becomes a study id, a display
+    name or a notice: ``\\n``, ``\\x1b`` or U+202E (right-to-left override)
+    cannot reflow a message or disguise a name (they become ``\\x0a``, ``\\u202e``).
+    """
+    s = str(text)
+    if s.isprintable() and len(s) <= limit:
+        return s
+    out = []
+    for ch in s:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    s = "".join(out)
+    return s if len(s) <= limit else s[:limit - 1] + "…"
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """A warning as one line: whitespace runs (newlines included) collapsed, then :func:`safe_text`."""
+    return safe_text(" ".join(str(text).split()), limit)
+
+
+def missing_reason(path: str) -> str:
+    """Why ``path`` does not exist: ``"is a symbolic link loop"``, ``"is a broken symbolic link"`` or ``"not found"``."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop (the link points back to itself)"
+        if os.path.islink(path):
+            return "is a broken symbolic link (its target does not exist)"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "cannot be reached (permission denied)"
+        if exc.errno == errno.ENAMETOOLONG:
+            return "has a name that is too long"
+    return "not found"
+
+
+def bounded_lines(path: Path, *, max_bytes: int = MAX_CSV_BYTES, max_line: int = MAX_CSV_LINE,
+                  max_lines: int = MAX_CSV_LINES) -> Iterator[str]:
+    """Lines (with their ending) of a utf-8 text file, gunzipped in bounded steps if it ends in ``.gz``.
+
+    Never holds more than one line plus a 64 KiB chunk: a line longer than
+    ``max_line``, more than ``max_bytes`` (decompressed) or more than
+    ``max_lines`` lines raise :class:`CorruptFileError` as soon as they are
+    reached, so a gzip bomb costs milliseconds. Undecodable bytes raise it too.
+    """
+    name = safe_text(path.name)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    total = lines = 0
+    pending = b""
+    try:
+        with opener(path, "rb") as f:
+            while True:
+                chunk = f.read(_CHUNK)
+                total += len(chunk)
+                if total > max_bytes:
+                    raise CorruptFileError(f"{name} is larger than {max_bytes >> 20} MiB once "
+                                           "decompressed; refused", path=str(path.parent))
+                if chunk:
+                    parts = (pending + chunk).split(b"\n")
+                    pending = parts.pop()
+                else:
+                    parts, pending = ([pending] if pending else []), b""
+                if len(pending) > max_line or any(len(raw) > max_line for raw in parts):
+                    raise CorruptFileError(f"{name} has a line longer than {max_line // 1024} KiB; "
+                                           "not a label file", path=str(path.parent))
+                for raw in parts:
+                    lines += 1
+                    if lines > max_lines:
+                        raise CorruptFileError(f"{name} has more than {max_lines} lines; refused",
+                                               path=str(path.parent))
+                    yield raw.decode("utf-8") + "\n"
+                if not chunk:
+                    return
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"{name} is not utf-8 text ({exc.reason})", path=str(path.parent)) from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CorruptFileError(f"{name} cannot be read ({exc})", path=str(path.parent)) from None
+
+
+# --------------------------------------------------------------------------- library warnings
+_CAPTURE_LOCK = threading.RLock()
+
+
+class _ListHandler(logging.Handler):
+    """Collects log records' messages (used for the ``pydicom`` logger while a file is read)."""
+
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.append(record.getMessage())
+        except Exception:  # noqa: BLE001 - a malformed log call must not break reading
+            pass
+
+
+@contextlib.contextmanager
+def captured_warnings(into: list[str], logger_names: tuple[str, ...] = ("pydicom",)) -> Iterator[None]:
+    """Route Python warnings and ``logger_names`` records raised inside the block into ``into``.
+
+    Each message is added once, as one line (:func:`one_line`), so a library's
+    multi-line warning about a hostile header never reaches stderr. Warning
+    filters are process-wide, so blocks are serialised by a lock; a warning
+    another thread raises meanwhile lands in this list rather than on stderr.
+    """
+    texts: list[str] = []
+    handler = _ListHandler(texts)
+    loggers = [logging.getLogger(n) for n in logger_names]
+    with _CAPTURE_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved = [lg.propagate for lg in loggers]
+        for lg in loggers:
+            lg.addHandler(handler)
+            lg.propagate = False
+        try:
+            yield
+        finally:
+            for lg, prop in zip(loggers, saved):
+                lg.removeHandler(handler)
+                lg.propagate = prop
+            for msg in [str(w.message) for w in caught] + texts:
+                line = one_line(msg)
+                if line and line not in into:
+                    into.append(line)

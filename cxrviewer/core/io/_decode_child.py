@@ -37,6 +37,16 @@ def _limit_memory() -> None:
         pass
 
 
+def _quiet() -> None:
+    """Keep library warnings off the inherited stderr: the parent already read this header and
+    captured its warnings into the study (one line each)."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.getLogger("pydicom").propagate = False
+
+
 def decode_first_frame(path: str, ts: str, plugins: list[str]):
     """Decode frame 0 of ``path`` with the first plugin in ``plugins`` that succeeds."""
     import pydicom
@@ -86,6 +96,7 @@ def _handle(req: dict) -> dict:
 def serve(conn) -> None:
     """Child main loop: answer decode requests until the pipe closes."""
     _limit_memory()
+    _quiet()
     while True:
         try:
             req = conn.recv()

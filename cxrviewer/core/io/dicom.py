@@ -64,7 +64,8 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from ..study import Study, StudyMeta
-from ._common import build_study, check_pixel_count, percentile_window
+from ._deflate import DEFLATED_EXPLICIT, HEADER_BUDGET, Inflater, check_top_level, read_meta_group
+from ._common import build_study, captured_warnings, check_pixel_count, one_line, percentile_window, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _text(ds, keyword: str) -> str | None:
     if v is None:
         return None
     try:
-        s = str(v).strip()
+        s = safe_text(str(v).strip(), 256)
     except Exception:  # noqa: BLE001
         return None
     return s or None
@@ -161,6 +162,20 @@ def _spacing(ds, warnings: list[str]) -> tuple[float, float] | None:
     return None
 
 
+def _refuse_deflated(path: str) -> None:
+    """Refuse a Deflated Explicit VR data set before pydicom could inflate it (a zip bomb risk)."""
+    ts = read_meta_group(path).transfer_syntax
+    if ts in _DEFLATED:
+        raise UnsupportedFormatError(
+            f"uses the Deflated transfer syntax ({ts}), which is not supported (it was not inflated); "
+            "convert it with dcmconv or gdcmconv", path=path)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if b"1.2.840.10008.1.2.1.99" in head and ts is None:
+        raise UnsupportedFormatError("has an unreadable file meta group naming the Deflated transfer "
+                                     "syntax; refused without inflating it", path=path)
+
+
 def _read_header(path: str, raw: bool):
     """Read the header (no pixel values) and return ``(dataset, pixel_element_offset, file_size)``."""
     import pydicom
@@ -168,11 +183,15 @@ def _read_header(path: str, raw: bool):
 
     size = os.path.getsize(path)
     try:
+        _refuse_deflated(path)
+    except (OSError, struct.error) as exc:
+        raise StudyLoadError(f"cannot be read ({one_line(exc)})", path=path) from None
+    try:
         with open(path, "rb") as f:
             ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=DEFER_SIZE, force=raw)
             pixel_pos = f.tell()
     except InvalidDicomError as exc:
-        raise UnsupportedFormatError(f"is not a readable DICOM file ({exc})", path=path) from None
+        raise UnsupportedFormatError(f"is not a readable DICOM file ({one_line(exc)})", path=path) from None
     except RecursionError:
         raise CorruptFileError("the DICOM header is nested too deeply to be a valid file", path=path) from None
     except MemoryError:
@@ -182,7 +201,8 @@ def _read_header(path: str, raw: bool):
     except OSError as exc:
         raise StudyLoadError(f"cannot be read ({exc.strerror or exc})", path=path) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on malformed input
-        raise CorruptFileError(f"the DICOM header is malformed ({type(exc).__name__}: {exc})", path=path) from None
+        raise CorruptFileError(f"the DICOM header is malformed ({type(exc).__name__}: {one_line(exc)})",
+                               path=path) from None
     return ds, pixel_pos, size
 
 
@@ -505,8 +525,10 @@ def load_dicom(path: str | Path, *, timeout: float = 30.0, raw: bool = False) ->
     Raises only :class:`~cxrviewer.core.errors.CxrError` subclasses.
     """
     p = str(path)
+    notes: list[str] = []
     try:
-        return _load(p, timeout, raw)
+        with captured_warnings(notes):
+            return _load(p, timeout, raw, notes)
     except CxrError:
         raise
     except MemoryError:
@@ -515,7 +537,7 @@ def load_dicom(path: str | Path, *, timeout: float = 30.0, raw: bool = False) ->
         raise CorruptFileError("the DICOM data is nested too deeply to be a valid file", path=p) from None
     except Exception as exc:  # noqa: BLE001 - never let an unexpected parser error escape untyped
         log.debug("unexpected error reading %s", p, exc_info=True)
-        raise CorruptFileError(f"could not be read ({type(exc).__name__}: {exc})", path=p) from None
+        raise CorruptFileError(f"could not be read ({type(exc).__name__}: {one_line(exc)})", path=p) from None
 
 
 @dataclass
@@ -640,15 +662,72 @@ def _study_meta(ds, path: str, ts: str, fmt: _PixelFormat, warnings: list[str]) 
     )
 
 
-def _load(path: str, timeout: float, raw: bool) -> Study:
-    """:func:`load_dicom` without its error translation."""
-    warnings: list[str] = []
+def _load(path: str, timeout: float, raw: bool, warnings: list[str]) -> Study:
+    """:func:`load_dicom` without its error translation; notes go to ``warnings`` (the Study's list)."""
+    meta = read_meta_group(path)
+    if meta.transfer_syntax == DEFLATED_EXPLICIT:
+        return _load_deflated(path, meta, timeout, warnings)
+    return _load_plain(path, timeout, raw, warnings)
+
+
+def _load_deflated(path: str, meta, timeout: float, warnings: list[str]) -> Study:
+    """A Deflated data set, inflated in bounded steps (header, then the first frame only; see ``_deflate``)."""
+    tmp = tempfile.mkdtemp(prefix="cxrviewer-inflate-")  # private: mode 0700
+    out = os.path.join(tmp, "inflated.dcm")
+    inflater = None
+    try:
+        inflater = Inflater(path, meta, out)
+        start = inflater.size
+        eof = inflater.fill(start + HEADER_BUDGET)
+        check_top_level(path, start, out)
+        try:
+            ds, pixel_pos, size = _read_header(out, False)
+        except CorruptFileError:
+            if eof:
+                raise
+            pixel_pos = size = inflater.size
+        if pixel_pos >= size and not eof:
+            raise ImageTooLargeError(f"its deflated header is malformed or larger than {HEADER_BUDGET >> 20} MiB "
+                                     "once inflated; refused without inflating the rest", path=out)
+        if pixel_pos < size:
+            _fill_first_frame(inflater, out, ds, pixel_pos)
+        inflater.close()
+        study = _load_plain(out, timeout, False, warnings)
+    except CxrError as exc:
+        text = str(exc)
+        text = text[len(out) + 2:] if text.startswith(out + ": ") else text
+        raise type(exc)(text, path=path) from None
+    finally:
+        if inflater is not None:
+            inflater.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    study.meta.source_path = path
+    study.meta.transfer_syntax = DEFLATED_EXPLICIT
+    warnings.append("Deflated transfer syntax: the data set was inflated up to the end of the first frame")
+    return study
+
+
+def _fill_first_frame(inflater: Inflater, out: str, ds, pixel_pos: int) -> None:
+    """Inflate up to the end of the first frame, refusing a PixelData longer than its frames need."""
+    fmt = _pixel_format(ds, out, [])
+    frame_bytes = fmt.rows * fmt.cols * fmt.spp * fmt.bits_alloc // 8
+    inflater.fill(pixel_pos + 12)
+    _, length = _pixel_element(out, pixel_pos, inflater.size, "<", False)
+    need = fmt.frames * frame_bytes
+    if length != 0xFFFFFFFF and length > need + (need & 1):
+        raise ImageTooLargeError(f"its deflated PixelData holds {length} bytes but {fmt.frames} frame(s) of "
+                                 f"{fmt.cols} x {fmt.rows} need {need}; refused without inflating it", path=out)
+    inflater.fill(pixel_pos + 12 + frame_bytes)
+
+
+def _load_plain(path: str, timeout: float, raw: bool, warnings: list[str]) -> Study:
+    """Header, checks and pixels of a file pydicom can read without inflating anything."""
     ds, pixel_pos, size = _read_header(path, raw)
     if raw:
         warnings.append("file has no DICOM preamble/'DICM' marker; read as a raw data set")
     ts = _transfer_syntax(ds, path, warnings)
-    if ts in _DEFLATED:
-        raise UnsupportedFormatError("uses the Deflated transfer syntax, which is not supported "
+    if ts in _DEFLATED:  # normally refused by _refuse_deflated before pydicom saw the file
+        raise UnsupportedFormatError(f"uses the Deflated transfer syntax ({ts}), which is not supported "
                                      "(convert it with dcmconv or gdcmconv)", path=path)
     if pixel_pos >= size:
         raise UnsupportedFormatError("contains no pixel data (PixelData is missing: not an image object, "

@@ -15,15 +15,15 @@ module in one pass, and the images folder is indexed with one ``os.scandir``
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import logging
+import math
 import os
 from pathlib import Path
 
 from ..classes import CLASSES, NO_FINDING, canonical
 from ..errors import CorruptFileError, StudyLoadError
 from ..geometry import Box
+from ._common import bounded_lines, safe_text
 from .worklist import StudyRef, Worklist
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,29 @@ BOX_FRAME = 1024
 BOX_FRAME_FILE = "box_frame.txt"
 
 
+#: Largest box frame accepted from ``box_frame.txt`` (pixels per side).
+MAX_BOX_FRAME = 65_536
+
+
 def _box_frame(root: Path) -> int:
+    """The folder's box frame: ``box_frame.txt`` (one integer 1..65536) or :data:`BOX_FRAME`.
+
+    A present but unusable file (0, negative, NaN, text, huge) raises
+    :class:`CorruptFileError`: boxes scaled by a wrong frame would be silently wrong.
+    """
+    fp = root / BOX_FRAME_FILE
     try:
-        return int((root / BOX_FRAME_FILE).read_text(encoding="ascii").strip())
-    except (OSError, ValueError):
+        with open(fp, "rb") as f:
+            raw = f.read(65)
+    except FileNotFoundError:
         return BOX_FRAME
+    except OSError as exc:
+        raise CorruptFileError(f"{BOX_FRAME_FILE} cannot be read ({exc.strerror or exc})", path=str(root)) from None
+    text = raw.decode("ascii", "replace").strip()
+    if len(raw) > 64 or not text.isdigit() or not text.isascii() or not 1 <= int(text) <= MAX_BOX_FRAME:
+        raise CorruptFileError(f"{BOX_FRAME_FILE} must hold one whole number of pixels from 1 to {MAX_BOX_FRAME} "
+                               f"(found {safe_text(text[:20])!r})", path=str(root))
+    return int(text)
 
 
 def _find(folder: Path, prefix: str) -> Path | None:
@@ -59,9 +77,8 @@ def is_nih_folder(path: str | Path) -> bool:
 
 
 def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+    """csv rows of ``path`` read through the bounded line reader (see :func:`bounded_lines`)."""
+    return csv.reader(bounded_lines(path))
 
 
 def _stem(name: str) -> str:
@@ -92,107 +109,158 @@ def _col(header: list[str], *names: str) -> int | None:
     return None
 
 
-def _read_boxes(path: Path, wanted: dict[str, Path], errors: list[str]) -> dict[str, list[Box]]:
-    """Boxes by image stem; the header is ``Image Index,Finding Label,Bbox [x,y,w,h],,,``."""
+def _check_box(box: Box, frame: int) -> tuple[Box | None, str | None]:
+    """``(box, None)`` when usable, ``(clipped, note)`` when it crosses the frame edge, ``(None, note)`` when refused.
+
+    Refused: a non-finite coordinate, a width or height <= 0, or no overlap with
+    the ``frame`` x ``frame`` image. Clipped: partly outside the image.
+    """
+    vals = (box.x, box.y, box.w, box.h)
+    if not all(math.isfinite(v) for v in vals):
+        return None, "has a non-finite coordinate"
+    if box.w <= 0 or box.h <= 0:
+        return None, f"has a size of {box.w:g} x {box.h:g}"
+    x1, y1 = max(box.x, 0.0), max(box.y, 0.0)
+    x2, y2 = min(box.x2, float(frame)), min(box.y2, float(frame))
+    if x2 <= x1 or y2 <= y1:
+        return None, f"lies outside the {frame} x {frame} image"
+    if (x1, y1, x2, y2) == (box.x, box.y, box.x2, box.y2):
+        return box, None
+    return Box(box.label, x1, y1, x2 - x1, y2 - y1), f"crosses the edge of the {frame} x {frame} image (clipped)"
+
+
+def _read_boxes(path: Path, wanted: dict[str, Path], frame: int, errors: list[str],
+                notes: dict[str, list[str]]) -> dict[str, list[Box]]:
+    """Boxes by image stem; the header is ``Image Index,Finding Label,Bbox [x,y,w,h],,,``.
+
+    Unusable boxes are dropped (or clipped) with a note in ``errors`` and in
+    ``notes[stem]`` (which becomes the study's warnings).
+    """
     boxes: dict[str, list[Box]] = {}
-    with _open_text(path) as f:
-        rows = csv.reader(f)
-        header = next(rows, None)
-        if not header:
-            errors.append(f"{path.name}: empty box file")
-            return boxes
-        i_img = _col(header, "Image Index") or 0
-        i_lab = _col(header, "Finding Label")
-        i_box = _col(header, "Bbox")
-        i_lab = 1 if i_lab is None else i_lab
-        i_box = 2 if i_box is None else i_box
-        for n, row in enumerate(rows, start=2):
-            if len(row) < i_box + 4:
-                if row:
-                    errors.append(f"{path.name} line {n}: too few columns")
-                continue
-            stem = _stem(row[i_img])
-            if stem not in wanted:
-                continue
-            try:
-                label = canonical(row[i_lab])
-                x, y, w, h = (float(v) for v in row[i_box:i_box + 4])
-            except (KeyError, ValueError):
-                errors.append(f"{path.name} line {n}: unreadable box {row!r}")
-                continue
-            boxes.setdefault(stem, []).append(Box(label, x, y, w, h))
+    name = safe_text(path.name)
+    rows = _open_text(path)
+    header = next(rows, None)
+    if not header:
+        errors.append(f"{name}: empty box file")
+        return boxes
+    i_img = _col(header, "Image Index") or 0
+    i_lab = _col(header, "Finding Label")
+    i_box = _col(header, "Bbox")
+    i_lab = 1 if i_lab is None else i_lab
+    i_box = 2 if i_box is None else i_box
+    for n, row in enumerate(rows, start=2):
+        if len(row) < i_box + 4:
+            if row:
+                errors.append(f"{name} line {n}: too few columns")
+            continue
+        stem = _stem(row[i_img])
+        if stem not in wanted:
+            continue
+        try:
+            label = canonical(row[i_lab])
+            x, y, w, h = (float(v) for v in row[i_box:i_box + 4])
+        except (KeyError, ValueError):
+            errors.append(f"{name} line {n}: unreadable box {safe_text(row, 200)}")
+            continue
+        box, why = _check_box(Box(label, x, y, w, h), frame)
+        if why:
+            msg = f"{name} line {n}: {label} box {safe_text(row[i_box:i_box + 4])} {why}" + \
+                ("" if box else "; dropped")
+            errors.append(f"{safe_text(stem)}: {msg}")
+            notes.setdefault(stem, []).append(msg)
+        if box is not None:
+            boxes.setdefault(stem, []).append(box)
     return boxes
 
 
+def _labels(cell: str, stem: str, notes: list[str]) -> dict[str, int]:
+    """Class -> 0/1 from a ``Finding Labels`` cell; unknown names are noted, not guessed."""
+    labels = dict.fromkeys(CLASSES, 0)
+    for name in cell.split("|"):
+        name = name.strip()
+        if not name or name == NO_FINDING:
+            continue
+        try:
+            labels[canonical(name)] = 1
+        except KeyError:
+            notes.append(f"unknown finding label {safe_text(name, 80)!r} ignored")
+    return labels
+
+
+def _ref(row: list[str], cols: dict[str, int | None], stem: str, img: Path, frame: int,
+         boxes: list[Box], notes: list[str]) -> StudyRef:
+    """One labelled :class:`StudyRef` from a label-file row."""
+    labels = _labels(row[cols["img_lab"]], stem, notes)
+    extra = {"box_frame": str(frame)}
+    for key in ("age", "sex", "follow_up"):
+        if cols[key] is not None:
+            extra[key] = safe_text(row[cols[key]].strip(), 80)
+    pid, view = cols["pid"], cols["view"]
+    return StudyRef(
+        path=img, key=stem, display_name=safe_text(stem), labels=labels, gt_boxes=boxes,
+        patient_id=safe_text(row[pid].strip(), 80) if pid is not None else None,
+        view_position=safe_text(row[view].strip(), 20) if view is not None else None,
+        extra=extra, warnings=notes)
+
+
+def _read_labels(label_file: Path, images: dict[str, Path], frame: int, boxes: dict[str, list[Box]],
+                 notes: dict[str, list[str]], wl: Worklist) -> None:
+    """Append a ref to ``wl`` for every label row whose image exists."""
+    name = safe_text(label_file.name)
+    rows = _open_text(label_file)
+    header = next(rows, None)
+    if not header:
+        raise CorruptFileError("the label file is empty", path=str(label_file))
+    cols = {"img": _col(header, "Image Index"), "img_lab": _col(header, "Finding Labels"),
+            "follow_up": _col(header, "Follow-up"), "pid": _col(header, "Patient ID"),
+            "age": _col(header, "Patient Age"), "sex": _col(header, "Patient Gender", "Patient Sex"),
+            "view": _col(header, "View Position")}
+    if cols["img"] is None or cols["img_lab"] is None:
+        raise CorruptFileError("the label file has no 'Image Index'/'Finding Labels' columns",
+                               path=str(label_file))
+    width = max(i for i in cols.values() if i is not None) + 1
+    seen: set[str] = set()
+    for n, row in enumerate(rows, start=2):
+        if len(row) < width:
+            if row:
+                wl.errors.append(f"{name} line {n}: too few columns")
+            continue
+        stem = _stem(row[cols["img"]])
+        img = images.get(stem)
+        if img is None or stem in seen:
+            continue
+        seen.add(stem)
+        ref_notes = notes.get(stem, [])
+        before = len(ref_notes)
+        wl.refs.append(_ref(row, cols, stem, img, frame, boxes.get(stem, []), ref_notes))
+        wl.errors.extend(f"{safe_text(stem)}: {m}" for m in ref_notes[before:])
+
+
 def read_nih_folder(path: str | Path) -> Worklist:
-    """Worklist of an NIH ChestX-ray14 folder: labelled refs for every label row whose image exists."""
+    """Worklist of an NIH ChestX-ray14 folder: labelled refs for every label row whose image exists.
+
+    The csv files are read through :func:`~cxrviewer.core.io._common.bounded_lines`
+    (size, line-length and line-count ceilings); a bad ``box_frame.txt`` or label
+    file raises :class:`CorruptFileError`. Unusable boxes and unknown labels are
+    dropped with a note in ``Worklist.errors`` and in the ref's ``warnings``.
+    """
     root = Path(path)
     label_file = _find(root, "Data_Entry_2017")
     if not (root / "images").is_dir() or label_file is None:
         raise StudyLoadError("is not an NIH ChestX-ray14 folder (needs images/ and Data_Entry_2017*.csv)",
                              path=str(root))
     images = _index_images(root / "images")
-    frame = str(_box_frame(root))
+    frame = _box_frame(root)
     wl = Worklist(source=str(root))
+    notes: dict[str, list[str]] = {}
     try:
         box_file = _find(root, "BBox_List_2017")
-        boxes = _read_boxes(box_file, images, wl.errors) if box_file else {}
-        refs = wl.refs
-        class_set = set(CLASSES)
-        with _open_text(label_file) as f:
-            rows = csv.reader(f)
-            header = next(rows, None)
-            if not header:
-                raise CorruptFileError("the label file is empty", path=str(label_file))
-            i_img = _col(header, "Image Index")
-            i_lab = _col(header, "Finding Labels")
-            if i_img is None or i_lab is None:
-                raise CorruptFileError("the label file has no 'Image Index'/'Finding Labels' columns",
-                                       path=str(label_file))
-            i_fu = _col(header, "Follow-up")
-            i_pid = _col(header, "Patient ID")
-            i_age = _col(header, "Patient Age")
-            i_sex = _col(header, "Patient Gender", "Patient Sex")
-            i_view = _col(header, "View Position")
-            width = max(i for i in (i_img, i_lab, i_fu, i_pid, i_age, i_sex, i_view) if i is not None) + 1
-            seen: set[str] = set()
-            for n, row in enumerate(rows, start=2):
-                if len(row) < width:
-                    if row:
-                        wl.errors.append(f"{label_file.name} line {n}: too few columns")
-                    continue
-                stem = _stem(row[i_img])
-                img = images.get(stem)
-                if img is None or stem in seen:
-                    continue
-                seen.add(stem)
-                labels = dict.fromkeys(CLASSES, 0)
-                for name in row[i_lab].split("|"):
-                    name = name.strip()
-                    if not name or name == NO_FINDING:
-                        continue
-                    try:
-                        labels[canonical(name)] = 1
-                    except KeyError:
-                        if name not in class_set:
-                            wl.errors.append(f"{stem}: unknown finding label {name!r} ignored")
-                extra = {"box_frame": frame}
-                if i_age is not None:
-                    extra["age"] = row[i_age].strip()
-                if i_sex is not None:
-                    extra["sex"] = row[i_sex].strip()
-                if i_fu is not None:
-                    extra["follow_up"] = row[i_fu].strip()
-                refs.append(StudyRef(
-                    path=img, key=stem, display_name=stem, labels=labels,
-                    gt_boxes=boxes.get(stem, []),
-                    patient_id=row[i_pid].strip() if i_pid is not None else None,
-                    view_position=row[i_view].strip() if i_view is not None else None,
-                    extra=extra))
+        boxes = _read_boxes(box_file, images, frame, wl.errors, notes) if box_file else {}
+        _read_labels(label_file, images, frame, boxes, notes, wl)
     except (OSError, EOFError, csv.Error, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"the NIH label files cannot be read ({exc})", path=str(root)) from None
+        raise CorruptFileError(f"the NIH label files cannot be read ({safe_text(exc)})", path=str(root)) from None
     missing = len(images) - len(wl.refs)
     if missing > 0:
-        wl.errors.append(f"{missing} image(s) in images/ have no row in {label_file.name} and were skipped")
+        wl.errors.append(f"{missing} image(s) in images/ have no row in {safe_text(label_file.name)} and were skipped")
     log.info("NIH folder %s: %d labelled images of %d files", root, len(wl.refs), len(images))
     return wl

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import CorruptFileError, CxrError, ImageTooLargeError, StudyLoadError
 from ..study import Study, StudyMeta
-from ._common import build_study, check_pixel_count, percentile_window
+from ._common import build_study, captured_warnings, check_pixel_count, percentile_window
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,19 @@ _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}
 
 
 def load_raster(path: str | Path, fmt: str) -> Study:
-    """Read a PNG/JPEG/TIFF file (``fmt`` as sniffed: "png", "jpeg", "tiff") into a Study."""
+    """Read a PNG/JPEG/TIFF file (``fmt`` as sniffed: "png", "jpeg", "tiff") into a Study.
+
+    Pillow's warnings about the file go to the Study's warnings (one line each), not stderr.
+    """
+    notes: list[str] = []
+    with captured_warnings(notes, ("PIL",)):
+        return _load_raster(str(path), fmt, notes)
+
+
+def _load_raster(p: str, fmt: str, warnings: list[str]) -> Study:
+    """:func:`load_raster` with its notes going to ``warnings``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    p = str(path)
-    warnings: list[str] = []
     try:
         with Image.open(p, formats=[_PIL_FORMAT[fmt]]) as im:
             w, h = im.size

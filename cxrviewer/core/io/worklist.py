@@ -23,6 +23,8 @@ class StudyRef:
     patient_id: str | None = None
     view_position: str | None = None
     extra: dict[str, str] = field(default_factory=dict)  # e.g. age, sex, follow-up
+    #: notes found while scanning (dropped boxes, unknown labels); added to the Study's warnings
+    warnings: list[str] = field(default_factory=list)
 
     def load(self, *, timeout: float = 30.0):
         """Decode the file; labels and ground-truth boxes are attached to the Study."""
@@ -32,17 +34,32 @@ class StudyRef:
         if self.labels is not None:
             study.labels = dict(self.labels)
         if self.gt_boxes:
-            boxes = list(self.gt_boxes)
-            frame = self.extra.get("box_frame")  # NIH boxes live in a 1024 x 1024 frame
-            if frame and study.shape != (int(frame), int(frame)):
-                h, w = study.shape
-                boxes = [b.scaled(w / int(frame), h / int(frame)) for b in boxes]
-            study.gt_boxes = boxes
+            study.gt_boxes = self._boxes_for(study.shape)
+        study.meta.warnings.extend(w for w in self.warnings if w not in study.meta.warnings)
         if self.patient_id and not study.meta.patient_id:
             study.meta.patient_id = self.patient_id
         if self.view_position and not study.meta.view_position:
             study.meta.view_position = self.view_position
         return study
+
+    def _boxes_for(self, shape: tuple[int, int]) -> list[Box]:
+        """Ground-truth boxes scaled from their frame (``extra["box_frame"]``) to an image of ``shape``."""
+        boxes = list(self.gt_boxes)
+        raw = self.extra.get("box_frame")  # NIH boxes live in a 1024 x 1024 frame
+        if not raw:
+            return boxes
+        try:
+            frame = int(raw)
+        except (TypeError, ValueError):
+            frame = 0
+        if not 1 <= frame <= 65_536:
+            from ..errors import CorruptFileError
+
+            raise CorruptFileError(f"box frame {str(raw)[:20]!r} is not a positive image size", path=str(self.path))
+        if shape != (frame, frame):
+            h, w = shape
+            boxes = [b.scaled(w / frame, h / frame) for b in boxes]
+        return boxes
 
 
 @dataclass
