@@ -40,7 +40,7 @@ import torch
 
 from .atomic import mkdtemp_beside
 from .checksum import sha256_file
-from .errors import BundleError, ModelError
+from .errors import BundleError, CxrError, ModelError
 from .families import FAMILIES  # noqa: F401  (the bundle families, re-exported)
 from .preprocess import LEGACY_NORMALISATION_KINDS, NORMALISATIONS, Preprocess, crop_box_pixels
 
@@ -83,8 +83,9 @@ MAX_EXTRAS_MEMBERS = 64
 
 def _current_spelling(norm: Any) -> Any:
     """A manifest ``normalisation`` with an older kind spelling (``zero_1``) renamed; else as given."""
-    if isinstance(norm, Mapping) and norm.get("kind") in LEGACY_NORMALISATION_KINDS:
-        return {**norm, "kind": LEGACY_NORMALISATION_KINDS[norm["kind"]]}
+    kind = norm.get("kind") if isinstance(norm, Mapping) else None
+    if isinstance(kind, str) and kind in LEGACY_NORMALISATION_KINDS:
+        return {**norm, "kind": LEGACY_NORMALISATION_KINDS[kind]}
     return norm
 
 
@@ -204,7 +205,8 @@ class Manifest:
             if not isinstance(d[key], str) or not 0 < len(d[key]) <= MAX_STRING:
                 raise BundleError(f"manifest '{key}' must be a non-empty string, got {_short(d[key])}", path=path)
         norm = _current_spelling(d.get("normalisation") or {"kind": "minus1_1"})
-        if not isinstance(norm, Mapping) or norm.get("kind") not in NORMALISATION_KINDS:
+        kind = norm.get("kind") if isinstance(norm, Mapping) else None
+        if not isinstance(kind, str) or kind not in NORMALISATION_KINDS:
             raise BundleError(f"manifest 'normalisation' kind must be one of {NORMALISATION_KINDS}, "
                               f"got {_short(norm)}", path=path)
         m = cls(
@@ -231,11 +233,17 @@ class Manifest:
         try:  # the preprocessing it describes must be buildable (mean/std, stretch)
             Preprocess.from_manifest(m)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
-            raise BundleError(f"manifest preprocessing is unusable: {exc}", path=path) from exc
+            raise BundleError(f"manifest preprocessing is unusable: {_first_line(exc)}", path=path) from exc
         return m
 
 
 # ---- manifest schema ---------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (at most 200 characters), or its type name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _short(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters (for one-line messages)."""
     r = repr(value)
@@ -301,7 +309,7 @@ def _valid_scalar(key: str, v: Any, where: str, path: str | None) -> None:
     """One ``arch_kwargs``/``inference`` value: null, bool, short string, finite float or ranged int."""
     if key in INT_ARG_RANGES and v is not None and not _is_int(v):
         raise BundleError(f"manifest '{where}.{key}' must be an integer, got {_short(v)}", path=path)
-    if v is None or isinstance(v, bool) or (isinstance(v, float) and math.isfinite(v)):
+    if v is None or isinstance(v, bool) or (isinstance(v, float) and math.isfinite(v) and abs(v) <= MAX_INT_ARG):
         return
     if isinstance(v, str) and len(v) <= MAX_STRING:
         return
@@ -310,6 +318,9 @@ def _valid_scalar(key: str, v: Any, where: str, path: str | None) -> None:
         if lo <= v <= hi:
             return
         raise BundleError(f"manifest '{where}.{key}' = {_short(v)} is outside {lo}..{hi}", path=path)
+    if isinstance(v, float):
+        raise BundleError(f"manifest '{where}.{key}' = {_short(v)} is not a finite number within "
+                          f"+-{MAX_INT_ARG}", path=path)
     raise BundleError(f"manifest '{where}.{key}' must be a JSON number, string, boolean or null "
                       f"(or a short list of them), got {_short(v)}", path=path)
 
@@ -350,7 +361,7 @@ def _valid_crop(crop: Any, path: str | None) -> dict[str, Any]:
         try:
             crop_box_pixels(crop, (MAX_INPUT_SIDE, MAX_INPUT_SIDE))
         except ValueError as exc:
-            raise BundleError(f"manifest crop is unusable: {exc}", path=path) from exc
+            raise BundleError(f"manifest crop is unusable: {_first_line(exc)}", path=path) from exc
     return dict(crop)
 
 
@@ -447,7 +458,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     try:
         raw = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"manifest.json is not valid JSON ({str(exc)[:200]})", path=str(d)) from exc
+        raise BundleError(f"manifest.json is not valid JSON ({_first_line(exc)})", path=str(d)) from exc
     except RecursionError as exc:
         raise BundleError("manifest.json is not valid JSON (nested too deeply)", path=str(d)) from exc
     return Manifest.from_dict(raw, path=str(d))
@@ -465,9 +476,12 @@ def find_bundles(dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[
             continue
         if not d.is_dir():
             continue
-        for p in sorted(d.iterdir()):
-            if p.is_dir() and p.name.endswith(BUNDLE_SUFFIX) and (p / MANIFEST).is_file():
-                found.append(p)
+        try:
+            entries = sorted(d.iterdir())
+        except OSError as exc:
+            raise BundleError(f"cannot list the models folder ({exc.strerror or exc})", path=str(d)) from exc
+        found.extend(p for p in entries
+                     if p.is_dir() and p.name.endswith(BUNDLE_SUFFIX) and (p / MANIFEST).is_file())
     return found
 
 
@@ -531,7 +545,10 @@ def _check_file(d: Path, name: str, manifest: Manifest, *, required: bool) -> Pa
             raise BundleError(f"manifest.json has no checksum for {name}", path=str(d))
         log.warning("%s: %s is not listed in the manifest; ignored", d, name)
         return None
-    size = p.stat().st_size
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise BundleError(f"{name} cannot be read ({exc.strerror or exc})", path=str(d)) from exc
     ceiling = _FILE_CEILINGS.get(name)
     if ceiling is not None and size > ceiling:
         raise BundleError(f"{name} is {size} bytes, over the {ceiling >> 20} MiB limit; refused unread",
@@ -540,7 +557,10 @@ def _check_file(d: Path, name: str, manifest: Manifest, *, required: bool) -> Pa
     if isinstance(want, int) and size != want:
         what = "truncated" if size < want else "longer than recorded"
         raise BundleError(f"{name} is {what} ({size} bytes, manifest says {want})", path=str(d))
-    sha = sha256_file(p)
+    try:
+        sha = sha256_file(p)
+    except OSError as exc:
+        raise BundleError(f"{name} cannot be read ({exc.strerror or exc})", path=str(d)) from exc
     if info.get("sha256") and sha != info["sha256"]:
         raise BundleError(f"{name} SHA-256 {sha[:12]}... does not match the manifest "
                           f"({str(info['sha256'])[:12]}...); the file was changed or damaged", path=str(d))
@@ -552,11 +572,11 @@ def _load_state_dict(p: Path, bundle: str) -> dict[str, torch.Tensor]:
         state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise BundleError(f"{WEIGHTS} holds objects other than tensors and was refused "
-                          f"(unsafe pickle payload; never executed): {str(exc).splitlines()[0]}",
+                          f"(unsafe pickle payload; never executed): {_first_line(exc)}",
                           path=bundle) from exc
     except Exception as exc:  # noqa: BLE001 - whatever the file holds, one typed error
         raise BundleError(f"{WEIGHTS} cannot be read (truncated or not a torch file): "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                          f"{_first_line(exc)}",
                           path=bundle) from exc
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
@@ -619,9 +639,9 @@ def _load_extras(p: Path | None, bundle: str) -> dict[str, np.ndarray]:
         raise
     except ValueError as exc:  # object arrays need pickle: refused; or a malformed header
         raise BundleError(f"{EXTRAS} holds object arrays or malformed headers and was refused: "
-                          f"{str(exc)[:200]}", path=bundle) from exc
+                          f"{_first_line(exc)}", path=bundle) from exc
     except Exception as exc:  # noqa: BLE001 - whatever the file holds, one typed error
-        raise BundleError(f"{EXTRAS} cannot be read: {type(exc).__name__}: {str(exc)[:200]}", path=bundle) from exc
+        raise BundleError(f"{EXTRAS} cannot be read: {type(exc).__name__}: {_first_line(exc)}", path=bundle) from exc
     for k, a in out.items():
         if a.dtype.kind in "fc" and not np.isfinite(a).all():
             raise BundleError(f"extra array '{k}' holds NaN or infinite values; refused", path=bundle)
@@ -633,13 +653,12 @@ def _create(create_model: Any, manifest: Manifest, path: str | None) -> torch.nn
     try:
         return create_model(manifest.architecture, **manifest.arch_kwargs)
     except ModelError as exc:
-        raise BundleError(f"cannot build '{manifest.architecture}': {exc}", path=path) from exc
+        raise BundleError(f"cannot build '{manifest.architecture}': {_first_line(exc)}", path=path) from exc
     except TypeError as exc:
-        raise BundleError(f"bad arch_kwargs for '{manifest.architecture}': {exc}", path=path) from exc
+        raise BundleError(f"bad arch_kwargs for '{manifest.architecture}': {_first_line(exc)}", path=path) from exc
     except Exception as exc:  # noqa: BLE001 - allocator RuntimeError, MemoryError, a factory's ValueError...
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise BundleError(f"cannot build '{manifest.architecture}' with {_short(manifest.arch_kwargs, 200)}: "
-                          f"{type(exc).__name__}: {first}", path=path) from exc
+                          f"{type(exc).__name__}: {_first_line(exc)}", path=path) from exc
 
 
 def build_model(manifest: Manifest, *, path: str | None = None) -> torch.nn.Module:
@@ -685,9 +704,21 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     known architecture and its size (counted before allocating), file sizes and
     SHA-256, the declared sizes of ``extras.npz`` (before inflating), tensors only
     in the weights (``torch.load(weights_only=True)``), tensor names, shapes and
-    finiteness, class count versus the network's outputs. Nothing else escapes.
+    finiteness, class count versus the network's outputs. Nothing else escapes:
+    an unforeseen failure is a :class:`BundleError` too (the cause chained).
     """
     d = _bundle_dir(path)
+    try:
+        return _load_bundle(d, device)
+    except CxrError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the folder holds, one typed error
+        log.debug("loading %s failed", d, exc_info=True)
+        raise BundleError(f"cannot load the bundle: {type(exc).__name__}: {_first_line(exc)}", path=str(d)) from exc
+
+
+def _load_bundle(d: Path, device: str | torch.device) -> LoadedBundle:
+    """:func:`load_bundle` without its last-resort error wrapping."""
     manifest = read_manifest(d)
     bundle = str(d)
     wpath = _check_file(d, WEIGHTS, manifest, required=True)
@@ -705,8 +736,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
             model.set_disease_masks(torch.from_numpy(np.asarray(extras["disease_masks"], dtype=np.float32)))
     except (RuntimeError, TypeError, ValueError, ModelError) as exc:
         raise BundleError(f"weights or extras do not fit '{manifest.architecture}': "
-                          f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
-                          path=bundle) from exc
+                          f"{_first_line(exc)}", path=bundle) from exc
     del state
     model.eval()
     model.requires_grad_(False)

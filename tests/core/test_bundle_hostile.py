@@ -125,7 +125,10 @@ def _refused(fn: Callable[[], object], exc: type[CxrError], match: str) -> CxrEr
 @pytest.mark.parametrize("changes, match", [
     ({"arch_kwargs": ["backbone", "tiny"]}, "'arch_kwargs' must be a JSON object"),
     ({"arch_kwargs": {"backbone": "tiny", "num_classes": 2e9}}, "num_classes' must be an integer"),
-    ({"arch_kwargs": {"backbone": "tiny", "num_classes": 2_000_000_000}}, r"num_classes' = 2000000000 is outside 1\.\.1000"),
+    ({"arch_kwargs": {"backbone": "tiny", "num_classes": 2_000_000_000}},
+     r"num_classes' = 2000000000 is outside 1\.\.1000"),
+    ({"arch_kwargs": {"backbone": "tiny", "transition_channels": 1e308}}, "not a finite number within"),
+    ({"normalisation": {"kind": ["minus1_1"]}}, "'normalisation' kind must be one of"),
     ({"arch_kwargs": {"backbone": "tiny", "in_channels": -1}}, "in_channels' = -1 is outside"),
     ({"arch_kwargs": {"backbone": {"nested": 1}}}, "must be a JSON number, string"),
     ({"arch_kwargs": {"backbone": "tiny", "pool": "x" * 10_000}}, "must be a JSON number, string"),
@@ -307,3 +310,80 @@ def test_pipeline_refuses_non_finite_probabilities_naming_the_model(tmp_path):
     with pytest.raises(ModelError, match=f"model '{b.name}' produced non-finite probabilities") as info:
         pl.run(synthetic_study())
     assert str(b.path) in str(info.value) and "\n" not in str(info.value)
+
+
+# ---- limits, not a list: seeded mutants of every part ----------------------------------------
+_HOSTILE_VALUES = [None, -1, 0, 2 ** 63, 1e308, -1e-308, True, "", "x" * 300, [], {}, [[[]]], {"kind": 1},
+                   ["Atelectasis"] * 3, [0.5] * 4, "NaN"]
+
+
+def _paths(obj, prefix=()):
+    """Every (key path) of a JSON value, depth first."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+def _set(obj, path, value):
+    for k in path[:-1]:
+        obj = obj[k]
+    obj[path[-1]] = value
+
+
+def _loads_or_refuses(p: Path) -> None:
+    t0 = time.perf_counter()
+    try:
+        load_bundle(p)
+    except CxrError as exc:
+        assert "\n" not in str(exc)
+    assert time.perf_counter() - t0 < MAX_SECONDS
+
+
+def test_manifest_value_mutants_load_or_raise_typed_errors(tmp_path):
+    p = _save(tmp_path, extras={"prior": np.zeros((2, 3), np.float32)}, crop={"kind": "box", "box": [0, 0, 1, 1]})
+    base = _manifest(p)
+    paths = [q for q in _paths(base) if q]
+    rng = np.random.default_rng(15)
+    for _ in range(150):
+        d = json.loads(json.dumps(base))
+        q = paths[int(rng.integers(len(paths)))]
+        _set(d, q, _HOSTILE_VALUES[int(rng.integers(len(_HOSTILE_VALUES)))])
+        _write_manifest(p, d)
+        _loads_or_refuses(p)
+
+
+@pytest.mark.parametrize("name", [MANIFEST, WEIGHTS, EXTRAS])
+def test_byte_mutants_load_or_raise_typed_errors(tmp_path, name):
+    p = _save(tmp_path, extras={"prior": np.arange(64, dtype=np.float32), "ids": np.asarray(["a", "b"])})
+    original = (p / name).read_bytes()
+    rng = np.random.default_rng(len(name))
+    for i in range(40):
+        data = bytearray(original)
+        if i % 4 == 0:
+            data = data[: int(rng.integers(len(data)))]
+        else:
+            for pos in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+                data[int(pos)] = int(rng.integers(256))
+        (p / name).write_bytes(bytes(data))
+        if name != MANIFEST:
+            _rehash(p, name)
+        _loads_or_refuses(p)
+        (p / name).write_bytes(original)
+        if name != MANIFEST:
+            _rehash(p, name)
+
+
+def test_unforeseen_failure_is_still_a_bundle_error(tmp_path, monkeypatch):
+    from cxrviewer.core import bundle
+
+    p = _save(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise IndexError("something unforeseen")
+
+    monkeypatch.setattr(bundle, "_check_classes", broken)
+    _refused(lambda: load_bundle(p), BundleError, "cannot load the bundle: IndexError: something unforeseen")
