@@ -63,5 +63,9 @@ class AnnotationStoreError(CxrError):
     """An annotation store cannot be opened or written."""
 
 
+class AnnotationConflictError(AnnotationStoreError):
+    """Another editor changed (or deleted) the row since this one read it; nothing was written."""
+
+
 class ExportError(CxrError):
     """An export or import failed; nothing was written over the target."""

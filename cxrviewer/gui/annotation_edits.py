@@ -20,11 +20,10 @@ from PySide6.QtGui import QCursor
 from PySide6.QtWidgets import QMenu, QWidget
 
 from ..core.annotations import (
-    AnnotationSession, Edit, EditConflictError, EditRefused, InvalidBoxError, created_box_ids,
-    is_committed,
+    AnnotationSession, Edit, EditRefused, InvalidBoxError, created_box_ids, is_committed,
 )
 from ..core.classes import CLASSES
-from ..core.errors import CxrError
+from ..core.errors import AnnotationConflictError, CxrError
 from ..core.geometry import Box
 from ..core.proposals import select_proposals
 from .annotation_feedback import AnnotationFeedback
@@ -70,7 +69,7 @@ class AnnotationEdits(QObject):
         except EditRefused as exc:
             self.feedback.refused(exc)
             return None
-        except (InvalidBoxError, EditConflictError) as exc:
+        except (InvalidBoxError, AnnotationConflictError) as exc:  # conflict: redraw = reload
             self.feedback.error(str(exc))
             self.refresh()
             return None

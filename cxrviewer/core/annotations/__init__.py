@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from .export import (
     EXPORTERS, IMPORTERS, NIH_BBOX_HEADER, atomic_write, export_coco, export_store, export_nih_csv, export_voc, export_yolo,
-    import_coco, import_nih_csv, read_nih_csv,
+    import_coco, import_nih_csv, read_nih_csv, safe_stem,
 )
+from ..errors import AnnotationConflictError
 from .migrations import MIGRATIONS, SCHEMA_VERSION
 from .model import (
     BOX_SOURCES, LABEL_CODES, LABEL_STATES, PROPOSAL_STATUSES, REVIEW_STATUSES, AnnotatedBox,
@@ -25,7 +26,7 @@ from .store import (
 )
 
 __all__ = [
-    "AnnotatedBox", "AnnotationSession", "AnnotationStore", "BOX_SOURCES", "BatchResult",
+    "AnnotatedBox", "AnnotationConflictError", "AnnotationSession", "AnnotationStore", "BOX_SOURCES", "BatchResult",
     "BoxClipboard", "Edit", "EditConflictError", "EditRefused", "StudySnapshot", "created_box_ids",
     "is_committed", "proposals_from_results",
     "HistoryEntry", "InvalidBoxError", "LABEL_CODES", "LABEL_STATES", "MIGRATIONS", "Op",
@@ -33,4 +34,5 @@ __all__ = [
     "StudyIdentity", "StudyRecord", "TrainingRecord", "UndoStack", "clamp_box",
     "iter_training_records", "EXPORTERS", "IMPORTERS", "export_store", "NIH_BBOX_HEADER", "atomic_write", "export_coco", "export_nih_csv",
     "export_voc", "export_yolo", "import_coco", "import_nih_csv", "read_nih_csv",
+    "safe_stem",
 ]

@@ -3,7 +3,13 @@
 Every file is written atomically: a temp file in the target's folder, fsync,
 ``os.replace`` over the target, fsync of the folder. A failing export raises
 :class:`~cxrviewer.core.errors.ExportError` and leaves an existing target
-untouched. Exports carry no patient data: the store keeps none, and the SOP
+untouched. A folder export (VOC, YOLO) is written whole into a temporary sibling folder and
+renamed into place, so a killed export leaves no folder that looks complete; an existing
+target folder (a previous export: only the files that format writes) is replaced only after
+the new one is complete, and a folder holding other files is refused. Output file names are
+sanitised (:func:`safe_stem`: no separators, control characters or reserved names, at most
+:data:`MAX_STEM_BYTES` bytes, with a short hash of the original name when changed) and
+unique. Exports carry no patient data: the store keeps none, and the SOP
 Instance UID and the last-seen path (folders may carry a patient's name) are
 written only with ``include_identifiers=True``. File names are base names.
 
@@ -23,10 +29,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import logging
 import os
+import re
+import shutil
+import uuid
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -38,7 +48,7 @@ from ..classes import CLASSES, canonical
 from ..errors import AnnotationStoreError, ExportError
 from .model import AnnotatedBox, Edit, LABEL_STATES, REVIEW_STATUSES, StudyIdentity, StudyRecord
 from .store import AnnotationStore
-from ..atomic import mkstemp_beside
+from ..atomic import mkdtemp_beside, mkstemp_beside
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +115,53 @@ def atomic_write(target: str | os.PathLike, write: Callable[[IO[bytes]], None] |
     return target
 
 
+# ---- output file names ------------------------------------------------------------
+#: Longest output file stem in UTF-8 bytes (file systems allow 255 for the whole name).
+MAX_STEM_BYTES = 120
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*\u200e\u200f\u202a-\u202e\u2066-\u2069]')
+_XML_BAD = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+             *(f"lpt{i}" for i in range(10))}
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 encoding fits in ``limit`` bytes."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def safe_stem(name: str, limit: int = MAX_STEM_BYTES) -> str:
+    """A file stem for ``name`` that is safe on common file systems; deterministic.
+
+    Path separators, control and bidi characters and ``<>:"|?*`` become ``_``; leading or
+    trailing dots/spaces go; Windows device names get a ``_`` prefix. A changed or too long
+    stem keeps a readable prefix plus ``-`` and 10 hex digits of the original name's SHA-1.
+    """
+    clean = _UNSAFE.sub("_", name).strip(" .")
+    stem = PurePath(clean).stem.strip(" .") if clean else ""
+    if stem.split(".")[0].lower() in _RESERVED:
+        stem = "_" + stem
+    changed = clean != name
+    if not stem:
+        stem, changed = "study", True
+    if changed or len(stem.encode("utf-8")) > limit:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        stem = f"{_cut_utf8(stem, limit - 11).rstrip(' .')}-{digest}"
+    return stem
+
+
+def _xml_text(text: str) -> str:
+    """``text`` without the characters XML 1.0 cannot hold."""
+    return _XML_BAD.sub("_", text)
+
+
 # ---- collecting ------------------------------------------------------------------
 @dataclass
 class _Item:
     study: StudyRecord
-    name: str  # unique output stem/file name
+    name: str  # unique output file name (the image's base name)
     labels: dict[str, str]
     boxes: list[AnnotatedBox]
+    stem: str = ""  # unique, safe output file stem (VOC / YOLO file names)
 
 
 def _collect(store: AnnotationStore, status: str | Iterable[str] | None,
@@ -129,6 +179,13 @@ def _collect(store: AnnotationStore, status: str | Iterable[str] | None,
             name = f"{p.stem}_{rec.id}{p.suffix}"
         used.add(name.lower())
         items.append(_Item(rec, name, labels, boxes))
+    stems: set[str] = set()
+    for it in items:  # unique ignoring case, as on Windows/macOS file systems
+        stem = safe_stem(it.name)
+        if stem.lower() in stems:
+            stem = f"{_cut_utf8(stem, MAX_STEM_BYTES - 12)}_{it.study.id}"
+        stems.add(stem.lower())
+        it.stem = stem
     return items
 
 
@@ -351,11 +408,11 @@ def voc_xml(item: _Item, include_identifiers: bool = False) -> bytes:
     """One Pascal VOC annotation XML (0-based float pixel edges; see module docstring)."""
     rec = item.study
     root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = (str(PurePath(rec.path).parent)
-                                          if include_identifiers and rec.path else "images")
-    ET.SubElement(root, "filename").text = item.name
+    ET.SubElement(root, "folder").text = _xml_text(str(PurePath(rec.path).parent)
+                                                   if include_identifiers and rec.path else "images")
+    ET.SubElement(root, "filename").text = _xml_text(item.name)
     if include_identifiers and rec.path:
-        ET.SubElement(root, "path").text = rec.path
+        ET.SubElement(root, "path").text = _xml_text(rec.path)
     src = ET.SubElement(root, "source")
     ET.SubElement(src, "database").text = "cxrviewer"
     size = ET.SubElement(root, "size")
@@ -384,26 +441,94 @@ def yolo_txt(item: _Item) -> bytes:
     return ("\n".join(lines) + ("\n" if lines else "")).encode("ascii")
 
 
-def _write_many(target: Path, files: Mapping[str, bytes]) -> Path:
-    """Write ``files`` into a folder (each atomically) or, for ``*.zip``, one atomic zip."""
+def _write_many(target: Path, files: Mapping[str, bytes],
+                owned: Callable[[str], bool] = lambda _rel: False) -> Path:
+    """Write ``files`` as one atomic ``*.zip`` or one folder renamed into place whole.
+
+    ``owned(relative path)``: whether a file in an existing target folder is one this
+    export writes (the folder is then replaced); any other file refuses the export.
+    """
     if target.suffix.lower() == ".zip":
         def fill(fh: IO[bytes]) -> None:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 for name, data in files.items():
                     zf.writestr(name, data)
         return atomic_write(target, fill)
-    for name, data in files.items():
-        atomic_write(target / name, data)
+    _check_replaceable(target, owned)
+    tmp: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = mkdtemp_beside(target)
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        for folder in {(tmp / n).parent for n in files} | {tmp}:
+            _fsync_dir(folder)
+        _swap_in(tmp, target)
+        tmp = None
+    except (OSError, ValueError, TypeError, AnnotationStoreError) as exc:
+        raise ExportError(f"could not write the folder ({exc}); any existing folder was left "
+                          "unchanged", path=str(target)) from exc
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _check_replaceable(target: Path, owned: Callable[[str], bool]) -> None:
+    """Refuse a target that is a file, or a folder holding files this export does not write."""
+    if target.exists() and not target.is_dir():
+        raise ExportError("a file is in the way of the export folder; nothing was written",
+                          path=str(target))
+    if target.is_dir():
+        foreign = [p for p in target.rglob("*")
+                   if not p.is_dir() and not owned(p.relative_to(target).as_posix())]
+        if foreign:
+            raise ExportError(
+                f"the folder holds files this export does not write (e.g. {foreign[0].name!r}); "
+                "choose a new or empty folder. Nothing was written", path=str(target))
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        _fsync(fh.fileno())
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename the complete ``tmp`` folder to ``target``; an old target goes only afterwards."""
+    old: Path | None = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    _fsync_dir(target.parent if str(target.parent) else Path("."))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _voc_owned(rel: str) -> bool:
+    return "/" not in rel and rel.lower().endswith(".xml")
+
+
+def _yolo_owned(rel: str) -> bool:
+    return rel == "classes.txt" or (rel.startswith("labels/") and rel.count("/") == 1
+                                    and rel.endswith(".txt"))
 
 
 def export_voc(store: AnnotationStore, target: str | os.PathLike, *,
                include_identifiers: bool = False,
                status: str | Iterable[str] | None = None) -> Path:
     """Pascal VOC: one ``<image stem>.xml`` per image, in the folder ``target`` or a ``.zip``."""
-    files = {f"{PurePath(it.name).stem}.xml": voc_xml(it, include_identifiers)
+    files = {f"{it.stem}.xml": voc_xml(it, include_identifiers)
              for it in _collect(store, status)}
-    return _write_many(Path(target), files)
+    return _write_many(Path(target), files, _voc_owned)
 
 
 def export_yolo(store: AnnotationStore, target: str | os.PathLike, *,
@@ -415,8 +540,8 @@ def export_yolo(store: AnnotationStore, target: str | os.PathLike, *,
     """
     files = {"classes.txt": ("\n".join(CLASSES) + "\n").encode("ascii")}
     for it in _collect(store, status):
-        files[f"labels/{PurePath(it.name).stem}.txt"] = yolo_txt(it)
-    return _write_many(Path(target), files)
+        files[f"labels/{it.stem}.txt"] = yolo_txt(it)
+    return _write_many(Path(target), files, _yolo_owned)
 
 
 #: Export functions by format name (for the CLI / GUI menus); same signature each:

@@ -10,6 +10,8 @@ Version history
   1. studies, labels, boxes, edits + edit_ops (the undo/history log).
   2. model proposals kept apart from accepted boxes (``proposals`` table,
      ``boxes.proposal_id``), index on the edit log by study.
+  3. row versions for optimistic concurrency: ``boxes.version``, ``labels.version``,
+     ``studies.status_version`` (1 for existing rows; every update checks and bumps it).
 """
 from __future__ import annotations
 
@@ -103,8 +105,14 @@ _V2 = [
     "CREATE INDEX edit_ops_study ON edit_ops(study_id)",
 ]
 
+_V3 = [
+    "ALTER TABLE boxes ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE labels ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE studies ADD COLUMN status_version INTEGER NOT NULL DEFAULT 1",
+]
+
 #: ``MIGRATIONS[i]`` upgrades a store from ``user_version == i`` to ``i + 1``.
-MIGRATIONS: list[list[str]] = [_V1, _V2]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

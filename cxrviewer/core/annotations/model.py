@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from ..classes import CLASSES
-from ..errors import AnnotationStoreError
+from ..errors import AnnotationConflictError, AnnotationStoreError
 from ..geometry import Box
 
 #: Image-level label states (a missing row means "not set").
@@ -32,11 +32,12 @@ class InvalidBoxError(AnnotationStoreError, ValueError):
     """A box is empty, not finite, outside the image or of an unknown class."""
 
 
-class EditConflictError(AnnotationStoreError):
-    """An edit (usually an undo/redo) no longer matches the stored rows.
+class EditConflictError(AnnotationConflictError):
+    """An undo/redo no longer matches the stored rows.
 
     Raised when another store instance changed the same row in between; nothing
-    is written and the undo stack is left as it was.
+    is written and the undo stack is left as it was. A plain edit from a stale
+    read raises its base class, :class:`~cxrviewer.core.errors.AnnotationConflictError`.
     """
 
 
@@ -135,6 +136,7 @@ class AnnotatedBox(_StudyBox):
     model_name: str | None = None
     score: float | None = None
     proposal_id: int | None = None
+    version: int = 1  # row version, bumped on every update (optimistic concurrency)
 
 
 @dataclass(frozen=True)

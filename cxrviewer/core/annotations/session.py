@@ -17,8 +17,11 @@ was unset (:attr:`AnnotationSession.auto_present`).
 
 Errors: :class:`EditRefused` when there is nothing to do or editing is off (its
 ``level`` says how to show it); :class:`~cxrviewer.core.annotations.InvalidBoxError`,
-:class:`~cxrviewer.core.annotations.EditConflictError` or another
-:class:`~cxrviewer.core.errors.CxrError` when the store refuses (nothing was written).
+:class:`~cxrviewer.core.errors.AnnotationConflictError` (another editor changed a row
+since :meth:`AnnotationSession.snapshot` read it: show the message and redraw, which
+reloads the study; :class:`~cxrviewer.core.annotations.EditConflictError` for undo/redo)
+or another :class:`~cxrviewer.core.errors.CxrError` when the store refuses (nothing was
+written).
 """
 from __future__ import annotations
 

@@ -14,9 +14,20 @@ any number of readers plus one writer; every write takes the write lock up
 front (``BEGIN IMMEDIATE``) and waits up to ``busy_timeout`` seconds for it, so
 no transaction can deadlock half-way. Reads run outside transactions and always
 see the newest commit (``changed_elsewhere()`` tells the GUI when to redraw).
-Undo/redo check that each row still matches what the edit expects and refuse
-(:class:`EditConflictError`) rather than overwrite another instance's work.
-``read_only=True`` opens the file with SQLite's read-only mode; edits then raise.
+Optimistic concurrency: boxes, labels and review statuses carry a row version (schema
+v3) that every update checks (``WHERE id = ? AND version = ?``) and bumps. An edit is
+checked against the version this instance last *read* (or an explicit ``version=``),
+so an edit made from a stale view raises :class:`AnnotationConflictError` ("box N was
+changed by another editor ...; reload the study") and nothing of it (or of its batch)
+is written; re-reading the study refreshes the versions. Undo/redo check that each row
+still matches what the edit expects and refuse (:class:`EditConflictError`, a subclass)
+rather than overwrite another instance's work.
+
+``read_only=True`` opens the file with SQLite's ``mode=ro``; on read-only media (the
+folder is not writable and no ``-wal`` is left) with ``immutable=1``, which creates no
+``-wal``/``-shm`` file. Edits then raise :class:`AnnotationStoreError`. A folder, a
+non-SQLite or a damaged file (``PRAGMA quick_check`` at open) and read errors later all
+raise :class:`AnnotationStoreError` with a one-line message, never ``sqlite3`` errors.
 
 Undo. Every edit method returns an :class:`Edit` (full before/after rows);
 :meth:`AnnotationStore.undo` applies its inverse as a *new* committed edit, so
@@ -37,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from ..errors import AnnotationStoreError
+from ..errors import AnnotationConflictError, AnnotationStoreError
 from ..geometry import Box
 from .migrations import APPLICATION_ID, SCHEMA_VERSION, migrate, user_version
 from .model import (
@@ -50,6 +61,10 @@ log = logging.getLogger(__name__)
 
 #: Suggested file suffix of an annotation project.
 SUFFIX = ".cxrann"
+#: Largest older-schema store opened read-only by migrating a copy in memory (bytes).
+MAX_IN_MEMORY_UPGRADE = 256 * 1024 * 1024
+#: What a damaged file raises while it is read (turned into :class:`AnnotationStoreError`).
+_DAMAGE = (sqlite3.DatabaseError, UnicodeDecodeError, json.JSONDecodeError)
 
 
 @dataclass(frozen=True)
@@ -61,22 +76,28 @@ class _Entity:
     who: str
     when: str
     stamp_on_insert: bool = True
+    version: str | None = None  # the row-version column (optimistic concurrency), if any
 
     @property
     def compared(self) -> tuple[str, ...]:
-        return tuple(f for f in self.fields if f not in (self.who, self.when))
+        """Fields an undo/redo checks against the stored row (content, not stamps/versions)."""
+        return tuple(f for f in self.fields if f not in (self.who, self.when, self.version))
 
 
 _BOX_FIELDS = ("id", "study_id", "label", "x", "y", "w", "h", "annotator", "created",
-               "modified", "modified_by", "source", "model_name", "score", "proposal_id")
+               "modified", "modified_by", "source", "model_name", "score", "proposal_id",
+               "version")
 _PROPOSAL_FIELDS = ("id", "study_id", "label", "x", "y", "w", "h", "model_name", "score",
                     "status", "created", "decided_by", "decided_at")
 _ENTITIES: dict[str, _Entity] = {
-    "box": _Entity("box", "boxes", ("id",), _BOX_FIELDS, "modified_by", "modified"),
+    "box": _Entity("box", "boxes", ("id",), _BOX_FIELDS, "modified_by", "modified",
+                   version="version"),
     "label": _Entity("label", "labels", ("study_id", "label"),
-                     ("study_id", "label", "state", "annotator", "modified"), "annotator", "modified"),
-    "status": _Entity("status", "studies", ("id",), ("id", "status", "status_by", "status_at"),
-                      "status_by", "status_at"),
+                     ("study_id", "label", "state", "annotator", "modified", "version"),
+                     "annotator", "modified", version="version"),
+    "status": _Entity("status", "studies", ("id",),
+                      ("id", "status", "status_by", "status_at", "status_version"),
+                      "status_by", "status_at", version="status_version"),
     "proposal": _Entity("proposal", "proposals", ("id",), _PROPOSAL_FIELDS,
                         "decided_by", "decided_at", stamp_on_insert=False),
 }
@@ -134,40 +155,75 @@ class AnnotationStore:
         self.notice: str | None = None
         self._lock = threading.RLock()
         self._batch: BatchResult | None = None
+        #: row versions this instance last read or wrote: (entity, key) -> version. An edit of a
+        #: row checks it (optimistic concurrency); versions seen inside a transaction wait in
+        #: ``_unsettled`` until it commits.
+        self._seen: dict[tuple[str, Any], int] = {}
+        self._unsettled: dict[tuple[str, Any], int | None] = {}
         self._conn = self._connect(create, busy_timeout, synchronous.upper())
         self._data_version = self._pragma("data_version")
 
     # ---- opening ---------------------------------------------------------------
-    def _connect(self, create: bool, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
+    def _check_file(self, create: bool) -> bool:
+        """Refuse folders, unreadable and non-SQLite files; return whether the store exists."""
         p = self.path
-        exists = p.exists() and p.stat().st_size > 0
+        try:
+            if p.exists() and not p.is_file():
+                raise AnnotationStoreError("is a folder (or device), not an annotation store",
+                                           path=str(p))
+            exists = p.exists() and p.stat().st_size > 0
+            if exists:
+                with open(p, "rb") as fh:
+                    head = fh.read(16)
+        except OSError as exc:
+            raise AnnotationStoreError(f"cannot read the annotation store ({exc.strerror or exc})",
+                                       path=str(p)) from exc
         if not exists and (self.read_only or not create):
             raise AnnotationStoreError("no annotation store here", path=str(p))
-        if exists:
-            with open(p, "rb") as fh:
-                if fh.read(16) != b"SQLite format 3\x00":
-                    raise AnnotationStoreError(
-                        "not an annotation store (not an SQLite file); nothing was changed",
-                        path=str(p))
+        if exists and head != b"SQLite format 3\x00":
+            raise AnnotationStoreError(
+                "not an annotation store (not an SQLite file); nothing was changed", path=str(p))
+        return exists
+
+    def _open_conn(self, busy_timeout: float) -> sqlite3.Connection:
+        """The SQLite connection: read-write, ``mode=ro``, or ``immutable=1`` on read-only media."""
+        p = self.path
+        if not self.read_only:
+            if p.exists() and not _folder_writable(p.parent):
+                raise AnnotationStoreError(
+                    "the folder is read-only, so the store cannot be opened for editing (its "
+                    "-wal file goes beside it); open it read-only", path=str(p))
+            p.parent.mkdir(parents=True, exist_ok=True)
+            return sqlite3.connect(str(p), isolation_level=None, timeout=busy_timeout,
+                                   check_same_thread=False)
+        wal = p.with_name(p.name + "-wal")
+        if not wal.exists() and not _folder_writable(p.parent):
+            # read-only media: no -shm/-wal can be made; nobody can write here either
+            query = "immutable=1"
+            self.notice = ("opened read-only from a read-only folder: edits are disabled and "
+                           "changes made elsewhere show after reopening")
+        else:
+            query = "mode=ro"
+            self.notice = "opened read-only: edits are disabled"
+        return sqlite3.connect(p.resolve().as_uri() + "?" + query, uri=True, isolation_level=None,
+                               timeout=busy_timeout, check_same_thread=False)
+
+    def _connect(self, create: bool, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
+        p = self.path
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        existed = self._check_file(create)
         try:
-            if self.read_only:
-                uri = p.resolve().as_uri() + "?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                       timeout=busy_timeout, check_same_thread=False)
-                self.notice = "opened read-only: edits are disabled"
-            else:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(str(p), isolation_level=None, timeout=busy_timeout,
-                                       check_same_thread=False)
-        except sqlite3.DatabaseError as exc:
+            conn = self._open_conn(busy_timeout)
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise AnnotationStoreError(f"cannot open the annotation store ({exc})",
                                        path=str(p)) from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             conn.execute("PRAGMA foreign_keys = ON")
             version = self._validate(conn)  # before anything is written to a foreign file
+            if existed:
+                self._quick_check(conn)
             if not self.read_only:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
@@ -176,15 +232,25 @@ class AnnotationStore:
                                    "cannot read while one writes")
                     log.warning("%s: %s", p, self.notice)
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
-            if version < SCHEMA_VERSION:
+            if version < SCHEMA_VERSION and self.read_only:
+                conn = self._upgrade_in_memory(conn, version)
+            elif version < SCHEMA_VERSION:
                 self._upgrade(conn, version)
         except BaseException as exc:
             conn.close()
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise AnnotationStoreError(f"cannot open the annotation store ({exc})",
+            if isinstance(exc, (*_DAMAGE, OSError)):
+                raise AnnotationStoreError(f"cannot open the annotation store ({_one_line(exc)})",
                                            path=str(p)) from exc
             raise
         return conn
+
+    def _quick_check(self, conn: sqlite3.Connection) -> None:
+        """Refuse a damaged file (zeroed or garbage pages) at open, not at the first read."""
+        res = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+        if res != ["ok"]:
+            raise AnnotationStoreError(
+                f"the annotation store is damaged ({_one_line('; '.join(res))}); restore it from "
+                "a backup (e.g. its .bak file)", path=str(self.path))
 
     def _validate(self, conn: sqlite3.Connection) -> int:
         """Refuse foreign SQLite files and newer schemas; return the store's version."""
@@ -200,11 +266,27 @@ class AnnotationStore:
                 f"written by a newer cxrviewer (store schema v{version}, this version reads up "
                 f"to v{SCHEMA_VERSION}); update cxrviewer to open it. The file was not changed.",
                 path=str(self.path))
-        if version < SCHEMA_VERSION and self.read_only:
+        if version < SCHEMA_VERSION and self.read_only and (
+                self.path.stat().st_size > MAX_IN_MEMORY_UPGRADE):
             raise AnnotationStoreError(
                 f"store schema v{version} must be upgraded to v{SCHEMA_VERSION}; "
                 "open it once without read-only mode", path=str(self.path))
         return version
+
+    def _upgrade_in_memory(self, conn: sqlite3.Connection, version: int) -> sqlite3.Connection:
+        """A read-only store of an older schema: migrate a private in-memory copy (the file is
+        not touched) so that it can be read, e.g. from read-only media."""
+        mem = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        try:
+            conn.backup(mem)
+            migrate(mem)
+        except BaseException:
+            mem.close()
+            raise
+        conn.close()
+        self.notice = (f"opened read-only (schema v{version}, upgraded in memory only): edits "
+                       "are disabled and changes made elsewhere show after reopening")
+        return mem
 
     def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
         """Back up an existing store (``<name>.v<N>.bak``), then run the migrations (a new file:
@@ -229,7 +311,7 @@ class AnnotationStore:
         return user_version(self._conn)
 
     def _pragma(self, name: str) -> Any:
-        with self._lock:
+        with self._reading():
             return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
 
     def close(self) -> None:
@@ -247,7 +329,7 @@ class AnnotationStore:
 
     def integrity_check(self) -> str:
         """``PRAGMA integrity_check`` (``"ok"`` for a sound file) plus a foreign-key check."""
-        with self._lock:
+        with self._reading():
             res = self._conn.execute("PRAGMA integrity_check").fetchall()
             text = "\n".join(str(r[0]) for r in res)
             fk = self._conn.execute("PRAGMA foreign_key_check").fetchall()
@@ -263,6 +345,48 @@ class AnnotationStore:
     refresh = changed_elsewhere  # reads are never cached: "refresh" just asks what changed
 
     # ---- transactions ------------------------------------------------------------
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Hold the lock for a read; a damaged file gives :class:`AnnotationStoreError`."""
+        with self._lock:
+            if self._conn is None:
+                raise AnnotationStoreError("the annotation store is closed", path=str(self.path))
+            try:
+                yield
+            except _DAMAGE as exc:
+                raise AnnotationStoreError(f"cannot read the annotation store ({_one_line(exc)})",
+                                           path=str(self.path)) from exc
+
+    def _note(self, entity: str, key: Any, version: int | None) -> None:
+        """Remember a row's version (``None``: the row is gone) as seen by this instance."""
+        k = (entity, key)
+        try:
+            v = None if version is None else int(version)
+        except (TypeError, ValueError):  # a damaged row: remember nothing
+            v = None
+        if self._conn is not None and self._conn.in_transaction:
+            self._unsettled[k] = v
+        elif v is None:
+            self._seen.pop(k, None)
+        else:
+            self._seen[k] = v
+
+    def _settle(self, committed: bool) -> None:
+        """End of the outermost transaction: keep the versions it saw only if it committed."""
+        pending, self._unsettled = self._unsettled, {}
+        if committed:
+            for k, v in pending.items():
+                if v is None:
+                    self._seen.pop(k, None)
+                else:
+                    self._seen[k] = v
+
+    def seen_version(self, entity: str, key: Any) -> int | None:
+        """The version of a row (``"box"``, id) this instance last read or wrote (None: unknown)."""
+        with self._lock:
+            k = (entity, key)
+            return self._unsettled[k] if k in self._unsettled else self._seen.get(k)
+
     def _check_writable(self) -> None:
         if self._conn is None:
             raise AnnotationStoreError("the annotation store is closed", path=str(self.path))
@@ -292,11 +416,13 @@ class AnnotationStore:
         try:
             yield
             self._conn.execute("COMMIT")
+            self._settle(True)
         except BaseException as exc:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise AnnotationStoreError(f"edit refused by the store: {exc}",
+            self._settle(False)
+            if isinstance(exc, _DAMAGE):
+                raise AnnotationStoreError(f"edit refused by the store: {_one_line(exc)}",
                                            path=str(self.path)) from exc
             raise
 
@@ -308,10 +434,13 @@ class AnnotationStore:
         row = cur.fetchone()
         return dict(zip(ent.fields, row)) if row is not None else None
 
-    def _apply(self, op: Op) -> Op:
-        """Write one planned op after checking the row still matches ``op.before``."""
+    def _apply(self, op: Op, expected: int | None = None) -> Op:
+        """Write one planned op after checking the row still matches ``op.before`` (content)
+        and, for ``expected``, the row version this editor last saw (optimistic concurrency)."""
         ent = _ENTITIES[op.entity]
         cur = self._fetch(ent, op.key) if op.key is not None else None
+        if expected is not None and ent.version is not None:
+            self._check_version(ent, op.key, cur, expected)
         exp = op.before
         if (cur is None) != (exp is None) or (
                 cur is not None and any(cur[f] != exp.get(f) for f in ent.compared)):  # type: ignore[union-attr]
@@ -320,14 +449,25 @@ class AnnotationStore:
             raise EditConflictError(f"{op.entity} {op.key} {state}; the edit was not applied",
                                     path=str(self.path))
         key_where = " AND ".join(f"{k} = ?" for k in ent.key)
+        ver = ent.version
+        if cur is not None and ver is not None:  # the row must still be the one just read
+            key_where_v, key_args = f"{key_where} AND {ver} = ?", [*_key_values(ent, op.key), cur[ver]]
+        else:
+            key_where_v, key_args = key_where, list(_key_values(ent, op.key))
         if op.after is None:
-            self._conn.execute(f"DELETE FROM {ent.table} WHERE {key_where}",
-                               _key_values(ent, op.key))
+            c = self._conn.execute(f"DELETE FROM {ent.table} WHERE {key_where_v}", key_args)
+            self._check_count(ent, op.key, c.rowcount)
+            if ver is not None:
+                self._note(op.entity, op.key, None)
             return Op(op.entity, op.key, cur, None)
         row = {f: op.after.get(f) for f in ent.fields}
         if cur is not None or ent.stamp_on_insert:
             row[ent.who] = self.annotator
             row[ent.when] = utc_now()
+        if ver is not None:  # never reused: a re-created row continues its old count
+            base = (cur[ver] if cur is not None else
+                    max(int(op.after.get(ver) or 0), self._logged_version(ent, op.key)))
+            row[ver] = int(base) + 1
         key = op.key
         if cur is None:
             cols = [f for f in ent.fields if not (f in ent.key and row[f] is None)]
@@ -338,10 +478,61 @@ class AnnotationStore:
                 key = row["id"] = int(c.lastrowid)  # type: ignore[arg-type]
         else:
             cols = [f for f in ent.fields if f not in ent.key]
-            self._conn.execute(
-                f"UPDATE {ent.table} SET {', '.join(f'{f} = ?' for f in cols)} WHERE {key_where}",
-                [row[f] for f in cols] + list(_key_values(ent, key)))
+            c = self._conn.execute(
+                f"UPDATE {ent.table} SET {', '.join(f'{f} = ?' for f in cols)} WHERE {key_where_v}",
+                [row[f] for f in cols] + key_args)
+            self._check_count(ent, key, c.rowcount)
+        if ver is not None:
+            self._note(op.entity, key, row[ver])
         return Op(op.entity, key, cur, row)
+
+    def _logged_version(self, ent: _Entity, key: Any) -> int:
+        """Highest version the edit log ever recorded for a row (0: none), so that a deleted
+        row created again (undo, redo, a label set again) never repeats a version."""
+        if key is None or ent.version is None:
+            return 0
+        row = self._conn.execute(
+            f"SELECT max(max(coalesce(json_extract(after_json, '$.{ent.version}'), 0), "
+            f"coalesce(json_extract(before_json, '$.{ent.version}'), 0))) FROM edit_ops "
+            "WHERE entity = ? AND entity_key = ?", (ent.name, json.dumps(key))).fetchone()
+        return int(row[0] or 0) if row else 0
+
+    @staticmethod
+    def _what(ent: _Entity, key: Any) -> str:
+        if ent.name == "label":
+            return f"label {key[1]} of study {key[0]}"
+        if ent.name == "status":
+            return f"the review status of study {key}"
+        return f"{ent.name} {key}"
+
+    def _check_version(self, ent: _Entity, key: Any, cur: dict | None, expected: int) -> None:
+        """Raise :class:`AnnotationConflictError` unless the row is at version ``expected``."""
+        if cur is None:
+            raise AnnotationConflictError(
+                f"{self._what(ent, key)} was deleted by another editor; reload the study")
+        assert ent.version is not None
+        if int(cur[ent.version]) != int(expected):
+            raise AnnotationConflictError(
+                f"{self._what(ent, key)} was changed by another editor ({cur.get(ent.who)}, "
+                f"version {cur[ent.version]}, you edited version {expected}); reload the study")
+
+    def _check_count(self, ent: _Entity, key: Any, count: int) -> None:
+        if count != 1:
+            raise AnnotationConflictError(
+                f"{self._what(ent, key)} was changed by another editor while saving; "
+                "reload the study")
+
+    def _expected(self, op: Op, kind: str, expect: dict | None) -> int | None:
+        """The row version an edit of ``op``'s row must find (None: no check).
+
+        Undo/redo check the row's content instead (:class:`EditConflictError`).
+        """
+        if kind in ("undo", "redo") or op.before is None or op.key is None:
+            return None
+        k = (op.entity, op.key)
+        if expect and k in expect and expect[k] is not None:
+            return int(expect[k])
+        return self.seen_version(*k)
 
     def _log(self, kind: str, description: str, ops: list[Op], at: str,
              undo_of: int | None) -> int:
@@ -358,13 +549,18 @@ class AnnotationStore:
         return eid
 
     def _edit(self, kind: str, description: str, plan: Callable[[], list[Op]],
-              undo_of: int | None = None) -> Edit:
-        """Plan and apply ops under the write lock; commit them as one logged edit."""
+              undo_of: int | None = None, expect: dict | None = None) -> Edit:
+        """Plan and apply ops under the write lock; commit them as one logged edit.
+
+        ``expect``: (entity, key) -> the row version the caller edited (default: the
+        version this instance last saw); a row at another version raises
+        :class:`AnnotationConflictError` and nothing of the edit is written.
+        """
         with self._lock:
             at = utc_now()
             # inside a batch, _write() is a savepoint: a part that fails leaves no trace
             with self._write():
-                applied = [self._apply(op) for op in plan()]
+                applied = [self._apply(op, self._expected(op, kind, expect)) for op in plan()]
                 if self._batch is not None:
                     self._batch._ops.extend(applied)
                     eid = None
@@ -397,7 +593,7 @@ class AnnotationStore:
 
     # ---- studies -----------------------------------------------------------------
     _STUDY_COLS = ("id", "sop_uid", "content_sha256", "file_name", "path", "width", "height",
-                   "status", "status_by", "status_at", "created", "last_seen")
+                   "status", "status_by", "status_at", "created", "last_seen", "status_version")
 
     def _study_from_row(self, row: tuple) -> StudyRecord:
         d = dict(zip(self._STUDY_COLS, row))
@@ -407,10 +603,12 @@ class AnnotationStore:
 
     def _select_studies(self, where: str = "", args: tuple = (),
                         order: str = "id") -> list[StudyRecord]:
-        with self._lock:
+        with self._reading():
             rows = self._conn.execute(
                 f"SELECT {', '.join(self._STUDY_COLS)} FROM studies {where} ORDER BY {order}",
                 args).fetchall()
+            for r in rows:
+                self._note("status", r[0], r[-1])
         return [self._study_from_row(r) for r in rows]
 
     def study(self, study_id: int) -> StudyRecord:
@@ -520,24 +718,32 @@ class AnnotationStore:
     # ---- reads ---------------------------------------------------------------------
     def boxes(self, study_id: int) -> list[AnnotatedBox]:
         """Accepted boxes of a study, oldest first."""
-        with self._lock:
+        with self._reading():
             rows = self._conn.execute(
                 f"SELECT {', '.join(_BOX_FIELDS)} FROM boxes WHERE study_id = ? ORDER BY id",
                 (int(study_id),)).fetchall()
-        return [AnnotatedBox(**dict(zip(_BOX_FIELDS, r))) for r in rows]
+        out = [AnnotatedBox(**dict(zip(_BOX_FIELDS, r))) for r in rows]
+        with self._lock:
+            for b in out:
+                self._note("box", b.id, b.version)
+        return out
 
     def box(self, box_id: int) -> AnnotatedBox:
-        with self._lock:
+        with self._reading():
             row = self._fetch(_ENTITIES["box"], int(box_id))
+            if row is not None:
+                self._note("box", row["id"], row["version"])
         if row is None:
             raise AnnotationStoreError(f"no box {box_id} in this store", path=str(self.path))
         return AnnotatedBox(**row)
 
     def labels(self, study_id: int) -> dict[str, str]:
         """Image-level labels set for a study: class -> present/absent/uncertain."""
-        with self._lock:
-            rows = self._conn.execute("SELECT label, state FROM labels WHERE study_id = ?",
+        with self._reading():
+            rows = self._conn.execute("SELECT label, state, version FROM labels WHERE study_id = ?",
                                       (int(study_id),)).fetchall()
+            for r in rows:
+                self._note("label", (int(study_id), r[0]), r[2])
         return {r[0]: r[1] for r in rows}
 
     def proposals(self, study_id: int, status: str | None = None) -> list[Proposal]:
@@ -546,7 +752,7 @@ class AnnotationStore:
         if status is not None:
             q += " AND status = ?"
             args.append(status)
-        with self._lock:
+        with self._reading():
             rows = self._conn.execute(q + " ORDER BY id", args).fetchall()
         return [Proposal(**dict(zip(_PROPOSAL_FIELDS, r))) for r in rows]
 
@@ -567,15 +773,15 @@ class AnnotationStore:
         q += " ORDER BY e.id, o.seq"
         if limit is not None:
             q += f" LIMIT {int(limit)}"
-        with self._lock:
+        with self._reading():
             rows = self._conn.execute(q, args).fetchall()
-        return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], _load_key(r[5]), r[6],
-                             None if r[7] is None else json.loads(r[7]),
-                             None if r[8] is None else json.loads(r[8])) for r in rows]
+            return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], _load_key(r[5]), r[6],
+                                 None if r[7] is None else json.loads(r[7]),
+                                 None if r[8] is None else json.loads(r[8])) for r in rows]
 
     def edit(self, edit_id: int) -> Edit:
         """Rebuild a logged edit (e.g. to undo one from an earlier session)."""
-        with self._lock:
+        with self._reading():
             head = self._conn.execute(
                 "SELECT id, kind, description, who, at, undo_of FROM edits WHERE id = ?",
                 (int(edit_id),)).fetchone()
@@ -584,12 +790,12 @@ class AnnotationStore:
             rows = self._conn.execute(
                 "SELECT entity, entity_key, before_json, after_json FROM edit_ops "
                 "WHERE edit_id = ? ORDER BY seq", (int(edit_id),)).fetchall()
-        ops = tuple(Op(r[0], _load_key(r[1]), None if r[2] is None else json.loads(r[2]),
-                       None if r[3] is None else json.loads(r[3])) for r in rows)
+            ops = tuple(Op(r[0], _load_key(r[1]), None if r[2] is None else json.loads(r[2]),
+                           None if r[3] is None else json.loads(r[3])) for r in rows)
         return Edit(head[0], head[1], head[2], ops, head[3], head[4], head[5])
 
     def edit_ids(self) -> list[int]:
-        with self._lock:
+        with self._reading():
             return [r[0] for r in self._conn.execute("SELECT id FROM edits ORDER BY id")]
 
     # ---- edits -----------------------------------------------------------------------
@@ -628,14 +834,21 @@ class AnnotationStore:
 
     def _existing(self, entity: str, key: Any, what: str) -> dict:
         row = self._fetch(_ENTITIES[entity], key)
+        if row is None and self.seen_version(entity, key) is not None:
+            raise AnnotationConflictError(f"{what} {key} was deleted by another editor; "
+                                          "reload the study")
         if row is None:
             raise AnnotationStoreError(f"no {what} {key} in this store", path=str(self.path))
         return row
 
     def update_box(self, box_id: int, *, label: str | None = None, x: float | None = None,
                    y: float | None = None, w: float | None = None,
-                   h: float | None = None) -> Edit:
-        """Move/resize/relabel a box (clamped); an unchanged box gives an empty Edit."""
+                   h: float | None = None, version: int | None = None) -> Edit:
+        """Move/resize/relabel a box (clamped); an unchanged box gives an empty Edit.
+
+        ``version``: the box version the caller edited (default: the one this instance last
+        read); another editor's newer version raises :class:`AnnotationConflictError`.
+        """
         def plan() -> list[Op]:
             cur = self._existing("box", int(box_id), "box")
             width, height = self._study_size(cur["study_id"])
@@ -647,13 +860,16 @@ class AnnotationStore:
             if all(after[f] == cur[f] for f in ("label", "x", "y", "w", "h")):
                 return []
             return [Op("box", int(box_id), cur, after)]
-        return self._edit("update_box", f"edit box {box_id}", plan)
+        return self._edit("update_box", f"edit box {box_id}", plan,
+                          expect={("box", int(box_id)): version})
 
-    def delete_box(self, box_id: int) -> Edit:
+    def delete_box(self, box_id: int, *, version: int | None = None) -> Edit:
+        """Delete a box (``version``: as in :meth:`update_box`)."""
         def plan() -> list[Op]:
             cur = self._existing("box", int(box_id), "box")
             return [Op("box", int(box_id), cur, None)]
-        return self._edit("delete_box", f"delete box {box_id}", plan)
+        return self._edit("delete_box", f"delete box {box_id}", plan,
+                          expect={("box", int(box_id)): version})
 
     def set_label(self, study_id: int, label: str, state: str | None) -> Edit:
         """Set an image-level label to present/absent/uncertain (``None`` clears it)."""
@@ -743,6 +959,17 @@ class AnnotationStore:
         """Re-apply ``edit`` (after :meth:`undo`) as a new committed edit (kind ``"redo"``)."""
         return self._edit("redo", f"Redo {edit.description}", lambda: list(edit.ops),
                           undo_of=edit.id)
+
+
+def _folder_writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (False on read-only media)."""
+    return os.access(folder, os.W_OK)
+
+
+def _one_line(exc: object, limit: int = 200) -> str:
+    """``str(exc)`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _like_escape(text: str) -> str:
