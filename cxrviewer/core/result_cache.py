@@ -2,13 +2,15 @@
 ``cxrviewer analyze`` output folders opened as a worklist.
 
 Every reader here checks the pixel hash, so a results file is only ever shown over the image
-it was computed from.
+it was computed from; a results file's ``source_path`` becomes a worklist row only when it names
+an image file the app reads (see :func:`_untrusted_source`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from .errors import CxrError
 from . import io as cio
+from .io._common import sniff
 from .io.results import read_results, results_summary
 from .io.worklist import StudyRef, Worklist
 from .results import Results
@@ -53,6 +56,27 @@ def read_matching(path: Path, sha: str) -> Results | None:
         return None
 
 
+def _untrusted_source(src: Path) -> str | None:
+    """Why ``src`` (a results file's ``source_path``) must not become a worklist row, or None.
+
+    Only a regular file whose first bytes are an image format the app reads (DICOM, PNG, JPEG,
+    TIFF, by content, not name) is trusted; ``/etc/passwd``, devices, FIFOs and folders are not.
+    Whether the image is the one the results were computed from is checked when it is opened
+    (:func:`read_matching` compares the pixel hash), so a row never shows another image's maps.
+    """
+    try:
+        st = os.stat(src)
+    except (OSError, ValueError):
+        return "is not found"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    try:
+        sniff(src)
+    except CxrError:
+        return "is not an image file cxrviewer reads"
+    return None
+
+
 def _has_images(folder: Path) -> bool:
     return (folder / "images").is_dir() or any(
         f.suffix.lower() in _IMAGE_SUFFIXES for f in folder.iterdir() if f.is_file())
@@ -65,8 +89,9 @@ def _results_row(h5: Path, wl: Worklist) -> None:
         wl.errors.append(f"{h5}: {exc}")
         return
     src = Path(info["source_path"])
-    if not src.is_file():
-        wl.errors.append(f"{h5}: its study {src} is not found")
+    why = _untrusted_source(src)
+    if why:
+        wl.errors.append(f"{h5}: its study {str(src)!r} {why}")
         return
     extra = {"results": str(h5)}
     probs = info["probabilities"]
