@@ -314,3 +314,21 @@ def test_every_error_here_is_typed_and_one_line(tmp_path: Path) -> None:
     path.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"1.2.840" * 10)
     err = _bounded(lambda: load_study(path))
     assert isinstance(err, CxrError), err
+
+
+def test_fifo_and_odd_names_in_a_worklist(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.dcm"
+    os.mkfifo(fifo)
+    err = _bounded(lambda: load_study(fifo), seconds=5)
+    assert isinstance(err, StudyLoadError) and "not a regular file" in str(err), err
+    odd = tmp_path / "scan\u202egnp.png"
+    Image.fromarray(np.full((8, 8), 1, np.uint8)).save(odd, format="PNG")
+    wl = open_worklist([odd, tmp_path])
+    assert all("\u202e" not in r.display_name for r in wl.refs)
+    assert any(r.display_name == "scan\\u202egnp.png" for r in wl.refs)
+
+
+def test_unknown_box_label_is_dropped_with_a_note(tmp_path: Path) -> None:
+    root = _nih(tmp_path / "nih", boxes="00000001_000.png,Unicorn,1,2,3,4\n00000001_000.png,Mass,x,2,3,4\n")
+    ref = read_nih_folder(root)[0]
+    assert not ref.gt_boxes and len(ref.warnings) == 2 and all("dropped" in w for w in ref.warnings)

@@ -11,6 +11,7 @@ import gzip
 import logging
 import math
 import os
+import stat
 import threading
 import warnings
 import zlib
@@ -46,6 +47,12 @@ def sniff(path: Path) -> str:
         raise StudyLoadError("file not found" if reason == "not found" else reason, path=p)
     if os.path.isdir(p):
         raise UnsupportedFormatError("is a folder, not an image file (open it as a worklist)", path=p)
+    try:
+        regular = stat.S_ISREG(os.stat(p).st_mode)
+    except OSError as exc:
+        raise StudyLoadError(f"cannot be read ({exc.strerror or exc})", path=p) from None
+    if not regular:  # a FIFO would block open() forever; a device can be endless
+        raise UnsupportedFormatError("is not a regular file (a pipe, socket or device)", path=p)
     try:
         with open(p, "rb") as f:
             head = f.read(132)
@@ -173,7 +180,7 @@ def one_line(text: object, limit: int = 300) -> str:
 
 
 def missing_reason(path: str) -> str:
-    """Why ``path`` does not exist: ``"is a symbolic link loop"``, ``"is a broken symbolic link"`` or ``"not found"``."""
+    """Why ``path`` does not exist: a symbolic link loop, a broken link, no permission, or ``"not found"``."""
     try:
         os.stat(path)
     except OSError as exc:

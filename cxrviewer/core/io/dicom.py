@@ -527,8 +527,7 @@ def load_dicom(path: str | Path, *, timeout: float = 30.0, raw: bool = False) ->
     p = str(path)
     notes: list[str] = []
     try:
-        with captured_warnings(notes):
-            return _load(p, timeout, raw, notes)
+        return _load(p, timeout, raw, notes)
     except CxrError:
         raise
     except MemoryError:
@@ -681,7 +680,8 @@ def _load_deflated(path: str, meta, timeout: float, warnings: list[str]) -> Stud
         eof = inflater.fill(start + HEADER_BUDGET)
         check_top_level(path, start, out)
         try:
-            ds, pixel_pos, size = _read_header(out, False)
+            with captured_warnings(warnings):
+                ds, pixel_pos, size = _read_header(out, False)
         except CorruptFileError:
             if eof:
                 raise
@@ -690,7 +690,8 @@ def _load_deflated(path: str, meta, timeout: float, warnings: list[str]) -> Stud
             raise ImageTooLargeError(f"its deflated header is malformed or larger than {HEADER_BUDGET >> 20} MiB "
                                      "once inflated; refused without inflating the rest", path=out)
         if pixel_pos < size:
-            _fill_first_frame(inflater, out, ds, pixel_pos)
+            with captured_warnings(warnings):
+                _fill_first_frame(inflater, out, ds, pixel_pos)
         inflater.close()
         study = _load_plain(out, timeout, False, warnings)
     except CxrError as exc:
@@ -721,7 +722,29 @@ def _fill_first_frame(inflater: Inflater, out: str, ds, pixel_pos: int) -> None:
 
 
 def _load_plain(path: str, timeout: float, raw: bool, warnings: list[str]) -> Study:
-    """Header, checks and pixels of a file pydicom can read without inflating anything."""
+    """Header, checks and pixels of a file pydicom can read without inflating anything.
+
+    pydicom's warnings while it parses and converts header values go to ``warnings``
+    (:func:`captured_warnings`); the pixel step (numpy, or the decoder child, which is
+    silenced) runs outside the capture so that other threads' loads are not held up.
+    """
+    with captured_warnings(warnings):
+        ds, pixel_pos, size, ts, fmt, window = _header_stage(path, raw, warnings)
+    stored, photometric = _stored_pixels(path, pixel_pos, size, ts, fmt, timeout, warnings)
+    with captured_warnings(warnings):
+        modality = _modality(stored, ds, path, warnings)
+        meta = _study_meta(ds, path, ts, fmt, warnings)
+    if window is None:
+        window = percentile_window(modality)
+        if not any("window" in w for w in warnings):
+            warnings.append("no display window in the header; using the 0.5-99.5 percentile range")
+    for w in warnings:
+        log.info("%s: %s", path, w)
+    return build_study(stored, modality, window, photometric == "MONOCHROME1", meta)
+
+
+def _header_stage(path: str, raw: bool, warnings: list[str]):
+    """Header read and checked: ``(ds, pixel_pos, size, ts, fmt, window)``; no pixel is read."""
     ds, pixel_pos, size = _read_header(path, raw)
     if raw:
         warnings.append("file has no DICOM preamble/'DICM' marker; read as a raw data set")
@@ -734,13 +757,4 @@ def _load_plain(path: str, timeout: float, raw: bool, warnings: list[str]) -> St
                                      "or the file is cut short)", path=path)
     fmt = _pixel_format(ds, path, warnings)
     window = _check_transforms(ds, path, warnings)
-    stored, photometric = _stored_pixels(path, pixel_pos, size, ts, fmt, timeout, warnings)
-    modality = _modality(stored, ds, path, warnings)
-    if window is None:
-        window = percentile_window(modality)
-        if not any("window" in w for w in warnings):
-            warnings.append("no display window in the header; using the 0.5-99.5 percentile range")
-    meta = _study_meta(ds, path, ts, fmt, warnings)
-    for w in warnings:
-        log.info("%s: %s", path, w)
-    return build_study(stored, modality, window, photometric == "MONOCHROME1", meta)
+    return ds, pixel_pos, size, ts, fmt, window

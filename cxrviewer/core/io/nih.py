@@ -160,7 +160,9 @@ def _read_boxes(path: Path, wanted: dict[str, Path], frame: int, errors: list[st
             label = canonical(row[i_lab])
             x, y, w, h = (float(v) for v in row[i_box:i_box + 4])
         except (KeyError, ValueError):
-            errors.append(f"{name} line {n}: unreadable box {safe_text(row, 200)}")
+            msg = f"{name} line {n}: unreadable box {safe_text(row, 200)} dropped (unknown label or not numbers)"
+            errors.append(msg)
+            notes.setdefault(stem, []).append(msg)
             continue
         box, why = _check_box(Box(label, x, y, w, h), frame)
         if why:
@@ -173,7 +175,7 @@ def _read_boxes(path: Path, wanted: dict[str, Path], frame: int, errors: list[st
     return boxes
 
 
-def _labels(cell: str, stem: str, notes: list[str]) -> dict[str, int]:
+def _labels(cell: str, notes: list[str]) -> dict[str, int]:
     """Class -> 0/1 from a ``Finding Labels`` cell; unknown names are noted, not guessed."""
     labels = dict.fromkeys(CLASSES, 0)
     for name in cell.split("|"):
@@ -190,7 +192,7 @@ def _labels(cell: str, stem: str, notes: list[str]) -> dict[str, int]:
 def _ref(row: list[str], cols: dict[str, int | None], stem: str, img: Path, frame: int,
          boxes: list[Box], notes: list[str]) -> StudyRef:
     """One labelled :class:`StudyRef` from a label-file row."""
-    labels = _labels(row[cols["img_lab"]], stem, notes)
+    labels = _labels(row[cols["img_lab"]], notes)
     extra = {"box_frame": str(frame)}
     for key in ("age", "sex", "follow_up"):
         if cols[key] is not None:
@@ -249,11 +251,11 @@ def read_nih_folder(path: str | Path) -> Worklist:
     if not (root / "images").is_dir() or label_file is None:
         raise StudyLoadError("is not an NIH ChestX-ray14 folder (needs images/ and Data_Entry_2017*.csv)",
                              path=str(root))
-    images = _index_images(root / "images")
     frame = _box_frame(root)
     wl = Worklist(source=str(root))
     notes: dict[str, list[str]] = {}
     try:
+        images = _index_images(root / "images")
         box_file = _find(root, "BBox_List_2017")
         boxes = _read_boxes(box_file, images, frame, wl.errors, notes) if box_file else {}
         _read_labels(label_file, images, frame, boxes, notes, wl)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import CorruptFileError, CxrError, ImageTooLargeError, StudyLoadError
 from ..study import Study, StudyMeta
-from ._common import build_study, captured_warnings, check_pixel_count, percentile_window
+from ._common import build_study, captured_warnings, check_pixel_count, one_line, percentile_window
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _load_raster(p: str, fmt: str, warnings: list[str]) -> Study:
     except CxrError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"declared image size is too large ({exc})", path=p) from None
+        raise ImageTooLargeError(f"declared image size is too large ({one_line(exc)})", path=p) from None
     except UnidentifiedImageError:
         raise CorruptFileError(f"starts like a {fmt.upper()} file but its header is damaged", path=p) from None
     except MemoryError:
@@ -89,9 +89,9 @@ def _load_raster(p: str, fmt: str, warnings: list[str]) -> Study:
     except FileNotFoundError:
         raise StudyLoadError("file not found", path=p) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as exc:
-        raise CorruptFileError(f"{fmt.upper()} data is damaged or truncated ({exc})", path=p) from None
+        raise CorruptFileError(f"{fmt.upper()} data is damaged or truncated ({one_line(exc)})", path=p) from None
     except Exception as exc:  # noqa: BLE001 - Pillow plugins raise assorted types on hostile input
-        raise CorruptFileError(f"could not be decoded ({type(exc).__name__}: {exc})", path=p) from None
+        raise CorruptFileError(f"could not be decoded ({type(exc).__name__}: {one_line(exc)})", path=p) from None
 
     if stored.ndim != 2:
         raise CorruptFileError(f"decoded to an unexpected shape {stored.shape}", path=p)

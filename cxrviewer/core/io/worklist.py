@@ -26,6 +26,11 @@ class StudyRef:
     #: notes found while scanning (dropped boxes, unknown labels); added to the Study's warnings
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        from ._common import safe_text
+
+        self.display_name = safe_text(self.display_name)  # file names: no control/bidi characters
+
     def load(self, *, timeout: float = 30.0):
         """Decode the file; labels and ground-truth boxes are attached to the Study."""
         from . import load_study
