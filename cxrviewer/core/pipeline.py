@@ -35,6 +35,24 @@ log = logging.getLogger(__name__)
 __all__ = ["Pipeline", "PipelineCancelled", "Results", "assign_roles", "stages_for_roles"]
 
 
+def _non_finite_map(maps: Mapping[str, Any], prefix: str = "") -> str | None:
+    """The name of the first floating-point map (nested by class) holding NaN/Inf, else None."""
+    for key, v in maps.items():
+        name = f"{prefix}{key}"
+        if isinstance(v, Mapping):
+            found = _non_finite_map(v, f"{name}/")
+            if found is not None:
+                return found
+        elif v is None:
+            continue
+        elif isinstance(v, torch.Tensor):
+            if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+                return name
+        elif isinstance(v, np.ndarray) and v.dtype.kind in "fc" and not np.isfinite(v).all():
+            return name
+    return None
+
+
 class PipelineCancelled(CxrError):
     """The caller's ``cancel()`` returned true between two stages."""
 
@@ -161,16 +179,27 @@ class Pipeline:
         res.models = {role: {**b.manifest.summary(), "bundle": b.path.name} for role, b in self.bundles.items()}
         return res
 
-    def _check_finite(self, res: Results) -> None:
-        """Refuse a classifier whose probabilities hold NaN/Inf (broken weights or input), naming it."""
+    def _check_finite(self, ex: Explainer, out: Any, ctx: ExplainContext, res: Results) -> None:
+        """Refuse a model whose outputs hold NaN/Inf (broken weights or input), naming it: the
+        classifier's probabilities, every float map the explainer ``ex`` made from its models and
+        the context's shared outputs (lung/heart masks, alignment affine)."""
         p = res.probabilities
-        if p is None or bool(np.isfinite(p).all()):
-            return
-        b = self.bundles.get("classifier")
-        name = b.name if b is not None else "classifier"
-        bad = [c for c, v in zip(res.classes, np.asarray(p).ravel()) if not np.isfinite(v)]
-        raise ModelError(f"model '{name}' produced non-finite probabilities (NaN/Inf) for {res.study_id} "
-                         f"({', '.join(bad[:3]) or 'all'}{', ...' if len(bad) > 3 else ''}); its output was refused",
+        if p is not None and not bool(np.isfinite(p).all()):
+            bad = [c for c, v in zip(res.classes, np.asarray(p).ravel()) if not np.isfinite(v)]
+            listed = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            self._refuse("classifier", f"non-finite probabilities (NaN/Inf) for {res.study_id} ({listed or 'all'})")
+        key = _non_finite_map(out.maps) if out is not None else None
+        if key is not None:
+            role = next((r for r in ex.requires if r in self.bundles), "classifier")
+            self._refuse(role, f"non-finite values (NaN/Inf) in the {ex.name} map '{key}' for {res.study_id}")
+        shared = _non_finite_map({"segmentation": ctx.seg_work, "alignment": ctx.theta})
+        if shared is not None:  # what later networks would see (lung/heart masks, the aligned frame)
+            self._refuse(shared, f"non-finite values (NaN/Inf) in its {shared} output for {res.study_id}")
+
+    def _refuse(self, role: str, what: str) -> None:
+        b = self.bundles.get(role)
+        name = b.name if b is not None else role
+        raise ModelError(f"model '{name}' produced {what}; its output was refused",
                          path=str(b.path) if b is not None else None)
 
     def _run(self, study: Study, on_stage: Callable[[str, Results], None] | None,
@@ -200,7 +229,7 @@ class Pipeline:
         try:
             for ex in self.explainers:
                 out = ex.compute(ctx)
-                self._check_finite(res)
+                self._check_finite(ex, out, ctx, res)
                 if out is not None:  # None: nothing to show for this study (its notice says why)
                     res.maps[ex.name] = out.maps
                     if out.attrs:

@@ -292,22 +292,35 @@ def test_extras_non_finite_and_garbage_refused(tmp_path):
 
 
 # ---- a model whose outputs are not finite ---------------------------------------------------
-def test_pipeline_refuses_non_finite_probabilities_naming_the_model(tmp_path):
+def _nan_outputs(model: torch.nn.Module, key: str | None) -> None:
+    """Make ``model`` return NaN in its output ``key`` (every float output when None)."""
+    real_forward = model.forward
+
+    def nan_forward(*args, **kw):
+        out = real_forward(*args, **kw)
+        if isinstance(out, torch.Tensor):
+            return out * float("nan")
+        return {k: (v * float("nan") if (key in (None, k) and v.is_floating_point()) else v) for k, v in out.items()}
+
+    model.forward = nan_forward
+
+
+@pytest.mark.parametrize("role, key, match", [
+    ("classifier", "logits", "non-finite probabilities"),
+    ("segmentation", None, "non-finite values .* in its segmentation output"),
+    ("cia", None, "non-finite values .* in the contrast map"),
+])
+def test_pipeline_refuses_non_finite_outputs_naming_the_model(tmp_path, role, key, match):
     from _tiny_bundles import make_tiny_bundles, synthetic_study
     from cxrviewer.core.pipeline import Pipeline
 
-    paths = make_tiny_bundles(tmp_path, roles=("classifier",), input_size=64)
-    b = load_bundle(paths["classifier"])
-    real_forward = b.model.forward
-
-    def nan_forward(*args, **kw):
-        out = dict(real_forward(*args, **kw))
-        out["logits"] = out["logits"] * float("nan")
-        return out
-
-    b.model.forward = nan_forward
-    pl = Pipeline({"classifier": b}, "cpu", map_max_side=64)
-    with pytest.raises(ModelError, match=f"model '{b.name}' produced non-finite probabilities") as info:
+    paths = make_tiny_bundles(tmp_path, roles=("classifier", "segmentation", "cia"),
+                              input_size=64)
+    bundles = {r: load_bundle(q) for r, q in paths.items()}
+    b = bundles[role]
+    _nan_outputs(b.model, key)
+    pl = Pipeline(bundles, "cpu", map_max_side=64)
+    with pytest.raises(ModelError, match=f"model '{b.name}' produced {match}") as info:
         pl.run(synthetic_study())
     assert str(b.path) in str(info.value) and "\n" not in str(info.value)
 
