@@ -293,6 +293,18 @@ def test_control_characters_in_shown_text_are_replaced(tmp_path):
     assert results_summary(p)["study_id"] == r.study_id
 
 
+def test_written_json_is_strict_and_reads_back(tmp_path):
+    r = Results(study_id="s", source_path="x", pixel_sha256="0" * 64, image_shape=(8, 8), map_shape=(4, 4),
+                timings={"a": float("nan"), "b": 1.0}, maps={"cam": {}},
+                attrs={"cam": {"t": np.float32(0.5), "bad": [float("inf")]}})
+    p = write_results(r, tmp_path / "j.h5")
+    with h5py.File(p, "r") as f:
+        for text in (f.attrs["timings"], f["explainers/cam"].attrs["attrs"]):
+            json.loads(text, parse_constant=lambda t: pytest.fail(f"{t} written"))
+    back = read_results(p)
+    assert back.attrs["cam"] == {"t": 0.5, "bad": [None]} and back.timings == {"b": 1.0}
+
+
 def test_source_path_falls_back_to_a_file_beside_the_results(tmp_path):
     (tmp_path / "chest.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     p = _valid(tmp_path / "r.h5", source="/elsewhere/gone/chest.png")

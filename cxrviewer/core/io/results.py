@@ -88,6 +88,27 @@ def _put(g: h5py.Group, name: str, arr: Any) -> None:
         g.create_dataset(name, data=a)
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` as strict JSON values: numpy scalars and arrays as Python ones, NaN/Inf as null."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _json(obj: Any) -> str:
+    """Strict JSON (no NaN/Infinity tokens, which :func:`read_results` refuses)."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_plain(obj), allow_nan=False, default=str)
+
+
 def _write_root(f: h5py.File, r: Results, default_box_method: str | None) -> None:
     from ... import __version__
 
@@ -98,11 +119,11 @@ def _write_root(f: h5py.File, r: Results, default_box_method: str | None) -> Non
     a["pixel_sha256"] = r.pixel_sha256
     a["image_shape"] = np.asarray(r.image_shape, np.int64)
     a["map_shape"] = np.asarray(r.map_shape, np.int64)
-    a["classes"] = json.dumps(list(r.classes))
-    a["models"] = json.dumps(r.models)
-    a["timings"] = json.dumps(r.timings)
+    a["classes"] = _json(list(r.classes))
+    a["models"] = _json(r.models)
+    a["timings"] = _json({k: float(v) for k, v in r.timings.items() if math.isfinite(float(v))})
     a["device"] = r.device
-    a["notices"] = json.dumps(list(r.notices))
+    a["notices"] = _json(list(r.notices))
     a["cxrviewer_version"] = __version__
     a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if default_box_method:
@@ -137,7 +158,7 @@ def write_results(results: Results, path: str | os.PathLike, *, default_box_meth
             eg, bg = f.create_group("explainers"), f.create_group("boxes")
             for name, maps in r.maps.items():
                 g = eg.create_group(name)
-                g.attrs["attrs"] = json.dumps(r.attrs.get(name, {}))
+                g.attrs["attrs"] = _json(r.attrs.get(name, {}))
                 for k, v in maps.items():
                     _put(g, k, v)
             for source, boxes in r.boxes.items():
