@@ -99,6 +99,52 @@ def test_two_processes_same_box_second_commit_conflicts(tmp_path: Path) -> None:
         assert s.integrity_check() == "ok"
 
 
+_INCREMENTER = textwrap.dedent("""
+    import sys, time
+    from cxrviewer.core.annotations import AnnotationStore
+    from cxrviewer.core.errors import AnnotationConflictError
+    path, box_id, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    done = conflicts = 0
+    with AnnotationStore(path, annotator="p", busy_timeout=30, synchronous="NORMAL") as s:
+        print("ready", flush=True)
+        sys.stdin.readline()                      # all start together
+        while done < n:
+            x = s.box(box_id).x                   # read ...
+            time.sleep(0.005)                     # (the user thinks)
+            try:
+                s.update_box(box_id, x=x + 1)     # ... modify, write
+                done += 1
+            except AnnotationConflictError:
+                conflicts += 1
+    print(done, conflicts, flush=True)
+""")
+
+
+def test_racing_processes_lose_no_acknowledged_increment(tmp_path: Path) -> None:
+    p = tmp_path / "race.cxrann"
+    with AnnotationStore(p, annotator="setup") as s:
+        box_id = s.add_box(_study(s), "Mass", 0, 10, 50, 50).box_ids[0]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    procs = [subprocess.Popen([sys.executable, "-c", _INCREMENTER, str(p), str(box_id), "15"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    acknowledged = conflicts = 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        acknowledged += int(out.split()[0])
+        conflicts += int(out.split()[1])
+    assert conflicts > 0  # the editors did race
+    with AnnotationStore(p, read_only=True) as s:
+        assert s.box(box_id).x == acknowledged == 45  # every acknowledged read-modify-write kept
+        assert s.box(box_id).version == 46
+
+
 def test_stale_edit_rolls_back_whole_batch(tmp_path: Path) -> None:
     p = tmp_path / "s.cxrann"
     with AnnotationStore(p, annotator="alice") as a, AnnotationStore(p, annotator="bob") as b:
@@ -403,6 +449,40 @@ def test_export_killed_midway_leaves_no_folder(tmp_path: Path, monkeypatch: pyte
     assert len([q for q in target.rglob("*") if q.is_file()]) == len(snapshot) + 1
     assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".")] == []
     s.close()
+
+
+_SLOW_EXPORT = textwrap.dedent("""
+    import sys, time
+    from cxrviewer.core.annotations import AnnotationStore
+    from cxrviewer.core.annotations import export as ex
+    real, n = ex._write_file, [0]
+    def slow(path, data):
+        real(path, data)
+        n[0] += 1
+        if n[0] == 3:
+            print("writing", flush=True)
+            time.sleep(60)
+    ex._write_file = slow
+    with AnnotationStore(sys.argv[1], read_only=True) as s:
+        ex.export_store(s, sys.argv[2], sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("fmt", ["voc", "yolo"])
+def test_export_killed_by_sigkill_leaves_no_target(tmp_path: Path, fmt: str) -> None:
+    _odd_store(tmp_path / "s.cxrann").close()
+    target = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_EXPORT, str(tmp_path / "s.cxrann"),
+                             str(target), fmt], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert not target.exists()  # only a hidden temporary folder may be left
+    assert all(q.name.startswith(".out.") for q in tmp_path.iterdir()
+               if not q.name.startswith("s.cxrann"))
 
 
 def test_export_refuses_folder_with_other_files(tmp_path: Path) -> None:

@@ -516,6 +516,15 @@ class AnnotationStore:
                 f"{self._what(ent, key)} was changed by another editor ({cur.get(ent.who)}, "
                 f"version {cur[ent.version]}, you edited version {expected}); reload the study")
 
+    def _unchanged(self, entity: str, key: Any, cur: dict | None,
+                   version: int | None = None) -> list[Op]:
+        """No op for an edit that changes nothing, unless it was made from a stale read
+        (then :class:`AnnotationConflictError`, as for a real change)."""
+        expected = version if version is not None else self.seen_version(entity, key)
+        if expected is not None and cur is not None:
+            self._check_version(_ENTITIES[entity], key, cur, expected)
+        return []
+
     def _check_count(self, ent: _Entity, key: Any, count: int) -> None:
         if count != 1:
             raise AnnotationConflictError(
@@ -858,7 +867,7 @@ class AnnotationStore:
             after = dict(cur, x=g.x, y=g.y, w=g.w, h=g.h,
                          label=cur["label"] if label is None else check_label(label))
             if all(after[f] == cur[f] for f in ("label", "x", "y", "w", "h")):
-                return []
+                return self._unchanged("box", int(box_id), cur, version)
             return [Op("box", int(box_id), cur, after)]
         return self._edit("update_box", f"edit box {box_id}", plan,
                           expect={("box", int(box_id)): version})
@@ -882,7 +891,7 @@ class AnnotationStore:
             key = (int(study_id), name)
             cur = self._fetch(_ENTITIES["label"], key)
             if (cur["state"] if cur else None) == state:
-                return []
+                return self._unchanged("label", key, cur)
             after = None if state is None else dict(study_id=int(study_id), label=name,
                                                     state=state, annotator=self.annotator,
                                                     modified=utc_now())
@@ -897,7 +906,7 @@ class AnnotationStore:
         def plan() -> list[Op]:
             cur = self._existing("status", int(study_id), "study")
             if cur["status"] == status:
-                return []
+                return self._unchanged("status", int(study_id), cur)
             return [Op("status", int(study_id), cur, dict(cur, status=status))]
         return self._edit("set_status", f"status {status}", plan)
 
