@@ -163,6 +163,11 @@ CASES: dict[str, tuple[Callable, str]] = {
     "explainer_attrs_list": (lambda f: f["explainers/cam"].attrs.__setitem__("attrs", "[]"), "not a dict"),
     "missing_study_id": (lambda f: f.attrs.__delitem__("study_id"), "'study_id' is missing"),
     "missing_group": (lambda f: f.__delitem__("boxes"), "lacks group"),
+    "v1_without_its_groups": (_attr("format_version", 1), "lacks group"),
+    "v1_group_is_dataset": (lambda f: (f.attrs.__setitem__("format_version", 1),
+                                       [f.create_group(g) for g in ("cam", "attention_mining", "contrast",
+                                                                    "disease_mask", "alignment")],
+                                       f.__setitem__("segmentation", np.zeros(3))), "not a Group"),
     "version_is_text": (_attr("format_version", "2"), "format_version"),
     "shape_negative": (_attr("image_shape", np.asarray([-5, 64])), "out of range"),
     "shape_zero": (_attr("map_shape", np.asarray([0, 8])), "out of range"),
@@ -263,6 +268,22 @@ def test_summary_raises_only_typed_errors(tmp_path, name):
     err, dt, peak, rss = _bounded(lambda: results_summary(p))
     assert err is None or isinstance(err, ResultsFileError), f"{name}: {type(err).__name__}: {err}"
     assert dt < 10 and peak < 200 * 2**20 and rss < 2**30, (name, dt, peak, rss)
+
+
+def test_random_byte_mutants_give_typed_errors_only(tmp_path):
+    """Byte flips anywhere in a valid file (seeded): a result or a ResultsFileError, fast."""
+    base = _valid(tmp_path / "base.h5").read_bytes()
+    rng = np.random.default_rng(1)
+    for i in range(150):
+        b = bytearray(base)
+        for _ in range(int(rng.integers(1, 20))):
+            b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+        p = tmp_path / f"m{i}.h5"
+        p.write_bytes(bytes(b))
+        for fn in (read_results, results_summary):
+            err, dt, peak, rss = _bounded(lambda: fn(p))
+            assert err is None or isinstance(err, ResultsFileError), (i, type(err).__name__, err)
+            assert dt < 10 and peak < 200 * 2**20 and rss < 2**30, (i, dt, peak, rss)
 
 
 def test_valid_file_reads_and_its_json_parts_dump_as_strict_json(tmp_path):
