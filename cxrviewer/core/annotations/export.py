@@ -480,11 +480,11 @@ def _check_replaceable(target: Path, owned: Callable[[str], bool]) -> None:
         raise ExportError("a file is in the way of the export folder; nothing was written",
                           path=str(target))
     if target.is_dir():
-        foreign = [p for p in target.rglob("*")
-                   if not p.is_dir() and not owned(p.relative_to(target).as_posix())]
-        if foreign:
+        foreign = next((p for p in target.rglob("*")  # stops at the first one
+                        if not p.is_dir() and not owned(p.relative_to(target).as_posix())), None)
+        if foreign is not None:
             raise ExportError(
-                f"the folder holds files this export does not write (e.g. {foreign[0].name!r}); "
+                f"the folder holds files this export does not write (e.g. {foreign.name!r}); "
                 "choose a new or empty folder. Nothing was written", path=str(target))
 
 
