@@ -119,10 +119,14 @@ def test_deflated_bomb_in_pixel_data_is_refused_without_inflating(tmp_path: Path
     assert "\n" not in str(err)
 
 
-@pytest.mark.parametrize("where", ["private-element", "bare-zeros"])
+@pytest.mark.parametrize("where", ["private-element", "private-in-order", "bare-zeros"])
 def test_deflated_bomb_in_header_is_refused(tmp_path: Path, where: str) -> None:
-    head = (_explicit(_dataset()) + struct.pack("<HH2s2xI", 0x0009, 0x1010, b"OB", 1 << 30)
-            if where == "private-element" else b"")
+    private = struct.pack("<HH2s2xI", 0x0009, 0x1010, b"OB", 1 << 30)
+    ds = Dataset()
+    ds.SOPClassUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1.1", "DX"
+    head = {"private-element": _explicit(_dataset()) + private,  # out of tag order
+            "private-in-order": _explicit(ds) + private,          # 1 GiB value inside the header
+            "bare-zeros": b""}[where]
     path = tmp_path / f"{where}.dcm"
     path.write_bytes(_prefix() + _zeros_stream(head, 1024))
     err = _bounded(lambda: load_study(path))
