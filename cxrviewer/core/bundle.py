@@ -627,6 +627,33 @@ def _check_extras_budget(p: Path, bundle: str) -> None:
                                   f"({nbytes} bytes), {what}; refused before allocating", path=bundle)
 
 
+#: Side of the CIA hash codes (``normal_bank_codes`` are ``[N, HASH_SIDE**2]``, models/cia.py).
+_HASH_SIDE = 16
+
+
+def _check_known_extras(extras: Mapping[str, np.ndarray], manifest: Manifest, bundle: str) -> None:
+    """The arrays the explainers read must have the shapes they expect (module docstring)."""
+    def refuse(key: str, want: str) -> None:
+        a = extras[key]
+        raise BundleError(f"extra array '{key}' must be {want}, got {a.dtype} {tuple(a.shape)}", path=bundle)
+
+    bank = extras.get("normal_bank_images")
+    if bank is not None and (bank.ndim != 3 or bank.dtype.kind not in "uif" or min(bank.shape) < 2):
+        refuse("normal_bank_images", "[N, S, S] numeric images (N >= 1, S >= 2)")
+    n = bank.shape[0] if bank is not None else None
+    codes = extras.get("normal_bank_codes")
+    if codes is not None and (codes.ndim != 2 or codes.dtype.kind not in "uif"
+                              or codes.shape[1] != _HASH_SIDE ** 2 or (n is not None and codes.shape[0] != n)):
+        refuse("normal_bank_codes", f"[N, {_HASH_SIDE ** 2}] numbers, one row per bank image")
+    ids = extras.get("normal_bank_ids")
+    if ids is not None and (ids.ndim != 1 or (n is not None and ids.shape[0] != n)):
+        refuse("normal_bank_ids", "[N] names, one per bank image")
+    psi = extras.get("disease_masks")
+    if psi is not None and (psi.ndim != 3 or psi.dtype.kind not in "uif" or psi.shape[0] != len(manifest.classes)
+                            or min(psi.shape) < 1):
+        refuse("disease_masks", f"[{len(manifest.classes)}, h, w] numbers, one mask per class")
+
+
 def _load_extras(p: Path | None, bundle: str) -> dict[str, np.ndarray]:
     """The arrays of ``extras.npz`` (budget checked first, no pickle, finite floats only)."""
     if p is None:
@@ -725,6 +752,7 @@ def _load_bundle(d: Path, device: str | torch.device) -> LoadedBundle:
     assert wpath is not None
     epath = _check_file(d, EXTRAS, manifest, required=False)
     extras = _load_extras(epath, bundle)
+    _check_known_extras(extras, manifest, bundle)
     model = build_model(manifest, path=bundle)
     _check_classes(model, manifest, bundle)
     state = _load_state_dict(wpath, bundle)

@@ -400,3 +400,17 @@ def test_unforeseen_failure_is_still_a_bundle_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bundle, "_check_classes", broken)
     _refused(lambda: load_bundle(p), BundleError, "cannot load the bundle: IndexError: something unforeseen")
+
+
+@pytest.mark.parametrize("extras, match", [
+    ({"normal_bank_images": np.zeros((4, 8), np.uint8)}, "'normal_bank_images' must be"),
+    ({"normal_bank_images": np.zeros((0, 8, 8), np.uint8)}, "'normal_bank_images' must be"),
+    ({"normal_bank_images": np.zeros((2, 8, 8), np.uint8), "normal_bank_codes": np.zeros((3, 256), np.float32)},
+     "'normal_bank_codes' must be"),
+    ({"normal_bank_images": np.zeros((2, 8, 8), np.uint8), "normal_bank_ids": np.asarray(["a"])},
+     "'normal_bank_ids' must be"),
+    ({"disease_masks": np.zeros((3, 4, 4), np.float32)}, r"'disease_masks' must be \[14, h, w\]"),
+])
+def test_known_extras_with_wrong_shapes_refused(tmp_path, extras, match):
+    p = _save(tmp_path, extras=extras)
+    _refused(lambda: load_bundle(p), BundleError, match)
