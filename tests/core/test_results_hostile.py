@@ -170,6 +170,7 @@ CASES: dict[str, tuple[Callable, str]] = {
                                        f.__setitem__("segmentation", np.zeros(3))), "not a Group"),
     "version_is_text": (_attr("format_version", "2"), "format_version"),
     "shape_negative": (_attr("image_shape", np.asarray([-5, 64])), "out of range"),
+    "shape_too_many_pixels": (_attr("image_shape", np.asarray([60000, 60000])), "out of range"),
     "shape_zero": (_attr("map_shape", np.asarray([0, 8])), "out of range"),
     "shape_wrong_length": (_attr("map_shape", np.asarray([8, 8, 8])), "2 integers"),
     "shape_float": (_attr("image_shape", np.asarray([64.0, 64.0])), "2 integers"),

@@ -62,6 +62,7 @@ from ..errors import CxrError
 from ..geometry import Box
 from ..results import RESULTS_FORMAT_VERSION, Results
 from ..atomic import mkstemp_beside
+from ._common import MAX_PIXELS
 
 FORMAT_VERSION = RESULTS_FORMAT_VERSION
 GROUPS = ("explainers", "boxes")
@@ -398,8 +399,9 @@ class _Reader:
         f = self.f
         image_shape = self.attr_ints(f, "image_shape", 2)
         map_shape = self.attr_ints(f, "map_shape", 2)
-        if not all(0 < v <= MAX_IMAGE_SIDE for v in image_shape):
-            raise self.fail(f"image_shape {image_shape} is out of range (1..{MAX_IMAGE_SIDE})")
+        if not all(0 < v <= MAX_IMAGE_SIDE for v in image_shape) or math.prod(image_shape) > MAX_PIXELS:
+            raise self.fail(f"image_shape {image_shape} is out of range (1..{MAX_IMAGE_SIDE} a side, "
+                            f"at most {MAX_PIXELS} pixels, as for images the app loads)")
         if not all(0 < v <= MAX_MAP_SIDE for v in map_shape):
             raise self.fail(f"map_shape {map_shape} is out of range (1..{MAX_MAP_SIDE})")
         classes = self.attr_json(f, "classes", list)
