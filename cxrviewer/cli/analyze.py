@@ -175,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 cards = {b.path.name: b.manifest for b in pipeline.bundles.values()}  # model cards
                 save_panels(study, results, d / "panels.png", class_index=c, below=below_prior_by_role(results, cards))
                 files["panels"] = "panels.png"
-            (d / "summary.json").write_text(dumps(summary_dict(results, files, ref.path), indent=2) + "\n",
-                                            encoding="utf-8")
+            summary = dumps(summary_dict(results, files, ref.path), indent=2, default=str)  # strict JSON
+            (d / "summary.json").write_text(summary + "\n", encoding="utf-8")
         except CxrError as exc:
             failures += 1
             err(str(exc) if str(ref.path) in str(exc) else f"{ref.path}: {exc}")

@@ -90,5 +90,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             continue
         rec = _record(ref, study)
-        print(dumps(rec) if args.json else _line(rec), flush=True)
+        print(dumps(rec, default=str) if args.json else _line(rec), flush=True)
     return 1 if failed else 0
