@@ -8,12 +8,19 @@ to do about it.
 from __future__ import annotations
 
 
+def _printable(text: str) -> str:
+    """``text`` with control and bidi characters escaped (``\\x1b``, ``\\u202e``): a file name in a
+    message can never reorder or hide the text around it."""
+    return "".join(c if c.isprintable() or c == " " else
+                   (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}") for c in str(text))
+
+
 class CxrError(Exception):
     """Base class of every error cxrviewer raises deliberately."""
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
-        self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path  # raw: callers open it
+        super().__init__(f"{_printable(path)}: {message}" if path else message)
 
 
 # ---- study loading -------------------------------------------------------

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import CorruptFileError, CxrError
 from ..study import Study
-from ._common import DICOM_SUFFIXES, MAX_PIXELS, RASTER_SUFFIXES, looks_like_raw_dicom, sniff
+from ._common import (DICOM_SUFFIXES, MAX_PIXELS, RASTER_SUFFIXES, looks_like_raw_dicom, missing_reason, one_line,
+                      safe_text, sniff)
 from .nih import is_nih_folder, read_nih_folder
 from .worklist import StudyRef, Worklist
 
@@ -76,6 +78,8 @@ def _is_study_file(path: str, name: str) -> bool:
     if ext:
         return False
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block open() forever
+            return False
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
@@ -85,7 +89,7 @@ def _is_study_file(path: str, name: str) -> bool:
 
 def _scan_folder(root: Path, wl: Worklist) -> None:
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: wl.errors.append(str(e))):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: wl.errors.append(one_line(e))):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
@@ -115,7 +119,7 @@ def open_worklist(paths: Sequence[str | Path]) -> Worklist:
         part = Worklist(source=str(p))
         try:
             if not p.exists():
-                part.errors.append(f"{p}: not found")
+                part.errors.append(f"{safe_text(p)}: {missing_reason(str(p))}")
             elif p.is_dir() and is_nih_folder(p):
                 part = read_nih_folder(p)
             elif p.is_dir():
@@ -125,7 +129,7 @@ def open_worklist(paths: Sequence[str | Path]) -> Worklist:
             else:
                 part.refs.append(StudyRef(path=p, key=os.path.abspath(p), display_name=p.name))
         except (CxrError, OSError) as exc:
-            part.errors.append(str(exc) if isinstance(exc, CxrError) else f"{p}: {exc}")
+            part.errors.append(str(exc) if isinstance(exc, CxrError) else f"{safe_text(p)}: {one_line(exc)}")
         for ref in part.refs:
             k = os.path.abspath(ref.path)
             if k in seen:
