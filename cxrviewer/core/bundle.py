@@ -567,7 +567,33 @@ def _check_file(d: Path, name: str, manifest: Manifest, *, required: bool) -> Pa
     return p
 
 
+#: Largest pickle (``data.pkl``: tensor names and metadata) a weights file may hold; a real
+#: state dict's is ~100 bytes per tensor.
+MAX_WEIGHTS_PICKLE_BYTES = 16 << 20
+
+
+def _check_weights_zip(p: Path, bundle: str) -> None:
+    """``weights.pt`` must be torch's zip format with stored (uncompressed) members within the
+    size limits, so reading it never inflates or unpickles more than :data:`MAX_WEIGHTS_BYTES`."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise BundleError(f"{WEIGHTS} cannot be read (truncated or not a torch zip file): {_first_line(exc)}",
+                          path=bundle) from exc
+    if sum(m.file_size for m in members) > MAX_WEIGHTS_BYTES:
+        raise BundleError(f"{WEIGHTS} declares more than {MAX_WEIGHTS_BYTES >> 20} MiB; refused unread", path=bundle)
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED:
+            raise BundleError(f"{WEIGHTS} member '{m.filename[:80]}' is compressed; torch writes stored "
+                              f"members only; refused unread", path=bundle)
+        if m.filename.endswith(".pkl") and m.file_size > MAX_WEIGHTS_PICKLE_BYTES:
+            raise BundleError(f"{WEIGHTS} holds a {m.file_size}-byte pickle (limit "
+                              f"{MAX_WEIGHTS_PICKLE_BYTES >> 20} MiB); refused unread", path=bundle)
+
+
 def _load_state_dict(p: Path, bundle: str) -> dict[str, torch.Tensor]:
+    _check_weights_zip(p, bundle)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:

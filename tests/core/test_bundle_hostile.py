@@ -414,3 +414,19 @@ def test_unforeseen_failure_is_still_a_bundle_error(tmp_path, monkeypatch):
 def test_known_extras_with_wrong_shapes_refused(tmp_path, extras, match):
     p = _save(tmp_path, extras=extras)
     _refused(lambda: load_bundle(p), BundleError, match)
+
+
+def test_weights_zip_deflated_or_with_a_huge_pickle_refused_unread(tmp_path):
+    p = _save(tmp_path)
+    with zipfile.ZipFile(p / WEIGHTS) as zf:
+        members = [(m.filename, zf.read(m)) for m in zf.infolist()]
+    with zipfile.ZipFile(p / WEIGHTS, "w", compression=zipfile.ZIP_DEFLATED) as zf:  # a zip bomb's shape
+        for name, data in members:
+            zf.writestr(name, data)
+    _rehash(p, WEIGHTS)
+    _refused(lambda: load_bundle(p), BundleError, "is compressed; torch writes stored")
+    with zipfile.ZipFile(p / WEIGHTS, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data + b"." * (17 << 20) if name.endswith("data.pkl") else data)
+    _rehash(p, WEIGHTS)
+    _refused(lambda: load_bundle(p), BundleError, "byte pickle .* refused unread")
