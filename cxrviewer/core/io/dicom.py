@@ -41,13 +41,16 @@ memory, an unbounded zip bomb risk; it is essentially unused for radiographs).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,6 +316,26 @@ def _read_native(path: str, pos: int, size: int, ts: str, rows: int, cols: int, 
     return arr.reshape(rows, cols, spp)
 
 
+@contextlib.contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """While a spawn child starts: hide the caller's main module from multiprocessing, so the
+    child does not run a user's script again (``spawn`` re-imports ``__main__`` by path; a script
+    calling ``load_study`` without an ``if __name__ == "__main__"`` guard would run twice). The
+    child needs only ``_decode_child``. Frozen apps are left alone (``freeze_support`` handles them)."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(sys, "frozen", False):
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 class _DecodeWorker:
     """One long-lived ``spawn`` child that runs pydicom's native decoders.
 
@@ -334,7 +357,8 @@ class _DecodeWorker:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=_decode_child.serve, args=(child,), name="cxrviewer-decoder", daemon=True)
-        proc.start()
+        with _main_not_reimported():
+            proc.start()
         child.close()
         self._proc, self._conn = proc, parent
 
