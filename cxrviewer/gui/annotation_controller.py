@@ -92,6 +92,10 @@ class AnnotationController(QObject):
     edited = Signal(object)  # the committed Edit (also undo/redo)
     message = Signal(str)
     bundleReady = Signal(str)
+    #: every edit up to this ticket is on disk (fsynced by the store's sync thread)
+    durable = Signal(int)
+    #: (ticket, message): making edits durable failed; the view was reloaded from the store
+    syncFailed = Signal(int, str)
 
     POLL_MS = 2000
 
@@ -109,6 +113,7 @@ class AnnotationController(QObject):
         self.dock = AnnotationDock()
         self.dock_widget: QDockWidget | None = None
         self.edits = AnnotationEdits(self.session, self.editor, self.dock, self.feedback, parent, self)
+        self.syncFailed.connect(self._sync_failed)
         self.edits.show_proposals = False  # view mode: proposals only when asked for
         self.clipboard = AnnotationClipboard(self.session, self.edits, panel, self.feedback)
         self.io = AnnotationIO(self.session, self.feedback, parent)
@@ -244,7 +249,10 @@ class AnnotationController(QObject):
         """Open (or create) an annotation project; a second instance is told so."""
         self.close_store()
         try:
-            store = self.session.open(path, read_only=read_only, create=create)
+            store = self.session.open(
+                path, read_only=read_only, create=create, background_sync=True,
+                on_durable=self.durable.emit,  # emitted on the sync thread: queued to the GUI
+                on_sync_error=lambda t, exc: self.syncFailed.emit(t, str(exc)))
         except CxrError as exc:
             self.feedback.error(str(exc))
             return False
@@ -256,7 +264,14 @@ class AnnotationController(QObject):
         self.storeChanged.emit(store)
         return True
 
+    def _sync_failed(self, _ticket: int, message: str) -> None:
+        """The disk refused the fsync: say so and redraw from the store."""
+        self.feedback.error(f"Edits may not be saved to disk: {message}")
+        if self.session.store is not None:
+            self.edits.refresh()
+
     def close_store(self) -> None:
+        """Close the project; waits until every edit made is on disk."""
         if self.session.store is None:
             return
         self._poll.stop()

@@ -37,6 +37,7 @@ from ..errors import CxrError
 from ..geometry import Box
 from .export import IMPORTERS, export_store
 from .model import AnnotatedBox, Edit, InvalidBoxError, Proposal, StudyIdentity, StudyRecord
+from .durability import DurableFn, ErrorFn, WalSyncer
 from .store import AnnotationStore, UndoStack
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,8 @@ class AnnotationSession:
         self._release: Callable[[], None] | None = None
         self._open_default = open_default
         self._on_history = on_history
+        #: background fsync thread (``open(background_sync=True)``), else None
+        self.syncer: WalSyncer | None = None
 
     # ---- project lifecycle ------------------------------------------------------
     @property
@@ -149,9 +152,14 @@ class AnnotationSession:
         return self.store is not None and not self.store.read_only
 
     def open(self, path: str | os.PathLike, *, read_only: bool = False,
-             create: bool = True) -> AnnotationStore:
+             create: bool = True, background_sync: bool = False,
+             on_durable: DurableFn | None = None,
+             on_sync_error: ErrorFn | None = None) -> AnnotationStore:
         """Open (or create) a project, closing the current one; raises CxrError.
 
+        ``background_sync``: commit with ``synchronous=NORMAL`` (no fsync on the caller's
+        thread) and let a :class:`WalSyncer` thread fsync after each commit, calling
+        ``on_durable(ticket)`` / ``on_sync_error(ticket, exc)`` from that thread.
         Call :meth:`sync_record` next to register the shown study in it.
         """
         self.close()
@@ -161,7 +169,8 @@ class AnnotationSession:
             release, lock_notice = self._locker(path)
         try:
             store = AnnotationStore(path, annotator=self.annotator, read_only=read_only,
-                                    create=create)
+                                    create=create,
+                                    synchronous="NORMAL" if background_sync else "FULL")
         except CxrError:
             if release is not None:
                 release()
@@ -169,6 +178,9 @@ class AnnotationSession:
         notes = [store.notice[0].upper() + store.notice[1:]] if store.notice else []
         self.notice = " ".join(notes + ([lock_notice] if lock_notice else [])) or None
         self.store, self._release = store, release
+        if background_sync and not store.read_only:
+            self.syncer = WalSyncer(store.path, on_durable, on_sync_error)
+            store.on_commit = self.syncer.submit
         self.undo_stack = UndoStack(store, on_change=lambda _stack: self._history_changed())
         return store
 
@@ -176,6 +188,9 @@ class AnnotationSession:
         """Close the project (every edit is already committed); False if none was open."""
         if self.store is None:
             return False
+        if self.syncer is not None:  # every acknowledged edit reaches the disk first
+            self.syncer.close()
+            self.syncer = None
         self.store.close()
         self.store = self.undo_stack = self.record = self.prev_study_id = None
         if self._release is not None:
@@ -250,6 +265,10 @@ class AnnotationSession:
             self.undo_stack.push(edit)
         self._reload_record()
         return edit
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every commit so far is durable (True at once without background sync)."""
+        return self.syncer is None or self.syncer.flush(timeout)
 
     def _reload_record(self) -> None:
         """Re-read the shown study's row (its review status may have changed)."""

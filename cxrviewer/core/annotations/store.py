@@ -154,6 +154,8 @@ class AnnotationStore:
         #: A user-readable note about how the store was opened (read-only, no WAL ...).
         self.notice: str | None = None
         self._lock = threading.RLock()
+        #: called after each committed transaction (background durability hook)
+        self.on_commit: Callable[[], Any] | None = None
         self._batch: BatchResult | None = None
         #: row versions this instance last read or wrote: (entity, key) -> version. An edit of a
         #: row checks it (optimistic concurrency); versions seen inside a transaction wait in
@@ -417,6 +419,8 @@ class AnnotationStore:
             yield
             self._conn.execute("COMMIT")
             self._settle(True)
+            if self.on_commit is not None:  # e.g. WalSyncer.submit: fsync off this thread
+                self.on_commit()
         except BaseException as exc:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
