@@ -40,6 +40,7 @@ import torch
 
 from .atomic import mkdtemp_beside
 from .checksum import sha256_file
+from .jsonsafe import loads_strict
 from .errors import BundleError, CxrError, ModelError
 from .families import FAMILIES  # noqa: F401  (the bundle families, re-exported)
 from .preprocess import LEGACY_NORMALISATION_KINDS, NORMALISATIONS, Preprocess, crop_box_pixels
@@ -424,17 +425,6 @@ def _bundle_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def _refuse_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not a JSON number")
-
-
-def _finite_float(token: str) -> float:
-    v = float(token)
-    if not math.isfinite(v):
-        raise ValueError(f"number {token[:40]} is out of range")
-    return v
-
-
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Parse and validate ``manifest.json`` of the bundle at ``path`` (no weights read).
 
@@ -456,7 +446,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise BundleError(f"manifest.json is larger than {MAX_MANIFEST_BYTES // 1024} KiB; refused unread",
                           path=str(d))
     try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+        raw = loads_strict(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"manifest.json is not valid JSON ({_first_line(exc)})", path=str(d)) from exc
     except RecursionError as exc:

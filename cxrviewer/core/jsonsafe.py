@@ -40,6 +40,13 @@ def _refuse(token: str) -> Any:
     raise ValueError(f"{token} is not JSON")
 
 
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"number {token[:40]} is out of range")
+    return value
+
+
 def loads_strict(text: str | bytes) -> Any:
     """:func:`json.loads` that refuses ``NaN``, ``Infinity`` and ``-Infinity`` tokens."""
-    return json.loads(text, parse_constant=_refuse)
+    return json.loads(text, parse_constant=_refuse, parse_float=_finite_float)

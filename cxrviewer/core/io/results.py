@@ -62,6 +62,7 @@ from ..errors import CxrError
 from ..geometry import Box
 from ..results import RESULTS_FORMAT_VERSION, Results
 from ..atomic import mkstemp_beside
+from ..jsonsafe import loads_strict
 from ._common import MAX_PIXELS
 
 FORMAT_VERSION = RESULTS_FORMAT_VERSION
@@ -213,16 +214,6 @@ _ORIGINAL_FRAME = {"cam", "gradcam", "final", "steps", "erased", "psi", "dm_cam"
 _MISSING = object()
 
 
-def _no_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not JSON")
-
-
-def _finite_float(token: str) -> float:
-    value = float(token)
-    if not math.isfinite(value):
-        raise ValueError(f"{token} overflows a float")
-    return value
-
 
 #: control characters and bidirectional overrides, kept out of text shown to a person
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -282,7 +273,7 @@ class _Reader:
         if text is None:
             return default
         try:
-            value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+            value = loads_strict(text)
         except (ValueError, RecursionError) as exc:
             raise self.fail(f"attribute {name!r} is not valid JSON ({type(exc).__name__})") from None
         if not isinstance(value, kind):
