@@ -41,7 +41,9 @@ import torch
 from .atomic import mkdtemp_beside
 from .checksum import sha256_file
 from .jsonsafe import loads_strict
-from .errors import BundleError, CxrError, ModelError
+from .labelsets import BUILTIN as BUILTIN_SETS
+from .labelsets import NIH14, LabelSet, label_set_from_json
+from .errors import BundleError, CxrError, LabelSetError, ModelError
 from .families import FAMILIES  # noqa: F401  (the bundle families, re-exported)
 from .preprocess import LEGACY_NORMALISATION_KINDS, NORMALISATIONS, Preprocess, crop_box_pixels
 
@@ -121,7 +123,7 @@ def _git_commit() -> str | None:
 #: The keys of ``manifest.json``, in the order they are written (:meth:`Manifest.to_dict`).
 _MANIFEST_KEYS: tuple[str, ...] = (
     "format_version", "name", "description", "architecture", "arch_kwargs", "family", "role", "classes",
-    "input_size", "normalisation", "crop", "canonical_chest", "provenance", "files", "extras_info",
+    "label_set", "input_size", "normalisation", "crop", "canonical_chest", "provenance", "files", "extras_info",
     "inference", "model_card", "cxrviewer_version", "created",
 )
 #: The keys of :meth:`Manifest.summary`, in order.
@@ -139,6 +141,9 @@ class Manifest:
     family: str
     classes: tuple[str, ...]
     input_size: tuple[int, int]  # (height, width)
+    #: the label set ``classes`` come from: a built-in name (cxrviewer/core/labelsets.py), a set's
+    #: JSON object, or None: the family's default (NIH-14 for classifiers and CIA)
+    label_set: str | dict[str, Any] | None = None
     normalisation: dict[str, Any] = field(default_factory=lambda: {"kind": "minus1_1"})
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     crop: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
@@ -171,9 +176,15 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written as ``manifest.json`` (no ``model_card`` key when it has none)."""
         d = self._pick(_MANIFEST_KEYS)
-        if d.get("model_card") is None:
-            d.pop("model_card", None)
+        for optional in ("model_card", "label_set"):
+            if d.get(optional) is None:
+                d.pop(optional, None)
         return d
+
+    @property
+    def labels(self) -> LabelSet | None:
+        """The :class:`~cxrviewer.core.labelsets.LabelSet` of ``classes`` (None: any names)."""
+        return _label_set(self.family, self.label_set)
 
     def summary(self) -> dict[str, Any]:
         """Short JSON-able description for results files and the GUI."""
@@ -213,7 +224,8 @@ class Manifest:
         m = cls(
             architecture=d["architecture"],
             family=d["family"],
-            classes=_valid_classes(d["classes"], d["family"], path),
+            classes=_valid_classes(d["classes"], d["family"], path, d.get("label_set")),
+            label_set=_valid_label_set_field(d.get("label_set"), path),
             input_size=_valid_input_size(d["input_size"], path),
             normalisation=dict(norm),
             arch_kwargs=_valid_args(d.get("arch_kwargs"), "arch_kwargs", path),
@@ -270,36 +282,53 @@ def _valid_input_size(size: Any, path: str | None) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _label_set(family: str) -> tuple[str, tuple[str, ...], Mapping[str, str]] | None:
-    """``(name, labels, aliases)`` the classes of a ``family`` must come from; None: any names."""
-    from .classes import ALIASES, CLASSES
+def _valid_label_set_field(value: Any, path: str | None) -> str | dict[str, Any] | None:
+    """``label_set``: absent, a built-in set's name or a set's JSON object (a usable one)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, dict)):
+        raise BundleError(f"manifest 'label_set' must be a label-set name or object, got {_short(value)}", path=path)
+    try:
+        label_set_from_json(value)
+    except LabelSetError as exc:
+        raise BundleError(f"manifest 'label_set': {exc}", path=path) from None
+    return value if isinstance(value, str) else dict(value)
 
+
+def _label_set(family: str, declared: Any = None) -> LabelSet | None:
+    """The label set the classes of a bundle must come from: the manifest's ``label_set``, else
+    the family's (NIH-14 for classifiers and CIA, the lung/heart structures for segmentation);
+    None: any names."""
+    if declared is not None:
+        try:
+            return label_set_from_json(declared)
+        except LabelSetError:
+            return None  # (reported by _valid_label_set_field)
     if family in ("classifier", "cia"):
-        return "NIH ChestX-ray14", CLASSES, ALIASES
+        return NIH14
     if family == "segmentation":
         from .models.unet import SEGMENTATION_CLASSES
 
-        return "lung/heart segmentation", SEGMENTATION_CLASSES, {}
+        return LabelSet("lung/heart segmentation", tuple(SEGMENTATION_CLASSES))
     return None
 
 
-def _valid_classes(classes: Any, family: str, path: str | None) -> tuple[str, ...]:
-    """A list of unique names from the family's label set (aliases become canonical names)."""
+def _valid_classes(classes: Any, family: str, path: str | None, declared: Any = None) -> tuple[str, ...]:
+    """A list of unique names from the bundle's label set (spellings and synonyms become its labels)."""
     if (not isinstance(classes, list) or len(classes) > MAX_CLASSES
             or not all(isinstance(c, str) and 0 < len(c) <= MAX_STRING for c in classes)):
         raise BundleError(f"manifest 'classes' must be a list of at most {MAX_CLASSES} non-empty "
                           f"names, got {_short(classes)}", path=path)
     names = [c.strip() for c in classes]
-    label_set = _label_set(family)
+    label_set = _label_set(family, declared)
     if label_set is not None:
-        set_name, labels, aliases = label_set
-        names = [aliases.get(c, c) for c in names]
-        unknown = list(dict.fromkeys(c for c in names if c not in labels))
+        unknown = list(dict.fromkeys(c for c in names if c not in label_set))
         if unknown:
             more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-            raise BundleError(f"manifest 'classes' holds names not in the {set_name} label set: "
-                              f"{', '.join(repr(c) for c in unknown[:5])}{more}; known: {', '.join(labels)}",
-                              path=path)
+            raise BundleError(f"manifest 'classes' holds names not in the {label_set.display_name} label set: "
+                              f"{', '.join(repr(c) for c in unknown[:5])}{more}; known: "
+                              f"{', '.join(label_set.labels[:20])}; name another set in 'label_set'", path=path)
+        names = [label_set.canonical(c) or c for c in names]
     dups = sorted({c for c in names if names.count(c) > 1}) if len(set(names)) != len(names) else []
     if dups:
         raise BundleError(f"manifest 'classes' names {', '.join(map(repr, dups[:5]))} more than once", path=path)
@@ -807,7 +836,8 @@ def _new_manifest(model: torch.nn.Module, p: Path, *, classes: Iterable[str], in
                   normalisation: Mapping[str, Any] | None, crop: Mapping[str, Any] | None,
                   canonical_chest: Mapping[str, Any] | None, name: str | None, description: str,
                   role: str | None, extras_info: Mapping[str, Any] | None, inference: Mapping[str, Any] | None,
-                  provenance: Mapping[str, Any] | None) -> Manifest:
+                  provenance: Mapping[str, Any] | None,
+                  label_set: str | Mapping[str, Any] | LabelSet | None = None) -> Manifest:
     """The manifest :func:`save_bundle` writes for ``model`` at ``p`` (validated, files not yet listed)."""
     arch = getattr(model, "arch", None)
     family = getattr(model, "family", None)
@@ -824,6 +854,9 @@ def _new_manifest(model: torch.nn.Module, p: Path, *, classes: Iterable[str], in
         family=str(family),
         classes=tuple(classes),
         input_size=(size[0], size[1]),
+        label_set=(label_set.name if isinstance(label_set, LabelSet) and label_set.name in BUILTIN_SETS
+                   else label_set.to_json() if isinstance(label_set, LabelSet)
+                   else dict(label_set) if isinstance(label_set, Mapping) else label_set),
         normalisation=dict(_current_spelling(normalisation or {"kind": "minus1_1"})),
         arch_kwargs=dict(getattr(model, "arch_kwargs", {}) or {}),
         crop=dict(crop or {"kind": "none"}),
@@ -889,6 +922,7 @@ def save_bundle(
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     weights_dtype: str | None = None,
+    label_set: str | Mapping[str, Any] | LabelSet | None = None,
 ) -> Path:
     """Write ``model`` as a bundle folder at ``path`` (``.cxrbundle`` appended if absent).
 
@@ -899,6 +933,9 @@ def save_bundle(
     ``weights_dtype="float16"`` stores floating-point tensors in half precision
     (half the size on disk, for the bundles shipped in ``resources/``); loading
     casts them back to the network's own dtype.
+
+    ``label_set``: the set ``classes`` come from (:mod:`cxrviewer.core.labelsets`: a built-in
+    name, a :class:`LabelSet` or its JSON); None: the family's default (NIH-14 for classifiers).
     """
     if weights_dtype not in tuple(_STORE_DTYPES):
         raise BundleError(f"weights_dtype must be float32, float16 or bfloat16, not {weights_dtype!r}")
@@ -907,7 +944,8 @@ def save_bundle(
         p = p.with_name(p.name + BUNDLE_SUFFIX)
     manifest = _new_manifest(model, p, classes=classes, input_size=input_size, normalisation=normalisation,
                              crop=crop, canonical_chest=canonical_chest, name=name, description=description,
-                             role=role, extras_info=extras_info, inference=inference, provenance=provenance)
+                             role=role, extras_info=extras_info, inference=inference, provenance=provenance,
+                             label_set=label_set)
     arrays = _check_extras(extras or {})
     if p.exists() and not overwrite:
         raise BundleError("bundle already exists (pass overwrite=True)", path=str(p))

@@ -76,3 +76,21 @@ class AnnotationConflictError(AnnotationStoreError):
 
 class ExportError(CxrError):
     """An export or import failed; nothing was written over the target."""
+
+
+# ---- label sets -----------------------------------------------------------
+class LabelSetError(CxrError):
+    """A label-set file or name that cannot be used (unknown, malformed, too large)."""
+
+
+class UnmappedLabelsError(CxrError):
+    """Names that are not in the target label set and have no mapping.
+
+    ``unmapped``: the names, in first-seen order; ``label_set``: the target set's name.
+    """
+
+    def __init__(self, message: str, unmapped: tuple[str, ...] | list[str], label_set: str,
+                 path: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.unmapped = tuple(unmapped)
+        self.label_set = label_set
