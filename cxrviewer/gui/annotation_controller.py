@@ -114,6 +114,8 @@ class AnnotationController(QObject):
         self.dock_widget: QDockWidget | None = None
         self.edits = AnnotationEdits(self.session, self.editor, self.dock, self.feedback, parent, self)
         self.syncFailed.connect(self._sync_failed)
+        self.durable.connect(self._on_durable)
+        self.edits.edited.connect(self._on_edit_committed)
         self.edits.show_proposals = False  # view mode: proposals only when asked for
         self.clipboard = AnnotationClipboard(self.session, self.edits, panel, self.feedback)
         self.io = AnnotationIO(self.session, self.feedback, parent)
@@ -258,15 +260,37 @@ class AnnotationController(QObject):
             return False
         settings.app_settings().setValue("annotation/last_store", str(path))
         self.dock.set_store_info(str(path), self.session.notice)
+        self._show_save_state()
         self._poll.start()
         self._sync_record()
         self._update_ui()
         self.storeChanged.emit(store)
         return True
 
+    def _show_save_state(self) -> None:
+        s = self.session
+        if s.store is None:
+            self.dock.set_save_state("none")
+        elif not s.writable:
+            self.dock.set_save_state("read_only")
+        elif s.syncer is None or s.syncer.durable >= s.syncer.submitted:
+            self.dock.set_save_state("saved")
+        else:
+            self.dock.set_save_state("saving")
+
+    def _on_edit_committed(self, _edit: object) -> None:
+        if self.dock.save_state != "failed":
+            self._show_save_state()
+
+    def _on_durable(self, _ticket: int) -> None:
+        """The sync thread put edits on disk (queued here from that thread); a later fsync
+        that succeeds covers the edits of an earlier failed one too."""
+        self._show_save_state()
+
     def _sync_failed(self, _ticket: int, message: str) -> None:
         """The disk refused the fsync: say so and redraw from the store."""
         self.feedback.error(f"Edits may not be saved to disk: {message}")
+        self.dock.set_save_state("failed", message)
         if self.session.store is not None:
             self.edits.refresh()
 
@@ -276,8 +300,10 @@ class AnnotationController(QObject):
             return
         self._poll.stop()
         self.editor.clear()
+        self.edits.flush_view()  # (a pending dock update must not outlive the project)
         self.session.close()
         self.dock.set_store_info(None)
+        self.dock.set_save_state("none")
         self.dock.show_study([], {}, None)
         self._update_ui()
         self.storeChanged.emit(None)

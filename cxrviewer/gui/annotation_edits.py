@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from PySide6.QtCore import QObject, Signal
+from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtGui import QCursor
 from PySide6.QtWidgets import QMenu, QWidget
 
@@ -57,6 +57,13 @@ class AnnotationEdits(QObject):
         self.all_classes = False
         #: whether proposals are shown at all (the controller: annotation mode, or asked for)
         self.show_proposals = True
+        # the dock's list follows on the next turn of the event loop, so that a mouse release
+        # returns after the commit and the editor's redraw (benchmarks/box_editor_stall.py)
+        self._dock_rows: tuple[list[EditorItem], dict, str | None] | None = None
+        self._dock_timer = QTimer(self)
+        self._dock_timer.setSingleShot(True)
+        self._dock_timer.setInterval(0)
+        self._dock_timer.timeout.connect(self._show_dock)
 
     # ---- running and redrawing ----------------------------------------------------------
     def run(self, op: Callable[..., Edit], *args: Any, select_created: bool = False) -> Edit | None:
@@ -68,6 +75,7 @@ class AnnotationEdits(QObject):
             edit = op(*args)
         except EditRefused as exc:
             self.feedback.refused(exc)
+            self.refresh()  # (a gesture's refused geometry goes back to the store's)
             return None
         except (InvalidBoxError, AnnotationConflictError) as exc:  # conflict: redraw = reload
             self.feedback.error(str(exc))
@@ -95,14 +103,25 @@ class AnnotationEdits(QObject):
             return
         if snap is None:
             self.editor.clear()
-            self.dock.show_study([], {}, None)
+            self._dock_rows = ([], {}, None)
         else:
             items = ([EditorItem.from_box(b) for b in snap.boxes]
                      + [EditorItem.from_proposal(p) for p in self.visible_proposals(snap.proposals)])
             self.editor.set_items(items, selected=select)
-            self.dock.show_study(items, snap.labels, snap.record.status)
-            self.dock.set_selection(self.editor.selected)
+            self._dock_rows = (items, dict(snap.labels), snap.record.status)
+        self._dock_timer.start()
         self.refreshed.emit()
+
+    def flush_view(self) -> None:
+        """Show the last redraw in the dock now (else it follows on the next event-loop turn)."""
+        self._show_dock()
+
+    def _show_dock(self) -> None:
+        self._dock_timer.stop()
+        rows, self._dock_rows = self._dock_rows, None
+        if rows is not None:
+            self.dock.show_study(*rows)
+            self.dock.set_selection(self.editor.selected)
 
     def visible_proposals(self, proposals: Sequence[Any]) -> list[Any]:
         """The pending proposals to show (see the module docstring), best first per class."""

@@ -206,6 +206,9 @@ CASES: dict[str, tuple[Callable, str]] = {
                             "not a Dataset"),
     "box_inf": (_replace("boxes/cam/xywh", data=np.asarray([[np.inf, 0, 1, 1]])), "finite"),
     "box_negative_size": (_replace("boxes/cam/xywh", data=np.asarray([[0, 0, -5, 1]])), "finite"),
+    "box_outside_image": (_replace("boxes/cam/xywh", data=np.asarray([[500.0, 2.0, 3.0, 4.0]])), "outside"),
+    "box_far_outside_image": (_replace("boxes/cam/xywh", data=np.asarray([[-1e300, -1e300, 5.0, 5.0]])),
+                              "outside"),
     "box_counts_disagree": (_replace("boxes/cam/score", data=np.zeros(3)), "disagree"),
     "box_missing_label": (lambda f: f.__delitem__("boxes/cam/label"), "missing"),
     "box_label_numbers": (_replace("boxes/cam/label", data=np.zeros(1)), "text labels"),
@@ -291,6 +294,14 @@ def test_valid_file_reads_and_its_json_parts_dump_as_strict_json(tmp_path):
     r = read_results(_valid(tmp_path / "ok.h5"))
     assert r.classes == CLASSES and r.boxes["cam"][0].score == 0.5
     json.dumps([r.models, r.timings, r.notices, r.attrs, r.probabilities.tolist()], allow_nan=False)
+
+
+def test_box_crossing_the_image_edge_is_clipped_to_it(tmp_path):
+    p = _valid(tmp_path / "edge.h5")
+    with h5py.File(p, "r+") as f:
+        _replace("boxes/cam/xywh", data=np.asarray([[-10.0, 60.0, 20.0, 30.0]]))(f)
+    b = read_results(p).boxes["cam"][0]
+    assert (b.x, b.y, b.w, b.h) == (0.0, 60.0, 10.0, 4.0)  # the image is 64 x 64
 
 
 @pytest.mark.parametrize("kw", [dict(compression="gzip", shuffle=True, fletcher32=True), dict(compression="lzf"),

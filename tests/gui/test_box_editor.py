@@ -104,6 +104,9 @@ def shown(ctrl: AnnotationController) -> list[tuple]:
 
 
 def assert_in_sync(ctrl: AnnotationController) -> list[tuple]:
+    """The editor and the dock show the store (after the redraw a gesture leaves for the next
+    event-loop turns)."""
+    ctrl.edits.flush_view()
     s = stored(ctrl)
     assert s == shown(ctrl)
     assert ctrl.dock.box_list.topLevelItemCount() == len(ctrl.editor.items)
@@ -225,6 +228,30 @@ def test_clamped_and_zero_area_boxes(qtbot, host, ctrl):
     assert len(stored(ctrl)) == 1
 
 
+def test_an_edit_restyles_the_shown_boxes_in_place(qtbot, host, ctrl):
+    """A move or a selection change keeps the box's graphics items (building a label costs ~1 ms:
+    benchmarks/box_editor_stall.py); what is drawn still follows the store."""
+    panel = host.panel
+    ctrl.add_box("Mass", 50, 50, 150, 100)
+    ctrl.add_box("Nodule", 350, 250, 80, 80)
+    first, second = [("box", b.id) for b in ctrl.store.boxes(ctrl.record.id)]
+    outline, label = ctrl.editor.outline(first), ctrl.editor._drawn[first].text
+    ctrl.editor.select([first])
+    assert ctrl.editor.outline(first) is outline and len(ctrl.editor._drawn[first].handles) == 8
+    drag(panel, (125, 100), (165, 130))
+    s = assert_in_sync(ctrl)
+    assert s[0][2:4] == pytest.approx((90, 80), abs=3)
+    assert ctrl.editor.outline(first) is outline and ctrl.editor._drawn[first].text is label
+    assert outline.rect().x() == pytest.approx(s[0][2]) and outline.pen().width() == 3  # selected
+    ctrl.editor.select([second])
+    assert ctrl.editor.outline(first) is outline and outline.pen().width() == 2
+    assert all(h.opacity() == 0 for h in ctrl.editor._drawn[first].handles)
+    assert [h.opacity() for h in ctrl.editor._drawn[second].handles] == [1.0] * 8
+    ctrl.edits.set_class("Effusion")  # relabels the selected box: a new caption
+    assert ctrl.editor._drawn[second].text.toPlainText().startswith("Effusion")
+    assert stored(ctrl)[1][1] == "Effusion"
+
+
 def test_class_copy_paste_duplicate_carry(qtbot, host, ctrl):
     panel = host.panel
     ctrl.edits.set_class("Nodule")
@@ -337,7 +364,7 @@ def test_labels_status_and_dock(qtbot, host, ctrl):
     assert ctrl.store.labels(ctrl.record.id) == {}
     ctrl.edits.set_status("verified")
     assert ctrl.store.study(ctrl.record.id).status == "verified"
-    assert ctrl.dock.status_combo.currentData() == "verified"
+    qtbot.waitUntil(lambda: ctrl.dock.status_combo.currentData() == "verified", timeout=2000)
     ctrl.edits.undo()
     assert ctrl.store.study(ctrl.record.id).status == "in_progress"
 

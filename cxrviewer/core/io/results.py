@@ -37,7 +37,8 @@ only hard links (soft and external links are refused, never followed), numeric t
 maps. JSON attributes must be text of <= 1 MiB holding the expected list or object, with no
 NaN/Infinity (also not by overflow). Probabilities must be [C] finite floats: **NaN/Inf are
 refused** (the app never writes them; a classifier producing them is refused upstream), as are
-non-finite box coordinates or negative sizes (a NaN box score means "none", as written).
+non-finite box coordinates or negative sizes (a NaN box score means "none", as written); a box
+crossing the edge of ``image_shape`` is clipped to it and one wholly outside the image is refused.
 Control characters and bidi overrides in the study id, device and notices become U+FFFD; class
 names holding them are refused. A stored ``source_path`` that does not exist falls back to a
 file of the same name next to the results file (:func:`resolve_source`).
@@ -233,6 +234,7 @@ class _Reader:
         self.f, self.path = f, path
         self.elements = self.nbytes = 0
         self.map_shape: tuple[int, int] | None = None
+        self.image_shape: tuple[int, int] | None = None
         self.n_classes = 0
         self.dry = False  # a dry pass checks every declaration and reads no dataset
 
@@ -409,6 +411,7 @@ class _Reader:
         if not all(isinstance(n, str) for n in notices):
             raise self.fail("notices must be a list of strings")
         self.map_shape, self.n_classes = map_shape, len(classes)
+        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
         return dict(study_id=_clean(self.attr_str(f, "study_id", limit=4096)),
                     source_path=self.attr_str(f, "source_path", limit=4096),
                     pixel_sha256=self.attr_str(f, "pixel_sha256", limit=128), image_shape=image_shape,
@@ -463,9 +466,27 @@ class _Reader:
                 continue
             if not np.all(np.isfinite(xywh)) or np.any(xywh[:, 2:] < 0) or np.any(np.isinf(score)):
                 raise self.fail(f"{bg.name}: box coordinates must be finite with w, h >= 0")
+            xywh = self._inside_image(bg.name, xywh.astype(np.float64))
             out[source] = [Box(lab, float(x), float(y), float(w), float(h), None if np.isnan(sc) else float(sc))
                            for lab, (x, y, w, h), sc in zip(labels, xywh, score)]
         return out
+
+    def _inside_image(self, where: str, xywh: np.ndarray) -> np.ndarray:
+        """Boxes clipped to ``image_shape``; one that does not overlap the image is refused."""
+        if self.image_shape is None or not len(xywh):
+            return xywh
+        h, w = self.image_shape
+        x1, y1 = np.clip(xywh[:, 0], 0, w), np.clip(xywh[:, 1], 0, h)
+        x2, y2 = np.clip(xywh[:, 0] + xywh[:, 2], 0, w), np.clip(xywh[:, 1] + xywh[:, 3], 0, h)
+        outside = ((x2 <= x1) | (y2 <= y1)) & (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+        if np.any(outside):
+            i = int(np.argmax(outside))
+            raise self.fail(f"{where}: box {i} ({', '.join(f'{v:g}' for v in xywh[i])}) lies outside "
+                            f"the {w} x {h} image")
+        clipped = np.stack([x1, y1, np.maximum(x2 - x1, 0), np.maximum(y2 - y1, 0)], axis=1)
+        crosses = ((x1 != xywh[:, 0]) | (y1 != xywh[:, 1]) | (x2 != xywh[:, 0] + xywh[:, 2])
+                   | (y2 != xywh[:, 1] + xywh[:, 3]))
+        return np.where(crosses[:, None], clipped, xywh)  # boxes inside keep their exact values
 
     def _labels(self, ds: h5py.Dataset) -> list[str]:
         info = h5py.check_string_dtype(ds.dtype)

@@ -213,31 +213,55 @@ class _Handle(QGraphicsRectItem):
 
 
 class _Drawn:
-    """The graphics of one editor item: outline, caption, handles when selected."""
+    """The graphics of one editor item: outline, caption, handles shown when selected.
+
+    :meth:`update` restyles them in place (a selection change, a moved box): building a
+    pyqtgraph TextItem costs about 1 ms, so an edit rebuilds no item.
+    """
 
     def __init__(self, layer: "_EditorLayer", item: EditorItem, selected: bool) -> None:
+        self.layer = layer
+        self.rect = layer.add(QGraphicsRectItem())
+        self.text: pg.TextItem | None = None
+        self.handles: list[_Handle] = []
         self.item = item
-        self.selected = selected
+        self.selected = not selected  # (so that update() styles everything)
         self.shown: tuple[float, float, float, float] = item.rect
+        self.update(item, selected)
+
+    def update(self, item: EditorItem, selected: bool) -> None:
+        """Show ``item`` (``selected`` or not), changing only what differs."""
+        old, was = self.item, self.selected
+        self.item, self.selected = item, selected
         color = label_color(item.label)
-        pen = QPen(QColor("white") if selected else color, 3.0 if selected else 2.0)
-        pen.setCosmetic(True)
-        if item.kind == "proposal":
-            pen.setStyle(Qt.PenStyle.DashLine)
-        self.rect = QGraphicsRectItem()
-        self.rect.setPen(pen)
-        fill = QColor(color)
-        fill.setAlpha(40 if selected else 0)
-        self.rect.setBrush(QBrush(fill) if selected else QBrush(Qt.BrushStyle.NoBrush))
         z = Z_SELECTED if selected else item.z
-        layer.add(self.rect).setZValue(z)
-        fg, bg = label_style(item.label, proposal=item.kind == "proposal")
-        self.text = pg.TextItem(item.caption(), color=fg, anchor=(0, 0), fill=bg)
-        layer.add(self.text).setZValue(z + 0.5)
-        self.handles: list[_Handle] = [layer.add(_Handle(color)) for _ in _PARTS] if selected else []
-        for handle in self.handles:
-            handle.setZValue(z + 1.0)
-        self.set_rect(item.rect)
+        restyle = self.text is None or was != selected or old.label != item.label or old.kind != item.kind
+        if restyle:
+            pen = QPen(QColor("white") if selected else color, 3.0 if selected else 2.0)
+            pen.setCosmetic(True)
+            if item.kind == "proposal":
+                pen.setStyle(Qt.PenStyle.DashLine)
+            self.rect.setPen(pen)
+            fill = QColor(color)
+            fill.setAlpha(40 if selected else 0)
+            self.rect.setBrush(QBrush(fill) if selected else QBrush(Qt.BrushStyle.NoBrush))
+            self.rect.setZValue(z)
+            if selected and not self.handles:  # made once; hidden (opacity 0) when not selected
+                self.handles = [self.layer.add(_Handle(color)) for _ in _PARTS]
+            for handle in self.handles:
+                handle.setBrush(QBrush(color))
+                handle.setZValue(z + 1.0)
+                handle.setOpacity(1.0 if selected else 0.0)
+        if self.text is None or old.label != item.label or old.kind != item.kind:
+            if self.text is not None:
+                self.layer.remove(self.text)
+            fg, bg = label_style(item.label, proposal=item.kind == "proposal")
+            self.text = self.layer.add(pg.TextItem(item.caption(), color=fg, anchor=(0, 0), fill=bg))
+        elif old.caption() != item.caption():
+            self.text.setText(item.caption())
+        self.text.setZValue(z + 0.5)
+        if restyle or self.shown != item.rect:
+            self.set_rect(item.rect)
 
     @property
     def graphics(self) -> list[QGraphicsItem]:
@@ -248,7 +272,7 @@ class _Drawn:
         x, y, w, h = rect
         self.rect.setRect(QRectF(x, y, w, h))
         self.text.setPos(x, y)
-        if self.handles:
+        if self.handles and self.selected:
             pts = {"nw": (x, y), "n": (x + w / 2, y), "ne": (x + w, y), "e": (x + w, y + h / 2),
                    "se": (x + w, y + h), "s": (x + w / 2, y + h), "sw": (x, y + h),
                    "w": (x, y + h / 2)}
@@ -374,8 +398,8 @@ class BoxEditor(QObject):
             self._redraw(full=True)
 
     def _redraw(self, full: bool = False) -> None:
-        """Sync the graphics with ``_items``/selection; unchanged boxes keep their items
-        (a pyqtgraph TextItem costs ~1 ms to build, so an edit redraws one box, not all)."""
+        """Sync the graphics with ``_items``/selection: items that stay are restyled in place
+        (:meth:`_Drawn.update`), new ones built, gone ones removed."""
         self._drop_preview()
         if full or self.layer.image_shape is None:
             self.layer.clear()
@@ -386,12 +410,11 @@ class BoxEditor(QObject):
         keep: dict[ItemKey, _Drawn] = {}
         for it in self._items:
             d = self._drawn.pop(it.key, None)
-            if d is not None and d.item == it and d.selected == (it.key in sel) and d.shown == it.rect:
-                keep[it.key] = d
-                continue
-            if d is not None:
-                self._remove(d)
-            keep[it.key] = _Drawn(self.layer, it, it.key in sel)
+            if d is None:
+                d = _Drawn(self.layer, it, it.key in sel)
+            elif d.item != it or d.selected != (it.key in sel) or d.shown != it.rect:
+                d.update(it, it.key in sel)
+            keep[it.key] = d
         for d in self._drawn.values():
             self._remove(d)
         self._drawn = keep

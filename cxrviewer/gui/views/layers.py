@@ -65,6 +65,17 @@ def _inside(r: Rect, bounds: Rect) -> bool:
             and r[1] + r[3] <= bounds[1] + bounds[3])
 
 
+def _free(r: Rect, placed: Sequence[Rect]) -> bool:
+    """No rect of ``placed`` overlaps ``r`` (:func:`_overlaps`, inlined: the layout runs on every
+    edit and zoom)."""
+    x1, y1 = r[0], r[1]
+    x2, y2 = x1 + r[2], y1 + r[3]
+    for qx, qy, qw, qh in placed:
+        if x1 < qx + qw and qx < x2 and y1 < qy + qh and qy < y2:
+            return False
+    return True
+
+
 def _candidates(box: Rect, w: float, h: float) -> list[Rect]:
     """Label positions by preference: above, inside top, below, inside bottom (left, then
     right aligned), then stacked further below and above."""
@@ -88,8 +99,9 @@ def place_labels(boxes: Sequence[Rect], sizes: Sequence[tuple[float, float]], *,
     for box, (w, h) in zip(boxes, sizes):
         spots = _candidates(box, w, h)
         if bounds is not None:
-            spots = [r for r in spots if _inside(r, bounds)] + [r for r in spots if not _inside(r, bounds)]
-        spot = next((r for r in spots if not any(_overlaps(r, q) for q in placed)), None)
+            inside = [_inside(r, bounds) for r in spots]
+            spots = [r for r, i in zip(spots, inside) if i] + [r for r, i in zip(spots, inside) if not i]
+        spot = next((r for r in spots if _free(r, placed)), None)
         out.append(spot)
         if spot is not None:
             placed.append((spot[0] - gap, spot[1] - gap, spot[2] + 2 * gap, spot[3] + 2 * gap))
@@ -118,9 +130,13 @@ def layout_text_items(view: pg.ViewBox | None, entries: Sequence[tuple[pg.TextIt
         if spot is None and i < len(keep) and keep[i]:
             spot = _candidates(box, *size)[0]
         if spot is not None:
-            label.setPos(spot[0], spot[1])
+            pos = label.pos()
+            if pos.x() != spot[0] or pos.y() != spot[1]:  # (an unchanged item is not repainted)
+                label.setPos(spot[0], spot[1])
             shown.append(spot)
-        label.setOpacity(1.0 if spot is not None else 0.0)
+        opacity = 1.0 if spot is not None else 0.0
+        if label.opacity() != opacity:
+            label.setOpacity(opacity)
     return shown
 
 

@@ -66,13 +66,17 @@ class AnnotationDock(QWidget):
         self.class_combo = QComboBox()
         self.class_combo.addItems(list(CLASSES))
         self.mode_label = QLabel("view mode")
+        self.save_label = QLabel("")
+        self.save_label.setToolTip("Whether every edit is on disk (fsynced): the store's sync "
+                                   "thread reports it; nothing waits for it")
         # texts that change while drawing must never widen the dock (the image would jump)
-        for lab in (self.path_label, self.notice_label, self.mode_label):
+        for lab in (self.path_label, self.notice_label, self.mode_label, self.save_label):
             lab.setWordWrap(True)
             lab.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         form.addRow("Review", self.status_combo)
         form.addRow("Class", self.class_combo)
         form.addRow("Mode", self.mode_label)
+        form.addRow("Disk", self.save_label)
         lay.addLayout(form)
 
         self.box_list = QTreeWidget()
@@ -123,6 +127,7 @@ class AnnotationDock(QWidget):
         self.finetune_btn.clicked.connect(self.finetuneRequested)
         self.cancel_btn.clicked.connect(self.cancelRequested)
         self._keys: list[ItemKey] = []
+        self.save_state = "none"
         self.set_enabled(False)
 
     # ---- controller -> dock ----------------------------------------------------------
@@ -137,6 +142,18 @@ class AnnotationDock(QWidget):
         for w in (self.status_combo, self.box_list, self.labels_table):
             w.setEnabled(on)
 
+    #: :meth:`set_save_state` texts and colours
+    SAVE_STATES = {"none": ("", ""), "saved": ("all edits saved", "#2e7d32"),
+                   "saving": ("saving…", "#9a7d0a"), "failed": ("NOT SAVED: ", "#c0392b"),
+                   "read_only": ("read-only: nothing is written", "")}
+
+    def set_save_state(self, state: str, detail: str = "") -> None:
+        """Show whether the edits are on disk: ``none``/``saved``/``saving``/``failed``/``read_only``."""
+        text, color = self.SAVE_STATES[state]
+        self.save_label.setText(text + (detail if state == "failed" else ""))
+        self.save_label.setStyleSheet(f"color: {color};" if color else "")
+        self.save_state = state
+
     def set_mode_text(self, text: str) -> None:
         self.mode_label.setText(text)
 
@@ -146,23 +163,28 @@ class AnnotationDock(QWidget):
 
     def show_study(self, items: Sequence[EditorItem], labels: Mapping[str, str],
                    status: str | None) -> None:
-        """Fill the box list, the 14 label combos and the review status."""
+        """Fill the box list, the 14 label combos and the review status.
+
+        The same rows as shown (an edit moved or relabelled a box) are updated in place;
+        the list is rebuilt only when rows come or go.
+        """
+        rows = [(it.key, it.kind, (it.label, provenance_text(it),
+                                   f"{it.x:.0f}, {it.y:.0f}, {it.w:.0f} × {it.h:.0f}")) for it in items]
         self.box_list.blockSignals(True)
-        self.box_list.clear()
-        self._keys = []
-        italic = QFont()
-        italic.setItalic(True)
-        for it in items:
-            row = QTreeWidgetItem([it.label, provenance_text(it),
-                                   f"{it.x:.0f}, {it.y:.0f}, {it.w:.0f} × {it.h:.0f}"])
-            if it.kind == "proposal":
-                for c in range(3):
-                    row.setFont(c, italic)
-                    row.setForeground(c, QBrush(QColor("#8888aa")))
-            self.box_list.addTopLevelItem(row)
-            self._keys.append(it.key)
-        for c in range(3):
-            self.box_list.resizeColumnToContents(c)
+        if [k for k, _, _ in rows] == self._keys:
+            changed = False
+            for i, (_, _, texts) in enumerate(rows):
+                row = self.box_list.topLevelItem(i)
+                for c, text in enumerate(texts):
+                    if row.text(c) != text:
+                        row.setText(c, text)
+                        changed = True
+        else:
+            self._fill_rows(rows)
+            changed = True
+        if changed:
+            for c in range(3):
+                self.box_list.resizeColumnToContents(c)
         self.box_list.blockSignals(False)
         for name, combo in self.label_combos.items():
             combo.blockSignals(True)
@@ -173,6 +195,20 @@ class AnnotationDock(QWidget):
         if status in STATUS_TEXT:
             self.status_combo.setCurrentIndex(list(STATUS_TEXT).index(status))
         self.status_combo.blockSignals(False)
+
+    def _fill_rows(self, rows: Sequence[tuple[ItemKey, str, tuple[str, str, str]]]) -> None:
+        self.box_list.clear()
+        self._keys = []
+        italic = QFont()
+        italic.setItalic(True)
+        for key, kind, texts in rows:
+            row = QTreeWidgetItem(list(texts))
+            if kind == "proposal":
+                for c in range(3):
+                    row.setFont(c, italic)
+                    row.setForeground(c, QBrush(QColor("#8888aa")))
+            self.box_list.addTopLevelItem(row)
+            self._keys.append(key)
 
     def set_selection(self, keys: Sequence[ItemKey]) -> None:
         self.box_list.blockSignals(True)
