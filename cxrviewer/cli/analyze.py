@@ -6,7 +6,9 @@ For each study: ``OUT/<name>/results.h5`` (all maps, boxes, timings; layout in
 ``cxrviewer.core.io.results``), ``summary.json`` (strict JSON, a non-finite number written as
 ``null``: source path, pixel_sha256, probabilities, every method's boxes
 with the prior's fixed median box per class under ``prior``, ``default_box_method``,
-per-stage timings, device, models) and ``panels.png`` (original, CAM, aligned, attention
+per-stage timings, device, models, and ``not_available``: panel -> why this model set cannot
+show it, e.g. ``"contrast": "needs a CIA model with a normal bank (not loaded)"``, ``"prior boxes":
+"NIH classes only: not for Lung Opacity"``) and ``panels.png`` (original, CAM, aligned, attention
 mining, contrast + paired normal, disease mask, lung/heart masks, as available).
 A study that cannot be read or analysed gets a one-line error; the others go on
 and the exit status is non-zero at the end.
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """Run every model on studies without the window and write, per study, a folder
 OUT/NAME/ with results.h5 (all maps and boxes, the format the app reads), summary.json
 (source path, pixel SHA-256, class probabilities, every method's boxes, timings, device,
-models) and panels.png (the panels the models allow). NAME is the file's name without its
+models, and the panels the models cannot make with the reason) and panels.png (the panels the
+models allow). NAME is the file's name without its
 extension (for an NIH folder: the image id); two files with the same name get NAME and
 NAME-2, in input order. An existing folder is reused only when it holds the results of the
 same file; any other folder is left alone. A study that cannot be read gets a one-line error,
@@ -48,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
     p.add_argument("--classes", nargs="+", default=None, metavar="NAME",
-                   help="classes to mine (attention-mining steps) and draw; the first is drawn in panels.png "
-                        "(default: the most probable class)")
+                   help="classes of the model to mine (attention-mining steps) and draw; the first is drawn in "
+                        "panels.png (default: the most probable class). Names match the model's classes up to "
+                        "case, spaces and _ and through its label set's synonyms; an unknown name exits 2")
     p.add_argument("--map-size", type=int, default=512, help="longest side of stored maps (default 512)")
     p.add_argument("--no-panels", action="store_true", help="do not write panels.png")
 
@@ -98,7 +102,7 @@ def _box_json(b: Any) -> dict[str, Any]:
 
 def summary_dict(results: Any, files: dict[str, str], source: Path | None = None) -> dict[str, Any]:
     """The JSON summary of one analysed study (``source``: the file analysed, recorded absolute)."""
-    from cxrviewer.core.panels import default_box_method
+    from cxrviewer.core.panels import default_box_method, not_available
 
     r = results
     probs = ({n: float(p) for n, p in zip(r.classes, r.probabilities)} if r.probabilities is not None else {})
@@ -120,13 +124,13 @@ def summary_dict(results: Any, files: dict[str, str], source: Path | None = None
         "disease_mask_source": r.attr("disease_mask", "source"),
         "paired_normal_id": r.attr("contrast", "paired_normal_id"),
         "notices": list(r.notices),
+        "not_available": not_available(r.models, r),
         "files": files,
     }
 
 
 def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.bundle import default_models_dir
-    from cxrviewer.core.classes import canonical
     from cxrviewer.core.errors import CxrError
     from cxrviewer.core.io import open_worklist
     from cxrviewer.core.io.results import write_results
@@ -139,18 +143,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"cxrviewer analyze: {msg}", file=sys.stderr)
 
     models = Path(args.models) if args.models else default_models_dir()
-    classes: list[str] = []
-    for name in args.classes or []:
-        try:
-            classes.append(canonical(name))
-        except KeyError:
-            err(f"unknown class {name!r}")
-            return 2
     try:
-        pipeline = Pipeline.from_dirs(models, args.device, map_max_side=args.map_size, am_classes=classes)
+        pipeline = Pipeline.from_dirs(models, args.device, map_max_side=args.map_size)
+        classes = [pipeline.class_named(name) for name in args.classes or []]  # the model's own names
     except CxrError as exc:
         err(str(exc))
         return 2
+    if classes:  # their attention-mining steps are mined with the top classes'
+        pipeline.options["am_classes"] = tuple(classes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wl = open_worklist(args.paths)

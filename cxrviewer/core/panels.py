@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 
 from cxrviewer.core import explain as _explain  # noqa: F401  (registers the explanation methods)
+from cxrviewer.core.explain.labels import names_text
 from cxrviewer.core.explain.registry import (Explainer, PanelSpec, get_explainer, registered_explainers,
                                              registry_version)
 from cxrviewer.core.geometry import Box
 from cxrviewer.core.model_card import BELOW_PRIOR, below_prior, model_card
 from cxrviewer.core.results import Results
-from cxrviewer.core.roles import ROLE_TITLES
 
 __all__ = ["BELOW_PRIOR", "BelowPrior", "PRIOR", "PanelData", "PanelRef", "alignment_note", "below_prior_by_role",
-           "class_panel", "default_box_method", "needs_class_maps", "panel_below_prior", "panel_data",
-           "panel_list", "panel_model", "panel_ref", "prior_boxes", "proposal_sources", "reference_sources",
+           "class_panel", "default_box_method", "needs_class_maps", "not_available", "not_available_lines",
+           "panel_below_prior", "panel_data", "panel_list", "panel_model", "panel_ref", "prior_boxes", "proposal_sources", "reference_sources",
            "scale_label", "split_below_prior", "wrap_caption"]
 
 #: the explainer of the location prior (one fixed reference box per class, never a proposal)
@@ -172,10 +172,11 @@ def _panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
     if s.per_class and (c is None or not res.classes):
         return PanelData(s.title + ("" if res.classes else " (no classifier)"))
     if arr is None:
-        role = ex.model_role(res)
-        if role and role not in res.models:
-            return PanelData(s.title + f" (no {ROLE_TITLES.get(role, role)} model)")
-        return PanelData(s.title + " (nothing to show for this study: see Messages)")
+        return PanelData(f"{s.title}: {ex.missing(res.models) or ex.empty_reason(res)}")
+    if s.per_class and not s.step:
+        why = ex.class_reason(res, _class_name(res, c))
+        if why:  # e.g. an anatomy box for a class outside the NIH set
+            return PanelData(f"{s.caption or s.title} · {_class_name(res, c)}: {why}")
     caption = _caption(ref, res, c, ex.caption(res, s, c))
     if s.step:
         return _step_data(ref, res, c, caption)  # type: ignore[arg-type]
@@ -195,6 +196,54 @@ def _panel_data(key: str, res: Results | None, c: int | None) -> PanelData:
     if s.quantity == "probability" and s.per_class and "source" in res.attrs.get(ex.name, {}):
         caption = f"{caption} {_mask_note(res, ref, arr)}"
     return PanelData(caption, True, heat=arr, heat_key=key_)
+
+
+def _lacking(ex: Explainer, res: Results) -> dict[str, list[str]]:
+    """Reason -> the classes of ``res`` that ``ex``'s output has no map or box of, for that reason."""
+    out: dict[str, list[str]] = {}
+    for name in res.classes:
+        why = ex.class_reason(res, name)
+        if why:
+            out.setdefault(why, []).append(name)
+    return out
+
+
+def not_available(roles: Collection[str], res: Results | None = None) -> dict[str, str]:
+    """What the model set cannot show, and why: panel key -> reason (``needs a CIA model with a
+    normal bank (not loaded)``; with results, also ``nothing to show for this study ...`` and the
+    classes a method has no map of: ``NIH classes only: not for Lung Opacity, Fracture``). A method
+    without panels (the prior) or whose panels show no class (contrast) reports its boxes as
+    ``<method> boxes``. ``roles``: the loaded roles (``res.models`` for results)."""
+    out: dict[str, str] = {}
+    for cls in registered_explainers():
+        ex = cls()
+        why = ex.missing(roles)
+        ran = res is not None and (ex.name in res.maps or ex.name in res.attrs)
+        if not why and res is not None and not ran and ex.name in res.timings:
+            why = ex.empty_reason(res)
+        if why:
+            out.update({p.key: why for p in ex.panels} or ({ex.name: why} if ex.proposes_boxes else {}))
+            continue
+        lacking = _lacking(ex, res) if ran else {}  # type: ignore[arg-type]
+        if lacking:
+            text = "; ".join(f"{why}: not for {names_text(names)}" for why, names in lacking.items())
+            keys = [p.key for p in ex.panels if p.per_class and not p.step] or (
+                [f"{ex.name} boxes"] if ex.proposes_boxes else [])
+            out.update({k: text for k in keys})
+    return out
+
+
+def not_available_lines(roles: Collection[str], res: Results | None = None) -> list[str]:
+    """:func:`not_available` as ``Title: reason`` lines (panel titles; a box source by its method's title)."""
+    lines = []
+    for key, why in not_available(roles, res).items():
+        try:
+            title = panel_ref(key).spec.title
+        except KeyError:
+            name, _, boxes = key.partition(" ")
+            title = f"{get_explainer(name).title}{' boxes' if boxes else ''}"
+        lines.append(f"{title}: {why}")
+    return lines
 
 
 #: colour-bar names of the quantities (others: the PanelSpec's ``quantity``)

@@ -22,7 +22,7 @@ import torch
 from . import explain as _explain  # noqa: F401  (registers the explanation methods)
 from .bundle import LoadedBundle, find_bundles, load_bundle
 from .device import DeviceInfo, run_with_oom_fallback, select_device
-from .errors import BundleError, CxrError, ModelError
+from .errors import BundleError, CxrError, LabelSetError, ModelError
 from .explain.context import ExplainContext, scaled_shape
 from .explain.registry import Explainer, applicable_explainers
 from .preprocess import as_image_tensor, crop_box_pixels, resize
@@ -32,7 +32,8 @@ from .study import Study
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pipeline", "PipelineCancelled", "Results", "assign_roles", "stages_for_roles"]
+__all__ = ["Pipeline", "PipelineCancelled", "Results", "UnknownClassError", "assign_roles", "class_named",
+           "stages_for_roles"]
 
 
 def _non_finite_map(maps: Mapping[str, Any], prefix: str = "") -> str | None:
@@ -55,6 +56,32 @@ def _non_finite_map(maps: Mapping[str, Any], prefix: str = "") -> str | None:
 
 class PipelineCancelled(CxrError):
     """The caller's ``cancel()`` returned true between two stages."""
+
+
+class UnknownClassError(LabelSetError):
+    """A class name the loaded model does not have (the message lists the model's classes)."""
+
+
+def class_named(name: str, classes: Sequence[str], labels: Any = None) -> str:
+    """The class of ``classes`` (a model's, in its order) that ``name`` stands for: the same name,
+    the same up to case, spaces, ``_`` and ``-``, or a synonym in the model's label set ``labels``
+    (a :class:`~cxrviewer.core.labelsets.LabelSet`: ``Opacity`` is Lung Opacity), or the same NIH
+    class (``Infiltration`` finds a model's ``Infiltrate``); :class:`UnknownClassError` (listing ``classes``) when none."""
+    from .labelsets import NIH14, normalise
+
+    if name in classes:
+        return name
+    by_form = {normalise(c): c for c in classes}
+    found = by_form.get(normalise(name))
+    if found is None and labels is not None:
+        canon = labels.canonical(name)
+        found = by_form.get(normalise(canon)) if canon is not None else None
+    if found is None and NIH14.canonical(name) is not None:  # both name the same NIH class
+        found = next((c for c in classes if NIH14.canonical(c) == NIH14.canonical(name)), None)
+    if found is None:
+        listed = ", ".join(classes) if classes else "none (no classifier is loaded)"
+        raise UnknownClassError(f"unknown class {name!r}; the model's classes are: {listed}")
+    return found
 
 
 def stages_for_roles(roles: Sequence[str]) -> list[str]:
@@ -129,10 +156,16 @@ class Pipeline:
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """The classes of the results: the classifier's (else the CIA model's), in its order."""
         for role in ("classifier", "cia"):
             if role in self.bundles:
                 return self.bundles[role].manifest.classes
         return ()
+
+    def class_named(self, name: str) -> str:
+        """The model's class that ``name`` stands for (:func:`class_named` over its label set)."""
+        labels = next((self.bundles[r].manifest.labels for r in ("classifier", "cia") if r in self.bundles), None)
+        return class_named(name, self.classes, labels)
 
     # -- public API -----------------------------------------------------------------
     def run(self, study: Study, *, on_stage: Callable[[str, Results], None] | None = None,

@@ -15,6 +15,7 @@ from cxrviewer.core.explain import gradcam as gradcam  # registers "gradcam"
 from cxrviewer.core.explain import prior as prior  # registers "prior" (the fixed median box)
 from cxrviewer.core.explain import segmentation as segmentation  # registers "segmentation"
 from cxrviewer.core.explain import boxes as boxes
+from cxrviewer.core.explain import labels as labels
 from cxrviewer.core.explain import metrics as metrics
 from cxrviewer.core.explain.registry import (
     ExplainError,
@@ -44,8 +45,10 @@ __all__ = [
     "disease_masks",
     "get_explainer",
     "gradcam",
+    "labels",
     "list_explainers",
     "metrics",
+    "prior",
     "register_explainer",
     "segmentation",
 ]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxrviewer.core.explain.labels import NIH_ONLY, nih_lookup, nih_name
 from cxrviewer.core.explain.registry import Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer
 from cxrviewer.core.geometry import Box
 
@@ -230,13 +231,13 @@ def _calibrated(model: Mapping[str, Any], classes: Sequence[str], probs: np.ndar
     loaded classifier, else its raw probabilities, else the training prevalence."""
     cal = model.get("calibration") or {}
     if probs is None:
-        return {c: float((model["classes"].get(c) or {}).get("prevalence", 0.0)) for c in classes}, "prevalence"
+        return {c: float((nih_lookup(model["classes"], c) or {}).get("prevalence", 0.0)) for c in classes}, "prevalence"
     p = {c: float(v) for c, v in zip(classes, probs)}
     if not cal or cal.get("classifier_sha256") != classifier_sha:
         return p, "uncalibrated"
     out = {}
     for c, v in p.items():
-        a, b = cal["a"].get(c), cal["b"].get(c)
+        a, b = nih_lookup(cal["a"], c), nih_lookup(cal["b"], c)
         if a is None or b is None:
             out[c] = v
             continue
@@ -293,7 +294,7 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
         cams = ev["cam_log_ratio"]
         post, boxes, choice = [], {}, {}
         for i, c in enumerate(res.classes):
-            cls = model["classes"].get(c)
+            cls = nih_lookup(model["classes"], c)  # NIH classes only: others get no box
             if not cls:
                 post.append(np.zeros(masks.shape[-2:], np.float32))
                 continue
@@ -319,6 +320,18 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
             return None
         scores = results.attr(self.name, "scores") or {}
         return [Box(c, *boxes[c], scores.get(c)) for c in results.classes if c in boxes]
+
+    def empty_reason(self, results: "Results") -> str:
+        attrs = results.attrs.get(self.name)
+        if attrs and attrs.get("source") is None:
+            return "no localiser model (resources/priors/anatomy_localiser.json): evidence only, no boxes"
+        return super().empty_reason(results)
+
+    def class_reason(self, results: "Results", name: str) -> str:
+        boxes = results.attr(self.name, "boxes")
+        if boxes is None or name in boxes:
+            return ""
+        return NIH_ONLY if nih_name(name) is None else "no NIH training boxes"
 
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
         if class_index is None:

@@ -300,6 +300,9 @@ class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="
         _, steps[name], results.maps[self.name]["erased"][name] = _mine(st, class_index)
         return True
 
+    def empty_reason(self, results: "Results") -> str:
+        return "the classifier has no CAM weights (a linear head after global pooling) to mine with"
+
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
         if panel.outline and panel.step > 1:
             return "(erased outlined)"

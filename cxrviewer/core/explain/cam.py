@@ -18,6 +18,7 @@ from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec
 
 if TYPE_CHECKING:
     from cxrviewer.core.explain.context import ExplainContext
+    from cxrviewer.core.results import Results
 
 __all__ = ["CamExplainer", "cam_probability", "class_activation_maps", "upsample_maps"]
 
@@ -87,9 +88,16 @@ class CamExplainer(Explainer, title="Class activation map (CAM)", short="cls", o
 
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         p = ctx.classifier_pass()  # the classifier's one forward: probabilities + CAM
-        if "cam" not in p.out:
+        cam = p.out.get("cam")
+        cw = getattr(p.bundle.model, "cam_weights", None)
+        if cam is None and "features" in p.out and callable(cw):  # a head without its own "cam" output
+            cam = class_activation_maps(p.out["features"].detach().float(), cw()[0].detach().float())
+        if cam is None:
             return ExplainerOutput({})
-        return ExplainerOutput({"cam": p.mapper(p.out["cam"][0].detach())})
+        return ExplainerOutput({"cam": p.mapper(cam[0].detach())})
+
+    def empty_reason(self, results: "Results") -> str:
+        return "the classifier gives no CAM (it needs a linear head after global pooling)"
 
     def explain(self, output: Mapping[str, torch.Tensor], class_index: int, *, model: torch.nn.Module | None = None,
                 inputs: Any = None, **context: Any) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ The pair is the normal image whose 16x16 "hash code" is nearest by cosine distan
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +136,12 @@ class ContrastExplainer(Explainer, title="Contrast-induced attention (CIA)", sho
             {"contrast": mp(att)[0], "grid": mp(grid, nearest=True),
              "grid_raw": grid.cpu().numpy().astype(np.float32), "paired_normal": bank[idx].astype(np.uint8)},
             {"classes": list(b.manifest.classes), "paired_normal_id": pair_id})
+
+    def missing(self, roles: Collection[str]) -> str:
+        return "" if self.applies(roles) else "needs a CIA model with a normal bank (not loaded)"
+
+    def class_reason(self, results: "Results", name: str) -> str:
+        return "" if name in self.classes(results) else "not a CIA model class"
 
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
         if panel.key == "normal":

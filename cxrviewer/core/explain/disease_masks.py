@@ -20,7 +20,7 @@ Decisions where the paper is silent (documented, configurable):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch
 
 from cxrviewer.core.classes import CLASSES, SYMMETRIC_CLASSES
 from cxrviewer.core.errors import ExplainError
+from cxrviewer.core.explain.labels import NIH_ONLY, nih_name
 from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer,
                                              to_numpy)
 
@@ -203,7 +204,8 @@ class DiseaseMaskExplainer(Explainer, title="Disease mask (DM prior)", short="ψ
             mp = ctx.mapper(box)
             return ExplainerOutput({"psi": mp(ctx.bundles["dm"].model.disease_masks), "dm_cam": mp(out["cam"][0]),
                                     "dm_probabilities": torch.sigmoid(out["logits"][0].float()).cpu().numpy()
-                                    .astype(np.float32)}, {"source": "dm"})
+                                    .astype(np.float32)},
+                                   {"source": "dm", "classes": list(ctx.bundles["dm"].manifest.classes)})
         clf = ctx.bundles.get("classifier")
         psi = getattr(clf.model, "disease_masks", None) if clf is not None else None
         if psi is None and clf is not None and "disease_masks" in clf.extras:
@@ -218,8 +220,33 @@ class DiseaseMaskExplainer(Explainer, title="Disease mask (DM prior)", short="ψ
             ll, rl, ht = (seg[names.index(n)] for n in ("left_lung", "right_lung", "heart"))
         except ValueError:
             ll, rl, ht = seg[0], seg[1], seg[2]
-        return ExplainerOutput({"psi": pseudo_disease_masks(ll, rl, ht, classes=res.classes).astype(np.float32)},
-                               {"source": "pdm"})
+        return self._pseudo(res, ll, rl, ht)
+
+    @staticmethod
+    def _pseudo(res: "Results", ll: Any, rl: Any, ht: Any) -> ExplainerOutput | None:
+        """Pseudo masks of the results' NIH classes (the regions are defined for those only)."""
+        covered = [c for c in res.classes if nih_name(c) in PDM_REGIONS]
+        if not covered:
+            res.notices.append(f"disease masks: pseudo masks exist for the {NIH_ONLY}; none of this model's "
+                               "classes is one")
+            return None
+        psi = pseudo_disease_masks(ll, rl, ht, classes=[nih_name(c) for c in covered])
+        return ExplainerOutput({"psi": psi.astype(np.float32)}, {"source": "pdm", "classes": covered})
+
+    def missing(self, roles: Collection[str]) -> str:
+        return "" if self.applies(roles) else "needs a classifier, a DM model or a lung/heart segmentation (not loaded)"
+
+    def empty_reason(self, results: "Results") -> str:
+        if "segmentation" not in results.models and "dm" not in results.models:
+            return ("needs a DM model, a classifier with disease masks or a lung/heart segmentation "
+                    "for pseudo masks (not loaded)")
+        return super().empty_reason(results)
+
+    def class_reason(self, results: "Results", name: str) -> str:
+        if name in self.classes(results):
+            return ""
+        pdm = results.attrs.get(self.name, {}).get("source") == "pdm"
+        return f"pseudo masks: {NIH_ONLY}" if pdm and nih_name(name) is None else "no mask from this model"
 
     def model_role(self, results: "Results") -> str:
         src = results.attrs.get(self.name, {}).get("source")

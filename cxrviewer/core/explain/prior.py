@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxrviewer.core.explain.labels import NIH_ONLY, nih_lookup, nih_name
 from cxrviewer.core.explain.metrics import floor_boxes
 from cxrviewer.core.explain.registry import Explainer, ExplainerOutput, register_explainer
 from cxrviewer.core.geometry import Box
@@ -86,10 +87,11 @@ def bundle_prior(bundles: Mapping[str, "LoadedBundle"]) -> tuple[str, Mapping[st
 
 
 def _fractions(prior: Mapping[str, Any], classes: Iterable[str]) -> dict[str, list[float]]:
-    """The prior's ``[x, y, w, h]`` of each of ``classes`` it has, clipped to the image."""
+    """The prior's ``[x, y, w, h]`` of each of ``classes`` it has (by name, else by the NIH class
+    the name stands for: ``Infiltrate`` gets Infiltration's box), clipped to the image."""
     out = {}
     for c in classes:
-        v = prior.get("boxes", {}).get(c)
+        v = nih_lookup(prior.get("boxes", {}), c)
         if v is not None and len(v) == 4:
             x, y = min(max(float(v[0]), 0.0), 1.0), min(max(float(v[1]), 0.0), 1.0)
             out[c] = [x, y, min(max(float(v[2]), 0.0), 1.0 - x), min(max(float(v[3]), 0.0), 1.0 - y)]
@@ -123,6 +125,17 @@ class PriorExplainer(Explainer, title="prior (fixed median box)", short="prior",
             return None
         attrs.update(classes=list(boxes), boxes=boxes, frame="fractions of the image (x, y, w, h)")
         return ExplainerOutput({}, attrs)
+
+    def empty_reason(self, results: "Results") -> str:
+        return f"no prior box for any of this model's classes ({NIH_ONLY} in the shipped prior)"
+
+    def class_reason(self, results: "Results", name: str) -> str:
+        if name in (results.attr(self.name, "boxes") or {}):
+            return ""
+        shipped = results.attr(self.name, "source") == "shipped"
+        if shipped:
+            return NIH_ONLY if nih_name(name) is None else "no NIH training boxes"
+        return "no training boxes in the prior"
 
     def propose_boxes(self, results: "Results") -> list[Box]:
         """One box per class of the results that has a prior, in original pixels (score None)."""

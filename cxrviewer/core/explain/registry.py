@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from cxrviewer.core.errors import ExplainError
+from cxrviewer.core.explain.labels import with_article
 from cxrviewer.core.geometry import Box
+from cxrviewer.core.roles import ROLE_TITLES
 
 if TYPE_CHECKING:
     from cxrviewer.core.explain.boxes import BoxRule
@@ -191,6 +193,24 @@ class Explainer:
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
         """Extra caption text for ``panel`` (e.g. the disease-mask source); '' by default."""
         return ""
+
+    # -- what the method cannot show, and why (the viewer's placeholders, analyze's summary) ----
+    def missing(self, roles: Collection[str]) -> str:
+        """Why the method cannot run with bundles of ``roles`` loaded ('' when it can), e.g.
+        ``needs a CIA model (not loaded)``."""
+        if self.applies(roles):
+            return ""
+        lacking = [with_article(f"{ROLE_TITLES.get(r, r)} model") for r in self.requires if r not in roles]
+        return f"needs {' and '.join(lacking) or 'other models'} (not loaded)"
+
+    def empty_reason(self, results: "Results") -> str:
+        """Why the method ran on ``results`` but has nothing to show (its notice says more)."""
+        return "nothing to show for this study: see Messages"
+
+    def class_reason(self, results: "Results", name: str) -> str:
+        """Why the method's output in ``results`` holds no map (or box) of class ``name``; '' when
+        it has one. Short and without the class name (callers add it), e.g. ``NIH classes only``."""
+        return "" if name in self.classes(results) else "no map from this model"
 
     def model_role(self, results: "Results") -> str:
         """The role whose model name is shown under this method's panels."""
