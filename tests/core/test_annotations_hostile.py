@@ -238,7 +238,7 @@ def test_v2_store_migrates_to_versions_and_new_store_logs_nothing(
     conn.close()
     with caplog.at_level(logging.INFO, logger="cxrviewer.core.annotations.store"):
         with AnnotationStore(p, annotator="alice") as s:
-            assert s.schema_version == SCHEMA_VERSION == 3
+            assert s.schema_version == SCHEMA_VERSION >= 3
             assert s.box(1).version == 1
             s.update_box(1, x=5)
             assert s.box(1).version == 2

@@ -7,7 +7,8 @@ Qt-free; the GUI box editor drives an :class:`AnnotationSession` (an
 from __future__ import annotations
 
 from .export import (
-    EXPORTERS, IMPORTERS, NIH_BBOX_HEADER, atomic_write, export_coco, export_store, export_nih_csv, export_voc, export_yolo,
+    EXPORTERS, IMPORT_HINT, IMPORTERS, NIH_BBOX_HEADER, UnmappedClassesError, atomic_write, coco_class_names,
+    resolve_classes, export_coco, export_store, export_nih_csv, export_voc, export_yolo,
     import_coco, import_nih_csv, read_nih_csv, safe_stem,
 )
 from ..errors import AnnotationConflictError
@@ -22,7 +23,8 @@ from .session import (
     proposals_from_results,
 )
 from .store import (
-    SUFFIX, AnnotationStore, BatchResult, HistoryEntry, UndoStack, iter_training_records,
+    SUFFIX, AnnotationStore, BatchResult, HistoryEntry, UndoStack, UnmappedProposalError,
+    extend_label_set, iter_training_records,
 )
 
 __all__ = [
@@ -34,5 +36,6 @@ __all__ = [
     "StudyIdentity", "StudyRecord", "TrainingRecord", "UndoStack", "clamp_box",
     "iter_training_records", "EXPORTERS", "IMPORTERS", "export_store", "NIH_BBOX_HEADER", "atomic_write", "export_coco", "export_nih_csv",
     "export_voc", "export_yolo", "import_coco", "import_nih_csv", "read_nih_csv",
-    "safe_stem",
+    "safe_stem", "IMPORT_HINT", "UnmappedClassesError", "UnmappedProposalError", "coco_class_names",
+    "extend_label_set", "resolve_classes",
 ]

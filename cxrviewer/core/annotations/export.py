@@ -19,6 +19,14 @@ YOLO is ``class cx cy w h`` normalised by the image size; the NIH CSV is
 ``x, y, w, h`` with NIH class spellings ("Infiltrate"). Floats are written with
 ``repr`` (shortest exact), so COCO and NIH CSV round-trip bit-exactly.
 
+Class names follow the project's label set (:attr:`AnnotationStore.label_set`): COCO
+categories and YOLO class indices are its labels in its order. An import maps the file's
+class names onto it by spelling and synonym (``mass`` -> ``Mass``, ``Infiltrate`` ->
+``Infiltration``); names it cannot map refuse the whole import
+(:class:`UnmappedClassesError`, listing them) unless ``mapping`` says where they go
+(``{source name: project label}``, ``None`` to skip a name's rows) or ``add_unknown=True``
+adds them to the project's label set (in the import's transaction).
+
 Imports run in one transaction (nothing is written if any row is bad) and add
 their boxes as one batch edit (a single undo step); studies are
 matched by identity where the file carries one (``cxr_sop_uid``/``cxr_sha256``)
@@ -44,8 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import IO, Any
 
-from ..classes import CLASSES, canonical
-from ..errors import AnnotationStoreError, ExportError
+from ..classes import ALIASES
+from ..errors import AnnotationStoreError, ExportError, UnmappedLabelsError
+from ..labelsets import LabelSet, map_names, normalise
 from .model import AnnotatedBox, Edit, LABEL_STATES, REVIEW_STATUSES, StudyIdentity, StudyRecord
 from .store import AnnotationStore
 from ..atomic import mkdtemp_beside, mkstemp_beside
@@ -199,14 +208,75 @@ def _nih_name(label: str) -> str:
     return NIH_NAMES.get(label, label)
 
 
+class UnmappedClassesError(ExportError, UnmappedLabelsError):
+    """An import names classes the project's label set lacks and no mapping covers; nothing
+    was written. ``unmapped``: the names (first-seen order); ``label_set``: the project's set."""
+
+
+#: what the refusal of an import with unmapped classes says fixes it (the CLI's flags)
+IMPORT_HINT = ("map them with --map NAME=LABEL (LABEL one of the project's labels), add them to "
+               "the project's labels with --add-unknown, or leave their boxes out with --skip NAME")
+
+
+def resolve_classes(store: AnnotationStore, names: Iterable[str], source: str | os.PathLike, *,
+                    mapping: Mapping[str, str | None] | None = None,
+                    add_unknown: bool = False) -> dict[str, str | None]:
+    """Each of a file's class ``names`` -> the project's label (``None``: skipped).
+
+    ``mapping``: ``{source name: project label}`` (``None`` or ``""``: skip that name),
+    matched by normalised spelling and tried first; then the label set's spelling and
+    synonyms. Unmapped names raise :class:`UnmappedClassesError` unless ``add_unknown``
+    (then they are added to the project's label set: call this inside the import's batch).
+    """
+    names = list(dict.fromkeys(names))
+    skip = {normalise(k) for k, v in (mapping or {}).items() if not v}
+    explicit = {k: str(v) for k, v in (mapping or {}).items() if v}
+    ls = store.label_set
+    kept = [n for n in names if normalise(n) not in skip]
+    found: dict[str, str | None] = dict(map_names(kept, ls, explicit)[0])
+    unmapped = [n for n in kept if n not in found]
+    if unmapped and add_unknown:
+        ls = store.add_labels(unmapped)
+        found.update({n: ls.canonical(n) for n in unmapped})
+    elif unmapped:
+        shown = ", ".join(repr(u) for u in unmapped[:20]) + (
+            f" (and {len(unmapped) - 20} more)" if len(unmapped) > 20 else "")
+        raise UnmappedClassesError(
+            f"{len(unmapped)} class{'es' if len(unmapped) > 1 else ''} not in the project's label "
+            f"set {ls.display_name}: {shown}; {IMPORT_HINT}. Nothing was imported",
+            unmapped, ls.name, path=str(source))
+    found.update({n: None for n in names if normalise(n) in skip})
+    return found
+
+
+def _label_index(ls: LabelSet, items: Iterable["_Item"], target: str | os.PathLike) -> dict[str, int]:
+    """Each stored label's index in the project's label set; a label outside it (a store
+    written by hand) refuses the export."""
+    used = {lab for it in items for lab in [*(b.label for b in it.boxes), *it.labels]}
+    index, bad = {}, []
+    for lab in sorted(used):
+        try:
+            index[lab] = ls.index(lab)
+        except KeyError:
+            bad.append(lab)
+    if bad:
+        raise ExportError(f"the project holds classes outside its label set {ls.display_name}: "
+                          f"{', '.join(map(repr, bad))}; add them with 'cxrviewer annotations "
+                          "add-labels'. Nothing was written", path=str(target))
+    return index
+
+
 # ---- COCO ------------------------------------------------------------------------
 def coco_dict(store: AnnotationStore, *, include_identifiers: bool = False,
               status: str | Iterable[str] | None = None) -> dict:
-    """The store as a COCO detection dict (categories 1..14 in ``CLASSES`` order)."""
+    """The store as a COCO detection dict (categories 1..N: the project's label set, in order)."""
     from .model import utc_now
 
     images, anns = [], []
-    for it in _collect(store, status):
+    ls = store.label_set
+    items = _collect(store, status)
+    index = _label_index(ls, items, store.path)
+    for it in items:
         rec = it.study
         img: dict[str, Any] = {"id": rec.id, "file_name": it.name, "width": rec.width,
                                "height": rec.height, "cxr_status": rec.status,
@@ -218,7 +288,7 @@ def coco_dict(store: AnnotationStore, *, include_identifiers: bool = False,
             img["cxr_path"] = rec.path
         images.append(img)
         for b in it.boxes:
-            anns.append({"id": b.id, "image_id": rec.id, "category_id": CLASSES.index(b.label) + 1,
+            anns.append({"id": b.id, "image_id": rec.id, "category_id": index[b.label] + 1,
                          "bbox": [b.x, b.y, b.w, b.h], "area": b.w * b.h, "iscrowd": 0,
                          "cxr_source": b.source, "cxr_model": b.model_name, "cxr_score": b.score,
                          "cxr_annotator": b.annotator, "cxr_created": b.created,
@@ -228,7 +298,8 @@ def coco_dict(store: AnnotationStore, *, include_identifiers: bool = False,
                  "date_created": utc_now()},
         "licenses": [],
         "categories": [{"id": i + 1, "name": c, "supercategory": "finding"}
-                       for i, c in enumerate(CLASSES)],
+                       for i, c in enumerate(ls.labels)],
+        "cxr_label_set": ls.to_json(),
         "images": images,
         "annotations": anns,
     }
@@ -242,34 +313,55 @@ def export_coco(store: AnnotationStore, target: str | os.PathLike, *,
     return atomic_write(target, json.dumps(data, indent=1).encode("utf-8"))
 
 
-def import_coco(store: AnnotationStore, source: str | os.PathLike, *,
-                images_dir: str | os.PathLike | None = None,
-                skip_duplicates: bool = True) -> Edit:
-    """Import a COCO JSON (ours or another tool's): boxes, and labels/status if present.
-
-    Category names are matched to the 14 classes (aliases accepted); images are
-    matched by ``cxr_sop_uid``/``cxr_sha256`` when present, else by file name.
-    Returns the batch :class:`Edit` (one undo step).
-    """
-    source = Path(source)
+def _read_coco(source: Path) -> tuple[dict[int, str], dict[int, dict], list[dict]]:
+    """``(category id -> name, image id -> image, annotations)`` of a COCO file."""
     try:
         data = json.loads(source.read_text(encoding="utf-8"))
-        cats: dict[int, str] = {}
-        unknown: dict[int, str] = {}
-        for c in data.get("categories", []):
-            try:
-                cats[int(c["id"])] = canonical(str(c["name"]))
-            except KeyError:
-                unknown[int(c["id"])] = str(c.get("name"))
+        cats = {int(c["id"]): " ".join(str(c["name"]).split()) for c in data.get("categories", [])}
         images = {int(im["id"]): im for im in data["images"]}
         anns = list(data.get("annotations", []))
+        for a in anns:
+            if a["category_id"] not in cats:
+                raise ExportError(f"annotation {a.get('id')} has category {a['category_id']!r}, "
+                                  "which the file's categories do not list; nothing was imported",
+                                  path=str(source))
     except KeyError as exc:
         raise ExportError(f"not a COCO file this version understands (missing or unknown {exc})",
                           path=str(source)) from exc
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ExportError(f"cannot read the COCO file ({exc})", path=str(source)) from exc
+    return cats, images, anns
+
+
+def coco_class_names(source: str | os.PathLike) -> list[str]:
+    """The class names a COCO file uses (its annotations' categories and ``cxr_labels``)."""
+    return _coco_names(*_read_coco(Path(source)))
+
+
+def _coco_names(cats: Mapping[int, str], images: Mapping[int, dict], anns: list[dict]) -> list[str]:
+    used = [cats[a["category_id"]] for a in anns]
+    used += [str(k) for im in images.values() for k in (im.get("cxr_labels") or {})]
+    return list(dict.fromkeys(used))
+
+
+def import_coco(store: AnnotationStore, source: str | os.PathLike, *,
+                images_dir: str | os.PathLike | None = None,
+                skip_duplicates: bool = True,
+                mapping: Mapping[str, str | None] | None = None,
+                add_unknown: bool = False) -> Edit:
+    """Import a COCO JSON (ours or another tool's): boxes, and labels/status if present.
+
+    Category names are mapped onto the project's label set (see the module docstring:
+    ``mapping``, ``add_unknown``; unmapped names raise :class:`UnmappedClassesError`);
+    images are matched by ``cxr_sop_uid``/``cxr_sha256`` when present, else by file name.
+    Returns the batch :class:`Edit` (one undo step).
+    """
+    source = Path(source)
+    cats, images, anns = _read_coco(source)
     sids: dict[int, int] = {}
     with store.batch(f"import {source.name}") as batch:  # one transaction, one undo step
+        names = resolve_classes(store, _coco_names(cats, images, anns), source, mapping=mapping,
+                                add_unknown=add_unknown)
         for iid, im in images.items():
             name = PurePath(str(im["file_name"])).name
             ident = StudyIdentity(name, im.get("cxr_sop_uid") or None,
@@ -281,13 +373,9 @@ def import_coco(store: AnnotationStore, source: str | os.PathLike, *,
         existing = {sid: _box_keys(store, sid) for sid in set(sids.values())}
         for a in anns:
             sid = sids[int(a["image_id"])]
-            try:
-                label = cats[int(a["category_id"])]
-            except KeyError:
-                cid = a.get("category_id")
-                what = unknown.get(cid, cid) if isinstance(cid, int) else cid
-                raise ExportError(f"annotation {a.get('id')} has category {what!r}, not one of the "
-                                  "14 classes; nothing was imported", path=str(source)) from None
+            label = names[cats[a["category_id"]]]
+            if label is None:
+                continue
             x, y, w, h = (float(v) for v in a["bbox"])
             if skip_duplicates and (label, x, y, w, h) in existing[sid]:
                 continue
@@ -301,8 +389,8 @@ def import_coco(store: AnnotationStore, source: str | os.PathLike, *,
                           score=a.get("cxr_score", a.get("score")))
         for iid, im in images.items():
             for cls, state in (im.get("cxr_labels") or {}).items():
-                if state in LABEL_STATES:
-                    store.set_label(sids[iid], cls, state)
+                if state in LABEL_STATES and names.get(str(cls)) is not None:
+                    store.set_label(sids[iid], str(names[str(cls)]), state)
             if im.get("cxr_status") in REVIEW_STATUSES and im["cxr_status"] != "unseen":
                 store.set_status(sids[iid], im["cxr_status"])
     assert batch.edit is not None
@@ -338,7 +426,10 @@ def export_nih_csv(store: AnnotationStore, target: str | os.PathLike, *,
 
 
 def read_nih_csv(source: str | os.PathLike) -> dict[str, list[tuple[str, float, float, float, float]]]:
-    """Parse an NIH box CSV (``.csv`` or ``.csv.gz``): image name -> [(class, x, y, w, h)]."""
+    """Parse an NIH box CSV (``.csv`` or ``.csv.gz``): image name -> [(class, x, y, w, h)].
+
+    Classes are as written (NIH spellings such as ``Infiltrate`` as the NIH class name);
+    :func:`import_nih_csv` maps them onto the project's label set."""
     source = Path(source)
     out: dict[str, list[tuple[str, float, float, float, float]]] = {}
     try:
@@ -355,7 +446,10 @@ def read_nih_csv(source: str | os.PathLike) -> dict[str, list[tuple[str, float, 
             continue
         try:
             name = row[0].strip()
-            label = canonical(row[1])
+            label = " ".join(row[1].split())
+            label = ALIASES.get(label, label)
+            if not label:
+                raise ValueError("no class")
             x, y, w, h = (float(v) for v in row[2:6])
         except (IndexError, ValueError, KeyError) as exc:
             raise ExportError(f"line {n}: not an NIH box row ({exc}): {row!r}",
@@ -368,8 +462,13 @@ def import_nih_csv(store: AnnotationStore, source: str | os.PathLike, *,
                    image_size: tuple[int, int] | Callable[[str], tuple[int, int]] = NIH_IMAGE_SIZE,
                    images_dir: str | os.PathLike | None = None,
                    identity_fn: Callable[[Path], StudyIdentity] | None = None,
-                   skip_duplicates: bool = True) -> Edit:
+                   skip_duplicates: bool = True,
+                   mapping: Mapping[str, str | None] | None = None,
+                   add_unknown: bool = False) -> Edit:
     """Import an NIH box CSV as one batch edit (boxes become "manual" boxes).
+
+    Class names are mapped onto the project's label set (``mapping``, ``add_unknown``: see
+    the module docstring; unmapped names raise :class:`UnmappedClassesError`).
 
     ``image_size`` is ``(width, height)`` of the images the boxes refer to (the
     released PNGs are 1024 x 1024) or a callable of the image name. With
@@ -379,6 +478,8 @@ def import_nih_csv(store: AnnotationStore, source: str | os.PathLike, *,
     rows = read_nih_csv(source)
     sids: dict[str, int] = {}
     with store.batch(f"import {Path(source).name}") as batch:  # one transaction, one undo step
+        names = resolve_classes(store, (b[0] for bxs in rows.values() for b in bxs), source,
+                                mapping=mapping, add_unknown=add_unknown)
         for name in rows:
             w, h = image_size(name) if callable(image_size) else image_size
             path = Path(images_dir) / name if images_dir is not None else None
@@ -390,8 +491,9 @@ def import_nih_csv(store: AnnotationStore, source: str | os.PathLike, *,
         for name, boxes in rows.items():
             sid = sids[name]
             existing = _box_keys(store, sid) if skip_duplicates else set()
-            for label, x, y, w, h in boxes:
-                if (label, x, y, w, h) in existing:
+            for raw, x, y, w, h in boxes:
+                label = names[raw]
+                if label is None or (label, x, y, w, h) in existing:
                     continue
                 existing.add((label, x, y, w, h))
                 store.add_box(sid, label, x, y, w, h)
@@ -433,10 +535,11 @@ def voc_xml(item: _Item, include_identifiers: bool = False) -> bytes:
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
-def yolo_txt(item: _Item) -> bytes:
-    """YOLO lines ``class cx cy w h`` (class = index in ``CLASSES``, coordinates in [0, 1])."""
+def yolo_txt(item: _Item, index: Mapping[str, int]) -> bytes:
+    """YOLO lines ``class cx cy w h`` (class = ``index[label]``, the project's label set order;
+    coordinates in [0, 1])."""
     W, H = float(item.study.width), float(item.study.height)
-    lines = [f"{CLASSES.index(b.label)} {(b.x + b.w / 2) / W:.8f} {(b.y + b.h / 2) / H:.8f} "
+    lines = [f"{index[b.label]} {(b.x + b.w / 2) / W:.8f} {(b.y + b.h / 2) / H:.8f} "
              f"{b.w / W:.8f} {b.h / H:.8f}" for b in item.boxes]
     return ("\n".join(lines) + ("\n" if lines else "")).encode("ascii")
 
@@ -526,8 +629,9 @@ def export_voc(store: AnnotationStore, target: str | os.PathLike, *,
                include_identifiers: bool = False,
                status: str | Iterable[str] | None = None) -> Path:
     """Pascal VOC: one ``<image stem>.xml`` per image, in the folder ``target`` or a ``.zip``."""
-    files = {f"{it.stem}.xml": voc_xml(it, include_identifiers)
-             for it in _collect(store, status)}
+    items = _collect(store, status)
+    _label_index(store.label_set, items, target)
+    files = {f"{it.stem}.xml": voc_xml(it, include_identifiers) for it in items}
     return _write_many(Path(target), files, _voc_owned)
 
 
@@ -538,9 +642,12 @@ def export_yolo(store: AnnotationStore, target: str | os.PathLike, *,
 
     ``include_identifiers`` is accepted for a uniform signature (YOLO has no such field).
     """
-    files = {"classes.txt": ("\n".join(CLASSES) + "\n").encode("ascii")}
-    for it in _collect(store, status):
-        files[f"labels/{it.stem}.txt"] = yolo_txt(it)
+    ls = store.label_set
+    items = _collect(store, status)
+    index = _label_index(ls, items, target)
+    files = {"classes.txt": ("\n".join(ls.labels) + "\n").encode("utf-8")}
+    for it in items:
+        files[f"labels/{it.stem}.txt"] = yolo_txt(it, index)
     return _write_many(Path(target), files, _yolo_owned)
 
 

@@ -12,6 +12,10 @@ Version history
      ``boxes.proposal_id``), index on the edit log by study.
   3. row versions for optimistic concurrency: ``boxes.version``, ``labels.version``,
      ``studies.status_version`` (1 for existing rows; every update checks and bumps it).
+  4. the project's label set: ``project`` (key/value rows); ``label_set`` holds a built-in
+     set's name as JSON (``"nih14"``) or a user's set as a JSON object
+     (:meth:`cxrviewer.core.labelsets.LabelSet.to_json`). Existing projects get ``"nih14"``,
+     the 14 classes they could hold, so their rows are unchanged.
 """
 from __future__ import annotations
 
@@ -111,8 +115,16 @@ _V3 = [
     "ALTER TABLE studies ADD COLUMN status_version INTEGER NOT NULL DEFAULT 1",
 ]
 
+_V4 = [
+    """CREATE TABLE project (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    """INSERT INTO project (key, value) VALUES ('label_set', '"nih14"')""",
+]
+
 #: ``MIGRATIONS[i]`` upgrades a store from ``user_version == i`` to ``i + 1``.
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

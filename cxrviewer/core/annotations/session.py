@@ -35,6 +35,7 @@ from typing import Any
 
 from ..errors import CxrError
 from ..geometry import Box
+from ..labelsets import DEFAULT, LabelSet
 from .export import IMPORTERS, export_store
 from .model import AnnotatedBox, Edit, InvalidBoxError, Proposal, StudyIdentity, StudyRecord
 from .durability import DurableFn, ErrorFn, WalSyncer
@@ -154,8 +155,12 @@ class AnnotationSession:
     def open(self, path: str | os.PathLike, *, read_only: bool = False,
              create: bool = True, background_sync: bool = False,
              on_durable: DurableFn | None = None,
-             on_sync_error: ErrorFn | None = None) -> AnnotationStore:
+             on_sync_error: ErrorFn | None = None,
+             label_set: LabelSet | str | None = None) -> AnnotationStore:
         """Open (or create) a project, closing the current one; raises CxrError.
+
+        ``label_set``: the label set of a new project (default ``nih14``; see
+        :class:`~cxrviewer.core.annotations.AnnotationStore`).
 
         ``background_sync``: commit with ``synchronous=NORMAL`` (no fsync on the caller's
         thread) and let a :class:`WalSyncer` thread fsync after each commit, calling
@@ -169,7 +174,7 @@ class AnnotationSession:
             release, lock_notice = self._locker(path)
         try:
             store = AnnotationStore(path, annotator=self.annotator, read_only=read_only,
-                                    create=create,
+                                    create=create, label_set=label_set,
                                     synchronous="NORMAL" if background_sync else "FULL")
         except CxrError:
             if release is not None:
@@ -197,6 +202,18 @@ class AnnotationSession:
             self._release()
             self._release = None
         return True
+
+    @property
+    def label_set(self) -> LabelSet:
+        """The open project's label set (``nih14`` when none is open)."""
+        return self.store.label_set if self.store is not None else DEFAULT
+
+    def add_labels(self, names: Sequence[str]) -> LabelSet:
+        """Add ``names`` to the project's label set (not an undo step); the new set."""
+        if not self.writable:
+            raise EditRefused("Open an annotation project for editing first", level="error")
+        assert self.store is not None
+        return self.store.add_labels(names)
 
     def changed_elsewhere(self) -> bool:
         """True once after another instance committed to this project."""
@@ -377,22 +394,28 @@ class AnnotationSession:
         first = next(iter(self.store.proposals(self.record.id, "pending")), None)
         return [first.id] if first is not None else []
 
-    def accept_proposals(self, selected: Sequence[int] = ()) -> Edit:
-        """Accept the selected (else the first) proposals as boxes with the model's provenance."""
-        return self._decide(selected, "accept")
+    def accept_proposals(self, selected: Sequence[int] = (), label: str | None = None) -> Edit:
+        """Accept the selected (else the first) proposals as boxes with the model's provenance.
+
+        ``label``: accept them as this project label (maps a model class the project's label
+        set lacks; else such a proposal is refused with
+        :class:`~cxrviewer.core.annotations.store.UnmappedProposalError`).
+        """
+        return self._decide(selected, "accept", label)
 
     def reject_proposals(self, selected: Sequence[int] = ()) -> Edit:
         """Reject the selected (else the first) proposals."""
         return self._decide(selected, "reject")
 
-    def _decide(self, selected: Sequence[int], verb: str) -> Edit:
+    def _decide(self, selected: Sequence[int], verb: str, label: str | None = None) -> Edit:
         props = self.target_proposals(selected)
         if not props:
             raise EditRefused(f"No model proposal to {verb}")
 
         def fn(store: AnnotationStore, _sid: int) -> list[Edit]:
-            decide = store.accept_proposal if verb == "accept" else store.reject_proposal
-            return [decide(p) for p in props]
+            if verb == "accept":
+                return [store.accept_proposal(p, label) for p in props]
+            return [store.reject_proposal(p) for p in props]
         return self.commit(f"{verb} {len(props)} proposal(s)", fn)
 
     def add_proposals(self, boxes: Mapping[str, Sequence[Box]] | Sequence[Box],

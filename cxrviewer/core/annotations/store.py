@@ -48,13 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from ..errors import AnnotationConflictError, AnnotationStoreError
+from ..errors import AnnotationConflictError, AnnotationStoreError, LabelSetError
 from ..geometry import Box
+from ..labelsets import BUILTIN, DEFAULT, LabelSet, get_label_set, label_set_from_json, normalise
 from .migrations import APPLICATION_ID, SCHEMA_VERSION, migrate, user_version
 from .model import (
     BOX_SOURCES, LABEL_CODES, LABEL_STATES, REVIEW_STATUSES, AnnotatedBox, Edit,
     EditConflictError, InvalidBoxError, Op, Proposal, StudyIdentity, StudyRecord,
-    TrainingRecord, check_label, clamp_box, utc_now,
+    TrainingRecord, clamp_box, utc_now,
 )
 
 log = logging.getLogger(__name__)
@@ -143,11 +144,15 @@ class AnnotationStore:
 
     ``annotator`` is recorded on every edit (defaults to the login name).
     ``busy_timeout`` is how long a write waits for another instance's write.
+    ``label_set``: the label set of a new project (a built-in name such as ``"vindr-cxr"``, a
+    user's ``.json``/``.txt`` file or a :class:`~cxrviewer.core.labelsets.LabelSet`; default
+    ``nih14``). An existing project keeps its own; naming another one raises
+    :class:`AnnotationStoreError`. See :attr:`label_set`.
     """
 
     def __init__(self, path: str | os.PathLike, *, annotator: str | None = None,
                  read_only: bool = False, create: bool = True, busy_timeout: float = 10.0,
-                 synchronous: str = "FULL") -> None:
+                 synchronous: str = "FULL", label_set: LabelSet | str | None = None) -> None:
         self.path = Path(path)
         self.annotator = (annotator or _default_annotator()).strip() or "unknown"
         self.read_only = bool(read_only)
@@ -162,7 +167,15 @@ class AnnotationStore:
         #: ``_unsettled`` until it commits.
         self._seen: dict[tuple[str, Any], int] = {}
         self._unsettled: dict[tuple[str, Any], int | None] = {}
+        self._ls_cache: tuple[str, LabelSet] | None = None
+        self._created = False
         self._conn = self._connect(create, busy_timeout, synchronous.upper())
+        if label_set is not None:
+            try:
+                self._adopt_label_set(get_label_set(label_set))
+            except BaseException:
+                self.close()
+                raise
         self._data_version = self._pragma("data_version")
 
     # ---- opening ---------------------------------------------------------------
@@ -215,6 +228,7 @@ class AnnotationStore:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
         existed = self._check_file(create)
+        self._created = not existed
         try:
             conn = self._open_conn(busy_timeout)
         except (sqlite3.DatabaseError, OSError) as exc:
@@ -306,6 +320,77 @@ class AnnotationStore:
             log.debug("%s: new annotation store (schema v%s)", self.path, reached[-1] if reached else version)
         else:
             log.info("%s: schema migrated to v%s", self.path, reached[-1] if reached else version)
+
+    # ---- the project's label set -------------------------------------------------
+    def _adopt_label_set(self, wanted: LabelSet) -> None:
+        """A new project takes ``wanted``; an existing one must already have it."""
+        if self._created and not self.read_only:
+            self.set_label_set(wanted)
+            return
+        have = self.label_set
+        if have.to_json() != wanted.to_json():
+            raise AnnotationStoreError(
+                f"this project's label set is {have.display_name} ({have.name}), not "
+                f"{wanted.display_name}; a project keeps the label set it was created with "
+                "(add labels to it with 'cxrviewer annotations add-labels')", path=str(self.path))
+
+    @property
+    def label_set(self) -> LabelSet:
+        """The project's label set (schema v4; ``nih14`` for projects made before it).
+
+        Boxes, image labels and accepted proposals use its labels, stored under their
+        canonical spelling (``Infiltrate`` -> ``Infiltration``); exports list its labels.
+        """
+        with self._reading():
+            row = self._conn.execute("SELECT value FROM project WHERE key = 'label_set'").fetchone()
+        text = None if row is None else str(row[0])
+        if text is None:
+            return DEFAULT
+        if self._ls_cache is not None and self._ls_cache[0] == text:
+            return self._ls_cache[1]
+        try:
+            ls = label_set_from_json(json.loads(text))
+        except (ValueError, LabelSetError) as exc:
+            raise AnnotationStoreError(f"the project's label set is damaged ({_one_line(exc)})",
+                                       path=str(self.path)) from None
+        self._ls_cache = (text, ls)
+        return ls
+
+    def set_label_set(self, label_set: LabelSet) -> None:
+        """Record the project's label set (committed at once; inside a batch: with it).
+
+        Not an undoable edit. Stored rows are not renamed: use :meth:`add_labels` to extend
+        the set, which keeps every label the project's rows use.
+        """
+        with self._lock, self._write():
+            self._put_label_set(label_set)
+
+    def _put_label_set(self, label_set: LabelSet) -> None:
+        value = json.dumps(label_set.name if BUILTIN.get(label_set.name) == label_set
+                           else label_set.to_json())
+        self._conn.execute("INSERT INTO project (key, value) VALUES ('label_set', ?) "
+                           "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (value,))
+
+    def add_labels(self, names: Iterable[str]) -> LabelSet:
+        """Extend the project's label set with ``names`` not in it yet (``--add-unknown``);
+        returns the new set (the same one when nothing was new)."""
+        with self._lock, self._write():
+            base = self.label_set
+            extended = extend_label_set(base, names)
+            if extended is not base:
+                self._put_label_set(extended)
+            return extended
+
+    def check_label(self, label: str) -> str:
+        """``label``'s canonical name in the project's label set, or :class:`InvalidBoxError`."""
+        ls = self.label_set
+        name = ls.canonical(label) if isinstance(label, str) else None
+        if name is None:
+            shown = ", ".join(ls.labels[:20]) + (", ..." if len(ls) > 20 else "")
+            raise InvalidBoxError(
+                f"unknown class {label!r}: not in this project's label set {ls.display_name} "
+                f"({shown}); add it with 'cxrviewer annotations add-labels PROJECT NAME'")
+        return name
 
     # ---- housekeeping -----------------------------------------------------------
     @property
@@ -830,7 +915,7 @@ class AnnotationStore:
         width, height = self._study_size(study_id)
         g = clamp_box(x, y, w, h, width, height)
         now = utc_now()
-        after = dict(id=None, study_id=int(study_id), label=check_label(label), x=g.x, y=g.y,
+        after = dict(id=None, study_id=int(study_id), label=self.check_label(label), x=g.x, y=g.y,
                      w=g.w, h=g.h, annotator=self.annotator, created=now, modified=now,
                      modified_by=self.annotator, source=source, model_name=model_name,
                      score=None if score is None else float(score), proposal_id=proposal_id)
@@ -869,7 +954,7 @@ class AnnotationStore:
                           cur["w"] if w is None else w, cur["h"] if h is None else h,
                           width, height)
             after = dict(cur, x=g.x, y=g.y, w=g.w, h=g.h,
-                         label=cur["label"] if label is None else check_label(label))
+                         label=cur["label"] if label is None else self.check_label(label))
             if all(after[f] == cur[f] for f in ("label", "x", "y", "w", "h")):
                 return self._unchanged("box", int(box_id), cur, version)
             return [Op("box", int(box_id), cur, after)]
@@ -886,7 +971,7 @@ class AnnotationStore:
 
     def set_label(self, study_id: int, label: str, state: str | None) -> Edit:
         """Set an image-level label to present/absent/uncertain (``None`` clears it)."""
-        name = check_label(label)
+        name = self.check_label(label)
         if state is not None and state not in LABEL_STATES:
             raise ValueError(f"label state must be one of {LABEL_STATES} or None, not {state!r}")
 
@@ -917,33 +1002,49 @@ class AnnotationStore:
     def add_proposals(self, study_id: int, boxes: Iterable[Box], model_name: str) -> Edit:
         """Store a model's box proposals (kept apart from accepted boxes).
 
-        Proposals are clamped to the image; empty ones are skipped with a log line.
+        Proposals are clamped to the image; empty ones are skipped with a log line. A class
+        the project's label set knows (by spelling or synonym) is stored as its label; any
+        other is stored as the model named it, shown, and cannot be accepted until mapped
+        (:meth:`accept_proposal` with ``label=``, or :meth:`add_labels`).
         """
         if not model_name:
             raise ValueError("proposals need the model's name")
 
         def plan() -> list[Op]:
             width, height = self._study_size(study_id)
-            ops, now = [], utc_now()
+            ops, now, ls = [], utc_now(), self.label_set
             for bx in boxes:
                 try:
                     g = clamp_box(bx.x, bx.y, bx.w, bx.h, width, height)
+                    label = _proposal_label(ls, bx.label)
                 except InvalidBoxError as exc:
                     log.info("skipping proposal from %s: %s", model_name, exc)
                     continue
                 ops.append(Op("proposal", None, None, dict(
-                    id=None, study_id=int(study_id), label=check_label(bx.label), x=g.x, y=g.y,
+                    id=None, study_id=int(study_id), label=label, x=g.x, y=g.y,
                     w=g.w, h=g.h, model_name=model_name,
                     score=None if bx.score is None else float(bx.score), status="pending",
                     created=now, decided_by=None, decided_at=None)))
             return ops
         return self._edit("add_proposals", f"{model_name} proposals", plan)
 
-    def accept_proposal(self, proposal_id: int) -> Edit:
-        """Copy a pending proposal into ``boxes`` (source "model", its model and score)."""
+    def accept_proposal(self, proposal_id: int, label: str | None = None) -> Edit:
+        """Copy a pending proposal into ``boxes`` (source "model", its model and score).
+
+        ``label``: the project label to accept it as (a model class the project's label set
+        does not hold must be mapped so, else :class:`UnmappedProposalError`).
+        """
         def plan() -> list[Op]:
             cur = self._pending(proposal_id)
-            box = self._plan_new_box(cur["study_id"], cur["label"], cur["x"], cur["y"], cur["w"],
+            if label is None and cur["label"] not in self.label_set:
+                ls = self.label_set
+                raise UnmappedProposalError(
+                    f"proposal {proposal_id}: the model's class {cur['label']!r} is not in this "
+                    f"project's label set {ls.display_name}; map it to one of the project's labels "
+                    "(choose that class, then accept) or add it to the project's labels "
+                    f"('cxrviewer annotations add-labels PROJECT {cur['label']!r}')")
+            name = cur["label"] if label is None else label
+            box = self._plan_new_box(cur["study_id"], name, cur["x"], cur["y"], cur["w"],
                                      cur["h"], "model", cur["model_name"], cur["score"],
                                      int(proposal_id))
             return [box, Op("proposal", int(proposal_id), cur, dict(cur, status="accepted"))]
@@ -972,6 +1073,44 @@ class AnnotationStore:
         """Re-apply ``edit`` (after :meth:`undo`) as a new committed edit (kind ``"redo"``)."""
         return self._edit("redo", f"Redo {edit.description}", lambda: list(edit.ops),
                           undo_of=edit.id)
+
+
+class UnmappedProposalError(InvalidBoxError):
+    """A proposal's class is not in the project's label set (map it or add it first)."""
+
+
+def _proposal_label(ls: LabelSet, name: str) -> str:
+    """A proposal's class as the project's label, else as the model wrote it (trimmed)."""
+    known = ls.canonical(name) if isinstance(name, str) else None
+    if known is not None:
+        return known
+    raw = " ".join(str(name).split())
+    if not raw or len(raw) > 128 or not raw.isprintable():
+        raise InvalidBoxError(f"proposal class {name!r} is not a class name")
+    return raw
+
+
+def extend_label_set(base: LabelSet, names: Iterable[str]) -> LabelSet:
+    """``base`` with the ``names`` it lacks appended (``base`` itself when none is new).
+
+    A built-in set becomes ``<name>+custom``, titled "<its title> + N added".
+    """
+    add: dict[str, str] = {}
+    for n in names:
+        clean = " ".join(str(n).split())
+        if clean and clean not in base and normalise(clean) not in add:
+            add[normalise(clean)] = clean
+    if not add:
+        return base
+    root_name = base.name.split("+")[0]
+    root = BUILTIN.get(root_name)
+    labels = base.labels + tuple(add.values())
+    if root is not None and labels[:len(root)] == root.labels:
+        title = f"{root.display_name} + {len(labels) - len(root)} added"
+    else:
+        title = base.title
+    return LabelSet(f"{root_name}+custom" if root is not None else base.name, labels,
+                    dict(base.synonyms), title=title)
 
 
 def _folder_writable(folder: Path) -> bool:

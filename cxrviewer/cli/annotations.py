@@ -1,0 +1,181 @@
+"""Annotation projects without the window: create, inspect, import, export, add labels.
+
+    cxrviewer annotations new PROJECT [--label-set NAME|FILE]
+    cxrviewer annotations info PROJECT [--json]
+    cxrviewer annotations import PROJECT FILE --format {coco,nih} [--map A=B ...] [--add-unknown] [--skip NAME ...]
+    cxrviewer annotations export PROJECT TARGET --format {coco,voc,yolo,nih} [--status S ...]
+    cxrviewer annotations add-labels PROJECT NAME ...
+
+A project records its label set (built in: nih14, torchxrayvision18, vindr-cxr,
+rsna-pneumonia, lung-heart; or a user's .json/.txt file); boxes, image labels, proposals,
+imports and exports use its labels. An import whose classes the set cannot map (by spelling
+or synonym) is refused whole, listing them: ``--map NAME=LABEL`` maps one onto a project
+label, ``--add-unknown`` adds them to the project's label set, ``--skip NAME`` leaves their
+boxes out. Errors are one line on stderr and exit status 2; nothing is written then.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+#: what ``cxrviewer annotations --help`` says
+DESCRIPTION = """Create an annotation project with a label set, show what it holds, import COCO or
+NIH box files into it (unknown classes: --map NAME=LABEL, --add-unknown or --skip NAME), export
+it, or add labels to its label set. Errors: one line, exit status 2, nothing written."""
+
+IMPORT_FORMATS = {"coco": "coco", "nih": "nih-csv", "nih-csv": "nih-csv"}
+EXPORT_FORMATS = {"coco": "coco", "voc": "voc", "yolo": "yolo", "nih": "nih-csv", "nih-csv": "nih-csv"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The sub-commands and their options."""
+    p.add_argument("--annotator", default=None, help="name recorded on edits (default: the login name)")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    new = sub.add_parser("new", help="create a project with a label set")
+    new.add_argument("project", help="the new project file (.cxrann)")
+    new.add_argument("--label-set", default="nih14", metavar="NAME|FILE",
+                     help="built-in label set (nih14, torchxrayvision18, vindr-cxr, rsna-pneumonia, "
+                          "lung-heart) or a .json/.txt file (default nih14)")
+    info = sub.add_parser("info", help="label set and counts of a project")
+    info.add_argument("project")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    imp = sub.add_parser("import", help="import a COCO JSON or NIH box CSV")
+    imp.add_argument("project")
+    imp.add_argument("file")
+    imp.add_argument("--format", required=True, choices=("coco", "nih", "nih-csv"))
+    imp.add_argument("--map", action="append", default=[], metavar="NAME=LABEL",
+                     help="import the file's class NAME as the project's LABEL (repeatable)")
+    imp.add_argument("--add-unknown", action="store_true",
+                     help="add the file's unmapped classes to the project's label set")
+    imp.add_argument("--skip", action="append", default=[], metavar="NAME",
+                     help="leave the boxes of class NAME out (repeatable)")
+    imp.add_argument("--images", default=None, metavar="DIR", help="folder of the images (path hints)")
+    exp = sub.add_parser("export", help="export the project")
+    exp.add_argument("project")
+    exp.add_argument("target", help="file (coco, nih), folder or .zip (voc, yolo)")
+    exp.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS))
+    exp.add_argument("--status", nargs="+", default=None,
+                     choices=("unseen", "in_progress", "done", "verified"), help="only these review statuses")
+    exp.add_argument("--include-identifiers", action="store_true",
+                     help="write SOP Instance UIDs and last-seen paths (may identify patients)")
+    add = sub.add_parser("add-labels", help="add labels to the project's label set")
+    add.add_argument("project")
+    add.add_argument("names", nargs="+", metavar="NAME")
+
+
+def _err(msg: object) -> int:
+    print(f"cxrviewer annotations: {' '.join(str(msg).split())}", file=sys.stderr)
+    return 2
+
+
+def _describe(ls: Any) -> str:
+    return f"{ls.display_name} ({ls.name}, {len(ls)} labels)"
+
+
+def project_info(store: Any) -> dict[str, Any]:
+    """Label set and counts of an open :class:`~cxrviewer.core.annotations.AnnotationStore`."""
+    ls = store.label_set
+    boxes: Counter[str] = Counter()
+    pending: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    n_labels = 0
+    studies = store.studies()
+    for rec in studies:
+        statuses[rec.status] += 1
+        boxes.update(b.label for b in store.boxes(rec.id))
+        pending.update(p.label for p in store.proposals(rec.id, "pending"))
+        n_labels += len(store.labels(rec.id))
+    return {"project": str(store.path), "schema": store.schema_version, "label_set": ls.name,
+            "label_set_title": ls.display_name, "labels": list(ls.labels),
+            "studies": len(studies), "statuses": dict(statuses), "boxes": sum(boxes.values()),
+            "boxes_per_class": dict(sorted(boxes.items())), "image_labels": n_labels,
+            "pending_proposals": sum(pending.values()),
+            "unmapped_proposal_classes": sorted(c for c in pending if c not in ls)}
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    print(f"project: {info['project']} (schema v{info['schema']})")
+    print(f"label set: {info['label_set_title']} ({info['label_set']}, {len(info['labels'])} labels): "
+          + ", ".join(info["labels"]))
+    status = ", ".join(f"{k} {v}" for k, v in sorted(info["statuses"].items())) or "none"
+    print(f"studies: {info['studies']} ({status})")
+    per = ", ".join(f"{k} {v}" for k, v in info["boxes_per_class"].items())
+    print(f"boxes: {info['boxes']}" + (f" ({per})" if per else ""))
+    print(f"image labels: {info['image_labels']}")
+    unmapped = info["unmapped_proposal_classes"]
+    print(f"pending proposals: {info['pending_proposals']}"
+          + (f" (classes not in the label set: {', '.join(unmapped)})" if unmapped else ""))
+
+
+def _new(args: argparse.Namespace) -> int:
+    from cxrviewer.core.annotations import AnnotationStore
+    from cxrviewer.core.labelsets import get_label_set
+
+    path = Path(args.project)
+    if path.exists() and (not path.is_file() or path.stat().st_size > 0):
+        return _err(f"{path}: exists already; a new project needs a new file name")
+    ls = get_label_set(args.label_set)
+    with AnnotationStore(path, annotator=args.annotator, label_set=ls) as store:
+        print(f"created {store.path} with label set {_describe(store.label_set)}")
+    return 0
+
+
+def _mapping(args: argparse.Namespace) -> dict[str, str | None]:
+    from cxrviewer.core.labelsets import parse_mapping
+
+    mapping: dict[str, str | None] = dict(parse_mapping(args.map))
+    mapping.update({name: None for name in args.skip})
+    return mapping
+
+
+def _import(args: argparse.Namespace) -> int:
+    from cxrviewer.core.annotations import IMPORTERS, AnnotationStore
+
+    mapping = _mapping(args)
+    fmt = IMPORT_FORMATS[args.format]
+    with AnnotationStore(args.project, annotator=args.annotator, create=False) as store:
+        before = store.label_set
+        edit = IMPORTERS[fmt](store, args.file, images_dir=args.images, mapping=mapping,
+                              add_unknown=args.add_unknown)
+        after = store.label_set
+        added = [lab for lab in after.labels if lab not in before.labels]
+        print(f"imported {len(edit.box_ids)} box(es) from {args.file} into {store.path}"
+              + (f"; added to the label set: {', '.join(added)}" if added else ""))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one action; 0 on success, 2 (and one line on stderr) on an error."""
+    from cxrviewer.core.annotations import AnnotationStore, export_store
+    from cxrviewer.core.errors import CxrError
+
+    try:
+        if args.action == "new":
+            return _new(args)
+        if args.action == "import":
+            return _import(args)
+        if args.action == "info":
+            with AnnotationStore(args.project, read_only=True) as store:
+                info = project_info(store)
+            if args.json:
+                print(json.dumps(info, indent=1))
+            else:
+                _print_info(info)
+            return 0
+        if args.action == "export":
+            with AnnotationStore(args.project, read_only=True) as store:
+                out = export_store(store, args.target, EXPORT_FORMATS[args.format], status=args.status,
+                                   include_identifiers=args.include_identifiers)
+            print(f"exported {args.format} to {out}")
+            return 0
+        with AnnotationStore(args.project, annotator=args.annotator, create=False) as store:
+            before = len(store.label_set)
+            ls = store.add_labels(args.names)
+            print(f"label set now {_describe(ls)} ({len(ls) - before} added)")
+        return 0
+    except CxrError as exc:
+        return _err(exc)
