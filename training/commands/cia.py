@@ -13,7 +13,8 @@ import json
 import logging
 from pathlib import Path
 
-from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
+from .common import (add_data_arguments, add_init_weights_argument, add_train_arguments, command_line, datasets,
+                     init_normalisation, init_provenance, init_weights, parse_kwargs, train_config)
 
 #: what ``cxr-train cia --help`` says
 DESCRIPTION = """Train CIA-Net (contrast-induced attention) with limited box supervision and write a bundle
@@ -21,9 +22,12 @@ that includes its bank of normal images for pairing. --box-fraction sets the sha
 images whose boxes are used; --annotations adds the labels and accepted boxes of an
 annotation project. The defaults follow the paper (ResNet-50, 512 px, SGD lr 1e-3 divided by
 10 every 5 epochs, weight decay 1e-4, 15 epochs, batch 6); use --optimizer adam for small CPU
-runs."""
+runs. --init-weights starts both backbones from a model you have (a classifier of ours or an
+imported one with the same backbone)."""
 EXAMPLES = """  cxr-train cia --data NIH --box-fraction 0.4 --negatives paired --out models/cia.cxrbundle
-  cxr-train cia --data NIH --annotations project.cxrann --out models/cia.cxrbundle"""
+  cxr-train cia --data NIH --annotations project.cxrann --out models/cia.cxrbundle
+  cxr-train cia --data NIH --annotations project.cxrann --backbone densenet121 \
+      --init-weights imported.cxrbundle --out models/cia_ft.cxrbundle"""
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta-b", type=float, default=5.0, help="weight beta_B of the box loss (Eq. 6)")
     p.add_argument("--bank-size", type=int, default=64, help="normal images stored in the bundle for pairing")
     p.add_argument("--prior", type=float, default=0.01,
-                   help="initial cell probability of the head (bias init; 0 = keep the model's init)")
+                   help="initial cell probability of the head (bias init; 0 = keep the model's init; "
+                        "not applied when --init-weights gives the head)")
+    add_init_weights_argument(p, "Reused: the backbone, for both the feature branch and the attention "
+                                 "branch's encoder (--backbone must be the bundle's); the attention conv and "
+                                 "grid head only from a CIA-Net bundle with the same classes")
     add_data_arguments(p)
     add_train_arguments(p, epochs=15, batch_size=6, lr=1e-3, optimizer="sgd")
     p.set_defaults(size=512, weight_decay=1e-4, lr_step_epochs=5)
@@ -140,8 +148,13 @@ def run(args: argparse.Namespace) -> int:
                          "models' frame (the whole registered chest): use --negatives paired or random "
                          "(aligned training normals, the bank the app pairs with)")
     kwargs = {"backbone": args.backbone, **parse_kwargs(args.arch_kwargs)}
+    import torch
+
+    torch.manual_seed(args.seed)  # --seed seeds the weights too
     model = create_model("cia", **kwargs)
+    init = init_weights(args, model)
     _, train_ds, val_ds, train_r, val_r = _datasets(args)
+    init_normalisation(init, train_ds, val_ds)
     cfg = train_config(args, arch=model.arch, box_fraction=args.box_fraction, negatives=args.negatives,
                        beta_b=args.beta_b)
     if args.no_resume:
@@ -150,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         model, history, extras, info = train_cia(
             model, train_ds, val_ds, cfg, box_fraction=args.box_fraction, negatives=args.negatives,
             beta_b=args.beta_b, bank_size=args.bank_size, canonical_path=args.canonical,
-            prior=args.prior or None)
+            prior=None if (init is not None and init.head_loaded) else (args.prior or None))
     except CxrError as err:
         raise SystemExit(str(err)) from err
     if dist_info()[0] != 0:
@@ -158,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     prov = provenance(command_line(), cfg, args.data, history, fold=args.fold, n_folds=args.n_folds,
                       n_train=len(train_r), n_val=len(val_r), annotations=args.annotations,
                       cia={k: v for k, v in info.items() if k != "normal_bank"}, research_demo=True,
-                      cache_alignment=getattr(train_ds, "alignment", None))
+                      cache_alignment=getattr(train_ds, "alignment", None), **init_provenance(init))
     extras_info = {"normal_bank": info.get("normal_bank", {})}
     path = save_bundle(model.cpu(), args.out, classes=list(CLASSES), input_size=args.size,
                        normalisation=dataset_preprocess(train_ds).to_manifest()["normalisation"], role="cia",

@@ -12,15 +12,18 @@ import argparse
 import json
 import logging
 
-from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
+from .common import (add_data_arguments, add_init_weights_argument, add_train_arguments, command_line, datasets,
+                     init_normalisation, init_provenance, init_weights, parse_kwargs, train_config)
 
 #: what ``cxr-train classify --help`` says
 DESCRIPTION = """Train a chest X-ray classifier for the 14 NIH classes (weighted binary cross-entropy) and
 write a model bundle the app loads. Any classifier architecture of the registry works: the
 baseline CAM network, space attention, attention-gated, MSA, lung/heart. A checkpoint is saved
 every epoch in OUT.run/ (rerun the same command to resume) with a log.jsonl; the held-out
-fold's mean AUROC is printed at the end."""
+fold's mean AUROC is printed at the end. --init-weights fine-tunes a model you have (one of
+ours or an imported one) instead of starting from random weights."""
 EXAMPLES = """  cxr-train classify --data NIH --arch resnet50 --size 512 --epochs 5 --out models/cls.cxrbundle
+  cxr-train classify --data NIH --arch densenet121 --init-weights chexnet.cxrbundle --out models/ft.cxrbundle
   torchrun --nproc_per_node 2 -m training.cli classify ...   (several GPUs)"""
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="cam_classifier", help="registry name or alias (e.g. resnet50, tiny, msa)")
     p.add_argument("--arch-kwargs", default=None, help='JSON kwargs, e.g. \'{"backbone": "tiny"}\'')
+    add_init_weights_argument(p, "Reused: the backbone; the head too when the bundle has the same architecture "
+                                 "(or is cam_classifier and --arch dm) and the same 14 classes")
     add_data_arguments(p)
     add_train_arguments(p)
 
@@ -41,8 +46,13 @@ def run(args: argparse.Namespace) -> int:
 
     if get_spec(args.arch).family != "classifier":
         raise SystemExit(f"{args.arch} is not a classifier-family architecture")
+    import torch
+
+    torch.manual_seed(args.seed)  # --seed seeds the weights too
     model = create_model(args.arch, **parse_kwargs(args.arch_kwargs))
+    init = init_weights(args, model)
     _, train_ds, val_ds, train_r, val_r = datasets(args)
+    norm = init_normalisation(init, train_ds, val_ds)
     cfg = train_config(args, arch=model.arch)
     if args.no_resume:
         from pathlib import Path
@@ -52,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if dist_info()[0] == 0:
         prov = provenance(command_line(), cfg, args.data, history, fold=args.fold, n_folds=args.n_folds,
                           n_train=len(train_r), n_val=len(val_r),
-                          cache_alignment=getattr(train_ds, "alignment", None))
-        path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov)
+                          cache_alignment=getattr(train_ds, "alignment", None),
+                          **init_provenance(init))
+        path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov, normalisation=norm)
         final = history[-1].get("metrics", {}) if history else {}
         print(json.dumps({"bundle": str(path), "mean_auroc": final.get("mean_auroc")}))
     return 0

@@ -109,3 +109,57 @@ def parse_kwargs(text: str | None) -> dict:
     if not isinstance(d, dict):
         raise SystemExit("--arch-kwargs must be a JSON object")
     return d
+
+
+#: help of ``--init-weights`` (each command adds what it reuses)
+INIT_WEIGHTS_HELP = ("start from the weights of this model bundle (one of ours, or a torchvision/CheXNet/"
+                     "torchxrayvision model made a bundle by 'cxrviewer import-model'): its backbone must be "
+                     "the same (densenet121, resnet18/34/50, tiny); a 3-channel bundle's first conv is folded "
+                     "to grayscale. The images are normalised as the bundle says and the written bundle "
+                     "records it and the source (provenance.init_weights)")
+
+
+def add_init_weights_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, reuse: str) -> None:
+    """``--init-weights BUNDLE``; ``reuse`` says what this command takes from it."""
+    p.add_argument("--init-weights", default=None, metavar="BUNDLE", help=f"{INIT_WEIGHTS_HELP}. {reuse}")
+
+
+def init_weights(args: argparse.Namespace, model):
+    """Apply ``--init-weights`` to ``model`` (in place): its :class:`~training.init_weights.InitReport`,
+    or None without the option. A bundle that does not fit exits with its one-line error."""
+    if not getattr(args, "init_weights", None):
+        return None
+    import logging
+
+    from cxrviewer.core.errors import CxrError
+
+    from ..init_weights import init_from_bundle
+
+    try:
+        report = init_from_bundle(model, args.init_weights, input_size=getattr(args, "size", None))
+    except CxrError as err:
+        raise SystemExit(f"cxr-train {getattr(args, 'command', '')}: --init-weights: {err}") from err
+    for note in report.notes:
+        logging.getLogger(__name__).warning("--init-weights: %s", note)
+    return report
+
+
+def init_normalisation(report, *datasets) -> dict | None:
+    """Make ``datasets`` feed ``report``'s normalisation; the manifest normalisation to write
+    (None without ``--init-weights``: the command's own)."""
+    if report is None:
+        return None
+    from cxrviewer.core.errors import CxrError
+
+    from ..init_weights import apply_normalisation
+
+    try:
+        apply_normalisation(datasets, report.normalisation)
+    except CxrError as err:
+        raise SystemExit(f"cxr-train: --init-weights: {err}") from err
+    return dict(report.normalisation)
+
+
+def init_provenance(report) -> dict:
+    """``{"init_weights": ...}`` for the provenance of the written bundle, or ``{}``."""
+    return {"init_weights": report.provenance()} if report is not None else {}

@@ -13,14 +13,18 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .common import add_data_arguments, add_train_arguments, command_line, datasets, parse_kwargs, train_config
+from .common import (add_data_arguments, add_init_weights_argument, add_train_arguments, command_line, datasets,
+                     init_normalisation, init_provenance, init_weights, parse_kwargs, train_config)
 
 #: what ``cxr-train mine --help`` says
 DESCRIPTION = """Train a classifier with iterative attention mining: train the MSA network plainly (or start
 from --init), then fine-tune it by erasing each class's most attended region, with knowledge
-preservation (--kp). Writes a bundle whose attention-mining steps the app shows."""
+preservation (--kp). Writes a bundle whose attention-mining steps the app shows. --init-weights
+starts --arch's backbone from a model you have (then pre-trained and mined as usual)."""
 EXAMPLES = """  cxr-train mine --data NIH --arch msa --size 512 --pretrain-epochs 5 --epochs 3 --kp kp --out models/am.cxrbundle
-  cxr-train mine --data NIH --init msa.cxrbundle --kp vanilla --epochs 3 --out models/am_vanilla.cxrbundle"""
+  cxr-train mine --data NIH --init msa.cxrbundle --kp vanilla --epochs 3 --out models/am_vanilla.cxrbundle
+  cxr-train mine --data NIH --arch resnet50_msa --init-weights imported.cxrbundle --pretrain-epochs 2 \
+      --out models/am_ft.cxrbundle"""
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", default="msa", help="classifier architecture when not starting from --init")
     g.add_argument("--arch-kwargs", default=None, help='JSON kwargs, e.g. \'{"backbone": "tiny"}\'')
     g.add_argument("--init", default=None, help="start from this trained classifier bundle (no pre-training)")
+    add_init_weights_argument(g, "Reused for a new --arch network (not with --init, which gives every weight): "
+                                 "the backbone; the head too from an --arch bundle with the same classes. "
+                                 "The plain --pretrain-epochs still run before mining")
     g.add_argument("--pretrain-epochs", type=int, default=5,
                    help="plain weighted-BCE epochs before mining when no --init (default 5)")
     g.add_argument("--pretrain-lr", type=float, default=None, help="lr of the plain phase (default: --lr)")
@@ -52,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from ..trainers.loop import dist_info
     from ..trainers.mine import MiningConfig, mine
 
+    if args.init and args.init_weights:
+        raise SystemExit("cxr-train mine: --init gives every weight of the network; drop --init-weights "
+                         "(or use --init-weights with --arch instead of --init)")
     _, train_ds, val_ds, train_r, val_r = datasets(args)
     cfg = train_config(args, kp=args.kp, lam=args.lam, erase_fraction=args.erase_fraction, erase=args.erase)
     run_dir = Path(cfg.out_dir)
@@ -59,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         for sub in ("pretrain", "mine"):
             (run_dir / sub / "checkpoint.pt").unlink(missing_ok=True)
     pre_history: list[dict] = []
+    init, norm = None, None
     if args.init:
         b = load_bundle(args.init)
         if b.manifest.family != "classifier":
@@ -69,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         if get_spec(args.arch).family != "classifier":
             raise SystemExit(f"{args.arch} is not a classifier-family architecture")
+        import torch
+
+        torch.manual_seed(args.seed)  # --seed seeds the weights too
         model = create_model(args.arch, **parse_kwargs(args.arch_kwargs))
+        init = init_weights(args, model)
+        norm = init_normalisation(init, train_ds, val_ds)
         if args.pretrain_epochs > 0:
             pre_cfg = replace(cfg, epochs=args.pretrain_epochs, lr=args.pretrain_lr or cfg.lr,
                               out_dir=str(run_dir / "pretrain"))
@@ -85,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
                           n_train=len(train_r), n_val=len(val_r), init=args.init,
                           pretrain_epochs=len(pre_history), mining=mining_d, am_steps=args.steps,
                           pretrain_final=(pre_history[-1].get("metrics", {}).get("mean_auroc")
-                                          if pre_history else None))
-        path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov)
+                                          if pre_history else None), **init_provenance(init))
+        path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov, normalisation=norm)
         final = history[-1].get("metrics", {}) if history else {}
         print(json.dumps({"bundle": str(path), "kp": args.kp, "mean_auroc": final.get("mean_auroc")}))
     return 0

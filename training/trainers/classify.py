@@ -84,12 +84,14 @@ def provenance(command: str, cfg: TrainConfig, data: str, history: list[dict], *
 
 
 def save_classifier_bundle(model: torch.nn.Module, out: str | Path, *, input_size: int, provenance: dict,
-                           research_demo: bool = True, extras: dict | None = None) -> Path:
-    """Write ``model`` as a bundle the app loads (``cxrviewer.core.bundle``)."""
+                           research_demo: bool = True, extras: dict | None = None,
+                           normalisation: dict | None = None) -> Path:
+    """Write ``model`` as a bundle the app loads (``cxrviewer.core.bundle``); ``normalisation``: the
+    manifest's (default ``minus1_1``, what the datasets feed unless ``--init-weights`` set another)."""
     from cxrviewer.core.bundle import save_bundle
 
     prov = dict(provenance)
     prov.setdefault("research_demo", research_demo)
     return save_bundle(model.cpu(), out, classes=list(CLASSES), input_size=input_size,
-                       normalisation={"kind": "minus1_1"}, provenance=prov, extras=extras,
+                       normalisation=normalisation or {"kind": "minus1_1"}, provenance=prov, extras=extras,
                        overwrite=True)
