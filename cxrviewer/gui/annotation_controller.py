@@ -50,6 +50,7 @@ from ..core.annotations import (
     AnnotationSession, AnnotationStore, Edit, EditRefused, StudyRecord, proposals_from_results,
 )
 from ..core.errors import CxrError
+from ..core.labelsets import LabelSet
 from ..core.panels import PRIOR, reference_sources
 from . import settings
 from .annotation_actions import ANNOTATE, AnnotationActions
@@ -247,12 +248,16 @@ class AnnotationController(QObject):
         return ok
 
     def open_store(self, path: str | os.PathLike, *, read_only: bool = False,
-                   create: bool = True) -> bool:
-        """Open (or create) an annotation project; a second instance is told so."""
+                   create: bool = True, label_set: LabelSet | str | None = None) -> bool:
+        """Open (or create) an annotation project; a second instance is told so.
+
+        ``label_set``: a new project's label set (default nih14); the class chooser and the
+        image-label rows follow the project's.
+        """
         self.close_store()
         try:
             store = self.session.open(
-                path, read_only=read_only, create=create, background_sync=True,
+                path, read_only=read_only, create=create, background_sync=True, label_set=label_set,
                 on_durable=self.durable.emit,  # emitted on the sync thread: queued to the GUI
                 on_sync_error=lambda t, exc: self.syncFailed.emit(t, str(exc)))
         except CxrError as exc:
@@ -302,6 +307,7 @@ class AnnotationController(QObject):
         self.editor.clear()
         self.edits.flush_view()  # (a pending dock update must not outlive the project)
         self.session.close()
+        self.edits.sync_labels()
         self.dock.set_store_info(None)
         self.dock.set_save_state("none")
         self.dock.show_study([], {}, None)
@@ -315,7 +321,13 @@ class AnnotationController(QObject):
 
     def new_store_dialog(self) -> None:
         path = self.io.new_project_path(self.default_store_path())
-        if path and self.open_store(path):
+        if not path:
+            return
+        exists = Path(path).is_file()  # (an existing project keeps its label set)
+        label_set = None if exists else self.io.choose_label_set()
+        if label_set is None and not exists:
+            return  # cancelled
+        if self.open_store(path, label_set=label_set):
             self.set_annotation_mode(True)
 
     def open_store_dialog(self, read_only: bool = False) -> None:

@@ -9,6 +9,11 @@ Which pending proposals are shown is a display choice (the store keeps them all)
 current class's best :attr:`AnnotationEdits.top_k` (:func:`cxrviewer.core.proposals.select_proposals`),
 every class's with :attr:`AnnotationEdits.all_classes`, none when :attr:`AnnotationEdits.show_proposals`
 is off (view mode). Accept, reject and select-next act on the shown ones.
+
+Classes are the open project's label set (:attr:`AnnotationEdits.labels`): the class chooser
+(dock combo, C menu, [ ]), the dock's image-label rows and the class of new boxes follow it.
+A proposal whose class the project's labels lack is shown but refused on accept; choosing a
+class while it is selected accepts it as that class (the mapping).
 """
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ from PySide6.QtWidgets import QMenu, QWidget
 from ..core.annotations import (
     AnnotationSession, Edit, EditRefused, InvalidBoxError, created_box_ids, is_committed,
 )
-from ..core.classes import CLASSES
 from ..core.errors import AnnotationConflictError, CxrError
 from ..core.geometry import Box
 from ..core.proposals import select_proposals
@@ -65,6 +69,27 @@ class AnnotationEdits(QObject):
         self._dock_timer.setInterval(0)
         self._dock_timer.timeout.connect(self._show_dock)
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The open project's labels (the NIH 14 when none is open)."""
+        try:
+            return self.session.label_set.labels
+        except CxrError:
+            return self.dock.labels
+
+    def sync_labels(self) -> None:
+        """Show the project's labels in the dock; the class of new boxes stays one of them."""
+        try:
+            ls = self.session.label_set
+        except CxrError as exc:
+            self.feedback.error(str(exc))
+            return
+        self.dock.set_labels(ls.labels, ls.display_name)
+        if self.editor.draw_label not in ls.labels:
+            self.editor.set_draw_label(ls.labels[0])
+        else:
+            self.dock.set_class(self.editor.draw_label)
+
     # ---- running and redrawing ----------------------------------------------------------
     def run(self, op: Callable[..., Edit], *args: Any, select_created: bool = False) -> Edit | None:
         """Run one session edit, report why not if it was refused or failed, redraw.
@@ -101,6 +126,7 @@ class AnnotationEdits(QObject):
         except CxrError as exc:
             self.feedback.error(str(exc))
             return
+        self.sync_labels()
         if snap is None:
             self.editor.clear()
             self._dock_rows = ([], {}, None)
@@ -168,25 +194,29 @@ class AnnotationEdits(QObject):
         self.run(self.session.delete, self.selected("box"), self.selected("proposal"))
 
     def set_class(self, label: str) -> None:
-        """Class of new boxes, and of the selected boxes."""
-        if label not in CLASSES:
+        """Class of new boxes, and of the selected boxes; selected proposals are accepted as it."""
+        labels = self.labels
+        if label not in labels:
             return
         self.editor.set_draw_label(label)
-        boxes = self.selected("box")
+        boxes, props = self.selected("box"), self.selected("proposal")
+        if props and self.session.writable:
+            self.run(self.session.accept_proposals, props, label, select_created=True)
         if boxes and self.session.writable:
             self.run(self.session.relabel, boxes, label)
-        else:
+        elif not props:
             self.refresh()  # the new class's proposals
 
     def step_class(self, delta: int) -> None:
+        labels = self.labels
         label = self.editor.draw_label
-        i = CLASSES.index(label) if label in CLASSES else 0
-        self.set_class(CLASSES[(i + delta) % len(CLASSES)])
+        i = labels.index(label) if label in labels else 0
+        self.set_class(labels[(i + delta) % len(labels)])
 
     def class_menu(self) -> QMenu:
-        """A popup with the 14 classes at the cursor (non-blocking)."""
+        """A popup with the project's classes at the cursor (non-blocking)."""
         menu = QMenu(self.menu_parent)
-        for i, name in enumerate(CLASSES):
+        for i, name in enumerate(self.labels):
             a = menu.addAction(f"&{i + 1:x}  {name}" if i < 15 else name)
             a.setCheckable(True)
             a.setChecked(name == self.editor.draw_label)

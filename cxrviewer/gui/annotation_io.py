@@ -6,6 +6,11 @@ Default projects live in the user's data folder (:func:`user_data_dir`, Qt's
 ``default.cxrann``: never beside the opened folder, so never inside the installation or a
 checkout (e.g. ``resources/demo``). A project an earlier version made beside a user's own
 folder is still found there.
+
+A new project asks for its label set (:meth:`AnnotationIO.choose_label_set`). An import
+whose classes the project's label set cannot map opens :class:`LabelMappingDialog` (each
+unmapped class: one of the project's labels, "add to the project's labels" or "skip") and
+runs again with the choices; cancelled, it is refused with a message listing the classes.
 """
 from __future__ import annotations
 
@@ -13,15 +18,17 @@ import getpass
 import hashlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QLockFile, QObject, QStandardPaths, Signal
-from PySide6.QtWidgets import QFileDialog, QMessageBox, QWidget
+from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QInputDialog,
+                               QLabel, QMessageBox, QVBoxLayout, QWidget)
 
-from ..core.annotations import SUFFIX, AnnotationSession, Edit, EditRefused
+from ..core.annotations import SUFFIX, AnnotationSession, Edit, EditRefused, UnmappedClassesError
 from ..core.errors import CxrError
+from ..core.labelsets import BUILTIN, LabelSet, get_label_set
 from . import settings
 from .annotation_feedback import AnnotationFeedback
 
@@ -100,6 +107,64 @@ def project_lock(path: Path) -> tuple[Callable[[], None] | None, str | None]:
                   "and an undo that would overwrite its work is refused.")
 
 
+#: the choices of :class:`LabelMappingDialog` besides the project's labels
+ADD, SKIP = "add to the project's labels", "skip (leave its boxes out)"
+
+
+class LabelMappingDialog(QDialog):
+    """Where each class of an import goes: a project label, ADD (extend the label set) or SKIP.
+
+    :meth:`choices` gives ``(mapping, add_unknown)`` for the importers' keywords.
+    """
+
+    def __init__(self, unmapped: Sequence[str], labels: Sequence[str], label_set_title: str,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Map the imported classes")
+        lay = QVBoxLayout(self)
+        note = QLabel(f"These classes of the file are not in the project's label set "
+                      f"{label_set_title}. Choose where each goes:")
+        note.setWordWrap(True)
+        lay.addWidget(note)
+        form = QFormLayout()
+        self.combos: dict[str, QComboBox] = {}
+        for name in unmapped:
+            combo = QComboBox()
+            combo.addItems([ADD, SKIP, *labels])
+            form.addRow(name, combo)
+            self.combos[name] = combo
+        lay.addLayout(form)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Import")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay.addWidget(buttons)
+
+    def choose(self, name: str, choice: str) -> None:
+        """Set one class's choice (a project label, :data:`ADD` or :data:`SKIP`)."""
+        self.combos[name].setCurrentText(choice)
+
+    def choices(self) -> tuple[dict[str, str | None], bool]:
+        """``(mapping, add_unknown)``: ``{class: project label or None (skip)}``; the classes
+        left out of ``mapping`` are the ones to add."""
+        mapping: dict[str, str | None] = {}
+        add = False
+        for name, combo in self.combos.items():
+            text = combo.currentText()
+            if text == ADD:
+                add = True
+            else:
+                mapping[name] = None if text == SKIP else text
+        return mapping, add
+
+
+def ask_mapping(parent: QWidget, unmapped: Sequence[str], label_set: LabelSet
+                ) -> tuple[dict[str, str | None], bool] | None:
+    """Run :class:`LabelMappingDialog`; None when cancelled."""
+    dlg = LabelMappingDialog(unmapped, label_set.labels, label_set.display_name, parent)
+    return dlg.choices() if dlg.exec() == QDialog.DialogCode.Accepted else None
+
+
 class AnnotationIO(QObject):
     """Exports, imports and the project file dialogs of one window.
 
@@ -115,6 +180,8 @@ class AnnotationIO(QObject):
         self.session = session
         self.feedback = feedback
         self.parent_widget = parent
+        #: ``fn(parent, unmapped, label_set) -> (mapping, add_unknown) or None`` (tests replace it)
+        self.ask_mapping: Callable[..., tuple[dict[str, str | None], bool] | None] = ask_mapping
 
     # ---- exports / imports ----------------------------------------------------------
     def export_to(self, fmt: str, target: str | os.PathLike, *,
@@ -132,9 +199,21 @@ class AnnotationIO(QObject):
         return out
 
     def import_from(self, fmt: str, source: str | os.PathLike, **kwargs: Any) -> Edit | None:
-        """Import boxes (one undo step); studies not opened yet are matched when opened."""
+        """Import boxes (one undo step); studies not opened yet are matched when opened.
+
+        Classes the project's labels lack: :attr:`ask_mapping` (the mapping dialog), then the
+        import again with the choices; cancelled, the import is refused (nothing written).
+        """
         try:
-            edit = self.session.import_from(fmt, source, **kwargs)
+            try:
+                edit = self.session.import_from(fmt, source, **kwargs)
+            except UnmappedClassesError as exc:
+                chosen = self.ask_mapping(self.parent_widget, list(exc.unmapped), self.session.label_set)
+                if chosen is None:
+                    raise
+                mapping, add = chosen
+                edit = self.session.import_from(fmt, source, **{**kwargs, "mapping": mapping,
+                                                                 "add_unknown": add})
         except EditRefused as exc:
             self.feedback.refused(exc)
             return None
@@ -174,6 +253,28 @@ class AnnotationIO(QObject):
         if not path:
             return None
         return path if path.endswith(SUFFIX) else path + SUFFIX
+
+    def choose_label_set(self) -> LabelSet | None:
+        """Ask a new project's label set: a built-in one or a user's .json/.txt file; None:
+        cancelled (or the file could not be read: said so)."""
+        titles = {f"{ls.display_name} ({name})": name for name, ls in BUILTIN.items()}
+        from_file = "From a file (.json or .txt)…"
+        item, ok = QInputDialog.getItem(self.parent_widget, "New annotation project",
+                                        "Label set (the classes of its boxes and labels):",
+                                        [*titles, from_file], 0, False)
+        if not ok:
+            return None
+        if item != from_file:
+            return get_label_set(titles[item])
+        path, _ = QFileDialog.getOpenFileName(self.parent_widget, "Label set file", settings.last_dir(),
+                                              "Label sets (*.json *.txt);;All files (*)")
+        if not path:
+            return None
+        try:
+            return get_label_set(path)
+        except CxrError as exc:
+            self.feedback.error(f"Label set not used: {exc}")
+            return None
 
     def choose_project(self, default: Path) -> str | None:
         """No project open: ask "new", "open" or "default" (``default`` is its path); None:

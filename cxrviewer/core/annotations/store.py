@@ -1041,7 +1041,8 @@ class AnnotationStore:
                 raise UnmappedProposalError(
                     f"proposal {proposal_id}: the model's class {cur['label']!r} is not in this "
                     f"project's label set {ls.display_name}; map it to one of the project's labels "
-                    "(choose that class, then accept) or add it to the project's labels "
+                    "(select it and choose a class: it is accepted as that class) or add it to "
+                    "the project's labels "
                     f"('cxrviewer annotations add-labels PROJECT {cur['label']!r}')")
             name = cur["label"] if label is None else label
             box = self._plan_new_box(cur["study_id"], name, cur["x"], cur["y"], cur["w"],

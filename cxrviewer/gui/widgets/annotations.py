@@ -14,11 +14,13 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QGroup
                                QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from ...core.classes import CLASSES
+from ...core.labelsets import NIH14
 from ...core.proposals import score_text
 from ..views.box_editor import EditorItem, ItemKey
 
 #: Shown in the label combos; index 0 = not set.
 LABEL_CHOICES: tuple[str, ...] = ("—", "present", "absent", "uncertain")
+NIH_TITLE = NIH14.display_name
 STATUS_TEXT = {"unseen": "unseen", "in_progress": "in progress", "done": "done", "verified": "verified"}
 
 
@@ -35,7 +37,11 @@ def provenance_text(item: EditorItem) -> str:
 
 
 class AnnotationDock(QWidget):
-    """Store path/notice, review status, current class, box list, 14 labels, fine-tune."""
+    """Store path/notice, review status, current class, box list, image labels, fine-tune.
+
+    The class combo and the image-label table list the open project's labels
+    (:meth:`set_labels`; the NIH 14 until a project says otherwise).
+    """
 
     statusChosen = Signal(str)
     classChosen = Signal(str)
@@ -64,16 +70,19 @@ class AnnotationDock(QWidget):
         for s in STATUS_TEXT:
             self.status_combo.addItem(STATUS_TEXT[s], s)
         self.class_combo = QComboBox()
-        self.class_combo.addItems(list(CLASSES))
+        self.labels: tuple[str, ...] = ()
+        self.label_set_label = QLabel("")
         self.mode_label = QLabel("view mode")
         self.save_label = QLabel("")
         self.save_label.setToolTip("Whether every edit is on disk (fsynced): the store's sync "
                                    "thread reports it; nothing waits for it")
         # texts that change while drawing must never widen the dock (the image would jump)
-        for lab in (self.path_label, self.notice_label, self.mode_label, self.save_label):
+        for lab in (self.path_label, self.notice_label, self.mode_label, self.save_label,
+                    self.label_set_label):
             lab.setWordWrap(True)
             lab.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         form.addRow("Review", self.status_combo)
+        form.addRow("Labels", self.label_set_label)
         form.addRow("Class", self.class_combo)
         form.addRow("Mode", self.mode_label)
         form.addRow("Disk", self.save_label)
@@ -89,19 +98,12 @@ class AnnotationDock(QWidget):
         bl.addWidget(self.box_list)
         lay.addWidget(boxes, 3)
 
-        self.labels_table = QTableWidget(len(CLASSES), 2)
+        self.labels_table = QTableWidget(0, 2)
         self.labels_table.setHorizontalHeaderLabels(["Class", "Image label"])
         self.labels_table.verticalHeader().setVisible(False)
         self.labels_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.label_combos: dict[str, QComboBox] = {}
-        for r, name in enumerate(CLASSES):
-            it = QLabel(name)
-            self.labels_table.setCellWidget(r, 0, it)
-            combo = QComboBox()
-            combo.addItems(list(LABEL_CHOICES))
-            combo.currentIndexChanged.connect(lambda i, n=name: self._on_label(n, i))
-            self.labels_table.setCellWidget(r, 1, combo)
-            self.label_combos[name] = combo
+        self.set_labels(CLASSES, NIH_TITLE)
         labels = QGroupBox("Image-level labels")
         ll = QVBoxLayout(labels)
         ll.addWidget(self.labels_table)
@@ -122,7 +124,7 @@ class AnnotationDock(QWidget):
 
         self.status_combo.activated.connect(
             lambda i: self.statusChosen.emit(str(self.status_combo.itemData(i))))
-        self.class_combo.activated.connect(lambda i: self.classChosen.emit(CLASSES[i]))
+        self.class_combo.activated.connect(lambda i: self.classChosen.emit(self.labels[i]))
         self.box_list.itemSelectionChanged.connect(self._on_list_selection)
         self.finetune_btn.clicked.connect(self.finetuneRequested)
         self.cancel_btn.clicked.connect(self.cancelRequested)
@@ -157,13 +159,39 @@ class AnnotationDock(QWidget):
     def set_mode_text(self, text: str) -> None:
         self.mode_label.setText(text)
 
+    def set_labels(self, labels: Sequence[str], title: str = "") -> None:
+        """The project's labels: the class combo and one image-label row each (rebuilt only
+        when they changed); ``title`` names the label set."""
+        self.label_set_label.setText(title)
+        labels = tuple(labels)
+        if labels == self.labels:
+            return
+        current = self.class_combo.currentText()
+        self.labels = labels
+        self.class_combo.blockSignals(True)
+        self.class_combo.clear()
+        self.class_combo.addItems(list(labels))
+        if current in labels:
+            self.class_combo.setCurrentIndex(labels.index(current))
+        self.class_combo.blockSignals(False)
+        self.labels_table.clearContents()
+        self.labels_table.setRowCount(len(labels))
+        self.label_combos = {}
+        for r, name in enumerate(labels):
+            self.labels_table.setCellWidget(r, 0, QLabel(name))
+            combo = QComboBox()
+            combo.addItems(list(LABEL_CHOICES))
+            combo.currentIndexChanged.connect(lambda i, n=name: self._on_label(n, i))
+            self.labels_table.setCellWidget(r, 1, combo)
+            self.label_combos[name] = combo
+
     def set_class(self, label: str) -> None:
-        if label in CLASSES:
-            self.class_combo.setCurrentIndex(CLASSES.index(label))
+        if label in self.labels:
+            self.class_combo.setCurrentIndex(self.labels.index(label))
 
     def show_study(self, items: Sequence[EditorItem], labels: Mapping[str, str],
                    status: str | None) -> None:
-        """Fill the box list, the 14 label combos and the review status.
+        """Fill the box list, the image-label combos and the review status.
 
         The same rows as shown (an edit moved or relabelled a box) are updated in place;
         the list is rebuilt only when rows come or go.
