@@ -19,7 +19,7 @@ from .errors import CxrError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BundleInfo", "model_set_key", "scan_bundles"]
+__all__ = ["BundleInfo", "model_classes", "model_set_key", "scan_bundles"]
 
 
 @dataclass
@@ -38,6 +38,8 @@ class BundleInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     research_use_only: bool = False
+    classes: tuple[str, ...] = ()  # the model's classes, in its output order
+    label_set: str = ""  # the display name of the label set they come from ('' : none declared)
 
     @property
     def badge(self) -> str:
@@ -71,11 +73,22 @@ def scan_bundles(folder: str | os.PathLike) -> list[BundleInfo]:
             out.append(BundleInfo(Path(p), Path(p).name, "?", "?", None, True, False, None, error=str(exc)))
             continue
         prov = m.provenance
+        labels = m.labels
         out.append(BundleInfo(Path(p), m.name or Path(p).stem, m.family, m.architecture, m.role,
                               m.research_demo, bool(prov.get("trained", True)), m.weights_sha256,
                               m.description, dict(prov.get("metrics") or {}),
-                              research_use_only=bool(prov.get("research_use_only", False))))
+                              research_use_only=bool(prov.get("research_use_only", False)),
+                              classes=tuple(m.classes), label_set=labels.display_name if labels else ""))
     return out
+
+
+def model_classes(bundles: Sequence[BundleInfo]) -> tuple[str, ...]:
+    """The classes results of this model set will have: the classifier's, else the CIA model's
+    (the pipeline's rule, ``Pipeline.classes``); () without either."""
+    from .roles import assign_roles
+
+    roles = assign_roles([b for b in bundles if not b.error])
+    return next((tuple(roles[r].classes) for r in ("classifier", "cia") if r in roles), ())
 
 
 def model_set_key(bundles: Sequence[BundleInfo]) -> str:

@@ -23,8 +23,8 @@ from cxrviewer.core.results import Results
 
 __all__ = ["BELOW_PRIOR", "BelowPrior", "PRIOR", "PanelData", "PanelRef", "alignment_note", "below_prior_by_role",
            "class_panel", "default_box_method", "needs_class_maps", "not_available", "not_available_lines",
-           "panel_below_prior", "panel_data", "panel_list", "panel_model", "panel_ref", "prior_boxes", "proposal_sources", "reference_sources",
-           "scale_label", "split_below_prior", "wrap_caption"]
+           "panel_below_prior", "panel_data", "panel_list", "panel_model", "panel_ref", "prior_boxes",
+           "proposal_sources", "reference_sources", "scale_label", "split_below_prior", "wrap_caption"]
 
 #: the explainer of the location prior (one fixed reference box per class, never a proposal)
 PRIOR = "prior"
@@ -233,10 +233,12 @@ def not_available(roles: Collection[str], res: Results | None = None) -> dict[st
     return out
 
 
-def not_available_lines(roles: Collection[str], res: Results | None = None) -> list[str]:
-    """:func:`not_available` as ``Title: reason`` lines (panel titles; a box source by its method's title)."""
+def not_available_lines(roles: Collection[str], res: Results | None = None,
+                        found: Mapping[str, str] | None = None) -> list[str]:
+    """:func:`not_available` (or its ``found`` result) as ``Title: reason`` lines (panel titles; a
+    method's boxes by the method's title)."""
     lines = []
-    for key, why in not_available(roles, res).items():
+    for key, why in (not_available(roles, res) if found is None else found).items():
         try:
             title = panel_ref(key).spec.title
         except KeyError:

@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QHBoxLayout,
                                QWidget)
 
 from .. import __version__
+from ..core.catalog import model_classes
 from ..core.display import DisplayData, load_for_display
 from ..core.errors import CxrError
 from ..core.explain.registry import applicable_explainers, get_explainer
@@ -274,6 +275,9 @@ class MainWindow(QMainWindow):
         self.act_proposals = a("Show &proposals", self.grid.set_show_proposals, ["Shift+B"], checkable=True,
                                tip="Dashed boxes: the shown class's three best model proposals, with what their "
                                    "score is (p = probability, map = raw map value)")
+        self.act_unavailable = a("Show panels the models &cannot fill", self.show_unavailable_panels,
+                                 checkable=True, tip="Show every panel; one the model set cannot fill "
+                                                     "says why (e.g. needs a CIA model, NIH classes only)")
         self.act_reset = a("&Reset view", self.reset_view, ["Space"])
         self.act_fit = a("&Fit", self.grid.fit_all, ["F"])
         self.act_zoom_in = a("Zoom &in", lambda: self.grid.zoom(1.25), ["+", "=", QKeySequence.StandardKey.ZoomIn])
@@ -311,7 +315,8 @@ class MainWindow(QMainWindow):
         v = mb.addMenu("&View")
         presets = v.addMenu("Window &presets")
         presets.addActions(self.act_presets)
-        v.addActions([self.act_invert, self.act_wl_mode, self.act_gt, self.act_prior, self.act_proposals])
+        v.addActions([self.act_invert, self.act_wl_mode, self.act_gt, self.act_prior, self.act_proposals,
+                      self.act_unavailable])
         v.addSeparator()
         v.addActions([self.act_reset, self.act_fit, self.act_zoom_in, self.act_zoom_out])
         v.addSeparator()
@@ -650,14 +655,25 @@ class MainWindow(QMainWindow):
         roles = self._roles()
         if roles:
             self.grid.set_available(roles)
+        self.findings.set_model_classes(model_classes(bundles))  # an 18-class model: 18 rows
         if self._auto_layout:
             self.set_layout("grid" if self.inference.bundles else "1x1", user=False)
         self.models_label.setText(badge_html(bundles))
-        self.models_label.setToolTip("\n".join(f"{b.name}: {b.role or b.family}"
-                                               + (f" [{b.badge}]" if b.badge else "") for b in bundles))
+        missing = self.grid.unavailable_text() if roles else ""
+        self.models_label.setToolTip("\n".join([*(f"{b.name}: {b.role or b.family}"
+                                                  + (f", {len(b.classes)} classes" if b.classes else "")
+                                                  + (f" ({b.label_set})" if b.label_set else "")
+                                                  + (f" [{b.badge}]" if b.badge else "") for b in bundles),
+                                                *([missing] if missing else [])]))
+        if missing:
+            self.log_panel.add(missing.replace("\n", "; ").replace(":; ", ": ", 1))
         if self.state.study is not None:
             self.grid.set_study(self.state.study)
             self._request_analysis(self.state.study)
+
+    def show_unavailable_panels(self, on: bool) -> None:
+        """Show the panels the model set cannot fill, each saying why (View menu), or hide them."""
+        self.grid.set_hide_unavailable(not on)
 
     def _request_analysis(self, study: Study) -> None:
         ref = self.state.current_ref

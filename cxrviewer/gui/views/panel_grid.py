@@ -32,7 +32,7 @@ from PySide6.QtGui import QPainter
 from PySide6.QtWidgets import QGridLayout, QWidget
 
 from ...core.display import DisplayData
-from ...core.panels import below_prior_by_role, panel_list, panel_ref, scale_label
+from ...core.panels import below_prior_by_role, not_available, not_available_lines, panel_list, panel_ref, scale_label
 from ...core.render import DEFAULT_COLORMAP, OPACITY, overlay_lut
 from ..state import ViewerState
 from .explain_panels import (ORIGINAL, SCALE_QUANTITY, SCALE_SHARED, ExplanationPanel, panel_content, panel_keys,
@@ -82,6 +82,8 @@ class PanelGrid(QWidget):
         self.display = DisplayData()
         self.class_index: int | None = None
         self.available: set[str] | None = None  # panels the model set can fill (None: unknown)
+        #: panel key -> why the model set (and the shown results) cannot fill it (core.panels.not_available)
+        self.unavailable: dict[str, str] = {}
         self.hide_unavailable = True
         self.show_prior = False  # the location prior's grey reference box of the shown class
         self.show_proposals = False  # the shown class's best proposals on the original panel (View menu)
@@ -129,11 +131,20 @@ class PanelGrid(QWidget):
         return keys + order[:n - len(keys)] if len(keys) < n else keys
 
     def set_available(self, roles: Any) -> None:
-        """Which panels the model roles (``results.models`` keys) can fill; re-lays out on change."""
+        """Which panels the model roles (``results.models`` keys) can fill, and why not the others
+        (:attr:`unavailable`); re-lays out on change."""
         avail = {r.key for r in panel_list(set(roles))} & set(self.order)
+        results = self.results if self.results is not None and set(self.results.models) == set(roles) else None
+        self.unavailable = not_available(set(roles), results)
         if avail != self.available:
             self.available = avail
             self.set_layout(self.layout_name)
+
+    def set_hide_unavailable(self, hide: bool) -> None:
+        """Hide the panels the model set cannot fill (True, the default) or show them with the
+        reason as their placeholder (False)."""
+        self.hide_unavailable = bool(hide)
+        self.set_layout(self.layout_name)
 
     def set_layout(self, name: str) -> None:
         """``grid``, ``1x1``, ``2x2`` or ``1xN``."""
@@ -327,6 +338,7 @@ class PanelGrid(QWidget):
         self.display = display or DisplayData()
         if results is not None and results.models:
             self.set_available(results.models)
+            self.setToolTip(self.unavailable_text())
         if class_index is not None:
             self._choose(class_index, results)
         elif not self._class_auto and results is not None and self._chosen_class in results.classes:
@@ -337,6 +349,11 @@ class PanelGrid(QWidget):
             top = results.top_classes(1) if results is not None else []
             self.class_index = top[0] if top else (0 if results is not None and results.classes else None)
         self.refresh()
+
+    def unavailable_text(self) -> str:
+        """``Not available with these models:`` and one ``Panel: reason`` line each ('' : none)."""
+        lines = not_available_lines((), found=self.unavailable)
+        return "Not available with these models:\n" + "\n".join(lines) if lines else ""
 
     def set_class(self, class_index: int) -> None:
         """The user's class: shown now and kept for the next studies."""

@@ -54,14 +54,16 @@ class FindingsPanel(QTableWidget):
         self.setColumnWidth(COL_PROB, 90)
         self.setItemDelegateForColumn(COL_PROB, _BarDelegate(self))
         self.classes: tuple[str, ...] = ()
+        self.model_classes: tuple[str, ...] = ()  # the loaded model's classes (rows before results)
         self.probabilities: np.ndarray | None = None
         self.itemSelectionChanged.connect(self._on_selection)
         self.set_results(None)
 
     def set_results(self, results: Any, labels: dict[str, int] | None = None,
                     selected: int | None = None) -> None:
-        """Fill from ``results`` (None: the 14 classes without probabilities)."""
-        classes = tuple(results.classes) if results is not None and results.classes else tuple(CLASSES)
+        """Fill from ``results`` (None: the loaded model's classes, else the NIH 14, without probabilities)."""
+        classes = (tuple(results.classes) if results is not None and results.classes
+                   else self.model_classes or tuple(CLASSES))
         probs = results.probabilities if results is not None else None
         self.classes, self.probabilities = classes, probs
         order = (list(np.argsort(-np.asarray(probs), kind="stable")) if probs is not None
@@ -82,6 +84,12 @@ class FindingsPanel(QTableWidget):
                 self.setItem(row, COL_GT, QTableWidgetItem(gt))
             if selected is not None:
                 self._select(selected)
+
+    def set_model_classes(self, classes: tuple[str, ...] | list[str]) -> None:
+        """The loaded model set's classes (an 18-class model: 18 rows); shown until results arrive."""
+        self.model_classes = tuple(classes)
+        if self.probabilities is None:
+            self.set_results(None)
 
     def _select(self, class_index: int) -> None:
         for row in range(self.rowCount()):

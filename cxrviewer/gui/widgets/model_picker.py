@@ -110,6 +110,9 @@ class ModelPicker(QWidget):
             role = b.role or ("dm" if b.architecture == "dm" else b.family)
             item = QTreeWidgetItem([b.name, role, status])
             tip = f"{b.path}\n{b.architecture} ({b.family})\n{b.description}"
+            if b.classes:
+                tip += (f"\n{len(b.classes)} classes" + (f" ({b.label_set})" if b.label_set else "")
+                        + ": " + ", ".join(b.classes[:20]) + (", …" if len(b.classes) > 20 else ""))
             if b.metrics:
                 tip += "\n" + ", ".join(f"{k}={v}" for k, v in b.metrics.items())
             if b.error:
