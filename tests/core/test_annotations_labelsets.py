@@ -17,7 +17,7 @@ from cxrviewer.core.annotations import (
 )
 from cxrviewer.core.annotations.export import NIH_BBOX_HEADER
 from cxrviewer.core.annotations.migrations import migrate
-from cxrviewer.core.errors import AnnotationStoreError, UnmappedLabelsError
+from cxrviewer.core.errors import AnnotationStoreError, ExportError, UnmappedLabelsError
 from cxrviewer.core.geometry import Box
 from cxrviewer.core.labelsets import TORCHXRAYVISION18, VINDR_CXR
 from cxrviewer.core.study import Study, StudyMeta
@@ -228,3 +228,41 @@ def test_label_set_of_existing_project_is_kept(tmp_path: Path) -> None:
     assert _cli("new", str(tmp_path / "u.cxrann")) == 2  # never over an existing project
     assert _cli("new", str(tmp_path / "x.cxrann"), "--label-set", "no-such-set") == 2
     assert not (tmp_path / "x.cxrann").exists()
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path: Path, capsys) -> None:
+    coco = _vindr_coco(tmp_path / "vindr.json")
+    proj = tmp_path / "n.cxrann"
+    assert _cli("new", str(proj)) == 0
+    bad = [("import", str(proj), str(tmp_path / "missing.json"), "--format", "coco"),
+           ("import", str(proj), str(coco), "--format", "coco", "--map", "Nodule/Mass"),
+           ("import", str(proj), str(coco), "--format", "coco", "--map", "Nodule/Mass=Tumour"),
+           ("import", str(tmp_path / "none.cxrann"), str(coco), "--format", "coco"),
+           ("info", str(tmp_path / "none.cxrann"))]
+    errs = []
+    for argv in bad:
+        capsys.readouterr()
+        assert _cli(*argv) == 2, argv
+        errs.append(capsys.readouterr().err)
+        assert errs[-1].count("\n") == 1 and errs[-1].startswith("cxrviewer annotations: "), errs[-1]
+    assert "cannot read the COCO file" in errs[0] and "SOURCE=TARGET" in errs[1]
+    assert "'Tumour' is not in the NIH ChestX-ray14 label set" in errs[2]
+    assert "no annotation store here" in errs[3] and "no annotation store here" in errs[4]
+    assert not (tmp_path / "none.cxrann").exists()
+    with AnnotationStore(proj, read_only=True) as st:
+        assert st.studies() == [] and st.edit_ids() == [] and st.label_set.name == "nih14"
+
+
+def test_damaged_label_set_row_and_foreign_labels_refused(tmp_path: Path) -> None:
+    p = tmp_path / "d.cxrann"
+    with AnnotationStore(p) as st:
+        sid = st.ensure_study(StudyIdentity("a.png", sha256="1" * 64), width=50, height=50).id
+        st.add_box(sid, "Mass", 1, 1, 5, 5)
+        st._conn.execute("UPDATE boxes SET label = 'Tube'")  # a store edited by hand
+        with pytest.raises(ExportError, match="outside its label set.*'Tube'") as info:
+            export_store(st, tmp_path / "c.json", "coco")
+        assert not (tmp_path / "c.json").exists() and "\n" not in str(info.value)
+        st._conn.execute("UPDATE project SET value = '{\"labels\": 7}' WHERE key = 'label_set'")
+        with pytest.raises(AnnotationStoreError, match="label set is damaged"):
+            st.add_box(sid, "Mass", 1, 1, 5, 5)
+        assert len(st.boxes(sid)) == 1
