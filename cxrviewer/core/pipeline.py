@@ -66,7 +66,8 @@ def class_named(name: str, classes: Sequence[str], labels: Any = None) -> str:
     """The class of ``classes`` (a model's, in its order) that ``name`` stands for: the same name,
     the same up to case, spaces, ``_`` and ``-``, or a synonym in the model's label set ``labels``
     (a :class:`~cxrviewer.core.labelsets.LabelSet`: ``Opacity`` is Lung Opacity), or the same NIH
-    class (``Infiltration`` finds a model's ``Infiltrate``); :class:`UnknownClassError` (listing ``classes``) when none."""
+    class (``Infiltration`` finds a model's ``Infiltrate``); :class:`UnknownClassError` (listing
+    ``classes``) when none."""
     from .labelsets import NIH14, normalise
 
     if name in classes:

@@ -33,7 +33,7 @@ from ..core.catalog import model_classes
 from ..core.display import DisplayData, load_for_display
 from ..core.errors import CxrError
 from ..core.explain.registry import applicable_explainers, get_explainer
-from ..core.panels import needs_class_maps, panel_ref
+from ..core.panels import needs_class_maps, not_available_lines, panel_ref
 from ..core.result_cache import expand_paths
 from ..core.roles import assign_roles
 from ..core.io.worklist import Worklist
@@ -659,14 +659,15 @@ class MainWindow(QMainWindow):
         if self._auto_layout:
             self.set_layout("grid" if self.inference.bundles else "1x1", user=False)
         self.models_label.setText(badge_html(bundles))
-        missing = self.grid.unavailable_text() if roles else ""
+        lines = not_available_lines(roles) if roles else []  # this model set's, not older results'
+        missing = "Not available with these models:\n" + "\n".join(lines) if lines else ""
         self.models_label.setToolTip("\n".join([*(f"{b.name}: {b.role or b.family}"
                                                   + (f", {len(b.classes)} classes" if b.classes else "")
                                                   + (f" ({b.label_set})" if b.label_set else "")
                                                   + (f" [{b.badge}]" if b.badge else "") for b in bundles),
                                                 *([missing] if missing else [])]))
-        if missing:
-            self.log_panel.add(missing.replace("\n", "; ").replace(":; ", ": ", 1))
+        if lines:
+            self.log_panel.add("Not available with these models: " + "; ".join(lines))
         if self.state.study is not None:
             self.grid.set_study(self.state.study)
             self._request_analysis(self.state.study)

@@ -130,11 +130,11 @@ class PanelGrid(QWidget):
         keys = order[i:i + n]
         return keys + order[:n - len(keys)] if len(keys) < n else keys
 
-    def set_available(self, roles: Any) -> None:
+    def set_available(self, roles: Any, results: Any = None) -> None:
         """Which panels the model roles (``results.models`` keys) can fill, and why not the others
-        (:attr:`unavailable`); re-lays out on change."""
+        (:attr:`unavailable`; with ``results``, also the classes a method has nothing for);
+        re-lays out on change."""
         avail = {r.key for r in panel_list(set(roles))} & set(self.order)
-        results = self.results if self.results is not None and set(self.results.models) == set(roles) else None
         self.unavailable = not_available(set(roles), results)
         if avail != self.available:
             self.available = avail
@@ -337,7 +337,7 @@ class PanelGrid(QWidget):
         self.results = results
         self.display = display or DisplayData()
         if results is not None and results.models:
-            self.set_available(results.models)
+            self.set_available(results.models, results)
             self.setToolTip(self.unavailable_text())
         if class_index is not None:
             self._choose(class_index, results)
