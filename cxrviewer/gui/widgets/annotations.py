@@ -109,6 +109,20 @@ class AnnotationDock(QWidget):
         ll.addWidget(self.labels_table)
         lay.addWidget(labels, 4)
 
+        lay.addWidget(self._train_group())
+
+        self.status_combo.activated.connect(
+            lambda i: self.statusChosen.emit(str(self.status_combo.itemData(i))))
+        self.class_combo.activated.connect(lambda i: self.classChosen.emit(self.labels[i]))
+        self.box_list.itemSelectionChanged.connect(self._on_list_selection)
+        self.finetune_btn.clicked.connect(self.finetuneRequested)
+        self.cancel_btn.clicked.connect(self.cancelRequested)
+        self._keys: list[ItemKey] = []
+        self.save_state = "none"
+        self.set_enabled(False)
+
+    def _train_group(self) -> QGroupBox:
+        """"Fine-tune on my annotations": start, progress, cancel."""
         train = QGroupBox("Fine-tune on my annotations")
         tl = QHBoxLayout(train)
         self.finetune_btn = QPushButton("Start…")
@@ -120,17 +134,7 @@ class AnnotationDock(QWidget):
         tl.addWidget(self.finetune_btn)
         tl.addWidget(self.progress, 1)
         tl.addWidget(self.cancel_btn)
-        lay.addWidget(train)
-
-        self.status_combo.activated.connect(
-            lambda i: self.statusChosen.emit(str(self.status_combo.itemData(i))))
-        self.class_combo.activated.connect(lambda i: self.classChosen.emit(self.labels[i]))
-        self.box_list.itemSelectionChanged.connect(self._on_list_selection)
-        self.finetune_btn.clicked.connect(self.finetuneRequested)
-        self.cancel_btn.clicked.connect(self.cancelRequested)
-        self._keys: list[ItemKey] = []
-        self.save_state = "none"
-        self.set_enabled(False)
+        return train
 
     # ---- controller -> dock ----------------------------------------------------------
     def set_store_info(self, path: str | None, notice: str | None = None) -> None:
