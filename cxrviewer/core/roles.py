@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = ("alignment", "segmentation", "classifier", "dm", "cia")
 #: how a role is named in the viewer's messages
-ROLE_TITLES: dict[str, str] = {"alignment": "alignment", "segmentation": "segmentation", "classifier": "classifier",
-                               "dm": "DM", "cia": "CIA"}
+ROLE_TITLES: dict[str, str] = {"alignment": "alignment", "segmentation": "lung/heart segmentation",
+                               "classifier": "classifier", "dm": "DM", "cia": "CIA"}
 #: architectures whose models carry disease masks psi (``model.disease_masks``)
 DM_ARCHITECTURES: tuple[str, ...] = ("dm",)
 

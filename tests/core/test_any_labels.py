@@ -158,5 +158,5 @@ def test_pseudo_disease_masks_cover_nih_classes_only():
 def test_roles_alone_say_which_panels_cannot_be_made():
     na = not_available({"classifier"})
     assert na["contrast"] == "needs a CIA model with a normal bank (not loaded)"
-    assert na["anatomy"] == "needs a segmentation model (not loaded)"
+    assert na["anatomy"] == na["lung_heart"] == "needs a lung/heart segmentation model (not loaded)"
     assert not {"original", "gradcam", "am_final", "disease_mask"} & set(na)  # a classifier alone makes these

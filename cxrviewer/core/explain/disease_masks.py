@@ -234,7 +234,8 @@ class DiseaseMaskExplainer(Explainer, title="Disease mask (DM prior)", short="ψ
         return ExplainerOutput({"psi": psi.astype(np.float32)}, {"source": "pdm", "classes": covered})
 
     def missing(self, roles: Collection[str]) -> str:
-        return "" if self.applies(roles) else "needs a classifier, a DM model or a lung/heart segmentation (not loaded)"
+        return "" if self.applies(roles) else ("needs a classifier, a DM model or a lung/heart segmentation model "
+                                                "(not loaded)")
 
     def empty_reason(self, results: "Results") -> str:
         if "segmentation" not in results.models and "dm" not in results.models:
