@@ -9,14 +9,15 @@ imported torchvision / CheXNet / torchxrayvision model (``cxrviewer import-model
   ``encoder`` when the bundle has one). The backbone names must be equal (densenet121,
   resnet18/34/50, tiny) and the tensors must fit by name and shape, strictly; otherwise
   :class:`InitWeightsError` names both backbones and nothing is changed.
-- **the head** too, only when the bundle has the same class list and the same architecture (or is
+- **the head** too, only when the bundle has the same classes and the same architecture (or is
   the baseline ``cam_classifier`` and the target ``dm``, whose head is the baseline's) and every
-  head parameter fits by name and shape. A trainer whose classes differ gets a new, randomly
+  head parameter fits by name and shape. Classes match by spelling and synonym (labelsets); a
+  classifier bundle listing them in another order has its class rows reordered. A trainer whose classes differ gets a new, randomly
   initialised head (the usual fine-tuning case: an 18-label torchxrayvision model fine-tuned on
   the NIH-14 boxes).
 - **input channels**: our trainers feed grayscale (1 channel). A 3-channel bundle (ImageNet-style)
   has its first convolution folded to 1 channel: the RGB kernels are summed, each scaled by
-  ``s / s_c`` when the manifest gives per-channel ``mean``/``std``; the constant those channel
+  ``s / s_c`` when the manifest gives per-channel ``mean``/``std`` (``channel_mean_std``); the constant those channel
   means leave behind is folded into the stem's BatchNorm running mean. A 1-channel image repeated
   into 3 channels then gives exactly the 1-channel result away from the image border (exactly
   everywhere for a scalar normalisation). Other channel mismatches are refused.
@@ -51,7 +52,7 @@ HEAD_COMPATIBLE: frozenset[tuple[str, str]] = frozenset({("cam_classifier", "dm"
 FIRST_CONV = "stem.0.weight"
 STEM_BN_MEAN = "stem.1.running_mean"
 
-__all__ = ["InitWeightsError", "InitReport", "backbones_of", "fold_first_conv", "init_from_bundle",
+__all__ = ["InitWeightsError", "InitReport", "backbones_of", "class_order", "fold_first_conv", "init_from_bundle",
            "apply_normalisation", "HEAD_COMPATIBLE"]
 
 
@@ -118,9 +119,11 @@ def _sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torc
 
 
 def _channel_stats(norm: Mapping[str, Any], n: int) -> tuple[list[float], list[float]] | None:
-    """Per-channel ``(means, stds)`` of a ``mean_std`` normalisation with lists, else None."""
+    """Per-channel ``(means, stds)`` of a ``channel_mean_std`` (or ``mean_std``) normalisation with
+    lists, else None."""
     mean, std = norm.get("mean"), norm.get("std")
-    if norm.get("kind") != "mean_std" or not isinstance(mean, (list, tuple)) or not isinstance(std, (list, tuple)):
+    if (norm.get("kind") not in ("channel_mean_std", "mean_std") or not isinstance(mean, (list, tuple))
+            or not isinstance(std, (list, tuple))):
         return None
     if len(mean) != n or len(std) != n:
         raise InitWeightsError(f"normalisation mean/std have {len(mean)}/{len(std)} values for {_plural(n)}")
@@ -173,22 +176,53 @@ def _check_fits(state: Mapping[str, torch.Tensor], target: torch.nn.Module, what
                                    f"but {tuple(v.shape)} in the network")
 
 
+def class_order(src_classes: Sequence[str], classes: Sequence[str]) -> list[int] | None:
+    """For each trained class, the index of the same class in the bundle (by spelling and synonym,
+    :mod:`cxrviewer.core.labelsets`), or None unless the two lists are the same classes one to one."""
+    from cxrviewer.core.errors import LabelSetError
+    from cxrviewer.core.labelsets import NIH14, LabelSet, map_names
+
+    if len(src_classes) != len(classes):
+        return None
+    try:
+        target = NIH14 if tuple(classes) == NIH14.labels else LabelSet("trained", tuple(classes))
+        mapping, unmapped = map_names(src_classes, target)
+    except LabelSetError:
+        return None
+    mapped = [mapping.get(c) for c in src_classes]
+    if unmapped or len(set(mapped)) != len(classes):
+        return None
+    return [mapped.index(c) for c in target.labels]
+
+
 def _head_state(src_state: Mapping[str, torch.Tensor], src_arch: str, src_classes: Sequence[str],
                 model: torch.nn.Module, classes: Sequence[str], skip: Iterable[str]
                 ) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """The non-backbone tensors to copy, or ``(None, why not)``."""
+    """The non-backbone tensors to copy (class rows in the trained order), or ``(None, why not)``.
+
+    A bundle listing the same classes in another order (or spelling) gives a classifier-family
+    head with its ``classifier`` rows permuted; any other head needs the very same order."""
     prefixes = tuple(p + "." for p in skip)
-    if tuple(src_classes) != tuple(classes):
+    order = class_order(src_classes, classes)
+    if order is None:
         return None, f"classes differ: {len(src_classes)} in the bundle, {len(classes)} trained here"
     arch = str(getattr(model, "arch", ""))
     if src_arch != arch and (src_arch, arch) not in HEAD_COMPATIBLE:
         return None, f"architecture differs: {src_arch} -> {arch}"
+    permuted = order != list(range(len(order)))
+    if permuted and getattr(model, "family", "") != "classifier":
+        return None, "classes in another order"
     params = [k for k, _ in model.named_parameters() if not k.startswith(prefixes)]
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for k in params:
         if k not in src_state or tuple(src_state[k].shape) != tuple(own[k].shape):
             return None, f"head tensor '{k}' does not fit"
-    return {k: src_state[k] for k in own if k in src_state and tuple(src_state[k].shape) == tuple(own[k].shape)}, ""
+    head = {k: src_state[k] for k in own if k in src_state and tuple(src_state[k].shape) == tuple(own[k].shape)}
+    if permuted:
+        for k in ("classifier.weight", "classifier.bias"):
+            if k in head:
+                head[k] = head[k][order]
+    return head, ""
 
 
 def _plan(model: torch.nn.Module, src: torch.nn.Module, label: str) -> tuple[dict[str, str], Backbone]:
@@ -196,7 +230,8 @@ def _plan(model: torch.nn.Module, src: torch.nn.Module, label: str) -> tuple[dic
     has one, else from ``backbone``), after the name and channel checks; and the source backbone."""
     found = backbones_of(src)
     if not found:
-        raise InitWeightsError(f"init weights {label} ({getattr(src, 'arch', '?')}) have no backbone to reuse")
+        raise InitWeightsError(f"init weights {label} ({getattr(src, 'arch', '?')}) have no backbone our trainers "
+                               f"build (densenet121, resnet18/34/50 or tiny)")
     main_key = "backbone" if "backbone" in found else next(iter(found))
     src_bb = found[main_key]
     targets = backbones_of(model)

@@ -190,3 +190,44 @@ def test_three_channel_bundle_is_folded_to_grayscale(tmp_path):
         a, b = rgb.backbone.stem(z3), one.stem((x01 - norm["mean"]) / norm["std"])
     assert float((a - b)[..., 1:, 1:].abs().max()) < 1e-4
     assert float((a - b).abs().max()) > 1e-3  # the border differs: the fold is not a no-op check
+
+
+def test_head_rows_follow_the_class_names(tmp_path):
+    torch.manual_seed(1)
+    src = create_model("cam_classifier", backbone="tiny")
+    reordered = tuple(reversed([c.replace("_", " ") for c in CLASSES]))  # other order, other spelling
+    path = save_bundle(src, tmp_path / "rev", classes=reordered, input_size=SIZE)
+    model = create_model("cam_classifier", backbone="tiny")
+    rep = init_from_bundle(model, path)
+    assert rep.head_loaded
+    assert torch.equal(model.classifier.weight, src.classifier.weight.flip(0))
+    assert torch.equal(model.classifier.bias, src.classifier.bias.flip(0))
+
+
+def test_cia_starts_from_an_imported_torchvision_resnet(trained, tmp_path):
+    """The path of ``cxrviewer import-model``'s bundles: a torchvision ResNet-18 (3 channels, ImageNet
+    mean/std) becomes both CIA-Net backbones, its first conv folded to grayscale (lr 0: as loaded)."""
+    importers = pytest.importorskip("cxrviewer.core.importers")
+    torchvision = pytest.importorskip("torchvision")
+    from training.cli import main
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=len(CLASSES))
+    torch.save(net.state_dict(), tmp_path / "r18.pt")
+    bundle = importers.import_checkpoint(tmp_path / "r18.pt", "torchvision", tmp_path / "r18", arch="resnet18",
+                                         classes=list(CLASSES))
+    src = read_manifest(bundle)
+    out = tmp_path / "cia.cxrbundle"
+    assert main(["cia", "--backbone", "resnet18", "--arch-kwargs", '{"head_channels": 8}', "--epochs", "1",
+                 "--batch-size", "8", "--optimizer", "adam", "--lr", "0", "--limit", "16", "--bank-size", "2",
+                 "--init-weights", str(bundle), *_train_args(trained["data"], out)]) == 0
+    b = load_bundle(out)
+    iw = b.manifest.provenance["init_weights"]
+    assert iw["weights_sha256"] == src.weights_sha256 and iw["in_channels"] == 3 and "3 -> 1" in iw["adapted"]
+    stds = src.normalisation["std"]
+    s = sum(stds) / 3
+    want = (net.conv1.weight.detach() * torch.tensor([s / c for c in stds])[None, :, None, None]).sum(1, keepdim=True)
+    for bb in (b.model.backbone, b.model.encoder):
+        torch.testing.assert_close(bb.stem[0].weight, want)
+    assert b.manifest.normalisation == {"kind": "mean_std", "mean": pytest.approx(sum(src.normalisation["mean"]) / 3),
+                                        "std": pytest.approx(s)}
