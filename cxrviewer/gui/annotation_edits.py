@@ -260,10 +260,17 @@ class AnnotationEdits(QObject):
         """
         try:
             added = self.session.add_proposals(boxes, model_name)
+            ls = self.session.label_set
         except CxrError as exc:
             self.feedback.error(f"proposals not stored: {exc}")
             return 0
         self.refresh()
+        flat = [b for bxs in boxes.values() for b in bxs] if isinstance(boxes, Mapping) else list(boxes)
+        unmapped = sorted({b.label for b in flat if b.label not in ls})
+        if added and unmapped:
+            self.feedback.info(f"Model classes not in the project's labels ({ls.display_name}): "
+                               f"{', '.join(unmapped)}. Their proposals show with Shift+C; select one "
+                               "and choose a class to accept it as that class", 8000)
         return added
 
     # ---- labels and status ------------------------------------------------------------------

@@ -63,8 +63,10 @@ def test_class_chooser_follows_the_project_labels(host, tmp_path) -> None:
 
 def test_unmapped_proposal_is_mapped_by_choosing_a_class(host, tmp_path) -> None:
     c = _open(host, tmp_path / "n.cxrann")  # nih14
-    c.edits.set_proposal_view(all_classes=True)
     assert c.edits.add_model_proposals({"cam": [Box("Lung Opacity", 30, 30, 80, 60, 0.9)]}, "xrv") == 1
+    note = host.statusBar().currentMessage()
+    assert "not in the project's labels" in note and "Lung Opacity" in note and "Shift+C" in note
+    c.edits.set_proposal_view(all_classes=True)
     (prop,) = [it for it in c.editor.items if it.kind == "proposal"]
     assert prop.label == "Lung Opacity"  # shown as the model named it
     c.editor.select([prop.key])

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from ..classes import CLASSES
 from ..errors import AnnotationConflictError, AnnotationStoreError
 from ..geometry import Box
 
@@ -29,7 +28,8 @@ PROPOSAL_STATUSES: tuple[str, ...] = ("pending", "accepted", "rejected")
 
 
 class InvalidBoxError(AnnotationStoreError, ValueError):
-    """A box is empty, not finite, outside the image or of an unknown class."""
+    """A box is empty, not finite, outside the image or of a class outside the project's label
+    set (:meth:`~cxrviewer.core.annotations.AnnotationStore.check_label`)."""
 
 
 class EditConflictError(AnnotationConflictError):
@@ -238,16 +238,6 @@ class BoxGeometry:
     y: float
     w: float
     h: float
-
-
-def check_label(label: str) -> str:
-    """Canonical class name or :class:`InvalidBoxError`."""
-    from ..classes import canonical
-
-    try:
-        return canonical(label)
-    except KeyError:
-        raise InvalidBoxError(f"unknown class {label!r}; expected one of {', '.join(CLASSES)}") from None
 
 
 def clamp_box(x: float, y: float, w: float, h: float, width: int, height: int) -> BoxGeometry:

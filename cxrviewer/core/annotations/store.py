@@ -29,6 +29,11 @@ folder is not writable and no ``-wal`` is left) with ``immutable=1``, which crea
 non-SQLite or a damaged file (``PRAGMA quick_check`` at open) and read errors later all
 raise :class:`AnnotationStoreError` with a one-line message, never ``sqlite3`` errors.
 
+Label set. The project records its label set (schema v4, :attr:`AnnotationStore.label_set`;
+``nih14`` for older projects): boxes and image labels must use its labels (any spelling or
+synonym, stored as the set's label), proposals of other classes are kept but refused on
+accept until mapped (``accept_proposal(id, label=...)``) or added (:meth:`AnnotationStore.add_labels`).
+
 Undo. Every edit method returns an :class:`Edit` (full before/after rows);
 :meth:`AnnotationStore.undo` applies its inverse as a *new* committed edit, so
 the file always matches what the user sees. :class:`UndoStack` keeps the
