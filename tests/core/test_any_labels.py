@@ -160,3 +160,31 @@ def test_roles_alone_say_which_panels_cannot_be_made():
     assert na["contrast"] == "needs a CIA model with a normal bank (not loaded)"
     assert na["anatomy"] == na["lung_heart"] == "needs a lung/heart segmentation model (not loaded)"
     assert not {"original", "gradcam", "am_final", "disease_mask"} & set(na)  # a classifier alone makes these
+
+
+def test_imported_torchvision_classifier_gets_every_classifier_map(tmp_path):
+    """An imported 3-channel torchvision network (ImageNet mean/std) with 18 classes: CAM, Grad-CAM
+    and attention mining over its 18 classes, boxes labelled with them."""
+    from cxrviewer.core.errors import ModelError
+    from cxrviewer.core.models.registry import list_models
+
+    if "imported_classifier" not in {s.name for s in list_models()}:
+        pytest.skip("no imported_classifier in the model registry")
+    torch.manual_seed(0)
+    try:
+        model = create_model("imported_classifier", library="torchvision", model="resnet18", num_classes=18,
+                             in_channels=3)
+    except ModelError as exc:
+        pytest.skip(str(exc))
+    norm = {"kind": "channel_mean_std", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    save_bundle(model, tmp_path / "tv", classes=XRV, input_size=64, normalisation=norm, label_set="torchxrayvision18")
+    pl = Pipeline(assign_roles([load_bundle(tmp_path / "tv.cxrbundle")]), "cpu", map_max_side=48,
+                  am_classes=("Fracture",))
+    res = pl.run(synthetic_study(96, 80))
+    h, w = res.map_shape
+    for ex, key in (("cam", "cam"), ("gradcam", "gradcam"), ("attention_mining", "final")):
+        assert res.get(ex, key).shape == (18, h, w) and np.isfinite(res.get(ex, key)).all(), ex
+    assert res.get("attention_mining", "steps")["Fracture"].shape[0] == 3
+    assert {b.label for b in res.boxes["cam"]} <= set(XRV) and res.boxes["cam"]
+    na = not_available(res.models, res)
+    assert not {"original", "gradcam", "am_final", "am1"} & set(na)
