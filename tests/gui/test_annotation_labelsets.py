@@ -134,3 +134,25 @@ def test_class_of_new_boxes_becomes_one_of_the_project_labels(host, tmp_path) ->
     assert c.editor.draw_label == "Lung Opacity"  # Atelectasis is not one of its labels
     c.add_box(c.editor.draw_label, 20, 20, 50, 40)
     assert [b.label for b in c.store.boxes(c.record.id)] == ["Lung Opacity"]
+
+
+def test_new_project_asks_its_label_set(host, tmp_path, monkeypatch) -> None:
+    from cxrviewer.gui import annotation_io
+
+    c = AnnotationController.attach(host, annotator="tester")
+    offered = []
+
+    def pick(_parent, _title, _label, items, _current, _editable):
+        offered.extend(items)
+        return next(i for i in items if i.endswith("(torchxrayvision18)")), True
+
+    monkeypatch.setattr(annotation_io.QInputDialog, "getItem", staticmethod(pick))
+    monkeypatch.setattr(c.io, "new_project_path", lambda _default: str(tmp_path / "x.cxrann"))
+    c.new_store_dialog()
+    assert len(offered) == 6 and offered[-1].startswith("From a file")  # 5 built in + a file
+    assert c.store is not None and c.store.label_set == TORCHXRAYVISION18
+    assert _combo_items(c.dock.class_combo) == list(TORCHXRAYVISION18.labels)
+    monkeypatch.setattr(annotation_io.QInputDialog, "getItem", staticmethod(lambda *a: ("", False)))
+    monkeypatch.setattr(c.io, "new_project_path", lambda _default: str(tmp_path / "y.cxrann"))
+    c.new_store_dialog()  # cancelled: no project made
+    assert not (tmp_path / "y.cxrann").exists() and c.store.path.name == "x.cxrann"
