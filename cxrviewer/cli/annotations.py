@@ -72,8 +72,12 @@ def _err(msg: object) -> int:
     return 2
 
 
+def _labels(n: int) -> str:
+    return f"{n} label{'' if n == 1 else 's'}"
+
+
 def _describe(ls: Any) -> str:
-    return f"{ls.display_name} ({ls.name}, {len(ls)} labels)"
+    return f"{ls.display_name} ({ls.name}, {_labels(len(ls))})"
 
 
 def project_info(store: Any) -> dict[str, Any]:
@@ -99,7 +103,7 @@ def project_info(store: Any) -> dict[str, Any]:
 
 def _print_info(info: dict[str, Any]) -> None:
     print(f"project: {info['project']} (schema v{info['schema']})")
-    print(f"label set: {info['label_set_title']} ({info['label_set']}, {len(info['labels'])} labels): "
+    print(f"label set: {info['label_set_title']} ({info['label_set']}, {_labels(len(info['labels']))}): "
           + ", ".join(info["labels"]))
     status = ", ".join(f"{k} {v}" for k, v in sorted(info["statuses"].items())) or "none"
     print(f"studies: {info['studies']} ({status})")
