@@ -314,8 +314,9 @@ def init_from_bundle(model: torch.nn.Module, bundle: str | Path, *, classes: Seq
     return rep
 
 
-def apply_normalisation(datasets: Iterable[Any], normalisation: Mapping[str, Any]) -> None:
-    """Make ``datasets`` (ChestDataset / CachedDataset) normalise their images as ``normalisation`` says."""
+def apply_normalisation(datasets: Iterable[Any], normalisation: Mapping[str, Any]) -> dict[str, Any]:
+    """Make ``datasets`` (ChestDataset / CachedDataset) normalise their images as ``normalisation`` says;
+    returns the manifest ``normalisation`` they now feed (a contrast stretch is not applied, not listed)."""
     from dataclasses import replace
 
     from cxrviewer.core.preprocess import Preprocess
@@ -333,3 +334,4 @@ def apply_normalisation(datasets: Iterable[Any], normalisation: Mapping[str, Any
             raise InitWeightsError(f"{type(ds).__name__} has no preprocessing to set the init bundle's "
                                    f"normalisation on")
         ds.preprocess = replace(pre, normalisation=want.normalisation, mean=want.mean, std=want.std)
+    return replace(want, stretch=None).to_manifest()["normalisation"]

@@ -5,7 +5,8 @@
   with the same seed, its held-out AUROC after that epoch is higher, and the bundle it writes
   loads in the app and names its init source (name and weights SHA-256);
 - ``cxr-train classify --init-weights`` reuses the head too (same architecture and classes);
-  ``mine --init-weights`` adopts the bundle's normalisation and refuses ``--init`` alongside;
+  ``mine --init-weights`` adopts the bundle's normalisation and refuses ``--init`` alongside
+  (``--init`` adopts its bundle's normalisation too and refuses a 3-channel or other-class one);
 - a bundle whose backbone differs is refused with one typed line naming both backbones, and the
   network is left unchanged; a 3-channel (ImageNet-style) bundle's first convolution is folded to
   grayscale exactly (per-channel mean/std folded into the stem's BatchNorm).
@@ -148,6 +149,15 @@ def test_mine_init_weights_adopts_the_bundle_normalisation(trained, tmp_path):
     assert "architecture differs" in iw["random"]["classifier"] and "msa" in iw["random"]
     with pytest.raises(SystemExit, match="--init gives every weight"):
         main(["mine", "--init", str(trained["cls"]), *args, *_train_args(trained["data"], tmp_path / "x")])
+    # --init (continue a whole classifier) feeds and writes that bundle's normalisation too
+    cont = tmp_path / "am_cont.cxrbundle"
+    assert main(["mine", "--init", str(meanstd), "--kp", "vanilla", "--epochs", "1", "--batch-size", "16",
+                 "--limit", "32", *_train_args(trained["data"], cont)]) == 0
+    assert load_bundle(cont).manifest.normalisation == norm
+    rgb = save_bundle(create_model("cam_classifier", backbone="tiny", in_channels=3), tmp_path / "rgb",
+                      classes=CLASSES, input_size=SIZE)
+    with pytest.raises(SystemExit, match="--init-weights"):
+        main(["mine", "--init", str(rgb), *_train_args(trained["data"], tmp_path / "y")])
 
 
 def test_apply_normalisation_sets_what_the_datasets_feed(trained):

@@ -154,10 +154,9 @@ def init_normalisation(report, *datasets) -> dict | None:
     from ..init_weights import apply_normalisation
 
     try:
-        apply_normalisation(datasets, report.normalisation)
+        return apply_normalisation(datasets, report.normalisation)
     except CxrError as err:
         raise SystemExit(f"cxr-train: --init-weights: {err}") from err
-    return dict(report.normalisation)
 
 
 def init_provenance(report) -> dict:

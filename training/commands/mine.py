@@ -51,6 +51,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_train_arguments(p, epochs=3)
 
 
+def _continue_from(bundle, path: str, *datasets) -> dict:
+    """Check that an ``--init`` bundle is a grayscale NIH-14 classifier and make ``datasets`` feed its
+    normalisation; returns that normalisation (written to the new bundle)."""
+    from cxrviewer.core.classes import CLASSES
+    from cxrviewer.core.errors import CxrError
+
+    from ..init_weights import apply_normalisation, backbones_of, class_order
+
+    bbs = list(backbones_of(bundle.model).values())
+    channels = int(bbs[0].stem[0].weight.shape[1]) if bbs else 1
+    if channels != 1 or class_order(bundle.manifest.classes, CLASSES) != list(range(len(CLASSES))):
+        raise SystemExit(f"cxr-train mine: --init {path} ({len(bundle.manifest.classes)} classes, {channels} "
+                         f"input channels) is not a grayscale classifier of the 14 NIH classes in their order; "
+                         f"use --arch with --init-weights {path} to start from its backbone with a new head")
+    try:
+        return apply_normalisation(datasets, bundle.manifest.normalisation)
+    except CxrError as err:
+        raise SystemExit(f"cxr-train mine: --init: {err}") from err
+
+
 def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.bundle import load_bundle
     from cxrviewer.core.models import create_model, get_spec
@@ -74,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         b = load_bundle(args.init)
         if b.manifest.family != "classifier":
             raise SystemExit(f"{args.init} is not a classifier bundle")
+        norm = _continue_from(b, args.init, train_ds, val_ds)
         model = b.model
         model.requires_grad_(True)
         model.train()
