@@ -3,6 +3,7 @@
     cxrviewer [PATH ...] [--demo]      open the desktop app
     cxrviewer info PATH ... [--json]   metadata of studies, one line each
     cxrviewer analyze PATH ... --out DIR   run the pipeline headless
+    cxrviewer import-model CKPT --format F --out BUNDLE   a checkpoint as a model bundle
 
 Sub-commands live in :mod:`cxrviewer.cli`, one module each, imported
 explicitly here (explicit imports survive PyInstaller).
@@ -17,12 +18,14 @@ from collections.abc import Sequence
 
 from . import __version__
 from .cli import analyze as _analyze
+from .cli import import_model as _import_model
 from .cli import info as _info
 
 #: name -> module with ``add_arguments(parser)`` and ``run(args) -> int``
 SUBCOMMANDS = {
     "info": _info,
     "analyze": _analyze,
+    "import-model": _import_model,
 }
 
 

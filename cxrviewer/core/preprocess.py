@@ -11,9 +11,12 @@ bundle manifest (:class:`cxrviewer.core.bundle.Manifest`), never from GUI code:
     anti-aliasing (aspect ratio is not kept, as in NIH/JSRT training).
 ``normalisation``
     ``{"kind": "minus1_1"}`` (``2x - 1``, the disease-masks recipe),
-    ``{"kind": "zero_one"}`` or ``{"kind": "mean_std", "mean": m, "std": s}``
-    (the kinds of :data:`NORMALISATIONS`), optionally with ``"stretch"``
-    (see :func:`stretch_spec`).
+    ``{"kind": "zero_one"}``, ``{"kind": "mean_std", "mean": m, "std": s}`` or
+    ``{"kind": "channel_mean_std", "mean": [m0, m1, m2], "std": [s0, s1, s2]}``
+    (the grayscale image repeated into one channel per mean/std, each
+    normalised with its own pair: ImageNet-style 3-channel networks, e.g.
+    imported torchvision/timm models; the kinds of :data:`NORMALISATIONS`),
+    optionally with ``"stretch"`` (see :func:`stretch_spec`).
 
 :class:`Preprocess` holds all of it, built once from a manifest
 (:meth:`Preprocess.from_manifest`); the pipeline, the training datasets and the
@@ -53,24 +56,67 @@ def crop_box_pixels(crop: Mapping[str, Any] | None, shape: tuple[int, int]) -> C
 
 
 Pixels = TypeVar("Pixels", torch.Tensor, np.ndarray)
-_Map = Callable[[Any, float, float], Any]
+_Map = Callable[[Any, Any, Any], Any]
+#: ``mean``/``std`` of a normalisation: one number, or one per channel (``channel_mean_std``)
+Stat = float | tuple[float, ...]
+#: Most channels ``channel_mean_std`` may make (the bundle schema's ``in_channels`` limit).
+MAX_NORM_CHANNELS = 16
+
+
+def _per_channel(x: Any, values: tuple[float, ...]) -> Any:
+    """``values`` shaped ``[C, 1, 1]`` like ``x`` (tensor or array), for broadcasting over channels."""
+    if isinstance(x, torch.Tensor):
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        return torch.tensor(values, dtype=dtype, device=x.device).view(-1, 1, 1)
+    dtype = x.dtype if np.issubdtype(np.asarray(x).dtype, np.floating) else np.float32
+    return np.asarray(values, dtype=dtype).reshape(-1, 1, 1)
+
+
+def _to_channels(x: Any, m: tuple[float, ...], s: tuple[float, ...]) -> Any:
+    """Gray ``[..., 1, H, W]`` (or ``[H, W]``) in [0, 1] -> ``[..., C, H, W]``, channel c = (x - m_c) / s_c."""
+    return (x - _per_channel(x, m)) / _per_channel(x, s)
+
+
+def _from_channels(x: Any, m: tuple[float, ...], s: tuple[float, ...]) -> Any:
+    """Inverse of :func:`_to_channels`: the channels' mean back in [0, 1], ``[..., 1, H, W]``."""
+    y = x * _per_channel(x, s) + _per_channel(x, m)
+    if isinstance(y, torch.Tensor):
+        return y.mean(-3, keepdim=True)
+    return y.mean(axis=-3, keepdims=True).astype(y.dtype, copy=False)
+
 
 #: The normalisation kinds: name -> (from [0, 1], back to [0, 1]), each ``f(x, mean, std)``.
 NORMALISATIONS: dict[str, tuple[_Map, _Map]] = {
     "minus1_1": (lambda x, m, s: x * 2.0 - 1.0, lambda x, m, s: (x + 1.0) / 2.0),
     "zero_one": (lambda x, m, s: x, lambda x, m, s: x),
     "mean_std": (lambda x, m, s: (x - m) / max(s, 1e-8), lambda x, m, s: x * s + m),
+    "channel_mean_std": (_to_channels, _from_channels),
 }
 #: Spellings older manifests used, mapped to the name above when a manifest is read.
 LEGACY_NORMALISATION_KINDS: dict[str, str] = {"zero_1": "zero_one"}
 
 
-def _norm_params(norm: Mapping[str, Any] | None) -> tuple[str, float, float]:
+def _channel_stats(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``channel_mean_std``'s lists: equal lengths (1..16), finite numbers, every std > 0."""
+    if not isinstance(mean, (list, tuple)) or not isinstance(std, (list, tuple)):
+        raise ValueError("channel_mean_std needs 'mean' and 'std' lists, one number per channel")
+    m, s = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if not 1 <= len(m) <= MAX_NORM_CHANNELS or len(m) != len(s):
+        raise ValueError(f"channel_mean_std needs equally long 'mean' and 'std' lists of 1..{MAX_NORM_CHANNELS} "
+                         f"numbers, got {len(m)} and {len(s)}")
+    if not all(np.isfinite(m)) or not all(np.isfinite(s)) or min(s) <= 0:
+        raise ValueError("channel_mean_std 'mean'/'std' must be finite and every std > 0")
+    return m, s
+
+
+def _norm_params(norm: Mapping[str, Any] | None) -> tuple[str, Stat, Stat]:
     """``(kind, mean, std)`` of a manifest ``normalisation`` (default ``minus1_1``)."""
     norm = norm or {}
     kind = str(norm.get("kind", "minus1_1"))
     if kind not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation kind {kind!r}")
+    if kind == "channel_mean_std":
+        return (kind, *_channel_stats(norm.get("mean"), norm.get("std")))
     return kind, float(norm.get("mean", 0.5)), float(norm.get("std", 0.25))
 
 
@@ -167,13 +213,17 @@ class Preprocess:
     input_size: tuple[int, int] | None = None  # (H, W)
     crop: tuple[float, float, float, float] | None = None  # (x0, y0, x1, y1) fractions
     normalisation: str = "minus1_1"  # a kind of NORMALISATIONS
-    mean: float = 0.5  # mean_std only
-    std: float = 0.25  # mean_std only
+    mean: Stat = 0.5  # mean_std (a number) and channel_mean_std (one per channel) only
+    std: Stat = 0.25  # mean_std (a number) and channel_mean_std (one per channel) only
     stretch: tuple[float, float] | None = None  # percentile_stretch (low, high)
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation kind {self.normalisation!r}")
+        if self.normalisation == "channel_mean_std":
+            m, s = _channel_stats(self.mean, self.std)
+            object.__setattr__(self, "mean", m)
+            object.__setattr__(self, "std", s)
         if self.crop is not None and len(self.crop) != 4:
             raise ValueError(f"crop box must be [x0, y0, x1, y1] fractions, got {self.crop!r}")
 
@@ -206,6 +256,8 @@ class Preprocess:
         norm: dict[str, Any] = {"kind": self.normalisation}
         if self.normalisation == "mean_std":
             norm.update(mean=self.mean, std=self.std)
+        elif self.normalisation == "channel_mean_std":
+            norm.update(mean=list(self.mean), std=list(self.std))  # type: ignore[arg-type]
         if self.stretch is not None:
             norm["stretch"] = {"kind": "percentile_stretch", "low": self.stretch[0], "high": self.stretch[1]}
         crop = {"kind": "box", "box": list(self.crop)} if self.crop else {"kind": "none"}

@@ -18,6 +18,8 @@ lung_heart         classifier    M3 input attention + F_l = F_g * M_g (lung-hear
 alignment          alignment     affine alignment module (cia-net Eq. 1, disease-masks Eq. 6)
 cia                cia           M4 CIA-Net (cia-net Eq. 3)
 unet               segmentation  U-Net left lung / right lung / heart
+imported_          classifier    a torchvision/timm network imported with
+classifier                       ``cxrviewer import-model`` (models/imported.py)
 =================  ============  =====================================================
 
 Aliases: ``"resnet50"`` = cam_classifier on resnet50, ``"resnet50_msa"`` = msa on
@@ -44,6 +46,7 @@ from cxrviewer.core.models import lung_heart  # noqa: F401
 from cxrviewer.core.models import alignment  # noqa: F401
 from cxrviewer.core.models import cia  # noqa: F401
 from cxrviewer.core.models import unet  # noqa: F401
+from cxrviewer.core.models import imported  # noqa: F401
 from cxrviewer.core.models.unet import SEGMENTATION_CLASSES
 
 __all__ = [
