@@ -97,6 +97,11 @@ def test_torchvision_state_dict(tmp_path, arch, ours):
     logits, x01 = _ours_and_input01(out, _image())
     with torch.no_grad():
         _assert_close(logits, net(_imagenet_input(x01)))
+    # the CAM explains the logit: its spatial mean plus the head's bias (ConvNeXt: per-image linearised LayerNorm)
+    model = load_bundle(out).model
+    with torch.no_grad():
+        o = model(_imagenet_input(x01))
+    torch.testing.assert_close(o["cam"].mean((2, 3)) + model.cam_weights()[1], o["logits"], rtol=1e-4, atol=1e-4)
 
 
 class _CheXNet(nn.Module):
@@ -164,6 +169,24 @@ def test_torchxrayvision_whole_module_needs_allow_pickle(tmp_path):
     xin = torch.from_numpy(xrv.utils.normalize(x01[0, 0].numpy() * 255.0, 255))[None, None]
     with torch.no_grad():
         _assert_close(logits, model.classifier(model.features2(xin)))
+
+
+def test_torchxrayvision_resnet50_state_dict(tmp_path):
+    xrv = pytest.importorskip("torchxrayvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(num_classes=18, weights=None)  # as xrv.models.ResNet builds it
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    _calibrate(net, 1)
+    ckpt = tmp_path / "pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt"
+    torch.save(net.state_dict(), ckpt)  # xrv loads these with model.load_state_dict(torch.load(...))
+    out = import_checkpoint(ckpt, "torchxrayvision", tmp_path / "xrv50", arch="resnet50", input_size=64)
+    man = read_manifest(out)
+    assert man.arch_kwargs["backbone"] == "resnet50" and man.arch_kwargs["in_channels"] == 1
+    assert man.label_set == "torchxrayvision18" and man.provenance["pickled_checkpoint"] is False
+    logits, x01 = _ours_and_input01(out, _image())
+    xin = torch.from_numpy(xrv.utils.normalize(x01[0, 0].numpy() * 255.0, 255))[None, None]
+    with torch.no_grad():
+        _assert_close(logits, net(xin))
 
 
 class _Payload:
@@ -272,3 +295,38 @@ def test_cli_import_then_analyze(tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "chest" / "summary.json").read_text())
     assert summary["classes"] == CLASSES3 and set(summary["probabilities"]) == set(CLASSES3)
     assert "cam" in summary["methods"] and summary["boxes"].get("cam")
+
+
+def test_unsupported_networks_and_missing_timm_are_typed_errors(tmp_path, monkeypatch):
+    from cxrviewer.core.bundle import BundleError
+    from cxrviewer.core.errors import ModelError
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "mnv3.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None, num_classes=2).state_dict(), ckpt)
+    with pytest.raises(ModelError, match="not supported for import"):  # two linear layers after pooling
+        import_checkpoint(ckpt, "torchvision", tmp_path / "a", arch="mobilenet_v3_small", classes=["Mass", "Nodule"])
+    timm = pytest.importorskip("timm")
+    ckpt = tmp_path / "t.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=2).state_dict(), ckpt)
+    out = import_checkpoint(ckpt, "timm", tmp_path / "t", arch="resnet18", classes=["Mass", "Nodule"], input_size=32)
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(BundleError, match="needs timm, which is not installed"):
+        load_bundle(out)
+    with pytest.raises(ModelError, match="pip install timm"):
+        import_checkpoint(ckpt, "timm", tmp_path / "t2", arch="resnet18", classes=["Mass", "Nodule"])
+
+
+def test_channel_mean_std_manifest_roundtrip_and_refusals():
+    pre = Preprocess.from_normalisation({"kind": "channel_mean_std", "mean": IMAGENET[0], "std": IMAGENET[1]}, 16)
+    assert pre.to_manifest()["normalisation"] == {"kind": "channel_mean_std", "mean": IMAGENET[0], "std": IMAGENET[1]}
+    x01 = torch.rand(2, 1, 16, 16)
+    x = pre.normalise(x01)
+    assert x.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(x[:, 1:2], (x01 - 0.456) / 0.224)
+    torch.testing.assert_close(pre.denormalise(x), x01)
+    assert pre.normalise_array(x01[0, 0].numpy()).shape == (3, 16, 16)
+    for bad in ({"mean": [0.5, 0.5], "std": [0.2]}, {"mean": [0.5], "std": [0.0]}, {"mean": 0.5, "std": 0.2},
+                {"mean": [float("nan")], "std": [0.2]}):
+        with pytest.raises(ValueError):
+            Preprocess.from_normalisation({"kind": "channel_mean_std", **bad})

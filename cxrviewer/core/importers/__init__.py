@@ -4,7 +4,9 @@ Formats (:data:`FORMATS`):
 
 ``torchxrayvision``
     torchxrayvision's DenseNet-121 (``xrv.models.DenseNet``; its weight files are whole modules
-    saved with ``torch.save(model)``, so they need ``allow_pickle``): 1 channel, 224 px, its
+    saved with ``torch.save(model)``, so they need ``allow_pickle``) or, with ``--arch resnet50``,
+    its ResNet-50 (a state dict of torchvision's ResNet-50 with a 1-channel ``conv1``; 512 px
+    by default): 1 channel, 224 px, its
     intensity scaling ``(2 x - 1) * 1024`` (``mean_std`` with mean 0.5, std 1/2048), its 18
     labels (label set ``torchxrayvision18``). Its ``op_threshs`` buffer is dropped: bundles
     give logits.
@@ -71,13 +73,15 @@ def _imagenet(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAG
 def _plan(fmt: str, ckpt: Checkpoint, arch: str | None, input_size: int | None) -> _Plan:
     """Convert the checkpoint per ``fmt`` (see module docstring)."""
     if fmt in ("torchxrayvision", "chexnet"):
-        if (arch or "densenet121") != "densenet121":
-            raise ImportModelError(f"--format {fmt} supports --arch densenet121 only, not {arch!r}")
-        conv = to_our_backbone(ckpt.state, "densenet121")
-        if fmt == "torchxrayvision":
-            return _Plan(conv, "densenet121", input_size or 224, dict(XRV_NORMALISATION),
+        arch = arch or "densenet121"
+        allowed = ("densenet121", "resnet50") if fmt == "torchxrayvision" else ("densenet121",)
+        if arch not in allowed:
+            raise ImportModelError(f"--format {fmt} supports --arch {' or '.join(allowed)}, not {arch!r}")
+        conv = to_our_backbone(ckpt.state, arch)
+        if fmt == "torchxrayvision":  # xrv.models.ResNet's weights are resnet50-res512: 512 px
+            return _Plan(conv, arch, input_size or (512 if arch == "resnet50" else 224), dict(XRV_NORMALISATION),
                          TORCHXRAYVISION18.labels, TORCHXRAYVISION18)
-        return _Plan(conv, "densenet121", input_size or 224, _imagenet(), CHEXNET_CLASSES, NIH14)
+        return _Plan(conv, arch, input_size or 224, _imagenet(), CHEXNET_CLASSES, NIH14)
     if not arch:
         raise ImportModelError(f"--format {fmt} needs --arch (the {fmt} model name, e.g. resnet50, efficientnet_b0)")
     if fmt == "torchvision":

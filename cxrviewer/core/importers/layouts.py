@@ -126,8 +126,12 @@ def _check_split(model: nn.Module, what: str, size: int = 64) -> None:
     not model, e.g. an MLP after pooling)."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, model.in_channels, size, size, generator=g) * 2 - 1
-    with torch.no_grad():
-        ours, theirs = model(x)["logits"], model.net(x)
+    try:
+        with torch.no_grad():
+            ours, theirs = model(x)["logits"], model.net(x)
+    except Exception as exc:  # noqa: BLE001 - e.g. a transformer that needs another input size
+        raise ImportModelError(f"{what} cannot run as a CAM classifier: {type(exc).__name__}: "
+                               f"{str(exc).strip()[:160]}") from exc
     if not torch.is_tensor(theirs) or theirs.shape != ours.shape or \
             not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4 * (1 + float(theirs.abs().max()))):
         raise ImportModelError(f"{what}: its head is not global average pooling + one linear layer "

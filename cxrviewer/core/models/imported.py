@@ -110,16 +110,31 @@ def timm_split(net: nn.Module, name: str) -> Split:
         raise ModelError(f"timm '{name}': its classifier is {type(linear).__name__}, not one linear layer; "
                          f"not supported for import")
     path = next((p for p, m in net.named_modules() if m is linear), None)
-    pool = getattr(net, "global_pool", None) or getattr(getattr(net, "head", None), "global_pool", None)
-    pool_type = str(getattr(pool, "pool_type", "avg") or "")
-    if pool is None or pool_type not in ("avg", "fast_avg"):
-        raise ModelError(f"timm '{name}': pooling {pool_type or type(pool).__name__!r} is not global "
-                         f"average pooling; not supported for import")
+    pool = getattr(net, "global_pool", None)
+    if not isinstance(pool, nn.Module):  # ConvNeXt keeps it in its head; a ViT's is the string 'token'/'avg'
+        pool = getattr(getattr(net, "head", None), "global_pool", pool)
+    pool_type = str(getattr(pool, "pool_type", "") or "") if isinstance(pool, nn.Module) else ""
+    if pool_type not in ("avg", "fast_avg"):
+        what = pool_type or (pool if isinstance(pool, str) else type(pool).__name__)
+        raise ModelError(f"timm '{name}': pooling {what!r} is not global average pooling over a convolutional "
+                         f"feature map; not supported for import")
     norm = getattr(getattr(net, "head", None), "norm", None)
     norm_path = "head.norm" if isinstance(norm, nn.LayerNorm) else None
     if norm is not None and norm_path is None and not isinstance(norm, nn.Identity):
         raise ModelError(f"timm '{name}': a {type(norm).__name__} after pooling is not supported for import")
     return Split(lambda n, x: n.forward_features(x), str(path), norm=norm_path)
+
+
+def _on_meta_or_cpu(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``; if it cannot run on the ``meta`` device (RegNet computes its widths from
+    tensors), build it on the CPU instead, so a bundle's size check still counts it."""
+    try:
+        return build()
+    except NotImplementedError:
+        if torch.empty(0).device.type != "meta":
+            raise
+        with torch.device("cpu"):
+            return build()
 
 
 def build_library_model(library: str, model: str, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -130,7 +145,7 @@ def build_library_model(library: str, model: str, num_classes: int, in_channels:
         if in_channels != 3:
             raise ModelError("torchvision networks take 3 input channels")
         try:
-            return tvm.get_model(model, weights=None, num_classes=int(num_classes))
+            return _on_meta_or_cpu(lambda: tvm.get_model(model, weights=None, num_classes=int(num_classes)))
         except (ValueError, KeyError) as exc:
             raise ModelError(f"torchvision has no classification model {model!r}: {exc}") from exc
     if library == "timm":
@@ -140,8 +155,8 @@ def build_library_model(library: str, model: str, num_classes: int, in_channels:
             raise TimmMissingError(f"the network '{model}' needs timm, which is not installed "
                                    f"(pip install timm)") from exc
         try:
-            return timm.create_model(model, pretrained=False, num_classes=int(num_classes),
-                                     in_chans=int(in_channels))
+            return _on_meta_or_cpu(lambda: timm.create_model(model, pretrained=False, num_classes=int(num_classes),
+                                                             in_chans=int(in_channels)))
         except RuntimeError as exc:  # timm: "Unknown model (...)"
             raise ModelError(f"timm cannot build {model!r}: {exc}") from exc
     raise ModelError(f"unknown model library {library!r}; expected one of {', '.join(LIBRARIES)}")
@@ -182,7 +197,11 @@ class ImportedClassifier(CamClassifier):
         """The library's feature map before global pooling (a 1-channel input is repeated to 3)."""
         if x.shape[1] == 1 and self.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)
-        return self.feature_out(self.split.features(self.net, x)), {}
+        f = self.split.features(self.net, x)
+        if not isinstance(f, torch.Tensor) or f.dim() != 4:
+            raise ModelError(f"the imported network's features are not a [B, K, h, w] map "
+                             f"(got {tuple(getattr(f, 'shape', ()))}); CAM needs a convolutional feature map")
+        return self.feature_out(f), {}
 
     def feature_layer(self) -> nn.Module:
         """Module whose output is ``"features"`` (the Grad-CAM target layer)."""
