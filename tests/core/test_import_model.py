@@ -330,3 +330,24 @@ def test_channel_mean_std_manifest_roundtrip_and_refusals():
                 {"mean": [float("nan")], "std": [0.2]}):
         with pytest.raises(ValueError):
             Preprocess.from_normalisation({"kind": "channel_mean_std", **bad})
+
+
+def test_budgets_are_checked_before_reading(tmp_path, monkeypatch):
+    import struct
+
+    from cxrviewer.core.importers import checkpoint as ck
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), ckpt)
+    loads: list[str] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append("x") or real_load(*a, **k))
+    monkeypatch.setattr(ck, "MAX_CHECKPOINT_BYTES", ckpt.stat().st_size - 1)
+    with pytest.raises(ImportModelError, match="over the .* checkpoint limit; refused unread"):
+        import_checkpoint(ckpt, "torchvision", tmp_path / "a", arch="resnet18", classes=CLASSES3)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(ImportModelError, match="header is over the limit"):
+        import_checkpoint(huge, "torchvision", tmp_path / "a", arch="resnet18", classes=CLASSES3)
+    assert loads == [] and not (tmp_path / "a.cxrbundle").exists()
