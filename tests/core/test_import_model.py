@@ -36,27 +36,52 @@ def _image(h: int = 90, w: int = 76) -> np.ndarray:
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def _calibrate(m: nn.Module, channels: int, size: int = 64) -> nn.Module:
-    """BatchNorm running statistics from a few random batches, so activations are not ~0 at init
-    (a freshly built EfficientNet's logits are ~1e-13 in eval mode)."""
+def _x01(img: np.ndarray, size: int) -> torch.Tensor:
+    """The image resized to ``size`` in [0, 1], ``[1, 1, size, size]`` (what the manifest's crop/resize gives)."""
+    return Preprocess(input_size=(size, size)).crop_resize(torch.from_numpy(img)[None, None])[0]
+
+
+def _calibrate(m: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Make a random network behave like a trained one on the test input ``x``: BatchNorm running
+    statistics from ``x`` and two variants (a fresh EfficientNet's logits are ~1e-13 in eval mode),
+    then the last linear layer scaled so the logits on ``x`` are at most 4 in size."""
     torch.manual_seed(1)
     for mod in m.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             mod.momentum = None
-    m.train()
+    batch = torch.cat([x, x.flip(-1), x + 0.1 * x.std() * torch.randn_like(x)])
     with torch.no_grad():
-        for _ in range(2):
-            m(torch.rand(2, channels, size, size) * 2 - 1)
-    return m.eval()
+        m.train()
+        m(batch)
+        m.eval()
+        head = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+        scale = 4.0 / float(m(x).abs().max())
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    return m
 
 
-def _ours_and_input01(bundle: Path, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The imported bundle's logits through cxrviewer's preprocessing, and the resized image in [0, 1]."""
+def _xrv_input(xrv, x01: torch.Tensor) -> torch.Tensor:
+    """torchxrayvision's own scaling of an 8-bit image, [0, 255] -> [-1024, 1024]."""
+    return torch.from_numpy(xrv.utils.normalize(x01[0, 0].numpy() * 255.0, 255))[None, None]
+
+
+def _ours(bundle: Path, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The imported bundle's logits on ``img`` through cxrviewer's own preprocessing (prepare_input), that
+    network input, and the image cropped/resized to the input size in [0, 1]."""
     b = load_bundle(bundle)
     x, _ = prepare_input(img, b.manifest)
     x01, _ = Preprocess.from_manifest(b.manifest).crop_resize(torch.from_numpy(img)[None, None])
     with torch.no_grad():
-        return b.model(x)["logits"], x01
+        return b.model(x)["logits"], x, x01
+
+
+def _compare(logits: torch.Tensor, x: torch.Tensor, library_input: torch.Tensor, library_logits) -> None:
+    """Our preprocessing equals the library's own (float rounding) and, on that same tensor, our
+    logits equal the library network's within 1e-4."""
+    torch.testing.assert_close(x, library_input, rtol=1e-6, atol=1e-6 * max(1.0, float(library_input.abs().max())))
+    with torch.no_grad():
+        _assert_close(logits, library_logits(x))
 
 
 def _imagenet_input(x01: torch.Tensor) -> torch.Tensor:
@@ -64,12 +89,10 @@ def _imagenet_input(x01: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    """Within 1e-4, relative to the logits' scale when they exceed 1 (random-weight nets after BatchNorm
-    calibration can give logits in the thousands, where float32 rounding alone is ~1e-3)."""
+    """Logits within 1e-4 of the library's (and not ~0, which would prove nothing)."""
     assert ours.shape == theirs.shape
-    scale = float(theirs.abs().max())
-    assert scale > 1e-2, "reference logits are ~0: the comparison would prove nothing"
-    assert float((ours - theirs).abs().max()) <= 1e-4 * max(1.0, scale)
+    assert float(theirs.abs().max()) > 0.1, "reference logits are ~0: the comparison would prove nothing"
+    assert float((ours - theirs).abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("arch,ours", [("resnet18", "cam_classifier"), ("resnet50", "cam_classifier"),
@@ -77,7 +100,8 @@ def _assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
                                        ("convnext_tiny", "imported_classifier")])
 def test_torchvision_state_dict(tmp_path, arch, ours):
     torch.manual_seed(0)
-    net = _calibrate(torchvision.models.get_model(arch, weights=None, num_classes=3), 3)
+    net = _calibrate(torchvision.models.get_model(arch, weights=None, num_classes=3),
+                     _imagenet_input(_x01(_image(), 64)))
     ckpt = tmp_path / f"{arch}.pth"
     torch.save(net.state_dict(), ckpt)
     out = import_checkpoint(ckpt, "torchvision", tmp_path / "m", arch=arch, classes=CLASSES3, input_size=64)
@@ -94,9 +118,8 @@ def test_torchvision_state_dict(tmp_path, arch, ours):
         assert man.arch_kwargs["backbone"] == arch and man.arch_kwargs["in_channels"] == 3
     else:
         assert ("not exact" in man.description or "approximate" in man.description) == (arch == "convnext_tiny")
-    logits, x01 = _ours_and_input01(out, _image())
-    with torch.no_grad():
-        _assert_close(logits, net(_imagenet_input(x01)))
+    logits, x, x01 = _ours(out, _image())
+    _compare(logits, x, _imagenet_input(x01), net)
     # the CAM explains the logit: its spatial mean plus the head's bias (ConvNeXt: per-image linearised LayerNorm)
     model = load_bundle(out).model
     with torch.no_grad():
@@ -120,7 +143,7 @@ class _CheXNet(nn.Module):
 def test_chexnet_checkpoint_with_module_prefix_and_old_keys(tmp_path):
     torch.manual_seed(0)
     model = nn.DataParallel(_CheXNet())
-    _calibrate(model.module, 3)
+    _calibrate(model.module, _imagenet_input(_x01(_image(240, 230), 224)))
     opt = torch.optim.Adam(model.parameters())
     state = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v  # pre-0.4 torchvision names
              for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -131,21 +154,21 @@ def test_chexnet_checkpoint_with_module_prefix_and_old_keys(tmp_path):
     man = read_manifest(out)
     assert man.input_size == (224, 224) and man.label_set == "nih14" and len(man.classes) == 14
     assert man.classes[:3] == ("Atelectasis", "Cardiomegaly", "Effusion")
-    logits, x01 = _ours_and_input01(out, _image(240, 230))
+    logits, x, x01 = _ours(out, _image(240, 230))
+    torch.testing.assert_close(x, _imagenet_input(x01), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        probs = model.module(_imagenet_input(x01))
+        probs = model.module(x)
     assert float(probs.std()) > 1e-3
     assert float((torch.sigmoid(logits) - probs).abs().max()) < 1e-5
     head = model.module.densenet121.classifier[0]
-    with torch.no_grad():
-        f = torch.relu(model.module.densenet121.features(_imagenet_input(x01))).mean((2, 3))
-        _assert_close(logits, head(f))
+    with torch.no_grad():  # its logits: the Linear before the Sigmoid
+        _assert_close(logits, head(torch.relu(model.module.densenet121.features(x)).mean((2, 3))))
 
 
 def _xrv_model():
     xrv = pytest.importorskip("torchxrayvision")
     torch.manual_seed(0)
-    return xrv, _calibrate(xrv.models.DenseNet(weights=None), 1)
+    return xrv, _calibrate(xrv.models.DenseNet(weights=None), _xrv_input(xrv, _x01(_image(250, 240), 224)))
 
 
 def test_torchxrayvision_whole_module_needs_allow_pickle(tmp_path):
@@ -165,10 +188,8 @@ def test_torchxrayvision_whole_module_needs_allow_pickle(tmp_path):
     assert man.input_size == (224, 224) and man.normalisation == {"kind": "mean_std", "mean": 0.5, "std": 1 / 2048}
     assert man.provenance["pickled_checkpoint"] is True and man.provenance["dropped_tensors"] == ["op_threshs"]
     assert man.provenance["source_labels"] == list(model.targets)
-    logits, x01 = _ours_and_input01(out, _image(250, 240))
-    xin = torch.from_numpy(xrv.utils.normalize(x01[0, 0].numpy() * 255.0, 255))[None, None]
-    with torch.no_grad():
-        _assert_close(logits, model.classifier(model.features2(xin)))
+    logits, x, x01 = _ours(out, _image(250, 240))
+    _compare(logits, x, _xrv_input(xrv, x01), lambda t: model.classifier(model.features2(t)))
 
 
 def test_torchxrayvision_resnet50_state_dict(tmp_path):
@@ -176,17 +197,15 @@ def test_torchxrayvision_resnet50_state_dict(tmp_path):
     torch.manual_seed(0)
     net = torchvision.models.resnet50(num_classes=18, weights=None)  # as xrv.models.ResNet builds it
     net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    _calibrate(net, 1)
+    _calibrate(net, _xrv_input(xrv, _x01(_image(), 64)))
     ckpt = tmp_path / "pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt"
     torch.save(net.state_dict(), ckpt)  # xrv loads these with model.load_state_dict(torch.load(...))
     out = import_checkpoint(ckpt, "torchxrayvision", tmp_path / "xrv50", arch="resnet50", input_size=64)
     man = read_manifest(out)
     assert man.arch_kwargs["backbone"] == "resnet50" and man.arch_kwargs["in_channels"] == 1
     assert man.label_set == "torchxrayvision18" and man.provenance["pickled_checkpoint"] is False
-    logits, x01 = _ours_and_input01(out, _image())
-    xin = torch.from_numpy(xrv.utils.normalize(x01[0, 0].numpy() * 255.0, 255))[None, None]
-    with torch.no_grad():
-        _assert_close(logits, net(xin))
+    logits, x, x01 = _ours(out, _image())
+    _compare(logits, x, _xrv_input(xrv, x01), net)
 
 
 class _Payload:
@@ -222,7 +241,9 @@ def test_pickle_payload_never_runs_without_allow_pickle_and_only_in_the_child_wi
 def test_timm_checkpoints(tmp_path, name, save):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    net = _calibrate(timm.create_model(name, pretrained=False, num_classes=3), 3)
+    net = timm.create_model(name, pretrained=False, num_classes=3)
+    cfg = net.pretrained_cfg
+    _calibrate(net, torchvision.transforms.Normalize(cfg["mean"], cfg["std"])(_x01(_image(), 64).repeat(1, 3, 1, 1)))
     if save == "safetensors":
         st = pytest.importorskip("safetensors.torch")
         ckpt = tmp_path / "model.safetensors"
@@ -235,12 +256,9 @@ def test_timm_checkpoints(tmp_path, name, save):
     man = read_manifest(out)
     assert man.arch_kwargs == {"library": "timm", "model": name, "num_classes": 3, "in_channels": 3}
     assert man.label_set == "vindr-cxr"
-    cfg = net.pretrained_cfg
     assert man.normalisation["mean"] == pytest.approx(list(cfg["mean"]))
-    logits, x01 = _ours_and_input01(out, _image())
-    xin = torchvision.transforms.Normalize(cfg["mean"], cfg["std"])(x01.repeat(1, 3, 1, 1))
-    with torch.no_grad():
-        _assert_close(logits, net(xin))
+    logits, x, x01 = _ours(out, _image())
+    _compare(logits, x, torchvision.transforms.Normalize(cfg["mean"], cfg["std"])(x01.repeat(1, 3, 1, 1)), net)
 
 
 def test_bad_inputs_are_one_typed_line(tmp_path):
@@ -278,7 +296,8 @@ def test_cli_import_then_analyze(tmp_path, capsys):
 
     torch.manual_seed(0)
     ckpt = tmp_path / "r18.pth"
-    torch.save(_calibrate(torchvision.models.resnet18(weights=None, num_classes=3), 3).state_dict(), ckpt)
+    net = _calibrate(torchvision.models.resnet18(weights=None, num_classes=3), _imagenet_input(_x01(_image(96, 80), 64)))
+    torch.save(net.state_dict(), ckpt)
     models = tmp_path / "models"
     models.mkdir()
     rc = main(["import-model", str(ckpt), "--format", "torchvision", "--arch", "resnet18",
