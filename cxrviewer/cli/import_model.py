@@ -22,6 +22,7 @@ model saved with torch.save(model)) can run code when loaded and is refused unle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``cxrviewer import-model``."""
     from cxrviewer.core.importers import FORMATS
 
     p.add_argument("checkpoint", help="checkpoint file (.pt/.pth/.pth.tar/.bin or .safetensors)")

@@ -61,6 +61,7 @@ class Split:
 
     @property
     def cam_exact(self) -> bool:
+        """No LayerNorm between pooling and the linear layer: ``logits == cam.mean + b`` for any image."""
         return self.norm is None
 
 
