@@ -4,6 +4,7 @@
     cxrviewer info PATH ... [--json]   metadata of studies, one line each
     cxrviewer analyze PATH ... --out DIR   run the pipeline headless
     cxrviewer import-model CKPT --format F --out BUNDLE   a checkpoint as a model bundle
+    cxrviewer annotations new|info|import|export|add-labels PROJECT ...   annotation projects headless
 
 Sub-commands live in :mod:`cxrviewer.cli`, one module each, imported
 explicitly here (explicit imports survive PyInstaller).
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .cli import analyze as _analyze
+from .cli import annotations as _annotations
 from .cli import import_model as _import_model
 from .cli import info as _info
 
@@ -26,6 +28,7 @@ SUBCOMMANDS = {
     "info": _info,
     "analyze": _analyze,
     "import-model": _import_model,
+    "annotations": _annotations,
 }
 
 

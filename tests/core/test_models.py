@@ -24,6 +24,7 @@ EXPECTED = {
     "dm": "classifier",
     "msa": "classifier",
     "lung_heart": "classifier",
+    "imported_classifier": "classifier",
     "alignment": "alignment",
     "cia": "cia",
     "unet": "segmentation",

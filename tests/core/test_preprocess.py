@@ -87,7 +87,7 @@ def test_normalise_one_table(norm):
     out = pre.normalise_array(a)
     assert isinstance(out, np.ndarray) and out.dtype == np.float32
     assert np.array_equal(out, pre.normalise(t[0, 0]).numpy())
-    assert set(NORMALISATIONS) == {"minus1_1", "zero_one", "mean_std"}
+    assert set(NORMALISATIONS) == {"minus1_1", "zero_one", "mean_std", "channel_mean_std"}
 
 
 def test_normalisation_values():
