@@ -33,6 +33,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,9 +116,25 @@ def _load(record: Any) -> "Study":
     return study
 
 
+def _nih_name(name: str) -> str:
+    """The NIH name of a model's class (by spelling/synonym, e.g. VinDr's "Pleural effusion" ->
+    "Effusion"), else the name itself (scored against nothing: :func:`not_scored`)."""
+    from cxrviewer.core.labelsets import NIH14
+
+    return NIH14.canonical(name) or name
+
+
+def not_scored(classes: Sequence[str]) -> dict[str, str]:
+    """Per class of a model that the NIH labels and boxes cannot score: the reason."""
+    from cxrviewer.core.labelsets import NIH14
+
+    return {c: "not an NIH ChestX-ray14 class: the NIH labels and boxes have none of it (AUROC and "
+               "localisation not scored)" for c in classes if c not in NIH14}
+
+
 def _labels(study: "Study", classes: Sequence[str]) -> np.ndarray:
     have = study.labels or {}
-    return np.array([float(have.get(c, 0) > 0) for c in classes], dtype=np.float32)
+    return np.array([float(have.get(_nih_name(c), 0) > 0) for c in classes], dtype=np.float32)
 
 
 def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_boxes: TrainBoxes = (),
@@ -166,6 +183,10 @@ def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_box
                            "budgets": {k: words for k, (_, words) in BUDGETS.items()},
                            "evaluated_images": EVALUATED_IMAGES, "frame": "original pixels"}
     out.update(_floor_json(train_boxes, run.gts))
+    if not_scored(run.classes):
+        out["not_scored"] = not_scored(run.classes)
+        log.warning("evaluate: %d classes of the models are not NIH classes and are not scored: %s",
+                    len(out["not_scored"]), ", ".join(out["not_scored"]))
     if run.failed:
         out["failed"] = run.failed
     return out
@@ -205,7 +226,8 @@ class _Run:
         if study.gt_boxes:
             self.gts[key] = list(study.gt_boxes)
             for e in self.scorers:
-                self.preds[e.name][key] = list(res.boxes.get(e.name, []))
+                self.preds[e.name][key] = [replace(b, label=_nih_name(b.label))
+                                           for b in res.boxes.get(e.name, [])]
 
 
 def _per_key(boxes: TrainBoxes, key: Hashable) -> Sequence[Box]:
@@ -274,8 +296,8 @@ def _floor_json(train_boxes: TrainBoxes, gts: Mapping[Hashable, Sequence[Box]]) 
 
 
 # ---- a bare network on a training dataset (input space) ---------------------------------------
-def _boxes_of(arr: torch.Tensor) -> list[Box]:
-    return [Box(CLASSES[int(r[0])], float(r[1]), float(r[2]), float(r[3]), float(r[4])) for r in arr.tolist()]
+def _boxes_of(arr: torch.Tensor, classes: Sequence[str] = CLASSES) -> list[Box]:
+    return [Box(classes[int(r[0])], float(r[1]), float(r[2]), float(r[3]), float(r[4])) for r in arr.tolist()]
 
 
 def _probabilities(out: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -288,13 +310,14 @@ def _probabilities(out: Mapping[str, torch.Tensor]) -> np.ndarray:
 
 
 def single_model_boxes(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int], method: str = "cam",
-                       *, negative: torch.Tensor | None = None, steps: int | None = None
-                       ) -> tuple[np.ndarray, list[Box]]:
+                       *, negative: torch.Tensor | None = None, steps: int | None = None,
+                       names: Sequence[str] = CLASSES) -> tuple[np.ndarray, list[Box]]:
     """Probabilities ``[C]`` and the boxes (input pixels) of explainer ``method`` for ``classes``
     on one image ``[1, S, S]``, from ONE forward of ``model``.
 
     Boxes come from the explainer's ``box_map`` through its ``box_rule``; ``negative`` is the
-    paired normal image of a CIA network; ``steps`` the attention-mining steps T (Eq. 7-8).
+    paired normal image of a CIA network; ``steps`` the attention-mining steps T (Eq. 7-8);
+    ``names``: the model's class names (the boxes' labels; default the NIH 14).
     """
     ex = get_explainer(SHORT_NAMES.get(method, method))
     if ex.box_rule is None:
@@ -314,7 +337,7 @@ def single_model_boxes(model: torch.nn.Module, image: torch.Tensor, classes: Seq
         ctx = {} if steps is None else {"steps": steps}
         with torch.no_grad():
             heats = {c: ex.explain(out, c, model=model, inputs=x, **ctx)[ex.box_map][0] for c in classes}
-    boxes = [b for c in classes for b in ex.box_rule(heats[c], label=CLASSES[c], image_size=size)]
+    boxes = [b for c in classes for b in ex.box_rule(heats[c], label=names[c], image_size=size)]
     return probs, boxes
 
 
@@ -324,8 +347,14 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, *, method: str = "cam",
 
     ``dataset`` items follow :mod:`training.data.dataset` (image, labels, boxes in input pixels);
     boxes by :func:`single_model_boxes`; ``train_boxes`` (input pixels) give the floor;
-    ``negatives(i) -> image`` pairs a normal for CIA networks.
+    ``negatives(i) -> image`` pairs a normal for CIA networks. The classes are the dataset's
+    (``dataset.classes``, default the NIH 14); localisation is scored on the NIH boxed 8 for the NIH
+    14, on every class with a box for another set (:func:`training.data.labels.boxed_classes`).
     """
+    from .data.labels import boxed_classes
+
+    classes = tuple(getattr(dataset, "classes", CLASSES))
+    boxed = set(boxed_classes(classes))
     name = get_explainer(SHORT_NAMES.get(method, method)).name
     model.eval()
     dev = next(model.parameters()).device
@@ -334,17 +363,17 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, *, method: str = "cam",
     gts: dict[int, list[Box]] = {}
     for i in range(len(dataset)):
         item = dataset[i]
-        gt = _boxes_of(item["boxes"])
-        cls = sorted({CLASSES.index(b.label) for b in gt if b.label in BOXED_CLASSES})
+        gt = _boxes_of(item["boxes"], classes)
+        cls = sorted({classes.index(b.label) for b in gt if b.label in boxed})
         neg = negatives(i).to(dev) if negatives is not None else None
-        p, b = single_model_boxes(model, item["image"].to(dev), cls, name, negative=neg, steps=steps)
+        p, b = single_model_boxes(model, item["image"].to(dev), cls, name, negative=neg, steps=steps, names=classes)
         probs.append(p)
         labels.append(item["labels"].numpy())
         if gt:
             preds[i], gts[i] = b, gt
     loc = _loc_json(preds, gts)
     result = {"method": name, "n_images": len(dataset), "n_boxed_images": len(gts),
-              **_auroc_json(probs, labels, CLASSES), **loc}
+              **_auroc_json(probs, labels, classes), **loc}
     result.update(_floor_json(train_boxes, gts))
     return result
 

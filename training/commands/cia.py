@@ -13,14 +13,16 @@ import json
 import logging
 from pathlib import Path
 
-from .common import (add_data_arguments, add_init_weights_argument, add_train_arguments, command_line, datasets,
-                     init_normalisation, init_provenance, init_weights, parse_kwargs, train_config)
+from .common import (add_data_arguments, add_init_weights_argument, add_train_arguments, command_line,
+                     init_normalisation, init_provenance, init_weights, labelled_datasets, model_kwargs,
+                     train_config)
 
 #: what ``cxr-train cia --help`` says
 DESCRIPTION = """Train CIA-Net (contrast-induced attention) with limited box supervision and write a bundle
 that includes its bank of normal images for pairing. --box-fraction sets the share of boxed
 images whose boxes are used; --annotations adds the labels and accepted boxes of an
-annotation project. The defaults follow the paper (ResNet-50, 512 px, SGD lr 1e-3 divided by
+annotation project and trains its label set (any set: NIH 14, VinDr-CXR, torchxrayvision, yours;
+--data is then optional); --label-set NAME|FILE maps a folder's NIH labels onto another set. The defaults follow the paper (ResNet-50, 512 px, SGD lr 1e-3 divided by
 10 every 5 epochs, weight decay 1e-4, 15 epochs, batch 6); use --optimizer adam for small CPU
 runs. --init-weights starts both backbones from a model you have (a classifier of ours or an
 imported one with the same backbone)."""
@@ -45,11 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canonical", default=None,
                    help="canonical chest PNG for --negatives canonical (default resources/canonical_chest.png, "
                         "else the mean training normal)")
-    p.add_argument("--annotations", default=None,
-                   help="annotation project (.cxrann): its labels and accepted boxes override the CSVs "
-                        "for the images it knows; its other images with a readable path are added")
-    p.add_argument("--annotation-status", default=None,
-                   help="only studies with these review statuses, comma-separated (e.g. done,verified)")
     p.add_argument("--beta-b", type=float, default=5.0, help="weight beta_B of the box loss (Eq. 6)")
     p.add_argument("--bank-size", type=int, default=64, help="normal images stored in the bundle for pairing")
     p.add_argument("--prior", type=float, default=0.01,
@@ -58,83 +55,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_init_weights_argument(p, "Reused: the backbone, for both the feature branch and the attention "
                                  "branch's encoder (--backbone must be the bundle's); the attention conv and "
                                  "grid head only from a CIA-Net bundle with the same classes")
-    add_data_arguments(p)
+    add_data_arguments(p, labels=True)
     add_train_arguments(p, epochs=15, batch_size=6, lr=1e-3, optimizer="sgd")
     p.set_defaults(size=512, weight_decay=1e-4, lr_step_epochs=5)
 
 
 def merge_annotations(records: list, store_path: str | Path, *, status: list[str] | None = None) -> list:
-    """Records with the store's labels and boxes applied (see ``--annotations``).
+    """Records with the store's labels and boxes applied (see ``--annotations``), in the project's
+    label set (:func:`training.data.labels.read_annotations`, which also gives the set and counts).
 
     Matched by file stem (the NIH key). Labels: present -> 1, absent -> 0; uncertain keeps the
     CSV label (a new image: 0). A box of a class implies the class is present. A store study
     with accepted boxes replaces the CSV boxes of that image.
     """
-    import numpy as np
+    from ..data.labels import read_annotations
 
-    from cxrviewer.core.annotations import AnnotationStore, iter_training_records
-    from cxrviewer.core.classes import CLASSES, canonical
-
-    from ..data import Record
-
-    by_key = {r.key: r for r in records}
-    out = list(records)
-    n_upd = n_new = 0
-    with AnnotationStore(store_path, read_only=True) as store:
-        for tr in iter_training_records(store, status=status):
-            key = Path(tr.identity.file_name or (tr.path or "")).stem
-            rec = by_key.get(key)
-            if rec is None:
-                if not tr.path or not Path(tr.path).is_file() or not (tr.labels or tr.boxes):
-                    continue
-                rec = Record(Path(tr.path), key, np.zeros(len(CLASSES), np.float32), [], f"annotations:{key}")
-                by_key[key] = rec
-                out.append(rec)
-                n_new += 1
-            else:
-                n_upd += 1
-            labels = rec.labels.copy()
-            for name, v in tr.labels.items():
-                try:
-                    c = CLASSES.index(canonical(name))
-                except KeyError:
-                    continue
-                if v in (0, 1):
-                    labels[c] = float(v)
-            for b in tr.boxes:
-                if b.label in CLASSES:
-                    labels[CLASSES.index(b.label)] = 1.0
-            rec.labels = labels
-            if tr.boxes:
-                rec.boxes = list(tr.boxes)
-    log.info("annotations %s: %d images updated, %d added", store_path, n_upd, n_new)
-    return out
-
-
-def _datasets(args: argparse.Namespace):
-    if not args.annotations:
-        return datasets(args)
-    from ..data import AugmentConfig, ChestDataset, load_records, split_records
-
-    if args.cache:
-        raise SystemExit("--annotations cannot be combined with --cache (the cache holds the CSV boxes)")
-    status = [s.strip() for s in args.annotation_status.split(",")] if args.annotation_status else None
-    records = merge_annotations(load_records(args.data), args.annotations, status=status)
-    if args.limit:
-        records = records[: args.limit]
-    try:
-        train_r, val_r = split_records(records, fold=args.fold, n_folds=args.n_folds, seed=args.seed,
-                                       folder=args.data)
-    except ValueError as exc:
-        raise SystemExit(f"cxr-train: {exc}") from None
-    aug = None if args.no_augment else AugmentConfig()
-    return (records, ChestDataset(train_r, args.size, augment_cfg=aug, seed=args.seed),
-            ChestDataset(val_r, args.size, seed=args.seed), train_r, val_r)
+    return read_annotations(records, store_path, status=status).records
 
 
 def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.bundle import save_bundle
-    from cxrviewer.core.classes import CLASSES
     from cxrviewer.core.errors import CxrError
     from cxrviewer.core.models import create_model
 
@@ -147,13 +87,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--negatives canonical pairs with the canonical lung crop, but --align trains on the "
                          "models' frame (the whole registered chest): use --negatives paired or random "
                          "(aligned training normals, the bank the app pairs with)")
-    kwargs = {"backbone": args.backbone, **parse_kwargs(args.arch_kwargs)}
+    data = labelled_datasets(args)
+    train_ds, val_ds = data.train_ds, data.val_ds
+    kwargs = model_kwargs(args, data.classes, backbone=args.backbone)
     import torch
 
     torch.manual_seed(args.seed)  # --seed seeds the weights too
     model = create_model("cia", **kwargs)
-    init = init_weights(args, model)
-    _, train_ds, val_ds, train_r, val_r = _datasets(args)
+    init = init_weights(args, model, data.classes)
     init_normalisation(init, train_ds, val_ds)
     cfg = train_config(args, arch=model.arch, box_fraction=args.box_fraction, negatives=args.negatives,
                        beta_b=args.beta_b)
@@ -168,12 +109,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(str(err)) from err
     if dist_info()[0] != 0:
         return 0
-    prov = provenance(command_line(), cfg, args.data, history, fold=args.fold, n_folds=args.n_folds,
-                      n_train=len(train_r), n_val=len(val_r), annotations=args.annotations,
+    prov = provenance(command_line(), cfg, args.data or args.annotations, history, fold=args.fold, n_folds=args.n_folds,
+                      n_train=len(data.train_r), n_val=len(data.val_r), **data.provenance(args),
                       cia={k: v for k, v in info.items() if k != "normal_bank"}, research_demo=True,
                       cache_alignment=getattr(train_ds, "alignment", None), **init_provenance(init))
     extras_info = {"normal_bank": info.get("normal_bank", {})}
-    path = save_bundle(model.cpu(), args.out, classes=list(CLASSES), input_size=args.size,
+    path = save_bundle(model.cpu(), args.out, classes=list(data.classes), label_set=data.manifest_label_set(),
+                       input_size=args.size,
                        normalisation=dataset_preprocess(train_ds).to_manifest()["normalisation"], role="cia",
                        provenance=prov, extras=extras,
                        extras_info=extras_info, overwrite=True,

@@ -12,18 +12,21 @@ import argparse
 import json
 import logging
 
-from .common import (add_data_arguments, add_init_weights_argument, add_train_arguments, command_line, datasets,
-                     init_normalisation, init_provenance, init_weights, parse_kwargs, train_config)
+from .common import (add_data_arguments, add_init_weights_argument, add_train_arguments, command_line,
+                     init_normalisation, init_provenance, init_weights, labelled_datasets, model_kwargs,
+                     train_config)
 
 #: what ``cxr-train classify --help`` says
-DESCRIPTION = """Train a chest X-ray classifier for the 14 NIH classes (weighted binary cross-entropy) and
-write a model bundle the app loads. Any classifier architecture of the registry works: the
+DESCRIPTION = """Train a chest X-ray classifier (weighted binary cross-entropy) and write a model bundle the
+app loads. The classes come from the data: the NIH 14 for an NIH folder, an annotation project's
+label set with --annotations (its labels and accepted boxes), or --label-set NAME|FILE. Any classifier architecture of the registry works: the
 baseline CAM network, space attention, attention-gated, MSA, lung/heart. A checkpoint is saved
 every epoch in OUT.run/ (rerun the same command to resume) with a log.jsonl; the held-out
 fold's mean AUROC is printed at the end. --init-weights fine-tunes a model you have (one of
 ours or an imported one) instead of starting from random weights."""
 EXAMPLES = """  cxr-train classify --data NIH --arch resnet50 --size 512 --epochs 5 --out models/cls.cxrbundle
   cxr-train classify --data NIH --arch densenet121 --init-weights chexnet.cxrbundle --out models/ft.cxrbundle
+  cxr-train classify --annotations vindr_project.cxrann --arch densenet121 --out models/vindr.cxrbundle
   torchrun --nproc_per_node 2 -m training.cli classify ...   (several GPUs)"""
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-kwargs", default=None, help='JSON kwargs, e.g. \'{"backbone": "tiny"}\'')
     add_init_weights_argument(p, "Reused: the backbone; the head too when the bundle has the same architecture "
                                  "(or is cam_classifier and --arch dm) and the same 14 classes")
-    add_data_arguments(p)
+    add_data_arguments(p, labels=True)
     add_train_arguments(p)
 
 
@@ -48,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.arch} is not a classifier-family architecture")
     import torch
 
+    data = labelled_datasets(args)
+    train_ds, val_ds = data.train_ds, data.val_ds
+    kwargs = model_kwargs(args, data.classes)
     torch.manual_seed(args.seed)  # --seed seeds the weights too
-    model = create_model(args.arch, **parse_kwargs(args.arch_kwargs))
-    init = init_weights(args, model)
-    _, train_ds, val_ds, train_r, val_r = datasets(args)
+    model = create_model(args.arch, **kwargs)
+    init = init_weights(args, model, data.classes)
     norm = init_normalisation(init, train_ds, val_ds)
     cfg = train_config(args, arch=model.arch)
     if args.no_resume:
@@ -60,11 +65,13 @@ def run(args: argparse.Namespace) -> int:
         (Path(cfg.out_dir) / "checkpoint.pt").unlink(missing_ok=True)
     model, history = train_classifier(model, train_ds, val_ds, cfg)
     if dist_info()[0] == 0:
-        prov = provenance(command_line(), cfg, args.data, history, fold=args.fold, n_folds=args.n_folds,
-                          n_train=len(train_r), n_val=len(val_r),
+        prov = provenance(command_line(), cfg, args.data or args.annotations, history, fold=args.fold,
+                          n_folds=args.n_folds, n_train=len(data.train_r), n_val=len(data.val_r),
+                          **data.provenance(args),
                           cache_alignment=getattr(train_ds, "alignment", None),
                           **init_provenance(init))
-        path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov, normalisation=norm)
+        path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov, normalisation=norm,
+                                      classes=data.classes, label_set=data.manifest_label_set())
         final = history[-1].get("metrics", {}) if history else {}
         print(json.dumps({"bundle": str(path), "mean_auroc": final.get("mean_auroc")}))
     return 0

@@ -5,14 +5,38 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cxrviewer.core.classes import CLASSES
+from cxrviewer.core.labelsets import LabelSet
 
 from ..trainers.loop import TrainConfig
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """The data options of the training commands (folder, cache, size, fold)."""
+def add_data_arguments(p: argparse.ArgumentParser, *, labels: bool = False) -> None:
+    """The data options of the training commands (folder, cache, size, fold). ``labels``: also
+    ``--annotations``/``--annotation-status``/``--label-set`` (the class list comes from the data,
+    :func:`labelled_datasets`), and ``--data`` becomes optional beside ``--annotations``."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="NIH-layout folder (real NIH or phantoms)")
+    if labels:
+        g.add_argument("--data", default=None,
+                       help="NIH-layout folder (real NIH or phantoms); optional with --annotations "
+                            "(then only the project's images with a readable file are used)")
+        g.add_argument("--annotations", default=None,
+                       help="annotation project (.cxrann): the classes trained are its label set (all its "
+                            "labels, in its order); its labels and accepted boxes override the folder's "
+                            "for the images it knows, its other images with a readable path are added")
+        g.add_argument("--annotation-status", default=None,
+                       help="only studies with these review statuses, comma-separated (e.g. done,verified)")
+        g.add_argument("--label-set", default=None, metavar="NAME|FILE",
+                       help="without --annotations: the classes to train (a built-in set such as nih14, "
+                            "torchxrayvision18, vindr-cxr, rsna-pneumonia, or a .json/.txt file); the "
+                            "folder's NIH labels and boxes are mapped onto it by name and synonym, the "
+                            "others reported (default nih14)")
+    else:
+        g.add_argument("--data", required=True, help="NIH-layout folder (real NIH or phantoms)")
     g.add_argument("--cache", default=None,
                    help="HDF5 cache (cxr-train cache); built here first if the file does not exist")
     g.add_argument("--size", type=int, default=256, help="network input size in pixels")
@@ -60,12 +84,18 @@ def command_line() -> str:
 
 
 def datasets(args: argparse.Namespace, *, augment: bool = True):
-    """(records, train_ds, val_ds, train_records, val_records) for the requested fold."""
+    """(records, train_ds, val_ds, train_records, val_records) of the NIH folder ``--data`` (the NIH 14)."""
+    from ..data import load_records
+
+    return datasets_of(args, load_records(args.data), augment=augment)
+
+
+def datasets_of(args: argparse.Namespace, records: list, *, augment: bool = True, classes: Sequence[str] = CLASSES):
+    """:func:`datasets` of ``records`` whose labels are in ``classes`` order (``--limit``, fold, cache)."""
     from pathlib import Path
 
-    from ..data import AugmentConfig, CachedDataset, ChestDataset, build_cache, load_records, split_records
+    from ..data import AugmentConfig, CachedDataset, ChestDataset, build_cache, split_records
 
-    records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
     try:
@@ -77,26 +107,109 @@ def datasets(args: argparse.Namespace, *, augment: bool = True):
     align = getattr(args, "align", None)
     if align and not args.cache:
         raise SystemExit("--align needs --cache (the aligned images are built into the cache once)")
-    if args.cache:
-        cache = Path(args.cache)
-        if not cache.is_file():
-            build_cache(records, cache, args.size, align=align)
-        ds = CachedDataset(cache)
-        if ds.size != args.size:
-            raise SystemExit(f"--size {args.size} but the cache {cache} holds {ds.size} px images "
-                             f"(give --size {ds.size} or another --cache)")
-        if align and ds.alignment is None:
-            raise SystemExit(f"--align: cache {cache} holds unaligned images (build a new one)")
-        index = {k: i for i, k in enumerate(ds.keys)}
-        missing = [r.key for r in train_r + val_r if r.key not in index]
-        if missing:
-            raise SystemExit(f"cache {cache} lacks {len(missing)} records of {args.data} (rebuild it)")
-        train_ds = CachedDataset(cache, [index[r.key] for r in train_r], augment_cfg=aug, seed=args.seed)
-        val_ds = CachedDataset(cache, [index[r.key] for r in val_r], seed=args.seed)
-    else:
-        train_ds = ChestDataset(train_r, args.size, augment_cfg=aug, seed=args.seed)
-        val_ds = ChestDataset(val_r, args.size, seed=args.seed)
-    return records, train_ds, val_ds, train_r, val_r
+    if not args.cache:
+        return (records, ChestDataset(train_r, args.size, augment_cfg=aug, seed=args.seed, classes=classes),
+                ChestDataset(val_r, args.size, seed=args.seed, classes=classes), train_r, val_r)
+    cache = Path(args.cache)
+    if not cache.is_file():
+        build_cache(records, cache, args.size, align=align, classes=classes)
+    ds = CachedDataset(cache)
+    if ds.size != args.size:
+        raise SystemExit(f"--size {args.size} but the cache {cache} holds {ds.size} px images "
+                         f"(give --size {ds.size} or another --cache)")
+    if tuple(ds.classes) != tuple(classes):
+        raise SystemExit(f"cache {cache} holds {len(ds.classes)} other classes than the {len(classes)} trained "
+                         f"(build another --cache)")
+    if align and ds.alignment is None:
+        raise SystemExit(f"--align: cache {cache} holds unaligned images (build a new one)")
+    index = {k: i for i, k in enumerate(ds.keys)}
+    missing = [r.key for r in train_r + val_r if r.key not in index]
+    if missing:
+        raise SystemExit(f"cache {cache} lacks {len(missing)} records of {args.data} (rebuild it)")
+    return (records, CachedDataset(cache, [index[r.key] for r in train_r], augment_cfg=aug, seed=args.seed),
+            CachedDataset(cache, [index[r.key] for r in val_r], seed=args.seed), train_r, val_r)
+
+
+@dataclass
+class TrainingData:
+    """What :func:`labelled_datasets` gives a trainer: the data sets and the classes they carry."""
+
+    records: list
+    train_ds: Any
+    val_ds: Any
+    train_r: list
+    val_r: list
+    label_set: LabelSet
+    annotated: Any = None  # training.data.labels.Annotated with --annotations
+    dropped: Any = None  # training.data.labels.Dropped
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The trained classes, in the order of the labels and of the model's outputs."""
+        return tuple(self.label_set.labels)
+
+    def manifest_label_set(self) -> str | dict:
+        """The written bundle's manifest ``label_set``."""
+        from ..data.labels import manifest_label_set
+
+        return manifest_label_set(self.label_set)
+
+    def provenance(self, args: argparse.Namespace) -> dict:
+        """``annotations`` (project, counts, left out) and ``labels_left_out`` for the bundle's provenance."""
+        out: dict = {"annotations": self.annotated.provenance(args.annotations) if self.annotated
+                     else args.annotations}
+        if self.dropped:
+            out["labels_left_out"] = self.dropped.to_json()
+        return out
+
+
+def labelled_datasets(args: argparse.Namespace) -> TrainingData:
+    """The data sets of ``--data`` and/or ``--annotations`` with the classes they carry: the project's
+    label set, else ``--label-set``, else the NIH 14 (:mod:`training.data.labels`)."""
+    from cxrviewer.core.errors import CxrError
+    from cxrviewer.core.labelsets import NIH14, get_label_set
+
+    from ..data import load_records
+    from ..data.labels import Dropped, read_annotations, remap_records
+
+    name = f"cxr-train {getattr(args, 'command', '') or ''}".rstrip()
+    if not args.data and not args.annotations:
+        raise SystemExit(f"{name}: give --data DIR, --annotations PROJECT, or both")
+    records = load_records(args.data) if args.data else []
+    annotated, dropped = None, Dropped()
+    try:
+        if args.annotations:
+            if args.cache:
+                raise SystemExit("--annotations cannot be combined with --cache (the cache holds the CSV boxes)")
+            if args.label_set:
+                raise SystemExit(f"{name}: --label-set: a project trains its own label set (extend it with "
+                                 "'cxrviewer annotations add-labels')")
+            status = [s.strip() for s in args.annotation_status.split(",")] if args.annotation_status else None
+            annotated = read_annotations(records, args.annotations, status=status)
+            records, label_set, dropped = annotated.records, annotated.label_set, annotated.dropped
+        else:
+            label_set = get_label_set(args.label_set) if args.label_set else NIH14
+            records = remap_records(records, label_set, dropped)
+    except CxrError as err:
+        raise SystemExit(f"{name}: {err}") from err
+    dropped.warn(label_set)
+    if not records:
+        raise SystemExit(f"{name}: no training images (the project's images need a readable file, or give --data)")
+    data = datasets_of(args, records, classes=label_set.labels)
+    return TrainingData(*data, label_set=label_set, annotated=annotated, dropped=dropped)
+
+
+def model_kwargs(args: argparse.Namespace, classes: Sequence[str], **kwargs: Any) -> dict:
+    """``--arch-kwargs`` (plus ``kwargs``) with ``num_classes`` for ``classes`` (left to the
+    architecture's default for the NIH 14, so NIH runs are unchanged); a contradicting
+    ``num_classes`` exits with one line."""
+    out = {**kwargs, **parse_kwargs(args.arch_kwargs)}
+    if tuple(classes) != tuple(CLASSES) or "num_classes" in out:
+        if int(out.get("num_classes", len(classes))) != len(classes):
+            raise SystemExit(f"--arch-kwargs num_classes {out['num_classes']} but the data has "
+                             f"{len(classes)} classes")
+        out["num_classes"] = len(classes)
+    return out
 
 
 def parse_kwargs(text: str | None) -> dict:
@@ -124,9 +237,10 @@ def add_init_weights_argument(p: argparse.ArgumentParser | argparse._ArgumentGro
     p.add_argument("--init-weights", default=None, metavar="BUNDLE", help=f"{INIT_WEIGHTS_HELP}. {reuse}")
 
 
-def init_weights(args: argparse.Namespace, model):
+def init_weights(args: argparse.Namespace, model, classes: Sequence[str] | None = None):
     """Apply ``--init-weights`` to ``model`` (in place): its :class:`~training.init_weights.InitReport`,
-    or None without the option. A bundle that does not fit exits with its one-line error."""
+    or None without the option. ``classes``: those trained (default the NIH 14); a bundle's head is
+    reused only for the same classes. A bundle that does not fit exits with its one-line error."""
     if not getattr(args, "init_weights", None):
         return None
     import logging
@@ -136,7 +250,7 @@ def init_weights(args: argparse.Namespace, model):
     from ..init_weights import init_from_bundle
 
     try:
-        report = init_from_bundle(model, args.init_weights, input_size=getattr(args, "size", None))
+        report = init_from_bundle(model, args.init_weights, classes=classes, input_size=getattr(args, "size", None))
     except CxrError as err:
         raise SystemExit(f"cxr-train {getattr(args, 'command', '')}: --init-weights: {err}") from err
     for note in report.notes:

@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.bundle import load_bundle
 
+    from ..data.labels import is_nih14
     from ..trainers.classify import provenance
     from ..trainers.disease_masks import (align_dataset, anatomy_from_folder, anatomy_from_segmentation,
                                           save_dm_bundle, train_disease_masks)
@@ -53,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
     clf = load_bundle(args.classifier)
     if clf.manifest.family != "classifier":
         raise SystemExit(f"{args.classifier} is not a classifier bundle")
+    if not is_nih14(clf.manifest.classes):
+        ls = clf.manifest.labels
+        raise SystemExit(f"cxr-train disease-masks: {args.classifier} has {len(clf.manifest.classes)} classes"
+                         f"{f' ({ls.display_name})' if ls else ''}; disease masks are trained on an NIH folder's "
+                         f"14 classes (their symmetric classes and anatomy priors are NIH's): give an NIH-14 "
+                         f"classifier")
     if tuple(clf.manifest.input_size) != (args.size, args.size):
         log.warning("classifier bundle was trained at %s px; --size is %d", clf.manifest.input_size, args.size)
     classifier = clf.model

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,7 @@ def _cache_image(r: Record, size: int, bundle: Any, stored: dict | None):
 
 
 def build_cache(records: list[Record], out: str | Path, size: int = 256, *, progress=None,
-                align: Any = None) -> Path:
+                align: Any = None, classes: Sequence[str] = CLASSES) -> Path:
     """Decode, resize and store ``records`` in an HDF5 file (written atomically).
 
     ``align``: an alignment bundle (path or ``LoadedBundle``) -> every image is stored as the app
@@ -112,6 +114,8 @@ def build_cache(records: list[Record], out: str | Path, size: int = 256, *, prog
     ``align_for_models``, whole registered chest, rejected alignments stored unaligned), with
     ``align_theta``/``align_quality``/``align_rejected`` per image and ``attrs["alignment"]``; or
     an aligned cache ``.h5`` whose stored affines are reused (another size, no re-alignment).
+    ``classes``: the order of the records' labels (``attrs["classes"]``; boxes of other classes are
+    counted and reported in one warning line).
     """
     import h5py
 
@@ -123,11 +127,13 @@ def build_cache(records: list[Record], out: str | Path, size: int = 256, *, prog
     n = len(records)
     box_rows: list[tuple] = []
     al: list[tuple] = []
+    index = {c: i for i, c in enumerate(classes)}
+    left_out: Counter = Counter()
     try:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("images", (n, size, size), dtype="u1", chunks=(1, size, size))
             f.create_dataset("labels", data=np.stack([r.labels for r in records]).astype(np.float32)
-                             if n else np.zeros((0, len(CLASSES)), np.float32))
+                             if n else np.zeros((0, len(classes)), np.float32))
             str_dt = h5py.string_dtype()
             f.create_dataset("keys", data=np.array([r.key for r in records], dtype=object), dtype=str_dt)
             f.create_dataset("patient_ids", data=np.array([r.patient_id for r in records], dtype=object),
@@ -138,8 +144,10 @@ def build_cache(records: list[Record], out: str | Path, size: int = 256, *, prog
                 if a is not None:
                     al.append(a)
                 for b in boxes:
-                    if b.label in CLASSES:
-                        box_rows.append((i, CLASSES.index(b.label), b.x, b.y, b.w, b.h))
+                    if b.label in index:
+                        box_rows.append((i, index[b.label], b.x, b.y, b.w, b.h))
+                    else:
+                        left_out[b.label] += 1
                 if progress is not None:
                     progress(i + 1, n)
             f.create_dataset("boxes", data=np.asarray(box_rows, np.float32).reshape(-1, 6))
@@ -150,12 +158,16 @@ def build_cache(records: list[Record], out: str | Path, size: int = 256, *, prog
                 f.attrs["alignment"] = json.dumps(align_attrs)
             f.attrs["aligned"] = align is not None
             f.attrs["size"] = size
-            f.attrs["classes"] = json.dumps(list(CLASSES))
+            f.attrs["classes"] = json.dumps(list(classes))
             f.attrs["format_version"] = FORMAT_VERSION
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if left_out:
+        log.warning("cache %s: left out %d boxes (%s): their classes are not in the cache's %d classes", out,
+                    sum(left_out.values()), ", ".join(f"{k!r} x{v}" for k, v in sorted(left_out.items())),
+                    len(classes))
     log.info("cache %s: %d images at %d px, %d boxes%s", out, n, size, len(box_rows),
              f", aligned ({sum(a[1] for a in al)} rejected, stored unaligned)" if al else "")
     return out
@@ -187,12 +199,13 @@ class CachedDataset(_AugmentedBase):
             #: the cache's alignment record (None: unaligned images), see :func:`build_cache`
             self.alignment = json.loads(f.attrs["alignment"]) if "alignment" in f.attrs else None
             self.align_rejected = f["align_rejected"][()] if "align_rejected" in f else None
-        super().__init__(size, augment_cfg, normalisation, seed, preprocess)
+            classes = json.loads(f.attrs["classes"]) if "classes" in f.attrs else list(CLASSES)
+        super().__init__(size, augment_cfg, normalisation, seed, preprocess, classes)
         self.rows = np.arange(len(self._labels)) if rows is None else np.asarray(rows, dtype=np.int64)
         self._boxes: dict[int, list[Box]] = {}
         for row in boxes:
             self._boxes.setdefault(int(row[0]), []).append(
-                Box(CLASSES[int(row[1])], float(row[2]), float(row[3]), float(row[4]), float(row[5])))
+                Box(self.classes[int(row[1])], float(row[2]), float(row[3]), float(row[4]), float(row[5])))
         self._file = None  # opened lazily per process (h5py handles are not fork-safe)
 
     def __len__(self) -> int:

@@ -2,14 +2,14 @@
 
 Items are dicts: ``image`` [1, S, S] float32 in the network range (the dataset's
 :class:`~cxrviewer.core.preprocess.Preprocess`, as a bundle manifest says), ``labels``
-[C] float32, ``boxes`` [M, 5] float32 rows of (class index, x, y, w, h) in the
+[C] float32 (C: the dataset's ``classes``, default the NIH 14), ``boxes`` [M, 5] float32 rows of (class index, x, y, w, h) in the
 S-pixel space, ``index`` (int). :func:`collate` stacks images/labels and keeps
 boxes as a list. Augmentation randomness is seeded by (seed, epoch, index), so
 a run is reproducible and a resumed run sees the same augmentations.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,11 @@ def load_pixels(path) -> np.ndarray:
     return load_study(path).model_input
 
 
-def boxes_to_array(boxes: list[Box]) -> np.ndarray:
-    rows = [(CLASSES.index(b.label), b.x, b.y, b.w, b.h) for b in boxes if b.label in CLASSES]
+def boxes_to_array(boxes: list[Box], classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """``[M, 5]`` rows (class index in ``classes``, x, y, w, h); boxes of other classes are left out
+    (the records are mapped onto the training classes first: :mod:`training.data.labels`)."""
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [(index[b.label], b.x, b.y, b.w, b.h) for b in boxes if b.label in index]
     return np.asarray(rows, np.float32).reshape(-1, 5)
 
 
@@ -62,8 +65,10 @@ class _AugmentedBase(Dataset):
     """Shared augmentation + normalisation; ``preprocess`` wins over a ``normalisation`` kind."""
 
     def __init__(self, size: int, augment_cfg: AugmentConfig | None, normalisation: Normalisation, seed: int,
-                 preprocess: Preprocess | None = None) -> None:
+                 preprocess: Preprocess | None = None, classes: Sequence[str] = CLASSES) -> None:
         self.size = size
+        #: the training classes, in the order of ``labels`` and the box rows' class index
+        self.classes = tuple(classes)
         self.augment_cfg = augment_cfg
         self.preprocess = preprocess if preprocess is not None else Preprocess.from_normalisation(normalisation, size)
         self.seed = seed
@@ -83,7 +88,7 @@ class _AugmentedBase(Dataset):
             img, boxes = augment(img, boxes, rng, self.augment_cfg)
         x = torch.from_numpy(self.preprocess.normalise_array(img))[None]
         return {"image": x, "labels": torch.from_numpy(np.asarray(labels, np.float32)),
-                "boxes": torch.from_numpy(boxes_to_array(boxes)), "index": index}
+                "boxes": torch.from_numpy(boxes_to_array(boxes, self.classes)), "index": index}
 
 
 class ChestDataset(_AugmentedBase):
@@ -91,8 +96,8 @@ class ChestDataset(_AugmentedBase):
 
     def __init__(self, records: list[Record], size: int = 256, augment_cfg: AugmentConfig | None = None,
                  normalisation: Normalisation = "minus1_1", seed: int = 0, *,
-                 preprocess: Preprocess | None = None) -> None:
-        super().__init__(size, augment_cfg, normalisation, seed, preprocess)
+                 preprocess: Preprocess | None = None, classes: Sequence[str] = CLASSES) -> None:
+        super().__init__(size, augment_cfg, normalisation, seed, preprocess, classes)
         self.records = list(records)
 
     def __len__(self) -> int:
@@ -100,7 +105,7 @@ class ChestDataset(_AugmentedBase):
 
     @property
     def labels(self) -> np.ndarray:
-        return np.stack([r.labels for r in self.records]) if self.records else np.zeros((0, len(CLASSES)))
+        return np.stack([r.labels for r in self.records]) if self.records else np.zeros((0, len(self.classes)))
 
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]

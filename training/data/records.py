@@ -1,7 +1,9 @@
 """Training records from an NIH ChestX-ray14-layout folder (the real data set or phantoms).
 
-A :class:`Record` is what a trainer needs of one image: where it is, its 14
-image-level labels, its ground-truth boxes (original pixels) and its patient.
+A :class:`Record` is what a trainer needs of one image: where it is, its image-level
+labels, its ground-truth boxes (original pixels) and its patient. :func:`load_records` gives
+the NIH 14; :mod:`training.data.labels` maps records onto another label set (an annotation
+project's, ``--label-set``).
 Splits are patient-wise so no patient is in two folds (Wang et al. 2017 split
 by patient too); the official ``train_val_list.txt`` / ``test_list.txt`` are
 used when the folder has them.
@@ -27,7 +29,7 @@ class Record:
 
     path: Path
     key: str
-    labels: np.ndarray  # float32 [C] in CLASSES order, 1 = present
+    labels: np.ndarray  # float32 [C] in the training classes' order (NIH CLASSES from load_records), 1 = present
     boxes: list[Box] = field(default_factory=list)
     patient_id: str = ""
 
@@ -37,7 +39,8 @@ class Record:
 
 
 def load_records(folder: str | Path, *, require_images: bool = True) -> list[Record]:
-    """Read an NIH-layout folder (``images/`` + ``Data_Entry_2017*.csv`` + ``BBox_List_2017.csv``)."""
+    """Read an NIH-layout folder (``images/`` + ``Data_Entry_2017*.csv`` + ``BBox_List_2017.csv``); labels
+    in NIH :data:`~cxrviewer.core.classes.CLASSES` order."""
     from cxrviewer.core.io import read_nih_folder
 
     wl = read_nih_folder(folder)

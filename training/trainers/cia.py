@@ -69,7 +69,8 @@ def dataset_boxes(ds: Dataset) -> list[list[Box]]:
         return [list(r.boxes) for r in ds.records]
     if hasattr(ds, "boxes_of"):
         return [ds.boxes_of(i) for i in range(len(ds))]
-    return [[Box(CLASSES[int(r[0])], *map(float, r[1:5])) for r in ds[i]["boxes"].tolist()] for i in range(len(ds))]
+    classes = getattr(ds, "classes", CLASSES)
+    return [[Box(classes[int(r[0])], *map(float, r[1:5])) for r in ds[i]["boxes"].tolist()] for i in range(len(ds))]
 
 
 def plain_view(ds: Dataset) -> Dataset:
@@ -249,8 +250,7 @@ def grid_targets(boxes: Sequence[torch.Tensor], reveal: torch.Tensor, num_classe
             c = int(r[0])
             if not 0 <= c < num_classes or r[3] <= 0 or r[4] <= 0:
                 continue
-            g = torch.from_numpy(box_to_grid(Box(CLASSES[c] if c < len(CLASSES) else str(c), *r[1:5]),
-                                             image_size, grid))
+            g = torch.from_numpy(box_to_grid(Box(str(c), *r[1:5]), image_size, grid))
             if g.sum() == 0:
                 continue
             gl[i, c] = torch.maximum(gl[i, c], g)

@@ -7,6 +7,7 @@ method-specific trainers reuse :func:`predict` and :func:`auroc_table`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,14 +38,14 @@ def predict(model: torch.nn.Module, ds: Dataset, *, batch_size: int = 32, device
         res = forward(model, x) if forward is not None else model(x)
         out.append(torch.sigmoid(res["logits"].float()).cpu().numpy())
     model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, len(getattr(ds, "classes", CLASSES))), np.float32)
 
 
-def auroc_table(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """AUROC per class (NaN where a class has only one label value) and their mean."""
+def auroc_table(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict:
+    """AUROC per class of ``classes`` (NaN where a class has only one label value) and their mean."""
     from cxrviewer.core.explain.metrics import auroc_per_class
 
-    per = {c: float(v) for c, v in zip(CLASSES, auroc_per_class(probs, labels))}
+    per = {c: float(v) for c, v in zip(classes, auroc_per_class(probs, labels))}
     vals = [v for v in per.values() if np.isfinite(v)]
     return {"auroc": per, "mean_auroc": float(np.mean(vals)) if vals else float("nan")}
 
@@ -66,7 +67,7 @@ def train_classifier(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset 
         if val_ds is None or len(val_ds) == 0:
             return {}
         probs = predict(m, val_ds, batch_size=cfg.batch_size)
-        return auroc_table(np.asarray(val_ds.labels), probs)
+        return auroc_table(np.asarray(val_ds.labels), probs, getattr(val_ds, "classes", CLASSES))
 
     trainer = Trainer(model, train_ds, loss_fn, cfg, eval_fn=eval_fn, collate_fn=collate)
     try:
@@ -85,13 +86,15 @@ def provenance(command: str, cfg: TrainConfig, data: str, history: list[dict], *
 
 def save_classifier_bundle(model: torch.nn.Module, out: str | Path, *, input_size: int, provenance: dict,
                            research_demo: bool = True, extras: dict | None = None,
-                           normalisation: dict | None = None) -> Path:
+                           normalisation: dict | None = None, classes: Sequence[str] = CLASSES,
+                           label_set: str | dict | None = None) -> Path:
     """Write ``model`` as a bundle the app loads (``cxrviewer.core.bundle``); ``normalisation``: the
-    manifest's (default ``minus1_1``, what the datasets feed unless ``--init-weights`` set another)."""
+    manifest's (default ``minus1_1``, what the datasets feed unless ``--init-weights`` set another);
+    ``classes``/``label_set``: the trained classes and the set they come from (default the NIH 14)."""
     from cxrviewer.core.bundle import save_bundle
 
     prov = dict(provenance)
     prov.setdefault("research_demo", research_demo)
-    return save_bundle(model.cpu(), out, classes=list(CLASSES), input_size=input_size,
+    return save_bundle(model.cpu(), out, classes=list(classes), label_set=label_set, input_size=input_size,
                        normalisation=normalisation or {"kind": "minus1_1"}, provenance=prov, extras=extras,
                        overwrite=True)
