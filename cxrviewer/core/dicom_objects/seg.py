@@ -1,0 +1,120 @@
+"""DICOM Segmentations of a study: binary masks, thresholded maps and fractional maps.
+
+Masks and maps are 2-D arrays with the source image's shape (rows, columns). Each becomes one
+segment; its label is the array's name. Anatomy names (``lung``, ``left lung``, ``heart`` ...)
+get SNOMED CT anatomy codes; any other name is a finding (SNOMED CT where one exists, else the
+private scheme ``99CXRV``). A thresholded map records its threshold in the segment label and
+the series description ("Cardiomegaly CAM >= 0.5"). Segments that are empty are kept (an empty
+lung mask is information, not nothing), so segment numbers follow the order given.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from ._common import (
+    ANATOMY, DEVICE_SERIAL, MANUFACTURER, MODEL_NAME, SERIES_NUMBERS, SOFTWARE_VERSION,
+    DicomObjectError, SourceImage, finding_code, mark_private_scheme,
+)
+
+
+def _description(number: int, name: str, algorithm: str | None) -> hd.seg.SegmentDescription:
+    anatomy = ANATOMY.get(name.strip().lower())
+    category = codes.SCT.AnatomicalStructure if anatomy else codes.SCT.MorphologicallyAbnormalStructure
+    kind = anatomy or finding_code(name)
+    algo = None
+    if algorithm:
+        algo = hd.AlgorithmIdentificationSequence(
+            name=algorithm[:64], version="unspecified", family=codes.cid7162.ArtificialIntelligence)
+    return hd.seg.SegmentDescription(
+        segment_number=number, segment_label=name[:64], segmented_property_category=category,
+        segmented_property_type=kind,
+        algorithm_type="AUTOMATIC" if algorithm else "MANUAL", algorithm_identification=algo)
+
+
+def _stack(source: SourceImage, arrays: Mapping[str, np.ndarray], what: str) -> np.ndarray:
+    """``[1, rows, columns, segments]`` of the arrays, each checked against the source's size."""
+    if not arrays:
+        raise DicomObjectError(f"no {what} to write", path=source.path)
+    shape = (int(source.dataset.Rows), int(source.dataset.Columns))
+    planes = []
+    for name, arr in arrays.items():
+        a = np.asarray(arr)
+        if a.shape != shape:
+            raise DicomObjectError(f"{what} {name!r} is {a.shape[0]}x{a.shape[1] if a.ndim > 1 else 1}"
+                                   f", the image {shape[0]}x{shape[1]}", path=source.path)
+        planes.append(a)
+    return np.stack(planes, axis=-1)[None]
+
+
+def _usable(source: SourceImage) -> Dataset:
+    """The source header with a zero or malformed Pixel Spacing left out (some CR writers put
+    ``0\\0`` there); the SEG then states no spacing rather than a wrong one."""
+    ds = source.dataset
+    try:
+        ok = all(float(v) > 0 for v in ds.PixelSpacing) and len(ds.PixelSpacing) == 2
+    except (AttributeError, TypeError, ValueError):
+        ok = "PixelSpacing" not in ds
+    if ok:
+        return ds
+    ds = copy.copy(ds)
+    del ds.PixelSpacing
+    return ds
+
+
+def _segmentation(source: SourceImage, pixels: np.ndarray, names: list[str], kind: str,
+                  algorithm: str | None, description: str) -> hd.seg.Segmentation:
+    seg = hd.seg.Segmentation(
+        source_images=[_usable(source)], pixel_array=pixels, segmentation_type=kind,
+        segment_descriptions=[_description(i + 1, n, algorithm) for i, n in enumerate(names)],
+        series_instance_uid=hd.UID(),
+        series_number=SERIES_NUMBERS["fseg" if kind == "FRACTIONAL" else "seg"],
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL_NAME, software_versions=SOFTWARE_VERSION,
+        device_serial_number=DEVICE_SERIAL, omit_empty_frames=False,
+        content_description=description[:64], content_label="CXRVIEWER")
+    seg.SeriesDescription = description[:64]
+    seg.PatientOrientation = getattr(source.dataset, "PatientOrientation", None) or ""
+    mark_private_scheme(seg)
+    return seg
+
+
+def binary_segmentation(source: SourceImage, masks: Mapping[str, np.ndarray], *,
+                        algorithm: str | None = None) -> hd.seg.Segmentation:
+    """A binary SEG with one segment per mask (non-zero = inside).
+
+    ``algorithm``: the model (e.g. the segmentation bundle's name) when the masks were computed,
+    ``None`` for masks drawn by hand.
+    """
+    pixels = _stack(source, masks, "mask") != 0
+    return _segmentation(source, pixels.astype(np.uint8), list(masks), "BINARY", algorithm,
+                         "cxrviewer masks: " + ", ".join(masks))
+
+
+def threshold_segmentation(source: SourceImage, name: str, values: np.ndarray, threshold: float,
+                           *, algorithm: str | None = None) -> hd.seg.Segmentation:
+    """A binary SEG of ``values >= threshold`` (e.g. a class's CAM); the threshold is written
+    into the segment label and the series description."""
+    if not np.isfinite(threshold):
+        raise DicomObjectError(f"threshold {threshold!r} is not a number", path=source.path)
+    label = f"{name} >= {threshold:g}"
+    pixels = _stack(source, {label: values}, "map") >= threshold
+    return _segmentation(source, pixels.astype(np.uint8), [label], "BINARY", algorithm,
+                         f"cxrviewer map {label}")
+
+
+def fractional_segmentation(source: SourceImage, maps: Mapping[str, np.ndarray], *,
+                            algorithm: str | None = None) -> hd.seg.Segmentation:
+    """A fractional (probability) SEG, one segment per map; values must lie in ``[0, 1]`` (stored
+    as 0..255, so a read back is within 1/510 of the map)."""
+    pixels = _stack(source, maps, "map").astype(np.float32)
+    if not np.all(np.isfinite(pixels)) or pixels.min() < 0.0 or pixels.max() > 1.0:
+        raise DicomObjectError("a fractional map must hold values in [0, 1] (normalise it first)",
+                               path=source.path)
+    return _segmentation(source, pixels, list(maps), "FRACTIONAL", algorithm,
+                         "cxrviewer maps: " + ", ".join(maps))
