@@ -200,3 +200,46 @@ def test_nih_only_parts_skip_other_classes_with_a_reason(phantoms, tmp_path):
         main(["disease-masks", "--classifier", str(vindr), "--data", str(phantoms), *TINY,
               "--out", str(tmp_path / "dm.cxrbundle")])
     assert not (tmp_path / "dm.cxrbundle").exists()
+
+
+def test_fine_tune_loop_from_a_torchxrayvision_style_bundle(phantoms, tmp_path):
+    """An 18-class torchxrayvision-style bundle fine-tuned on a torchxrayvision18 project: classify keeps
+    its head (same classes); cia takes its backbone (CIA-Net's head is its own); the written bundles
+    carry the 18 classes and feed the next round of the loop."""
+    import torch
+
+    from cxrviewer.core.bundle import save_bundle
+    from cxrviewer.core.labelsets import TORCHXRAYVISION18
+    from cxrviewer.core.models import create_model
+
+    torch.manual_seed(0)
+    txv = save_bundle(create_model("cam_classifier", backbone="tiny", num_classes=18), tmp_path / "txv",
+                      classes=TORCHXRAYVISION18.labels, label_set="torchxrayvision18", input_size=SIZE)
+    proj = _project(tmp_path / "txv.cxrann", phantoms, "torchxrayvision18", box_class="Lung Opacity",
+                    label_class="Lung Lesion")
+    cls = tmp_path / "txv_ft.cxrbundle"
+    prov = _train([*CLASSIFY, "--annotations", str(proj["path"]), "--init-weights", str(txv)], cls)
+    assert prov["init_weights"]["loaded"]["head"] > 0 and prov["init_weights"]["loaded"]["backbone"] > 0
+    m = read_manifest(cls)
+    assert m.classes == TORCHXRAYVISION18.labels and m.label_set == "torchxrayvision18"
+    assert prov["annotations"]["boxes_used"] == proj["boxes"] and prov["annotations"]["labels_used"] == proj["labels"]
+    cia = tmp_path / "txv_cia.cxrbundle"
+    prov = _train([*CIA, "--annotations", str(proj["path"]), "--init-weights", str(cls)], cia)
+    iw = prov["init_weights"]
+    assert iw["loaded"]["backbone"] == iw["loaded"]["encoder"] > 0 and "head" not in iw["loaded"]
+    assert load_bundle(cia).manifest.classes == TORCHXRAYVISION18.labels
+
+
+def test_a_cache_records_its_classes(phantoms, tmp_path):
+    from training.cli import main
+
+    cache = tmp_path / "c.h5"
+    _train([*CLASSIFY, "--data", str(phantoms), "--label-set", "vindr-cxr", "--cache", str(cache)],
+           tmp_path / "a.cxrbundle")
+    from training.data import CachedDataset
+
+    ds = CachedDataset(cache)
+    assert ds.classes == VINDR_CXR.labels and ds.labels.shape == (24, 14)
+    assert all(b.label in VINDR_CXR.labels for i in range(len(ds)) for b in ds.boxes_of(i))
+    with pytest.raises(SystemExit, match="other classes"):
+        main([*CLASSIFY, "--data", str(phantoms), "--cache", str(cache), *TINY, "--out", str(tmp_path / "b")])
