@@ -21,13 +21,15 @@ from .common import (add_data_arguments, add_init_weights_argument, add_train_ar
 DESCRIPTION = """Train CIA-Net (contrast-induced attention) with limited box supervision and write a bundle
 that includes its bank of normal images for pairing. --box-fraction sets the share of boxed
 images whose boxes are used; --annotations adds the labels and accepted boxes of an
-annotation project and trains its label set (any set: NIH 14, VinDr-CXR, torchxrayvision, yours;
---data is then optional); --label-set NAME|FILE maps a folder's NIH labels onto another set. The defaults follow the paper (ResNet-50, 512 px, SGD lr 1e-3 divided by
-10 every 5 epochs, weight decay 1e-4, 15 epochs, batch 6); use --optimizer adam for small CPU
-runs. --init-weights starts both backbones from a model you have (a classifier of ours or an
+annotation project and trains its label set (any set: NIH 14, VinDr-CXR, torchxrayvision,
+yours; --data is then optional); --label-set NAME|FILE maps a folder's NIH labels onto another
+set. The defaults follow the paper (ResNet-50, 512 px, SGD lr 1e-3 divided by 10 every 5
+epochs, weight decay 1e-4, 15 epochs, batch 6); use --optimizer adam for small CPU runs.
+--init-weights starts both backbones from a model you have (a classifier of ours or an
 imported one with the same backbone)."""
 EXAMPLES = """  cxr-train cia --data NIH --box-fraction 0.4 --negatives paired --out models/cia.cxrbundle
   cxr-train cia --data NIH --annotations project.cxrann --out models/cia.cxrbundle
+  cxr-train cia --annotations vindr_project.cxrann --backbone tiny --out models/cia_vindr.cxrbundle
   cxr-train cia --data NIH --annotations project.cxrann --backbone densenet121 \
       --init-weights imported.cxrbundle --out models/cia_ft.cxrbundle"""
 

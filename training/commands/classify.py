@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="cam_classifier", help="registry name or alias (e.g. resnet50, tiny, msa)")
     p.add_argument("--arch-kwargs", default=None, help='JSON kwargs, e.g. \'{"backbone": "tiny"}\'')
     add_init_weights_argument(p, "Reused: the backbone; the head too when the bundle has the same architecture "
-                                 "(or is cam_classifier and --arch dm) and the same 14 classes")
+                                 "(or is cam_classifier and --arch dm) and the same classes as the data")
     add_data_arguments(p, labels=True)
     add_train_arguments(p)
 
