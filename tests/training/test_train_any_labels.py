@@ -243,3 +243,19 @@ def test_a_cache_records_its_classes(phantoms, tmp_path):
     assert all(b.label in VINDR_CXR.labels for i in range(len(ds)) for b in ds.boxes_of(i))
     with pytest.raises(SystemExit, match="other classes"):
         main([*CLASSIFY, "--data", str(phantoms), "--cache", str(cache), *TINY, "--out", str(tmp_path / "b")])
+
+
+def test_a_folder_that_is_not_nih_layout_leaves_the_project_images(phantoms, tmp_path, caplog):
+    """The app passes the opened folder as --data: a folder of a VinDr project's images (no NIH CSVs)
+    adds nothing and says so; the project's images are trained. Without a project it is an error line."""
+    from training.cli import main
+
+    folder = tmp_path / "vindr_images"
+    folder.mkdir()
+    proj = _project(tmp_path / "v.cxrann", phantoms, "vindr-cxr", box_class="Lung Opacity", label_class="ILD")
+    with caplog.at_level(logging.WARNING):
+        prov = _train([*CLASSIFY, "--data", str(folder), "--annotations", str(proj["path"])], tmp_path / "a.cxrbundle")
+    assert any("not an NIH-layout folder" in r.getMessage() for r in caplog.records)
+    assert prov["n_train"] + prov["n_val"] == 24 and prov["annotations"]["images_added"] == 24
+    with pytest.raises(SystemExit, match="--data: .*not an NIH"):
+        main([*CLASSIFY, "--data", str(folder), *TINY, "--out", str(tmp_path / "b.cxrbundle")])

@@ -163,19 +163,43 @@ class TrainingData:
         return out
 
 
+def _folder_records(args: argparse.Namespace, name: str) -> list:
+    """The NIH records of ``--data`` (none without it). Beside ``--annotations`` a folder that is not
+    NIH-layout (no ``Data_Entry_2017*.csv``, e.g. the folder of a VinDr project's images) adds nothing,
+    with a warning: the project's images are the training set."""
+    import logging
+    from pathlib import Path
+
+    from cxrviewer.core.errors import CxrError
+
+    from ..data import load_records
+
+    if not args.data:
+        return []
+    folder = Path(args.data)
+    if args.annotations and folder.is_dir() and not any(folder.glob("Data_Entry_2017*.csv")):
+        logging.getLogger(__name__).warning(
+            "--data %s is not an NIH-layout folder (no Data_Entry_2017*.csv): training on the images of "
+            "%s only", folder, args.annotations)
+        return []
+    try:
+        return load_records(folder)
+    except (CxrError, FileNotFoundError) as err:
+        raise SystemExit(f"{name}: --data: {err}") from err
+
+
 def labelled_datasets(args: argparse.Namespace) -> TrainingData:
     """The data sets of ``--data`` and/or ``--annotations`` with the classes they carry: the project's
     label set, else ``--label-set``, else the NIH 14 (:mod:`training.data.labels`)."""
     from cxrviewer.core.errors import CxrError
     from cxrviewer.core.labelsets import NIH14, get_label_set
 
-    from ..data import load_records
     from ..data.labels import Dropped, read_annotations, remap_records
 
     name = f"cxr-train {getattr(args, 'command', '') or ''}".rstrip()
     if not args.data and not args.annotations:
         raise SystemExit(f"{name}: give --data DIR, --annotations PROJECT, or both")
-    records = load_records(args.data) if args.data else []
+    records = _folder_records(args, name)
     annotated, dropped = None, Dropped()
     try:
         if args.annotations:
