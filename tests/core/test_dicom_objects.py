@@ -308,3 +308,64 @@ def test_dciodvfy_finds_no_errors(rg1_export, tmp_path):
         assert _dciodvfy_errors(path) == [], kind
     assert pydicom.dcmread(files["sc"]).BitsAllocated == 16
     store.close()
+
+
+def test_explainer_mask_stack_to_image_size(rg1_export):
+    from cxrviewer.core.dicom_objects import binary_segmentation, segments_from_stack, to_image_size
+
+    rng = np.random.default_rng(1)
+    stack = rng.random((3, 32, 30)).astype(np.float32)
+    shape = (1955, 1841)
+    masks = segments_from_stack(stack, ["left lung", "right lung", "heart"], shape)
+    assert all(m.shape == shape and m.dtype == bool for m in masks.values())
+    # nearest neighbour: each image pixel takes the mask cell its centre falls in
+    assert masks["heart"][0, 0] == (stack[2, 0, 0] >= 0.5)
+    assert masks["heart"][-1, -1] == (stack[2, -1, -1] >= 0.5)
+    assert abs(masks["heart"].mean() - (stack[2] >= 0.5).mean()) < 0.02
+    path = rg1_export["files"]["seg"].parent / "stack.dcm"
+    from cxrviewer.core.dicom_objects import study_source, write_dataset
+
+    source = study_source(rg1_export["store"], rg1_export["sid"])
+    write_dataset(binary_segmentation(source, masks, algorithm="unet"), path)
+    back = read_segmentation(path)
+    assert list(back) == ["left lung", "right lung", "heart"]
+    assert all(np.array_equal(back[k], masks[k]) for k in masks)
+    cam = to_image_size(stack[0], shape, binary=False)
+    assert cam.shape == shape and cam.dtype == np.float32 and 0 <= cam.min() <= cam.max() <= 1
+    with pytest.raises(DicomObjectError, match="does not match"):
+        segments_from_stack(stack, ["heart"], shape)
+
+
+_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "OtherPatientIDs",
+                "AccessionNumber", "StudyID", "ReferringPhysicianName", "InstitutionName",
+                "StudyDate", "StudyTime", "IssuerOfPatientID", "PatientAge")
+
+
+def test_objects_carry_no_identifier_the_source_lacks(rg1_export):
+    src = pydicom.dcmread(rg1_export["path"], stop_before_pixels=True)
+    uids = set()
+    for kind, path in rg1_export["files"].items():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for kw in _IDENTIFYING:
+            if ds.get(kw) not in (None, ""):
+                assert str(ds.get(kw)) == str(src.get(kw)), (kind, kw)
+        assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+        uids |= {ds.SOPInstanceUID, ds.SeriesInstanceUID}
+    assert len(uids) == 2 * len(rg1_export["files"])  # new instance and series UIDs each
+    assert not uids & {src.SOPInstanceUID, src.SeriesInstanceUID}
+
+
+def test_snomed_finding_maps_onto_each_projects_label_set(rg1_export, tmp_path):
+    path = rg1_export["path"]
+    vindr = AnnotationStore(tmp_path / "v.cxrann", annotator="alice", label_set="vindr-cxr")
+    sid = vindr.register_study(load_study(path)).id
+    vindr.add_box(sid, "Pleural effusion", 10.0, 20.0, 30.0, 40.0)
+    files = export_study(vindr, sid, tmp_path / "out")
+    (code,) = {b.code for b in read_boxes(files["sr"]).boxes}
+    assert code[:2] == ("60046008", "SCT")
+    for label_set, want in (("vindr-cxr", "Pleural effusion"), ("nih14", "Effusion")):
+        fresh = AnnotationStore(tmp_path / f"{label_set}.cxrann", label_set=label_set)
+        import_boxes(fresh, files["sr"], source=path)
+        assert [b.label for s in fresh.studies() for b in fresh.boxes(s.id)] == [want]
+        fresh.close()
+    vindr.close()

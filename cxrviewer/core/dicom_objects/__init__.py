@@ -4,7 +4,8 @@ Out, for one study of an annotation project (:func:`export_study` writes them al
 
 * :func:`box_report` - TID 1500 Comprehensive 3D SR of the accepted boxes (OHIF rectangles);
 * :func:`box_presentation_state` - GSPS with the boxes as graphic annotations (Weasis, PACS);
-* :func:`binary_segmentation`, :func:`threshold_segmentation`, :func:`fractional_segmentation`;
+* :func:`binary_segmentation`, :func:`threshold_segmentation`, :func:`fractional_segmentation`
+  (:func:`segments_from_stack` / :func:`to_image_size` bring explainer masks/maps to image size);
 * :func:`secondary_capture` - for PNG/JPEG/NIH studies, the DICOM image the others reference.
 
 In: :func:`read_boxes` (SR or GSPS, ours or another tool's) -> :class:`BoxRecord` list;
@@ -17,13 +18,16 @@ from .gsps import box_presentation_state
 from .project import FILE_NAMES, export_study, study_source
 from .read import BoxRecord, DicomBoxes, import_boxes, read_boxes, read_segmentation
 from .sc import secondary_capture
-from .seg import binary_segmentation, fractional_segmentation, threshold_segmentation
+from .seg import (
+    binary_segmentation, fractional_segmentation, segments_from_stack, threshold_segmentation,
+    to_image_size,
+)
 from .sr import OHIF_RECTANGLE, box_report
 
 __all__ = [
     "BoxRecord", "DicomBoxes", "DicomObjectError", "FILE_NAMES", "OHIF_RECTANGLE", "SourceImage",
     "binary_segmentation", "box_presentation_state", "box_report", "export_study",
     "finding_code", "fractional_segmentation", "import_boxes", "read_boxes", "read_segmentation",
-    "read_source_header", "secondary_capture", "study_source", "threshold_segmentation",
-    "write_dataset",
+    "read_source_header", "secondary_capture", "segments_from_stack", "study_source",
+    "threshold_segmentation", "to_image_size", "write_dataset",
 ]

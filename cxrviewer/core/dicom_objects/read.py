@@ -216,7 +216,7 @@ def read_boxes(path: str | os.PathLike) -> DicomBoxes:
     """
     p = str(path)
     try:
-        ds = pydicom.dcmread(p)
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad input
         raise DicomObjectError(f"cannot read the DICOM file ({' '.join(str(exc).split())[:200]})",
                                path=p) from exc
@@ -233,7 +233,7 @@ def read_boxes(path: str | os.PathLike) -> DicomBoxes:
         else:
             raise DicomObjectError("not a structured report or grayscale presentation state "
                                    f"(SOP class {sop_class or 'missing'})", path=p)
-    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError, RecursionError) as exc:
         raise DicomObjectError(f"malformed {out.kind.upper()} content ({exc})", path=p) from exc
     return out
 

@@ -10,10 +10,11 @@ lung mask is information, not nothing), so segment numbers follow the order give
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -21,6 +22,36 @@ from ._common import (
     ANATOMY, DEVICE_SERIAL, MANUFACTURER, MODEL_NAME, SERIES_NUMBERS, SOFTWARE_VERSION,
     DicomObjectError, SourceImage, finding_code, mark_private_scheme,
 )
+
+
+def to_image_size(arr: np.ndarray, shape: tuple[int, int], *, binary: bool) -> np.ndarray:
+    """``arr`` (2-D, e.g. a mask or map stored at the explainer's ``map_shape``) resampled to the
+    image's ``(rows, columns)``: nearest neighbour for a mask (``binary``: pixel-centre sampling,
+    values kept exactly), bilinear for a map (float32)."""
+    a = np.asarray(arr)
+    rows, cols = int(shape[0]), int(shape[1])
+    if a.ndim != 2 or a.size == 0 or rows <= 0 or cols <= 0:
+        raise DicomObjectError(f"cannot resample a {a.shape} array to {rows}x{cols}")
+    if a.shape == (rows, cols):
+        return a.copy()
+    if binary:
+        ri = np.minimum(((np.arange(rows) + 0.5) * a.shape[0] / rows).astype(np.int64), a.shape[0] - 1)
+        ci = np.minimum(((np.arange(cols) + 0.5) * a.shape[1] / cols).astype(np.int64), a.shape[1] - 1)
+        return a[ri[:, None], ci[None, :]]
+    img = Image.fromarray(a.astype(np.float32), mode="F")
+    return np.asarray(img.resize((cols, rows), Image.BILINEAR), dtype=np.float32)
+
+
+def segments_from_stack(stack: np.ndarray, names: Sequence[str], shape: tuple[int, int],
+                        threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """``{name: bool mask at the image size}`` from an explainer's ``[n, h, w]`` mask stack (the
+    segmentation explainer's ``masks`` with its ``classes`` names: left lung, right lung,
+    heart), thresholded at ``threshold`` then resampled (nearest)."""
+    arr = np.asarray(stack)
+    if arr.ndim != 3 or arr.shape[0] != len(names):
+        raise DicomObjectError(f"a mask stack of {arr.shape} does not match {len(names)} names")
+    return {str(n): to_image_size(arr[i] >= threshold, shape, binary=True)
+            for i, n in enumerate(names)}
 
 
 def _description(number: int, name: str, algorithm: str | None) -> hd.seg.SegmentDescription:
