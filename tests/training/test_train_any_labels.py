@@ -259,3 +259,19 @@ def test_a_folder_that_is_not_nih_layout_leaves_the_project_images(phantoms, tmp
     assert prov["n_train"] + prov["n_val"] == 24 and prov["annotations"]["images_added"] == 24
     with pytest.raises(SystemExit, match="--data: .*not an NIH"):
         main([*CLASSIFY, "--data", str(folder), *TINY, "--out", str(tmp_path / "b.cxrbundle")])
+
+
+def test_mine_trains_a_vindr_project(phantoms, tmp_path):
+    proj = _project(tmp_path / "v.cxrann", phantoms, "vindr-cxr", box_class="Aortic enlargement",
+                    label_class="Aortic enlargement")
+    out = tmp_path / "am.cxrbundle"
+    prov = _train(["mine", "--arch", "msa", "--arch-kwargs", '{"backbone": "tiny"}', "--pretrain-epochs", "1",
+                   "--annotations", str(proj["path"])], out)
+    b = load_bundle(out)
+    assert b.manifest.classes == VINDR_CXR.labels and b.manifest.label_set == "vindr-cxr"
+    assert prov["pretrain_epochs"] == 1 and prov["annotations"]["labels_used"] == proj["labels"]
+    from training.cli import main
+
+    with pytest.raises(SystemExit, match="not a grayscale classifier of the 18 training classes"):
+        main(["mine", "--init", str(out), "--data", str(phantoms), "--label-set", "torchxrayvision18", *TINY,
+              "--out", str(tmp_path / "x.cxrbundle")])
