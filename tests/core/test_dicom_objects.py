@@ -369,3 +369,41 @@ def test_snomed_finding_maps_onto_each_projects_label_set(rg1_export, tmp_path):
         assert [b.label for s in fresh.studies() for b in fresh.boxes(s.id)] == [want]
         fresh.close()
     vindr.close()
+
+
+def test_tracking_uids_are_stable_and_writes_atomic(rg1_export, tmp_path):
+    from cxrviewer.core.dicom_objects import box_report, write_dataset
+
+    store, sid = rg1_export["store"], rg1_export["sid"]
+    source = study_source(store, sid)
+    first, second = (box_report(source, store.boxes(sid), exported_by="x") for _ in range(2))
+    assert first.SOPInstanceUID != second.SOPInstanceUID
+    target = write_dataset(first, tmp_path / "SR.dcm")
+    track = sorted(b.tracking_uid for b in read_boxes(target).boxes)
+    write_dataset(second, tmp_path / "SR2.dcm")
+    assert sorted(b.tracking_uid for b in read_boxes(tmp_path / "SR2.dcm").boxes) == track
+    before = target.read_bytes()
+    def broken(fh, **_kw):  # a write that fails half-way (disk full)
+        fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+    second.save_as = broken
+    with pytest.raises(DicomObjectError, match="No space left"):
+        write_dataset(second, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SR.dcm", "SR2.dcm"]  # no temp left
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the garbage it reads
+def test_hostile_files_give_one_line_errors(rg1_export, tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 64)
+    for fn in (read_boxes, read_segmentation):
+        with pytest.raises(DicomObjectError) as err:
+            fn(bad)
+        assert "\n" not in str(err.value)
+    ds = pydicom.dcmread(rg1_export["files"]["gsps"])
+    ds.GraphicAnnotationSequence[0].GraphicObjectSequence[0].GraphicData = [1.0, 2.0, 3.0]
+    ds.GraphicAnnotationSequence[1].GraphicObjectSequence[0].GraphicData = [float("nan")] * 10
+    ds.save_as(tmp_path / "odd.dcm")
+    got = read_boxes(tmp_path / "odd.dcm")
+    assert got.skipped == 2 and len(got.boxes) == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,16 @@ _DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
 
 class DicomObjectError(ExportError):
     """A DICOM object cannot be written or read (no boxes, no source image, not one of ours...)."""
+
+
+#: Name space of the UUID-derived (``2.25.``) UIDs cxrviewer derives from names.
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://cxrviewer/dicom-objects")
+
+
+def stable_uid(*parts: str) -> str:
+    """A UID derived from ``parts`` (``2.25.`` + a name-based UUID, PS3.5 B.2): the same parts
+    give the same UID in every export, different parts a different one."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0).join(parts)).int}"
 
 
 def private_code(value: str, meaning: str) -> Code:

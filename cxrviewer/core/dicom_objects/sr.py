@@ -30,12 +30,12 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from ..annotations.model import AnnotatedBox
 from ._common import (
     ACCEPTED_MODEL, MANUAL, MANUFACTURER, NO_UNITS, PROVENANCE, SCORE, SERIES_NUMBERS,
     DicomObjectError, SourceImage, finding_code, mark_private_scheme, person_name,
+    stable_uid,
 )
 
 #: Tracking Identifier text OHIF (Cornerstone3D's SR adapters) hydrates as a rectangle tool.
@@ -45,7 +45,7 @@ UNKNOWN_VERSION = "unspecified"
 #: The device UID of cxrviewer as an observer (stable, derived from its name).
 #: Unit of an area where the source has no usable pixel spacing (a UCUM annotation: unity).
 PIXELS = Code("{pixels}", "UCUM", "pixels")
-DEVICE_UID = generate_uid(prefix=None, entropy_srcs=["cxrviewer device observer"])
+DEVICE_UID = stable_uid("cxrviewer device observer")
 
 
 def rectangle_polyline(x: float, y: float, w: float, h: float) -> np.ndarray:
@@ -56,8 +56,7 @@ def rectangle_polyline(x: float, y: float, w: float, h: float) -> np.ndarray:
 
 def box_tracking_uid(source_uid: str, box: AnnotatedBox) -> str:
     """A Tracking UID that stays the same for the same box across exports."""
-    return generate_uid(prefix=None, entropy_srcs=["cxrviewer box", str(source_uid),
-                                                   str(box.id), str(box.created)])
+    return stable_uid("cxrviewer box", str(source_uid), str(box.id), str(box.created))
 
 
 def _observer(name: str) -> hd.sr.ObserverContext:
