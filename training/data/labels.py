@@ -49,8 +49,8 @@ class Dropped:
             if counts:
                 names = ", ".join(f"{n!r} x{k}" for n, k in sorted(counts.items()))
                 parts.append(f"{sum(counts.values())} {what} ({names})")
-        return (f"left out {' and '.join(parts)}: their classes are not in the training label set "
-                f"{label_set.display_name} ({len(label_set)} classes)")
+        return (f"left out {' and '.join(parts)}: their classes are not among the {len(label_set)} classes "
+                f"of the training label set {label_set.display_name}")
 
     def warn(self, label_set: LabelSet) -> None:
         """Log :meth:`line` once as a warning (nothing when nothing was dropped)."""
