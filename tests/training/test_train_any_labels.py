@@ -196,6 +196,19 @@ def test_nih_only_parts_skip_other_classes_with_a_reason(phantoms, tmp_path):
     assert not not_scored(CLASSES)
     vindr = tmp_path / "vindr_cls.cxrbundle"
     _train([*CLASSIFY, "--data", str(phantoms), "--label-set", "vindr-cxr"], vindr)
+    # evaluation against the NIH folder: synonyms scored under their NIH names, the rest listed
+    from cxrviewer.core.io import read_nih_folder
+    from cxrviewer.core.pipeline import Pipeline
+    from training.evaluate import evaluate_pipeline
+
+    refs = list(read_nih_folder(phantoms))[:8]
+    res = evaluate_pipeline(Pipeline({"classifier": load_bundle(vindr)}, "cpu", map_max_side=48), refs,
+                            methods=["cam"])
+    assert res["n_images"] == 8 and res["classes"] == list(VINDR_CXR.labels)
+    assert set(res["not_scored"]) == set(reasons)
+    effusion = sum(int((r.labels or {}).get("Effusion", 0) > 0) for r in refs)
+    assert 0 < effusion < 8 and res["auroc"]["Pleural effusion"] is not None  # scored as NIH "Effusion"
+    assert res["auroc"]["Aortic enlargement"] is None
     with pytest.raises(SystemExit, match="NIH-14 classifier"):
         main(["disease-masks", "--classifier", str(vindr), "--data", str(phantoms), *TINY,
               "--out", str(tmp_path / "dm.cxrbundle")])
