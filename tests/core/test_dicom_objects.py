@@ -126,9 +126,15 @@ def test_seg_pixels_equal_masks(rg1_export):
     hseg = hd.seg.segread(files["seg"])
     assert hseg.segmentation_type == hd.seg.SegmentationTypeValues.BINARY
     assert np.array_equal(hseg.pixel_array.reshape(2, *masks["lung"].shape)[1], masks["heart"])
+    raw = pydicom.dcmread(files["seg"])  # pydicom alone: one bit-packed frame per segment
+    assert raw.SegmentationType == "BINARY" and raw.BitsAllocated == 1
+    assert [s.SegmentLabel for s in raw.SegmentSequence] == ["lung", "heart"]
+    assert np.array_equal(raw.pixel_array.astype(bool), np.stack([masks["lung"], masks["heart"]]))
     thr = read_segmentation(files["threshold"])
     assert list(thr) == ["Cardiomegaly >= 0.5"]
     assert np.array_equal(thr["Cardiomegaly >= 0.5"], cam >= 0.5)
+    desc = pydicom.dcmread(files["threshold"]).SegmentSequence[0].SegmentDescription
+    assert desc == "Cardiomegaly map thresholded: pixels with value >= 0.5"
     frac = read_segmentation(files["fractional"])
     assert np.abs(frac["Cardiomegaly"] - cam).max() <= 0.5 / 255 + 1e-6
 

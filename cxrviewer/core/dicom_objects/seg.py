@@ -130,13 +130,16 @@ def binary_segmentation(source: SourceImage, masks: Mapping[str, np.ndarray], *,
 def threshold_segmentation(source: SourceImage, name: str, values: np.ndarray, threshold: float,
                            *, algorithm: str | None = None) -> hd.seg.Segmentation:
     """A binary SEG of ``values >= threshold`` (e.g. a class's CAM); the threshold is written
-    into the segment label and the series description."""
+    into the segment label, the Segment Description and the series description."""
     if not np.isfinite(threshold):
         raise DicomObjectError(f"threshold {threshold!r} is not a number", path=source.path)
     label = f"{name} >= {threshold:g}"
     pixels = _stack(source, {label: values}, "map") >= threshold
-    return _segmentation(source, pixels.astype(np.uint8), [label], "BINARY", algorithm,
-                         f"cxrviewer map {label}")
+    seg = _segmentation(source, pixels.astype(np.uint8), [label], "BINARY", algorithm,
+                        f"cxrviewer map {label}")
+    seg.SegmentSequence[0].SegmentDescription = (
+        f"{name} map thresholded: pixels with value >= {threshold!r}")[:64]
+    return seg
 
 
 def fractional_segmentation(source: SourceImage, maps: Mapping[str, np.ndarray], *,
