@@ -79,6 +79,31 @@ def train_program() -> tuple[str, list[str]]:
     return sys.executable, ["-m", "training.cli"]
 
 
+def cxrviewer_program() -> tuple[str, list[str]]:
+    """How to start ``cxrviewer SUBCOMMAND …`` as a child: this interpreter with ``-m cxrviewer``;
+    a frozen app runs its own executable (on Windows its console twin ``cxrviewer-cli.exe`` when
+    present: the windowed one has no stdout)."""
+    if getattr(sys, "frozen", False):
+        exe = Path(sys.executable)
+        cli = exe.with_name("cxrviewer-cli.exe")
+        if os.name == "nt" and cli.is_file():
+            return str(cli), []
+        return str(exe), []
+    return sys.executable, ["-m", "cxrviewer"]
+
+
+def child_environment(env: dict[str, str] | None = None) -> QProcessEnvironment:
+    """The environment of a child process of the app: ours, unbuffered output, the checkout on
+    ``PYTHONPATH`` (so ``training`` and ``cxrviewer`` import from a checkout), plus ``env``."""
+    penv = QProcessEnvironment.systemEnvironment()
+    penv.insert("PYTHONUNBUFFERED", "1")
+    repo = str(Path(__file__).resolve().parents[2])
+    penv.insert("PYTHONPATH", os.pathsep.join(p for p in (repo, penv.value("PYTHONPATH")) if p))
+    for k, v in (env or {}).items():
+        penv.insert(k, v)
+    return penv
+
+
 def finetune_arguments(store: str | os.PathLike, out: str | os.PathLike, *,
                        command: str = "cia", data: str | os.PathLike | None = None,
                        extra: Sequence[str] = ()) -> list[str]:
@@ -123,13 +148,7 @@ class FineTuneJob(QObject):
         self.proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         if cwd is not None:
             self.proc.setWorkingDirectory(str(cwd))
-        penv = QProcessEnvironment.systemEnvironment()
-        penv.insert("PYTHONUNBUFFERED", "1")
-        repo = str(Path(__file__).resolve().parents[2])  # a checkout: make `training` importable
-        penv.insert("PYTHONPATH", os.pathsep.join(p for p in (repo, penv.value("PYTHONPATH")) if p))
-        for k, v in (env or {}).items():
-            penv.insert(k, v)
-        self.proc.setProcessEnvironment(penv)
+        self.proc.setProcessEnvironment(child_environment(env))
         self.proc.readyReadStandardOutput.connect(self._read)
         self.proc.finished.connect(self._on_finished)
         self.proc.errorOccurred.connect(self._on_error)

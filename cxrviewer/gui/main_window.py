@@ -300,6 +300,9 @@ class MainWindow(QMainWindow):
         self.act_export_csv = a("Export &findings as CSV…", self.export_findings_dialog, ["Ctrl+Shift+E"])
         self.act_add_models = a("&Add model folder…", self.add_model_folder_dialog)
         self.act_rescan_models = a("&Rescan model folders", self.reload_model_folders)
+        self.act_import_model = a("&Import model…", self.model_picker.open_import_dialog,
+                                  tip="Turn a torchxrayvision, CheXNet-style, torchvision or timm checkpoint "
+                                      "into a model bundle")
 
     def _make_menus(self) -> None:
         mb = self.menuBar()
@@ -309,7 +312,7 @@ class MainWindow(QMainWindow):
         m.addActions([self.act_export_png, self.act_export_csv])
         m.addSeparator()
         mm = m.addMenu("&Models")
-        mm.addActions([self.act_add_models, self.act_rescan_models])
+        mm.addActions([self.act_import_model, self.act_add_models, self.act_rescan_models])
         m.addSeparator()
         m.addAction(self.act_quit)
         v = mb.addMenu("&View")
@@ -396,6 +399,7 @@ class MainWindow(QMainWindow):
         inf_.classMined.connect(lambda *_: self.grid.refresh())
         self.findings.classSelected.connect(self.select_class)
         self.model_picker.modelSetChanged.connect(self._on_model_set)
+        self.model_picker.bundleImported.connect(self._on_model_imported)
 
     # ---- opening --------------------------------------------------------
     def open_paths(self, paths: Sequence[str | os.PathLike[str]]) -> int:
@@ -641,6 +645,14 @@ class MainWindow(QMainWindow):
             settings.set_model_dirs([*dirs, folder])
         settings.set_active_model_dir(folder)
         self.reload_model_folders()
+
+    def _on_model_imported(self, path: str) -> None:
+        """A finished "Import model…": its model-set folder becomes the active one, the bundle selected."""
+        self.add_model_folder(str(Path(path).parent))
+        self.model_picker.select_bundle(path)
+        msg = f"Imported model {Path(path).stem} ({path}); it is now the active model set"
+        self.statusBar().showMessage(msg, 10000)
+        self.log_panel.add(msg)
 
     def add_model_folder_dialog(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Add a folder of model bundles", settings.last_dir())

@@ -6,7 +6,9 @@ with their role and a plain badge: **untrained** (random weights),
 **research demo** (manifest provenance ``research_demo``) or **research use only**
 (provenance ``research_use_only``, e.g. JSRT-trained weights), so nobody mistakes a
 demo network for a clinical one. A bundle's model card (its evaluation) opens from the
-"Model card…" button, the context menu or a double click.
+"Model card…" button, the context menu or a double click. "Import model…" (button and context
+menu) opens :class:`~cxrviewer.gui.import_model_dialog.ImportModelDialog`; a finished import is
+announced by ``bundleImported(path)``.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from typing import Any
 
 from PySide6.QtCore import QPoint, QSignalBlocker, Qt, Signal
 from PySide6.QtGui import QBrush, QColor
-from PySide6.QtWidgets import (QComboBox, QHeaderView, QLabel, QMenu, QPushButton, QTreeWidget, QTreeWidgetItem,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QHeaderView, QLabel, QMenu, QPushButton, QTreeWidget,
+                               QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from ...core.catalog import BundleInfo, scan_bundles
 from ...core.errors import CxrError
@@ -43,9 +45,11 @@ def badge_html(bundles: Sequence[BundleInfo]) -> str:
 
 
 class ModelPicker(QWidget):
-    """Folder combo + bundle list; emits ``modelSetChanged(folder, bundles)``."""
+    """Folder combo + bundle list; emits ``modelSetChanged(folder, bundles)`` and, after an
+    import, ``bundleImported(path)``."""
 
     modelSetChanged = Signal(str, object)
+    bundleImported = Signal(str)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -70,14 +74,23 @@ class ModelPicker(QWidget):
         self.card_button.setToolTip("The selected bundle's evaluation (AUROC, localisation against the prior)")
         self.card_button.setEnabled(False)
         self.card_button.clicked.connect(lambda: self.show_card(self._row()))
+        self.import_button = QPushButton("Import model…", self)
+        self.import_button.setToolTip("Turn a torchxrayvision, CheXNet-style, torchvision or timm checkpoint "
+                                      "into a model bundle of your own")
+        self.import_button.clicked.connect(self.open_import_dialog)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.combo)
         lay.addWidget(self.summary)
         lay.addWidget(self.tree)
-        lay.addWidget(self.card_button, 0, Qt.AlignmentFlag.AlignRight)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.import_button)
+        buttons.addStretch(1)
+        buttons.addWidget(self.card_button)
+        lay.addLayout(buttons)
         self.bundles: list[BundleInfo] = []
         self.card_dialog: ModelCardDialog | None = None
+        self.import_dialog: Any = None  # ImportModelDialog, imported when first opened
         self.combo.currentIndexChanged.connect(self._on_combo)
 
     @property
@@ -131,12 +144,36 @@ class ModelPicker(QWidget):
 
     def _context_menu(self, pos: QPoint) -> None:
         item = self.tree.itemAt(pos)
-        if item is None:
-            return
         menu = QMenu(self.tree)
-        row = self.tree.indexOfTopLevelItem(item)
-        menu.addAction("Model card…", lambda: self.show_card(row))
+        if item is not None:
+            row = self.tree.indexOfTopLevelItem(item)
+            menu.addAction("Model card…", lambda: self.show_card(row))
+        menu.addAction("Import model…", self.open_import_dialog)
         menu.exec(self.tree.viewport().mapToGlobal(pos))
+
+    # ---- importing -------------------------------------------------------------------
+    def open_import_dialog(self) -> Any:
+        """Show the "Import model" dialog (one at a time; an open one is raised)."""
+        from ..import_model_dialog import ImportModelDialog
+
+        dlg = self.import_dialog
+        if dlg is None or not dlg.isVisible():
+            if dlg is not None:
+                dlg.deleteLater()
+            dlg = self.import_dialog = ImportModelDialog(self.window())
+            dlg.bundleImported.connect(self.bundleImported)
+        dlg.show()
+        dlg.raise_()
+        dlg.activateWindow()
+        return dlg
+
+    def select_bundle(self, path: str | Path) -> bool:
+        """Make the bundle at ``path`` the current row (False when it is not listed)."""
+        for row, b in enumerate(self.bundles):
+            if Path(b.path) == Path(path):
+                self.tree.setCurrentItem(self.tree.topLevelItem(row))
+                return True
+        return False
 
     def show_card(self, row: int) -> ModelCardDialog | None:
         """Open (or refresh) the card window of bundle ``row`` of the list; None for no such row."""
