@@ -195,3 +195,18 @@ def test_cancel_kills_the_child_and_its_grandchild_and_writes_nothing(qtbot, dir
     qtbot.wait(4000)  # the payload would have finished by now
     assert not done.exists()  # killed with its whole session
     assert not (dirs / "models").exists() and dlg.isVisible()
+
+
+def test_child_program_in_a_checkout_and_in_a_frozen_app(monkeypatch, tmp_path):
+    """``python -m cxrviewer import-model …`` from an install; the frozen app runs its own executable."""
+    from cxrviewer.gui.finetune import cxrviewer_program
+    from cxrviewer.gui.import_model_dialog import ImportJob
+
+    monkeypatch.delattr(sys, "frozen", raising=False)
+    assert cxrviewer_program() == (sys.executable, ["-m", "cxrviewer"])
+    app = tmp_path / "cxrviewer"
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(sys, "executable", str(app))
+    assert cxrviewer_program() == (str(app), [])
+    job = ImportJob(["import-model", "ck.pt", "--format", "chexnet", "--out", "o"], tmp_path / "o.cxrbundle")
+    assert (job.program, job.arguments) == (str(app), ["import-model", "ck.pt", "--format", "chexnet", "--out", "o"])
