@@ -334,7 +334,7 @@ class ImportModelDialog(QDialog):
     def _on_checkpoint(self, text: str) -> None:
         """A new checkpoint proposes its stem as the name (unless the user typed one)."""
         stem = Path(text.strip()).name.split(".")[0] if text.strip() else ""
-        if stem and (not self.name.text() or self.name.isModified() is False):
+        if stem and not self.name.isModified():
             self.name.setText(re.sub(r"[^A-Za-z0-9._ -]", "_", stem)[:80])
         self._validate()
 

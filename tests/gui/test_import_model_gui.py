@@ -154,6 +154,12 @@ def test_real_torchvision_import_appears_in_the_models_list(qtbot, dirs):
     target = dirs / "data" / "models" / "my-resnet" / "my-resnet.cxrbundle"
     assert imported == [str(target)], dlg.status.text()
     assert (target / "manifest.json").is_file() and not dlg.isVisible()
+    from cxrviewer.core.bundle import read_manifest
+    from cxrviewer.core.checksum import sha256_file
+
+    prov = read_manifest(target).provenance
+    assert (prov["format"], prov["checkpoint"], prov["checkpoint_sha256"], prov["pickled_checkpoint"]) == (
+        "torchvision", ckpt.name, sha256_file(ckpt), False)
     picker = win.model_picker
     assert picker.folder == str(target.parent)
     assert [b.name for b in picker.bundles] == ["my-resnet"] and not picker.bundles[0].error
