@@ -90,7 +90,8 @@ def datasets(args: argparse.Namespace, *, augment: bool = True):
     return datasets_of(args, load_records(args.data), augment=augment)
 
 
-def datasets_of(args: argparse.Namespace, records: list, *, augment: bool = True, classes: Sequence[str] = CLASSES):
+def datasets_of(args: argparse.Namespace, records: list, *, augment: bool = True,
+                classes: Sequence[str] = CLASSES) -> tuple:
     """:func:`datasets` of ``records`` whose labels are in ``classes`` order (``--limit``, fold, cache)."""
     from pathlib import Path
 
