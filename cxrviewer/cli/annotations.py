@@ -2,8 +2,10 @@
 
     cxrviewer annotations new PROJECT [--label-set NAME|FILE]
     cxrviewer annotations info PROJECT [--json]
-    cxrviewer annotations import PROJECT FILE --format {coco,nih} [--map A=B ...] [--add-unknown] [--skip NAME ...]
-    cxrviewer annotations export PROJECT TARGET --format {coco,voc,yolo,nih} [--status S ...]
+    cxrviewer annotations import PROJECT FILE --format {coco,nih,dicom-sr,gsps} [--studies DIR]
+        [--label-set NAME|FILE] [--map A=B ...] [--add-unknown] [--skip NAME ...]
+    cxrviewer annotations export PROJECT TARGET --format {coco,voc,yolo,nih,dicom,dicom-sr,gsps}
+        [--status S ...]
     cxrviewer annotations add-labels PROJECT NAME ...
 
 A project records its label set (built in: nih14, torchxrayvision18, vindr-cxr,
@@ -11,7 +13,12 @@ rsna-pneumonia, lung-heart; or a user's .json/.txt file); boxes, image labels, p
 imports and exports use its labels. An import whose classes the set cannot map (by spelling
 or synonym) is refused whole, listing them: ``--map NAME=LABEL`` maps one onto a project
 label, ``--add-unknown`` adds them to the project's label set, ``--skip NAME`` leaves their
-boxes out. Errors are one line on stderr and exit status 2; nothing is written then.
+boxes out. An import into a project file that does not exist creates it (with
+``--label-set``). ``--format dicom`` writes a folder per study with boxes: ``SR.dcm`` (TID 1500
+SR) + ``PR.dcm`` (GSPS), and ``SC.dcm`` for a PNG/JPEG study (``dicom-sr``: SR only, ``gsps``:
+PR only); an SR/GSPS import finds the images it references in the project, else by SOP
+Instance UID among the DICOM files of ``--studies DIR``. Errors are one line on stderr and
+exit status 2; nothing is written then.
 """
 from __future__ import annotations
 
@@ -23,12 +30,17 @@ from pathlib import Path
 from typing import Any
 
 #: what ``cxrviewer annotations --help`` says
-DESCRIPTION = """Create an annotation project with a label set, show what it holds, import COCO or
-NIH box files into it (unknown classes: --map NAME=LABEL, --add-unknown or --skip NAME), export
-it, or add labels to its label set. Errors: one line, exit status 2, nothing written."""
+DESCRIPTION = """Create an annotation project with a label set, show what it holds, import COCO,
+NIH box files or DICOM SR/GSPS into it (unknown classes: --map NAME=LABEL, --add-unknown or
+--skip NAME), export it (COCO, VOC, YOLO, NIH csv, DICOM SR + GSPS), or add labels to its label
+set. Errors: one line, exit status 2, nothing written."""
 
-IMPORT_FORMATS = {"coco": "coco", "nih": "nih-csv", "nih-csv": "nih-csv"}
-EXPORT_FORMATS = {"coco": "coco", "voc": "voc", "yolo": "yolo", "nih": "nih-csv", "nih-csv": "nih-csv"}
+IMPORT_FORMATS = {"coco": "coco", "nih": "nih-csv", "nih-csv": "nih-csv", "dicom-sr": "dicom-sr",
+                  "gsps": "gsps"}
+EXPORT_FORMATS = {"coco": "coco", "voc": "voc", "yolo": "yolo", "nih": "nih-csv", "nih-csv": "nih-csv",
+                  "dicom": "dicom", "dicom-sr": "dicom-sr", "gsps": "gsps"}
+#: formats served by cxrviewer.core.dicom_objects (imported only when one is used: ~1 s)
+DICOM_FORMATS = ("dicom", "dicom-sr", "gsps")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,20 +55,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     info = sub.add_parser("info", help="label set and counts of a project")
     info.add_argument("project")
     info.add_argument("--json", action="store_true", help="print JSON")
-    imp = sub.add_parser("import", help="import a COCO JSON or NIH box CSV")
-    imp.add_argument("project")
+    imp = sub.add_parser("import", help="import a COCO JSON, NIH box CSV or DICOM SR/GSPS")
+    imp.add_argument("project", help="the project (created when the file does not exist)")
     imp.add_argument("file")
-    imp.add_argument("--format", required=True, choices=("coco", "nih", "nih-csv"))
+    imp.add_argument("--format", required=True, choices=tuple(IMPORT_FORMATS))
+    imp.add_argument("--label-set", default=None, metavar="NAME|FILE",
+                     help="label set of a project the import creates (default nih14)")
     imp.add_argument("--map", action="append", default=[], metavar="NAME=LABEL",
                      help="import the file's class NAME as the project's LABEL (repeatable)")
     imp.add_argument("--add-unknown", action="store_true",
                      help="add the file's unmapped classes to the project's label set")
     imp.add_argument("--skip", action="append", default=[], metavar="NAME",
                      help="leave the boxes of class NAME out (repeatable)")
-    imp.add_argument("--images", default=None, metavar="DIR", help="folder of the images (path hints)")
+    imp.add_argument("--studies", "--images", dest="images", default=None, metavar="DIR",
+                     help="folder of the images the file names (coco/nih: path hints; dicom-sr/gsps: "
+                          "searched for the referenced SOP Instance UIDs)")
     exp = sub.add_parser("export", help="export the project")
     exp.add_argument("project")
-    exp.add_argument("target", help="file (coco, nih), folder or .zip (voc, yolo)")
+    exp.add_argument("target", help="file (coco, nih), folder or .zip (voc, yolo), folder (dicom)")
     exp.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS))
     exp.add_argument("--status", nargs="+", default=None,
                      choices=("unseen", "in_progress", "done", "verified"), help="only these review statuses")
@@ -136,25 +152,79 @@ def _mapping(args: argparse.Namespace) -> dict[str, str | None]:
     return mapping
 
 
+def _open_for_import(args: argparse.Namespace) -> tuple[Any, bool]:
+    """The project to import into and whether this import created it (``--label-set``)."""
+    from cxrviewer.core.annotations import AnnotationStore
+    from cxrviewer.core.errors import AnnotationStoreError
+    from cxrviewer.core.labelsets import get_label_set
+
+    path = Path(args.project)
+    if path.exists():
+        store = AnnotationStore(path, annotator=args.annotator, create=False)
+        if args.label_set and get_label_set(args.label_set).name != store.label_set.name:
+            store.close()
+            raise AnnotationStoreError(f"the project exists with label set {store.label_set.name}; "
+                                       "--label-set only applies to a new project", path=str(path))
+        return store, False
+    ls = get_label_set(args.label_set or "nih14")
+    return AnnotationStore(path, annotator=args.annotator, label_set=ls), True
+
+
+def _remove_project(path: Path) -> None:
+    for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal", ".lock"))):
+        p.unlink(missing_ok=True)
+
+
 def _import(args: argparse.Namespace) -> int:
-    from cxrviewer.core.annotations import IMPORTERS, AnnotationStore
+    from cxrviewer.core.annotations import IMPORTERS
 
     mapping = _mapping(args)
     fmt = IMPORT_FORMATS[args.format]
-    with AnnotationStore(args.project, annotator=args.annotator, create=False) as store:
-        before = store.label_set
-        edit = IMPORTERS[fmt](store, args.file, images_dir=args.images, mapping=mapping,
-                              add_unknown=args.add_unknown)
-        after = store.label_set
-        added = [lab for lab in after.labels if lab not in before.labels]
-        print(f"imported {len(edit.box_ids)} box(es) from {args.file} into {store.path}"
-              + (f"; added to the label set: {', '.join(added)}" if added else ""))
+    kwargs: dict[str, Any] = {"mapping": mapping, "add_unknown": args.add_unknown}
+    importer = IMPORTERS.get(fmt)
+    if fmt in DICOM_FORMATS:
+        from cxrviewer.core.dicom_objects.exchange import import_dicom as importer
+        kwargs["studies_dir"] = args.images
+    else:
+        kwargs["images_dir"] = args.images
+    store, created = _open_for_import(args)
+    try:
+        with store:
+            before = store.label_set
+            edit = importer(store, args.file, **kwargs)
+            added = [lab for lab in store.label_set.labels if lab not in before.labels]
+            print(f"imported {len(edit.box_ids)} box(es) from {args.file} into {store.path}"
+                  + (f" (created, label set {_describe(store.label_set)})" if created else "")
+                  + (f"; added to the label set: {', '.join(added)}" if added else ""))
+    except BaseException:
+        if created:  # a failed import leaves no new project behind
+            _remove_project(Path(args.project))
+        raise
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cxrviewer.core.annotations import AnnotationStore, export_store
+
+    fmt = EXPORT_FORMATS[args.format]
+    with AnnotationStore(args.project, read_only=True) as store:
+        if fmt not in DICOM_FORMATS:
+            out = export_store(store, args.target, fmt, status=args.status,
+                               include_identifiers=args.include_identifiers)
+            print(f"exported {args.format} to {out}")
+            return 0
+        from cxrviewer.core.dicom_objects.exchange import EXPORT_KINDS, export_dicom
+
+        result = export_dicom(store, args.target, kinds=EXPORT_KINDS[fmt], status=args.status)
+    for name, why in result.skipped:
+        print(f"cxrviewer annotations: skipped {name}: {why}", file=sys.stderr)
+    print(f"exported {args.format}: {result.summary()}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Run one action; 0 on success, 2 (and one line on stderr) on an error."""
-    from cxrviewer.core.annotations import AnnotationStore, export_store
+    from cxrviewer.core.annotations import AnnotationStore
     from cxrviewer.core.errors import CxrError
 
     try:
@@ -171,11 +241,7 @@ def run(args: argparse.Namespace) -> int:
                 _print_info(info)
             return 0
         if args.action == "export":
-            with AnnotationStore(args.project, read_only=True) as store:
-                out = export_store(store, args.target, EXPORT_FORMATS[args.format], status=args.status,
-                                   include_identifiers=args.include_identifiers)
-            print(f"exported {args.format} to {out}")
-            return 0
+            return _export(args)
         with AnnotationStore(args.project, annotator=args.annotator, create=False) as store:
             before = len(store.label_set)
             ls = store.add_labels(args.names)

@@ -198,6 +198,13 @@ def _collect(store: AnnotationStore, status: str | Iterable[str] | None,
     return items
 
 
+def study_items(store: AnnotationStore, status: str | Iterable[str] | None = None, *,
+                with_empty: bool = True) -> list[_Item]:
+    """The studies an export writes (``status`` filter; ``with_empty=False``: only those with
+    boxes), each with its unique output name and safe, unique file stem (``.stem``)."""
+    return _collect(store, status, with_empty)
+
+
 def _num(v: float) -> str:
     """Shortest exact decimal; integral values without ``.0`` (as in the NIH release)."""
     r = repr(float(v))
@@ -557,14 +564,29 @@ def _write_many(target: Path, files: Mapping[str, bytes],
                 for name, data in files.items():
                     zf.writestr(name, data)
         return atomic_write(target, fill)
+    def fill(tmp: Path) -> None:
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+    return write_folder(target, fill, owned)
+
+
+def write_folder(target: str | os.PathLike, fill: Callable[[Path], Any],
+                 owned: Callable[[str], bool] = lambda _rel: False) -> Path:
+    """Fill a temporary sibling folder with ``fill(folder)`` and rename it to ``target`` whole.
+
+    ``owned(relative path)``: whether a file in an existing target folder is one this export
+    writes (the folder is then replaced once the new one is complete); any other file refuses
+    the export. On any error the temporary folder goes, an existing target is left unchanged
+    and :class:`ExportError` is raised (an ``ExportError`` from ``fill`` passes through).
+    """
+    target = Path(target)
     _check_replaceable(target, owned)
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = mkdtemp_beside(target)
-        for name, data in files.items():
-            _write_file(tmp / name, data)
-        for folder in {(tmp / n).parent for n in files} | {tmp}:
+        fill(tmp)
+        for folder in {p for p in tmp.rglob("*") if p.is_dir()} | {tmp}:
             _fsync_dir(folder)
         _swap_in(tmp, target)
         tmp = None
