@@ -11,6 +11,12 @@ A new project asks for its label set (:meth:`AnnotationIO.choose_label_set`). An
 whose classes the project's label set cannot map opens :class:`LabelMappingDialog` (each
 unmapped class: one of the project's labels, "add to the project's labels" or "skip") and
 runs again with the choices; cancelled, it is refused with a message listing the classes.
+
+"DICOM SR + GSPS" exports a folder per study (``SR.dcm``, ``PR.dcm``, ``SC.dcm`` for a
+non-DICOM image) and "DICOM SR / GSPS" imports one such file, with the code of
+``cxrviewer annotations export/import`` (:mod:`cxrviewer.core.dicom_objects.exchange`, loaded
+on first use); the images an SR references are found in the project or, by SOP Instance UID,
+among the DICOM files beside it.
 """
 from __future__ import annotations
 
@@ -32,8 +38,12 @@ from ..core.labelsets import BUILTIN, LabelSet, get_label_set
 from . import settings
 from .annotation_feedback import AnnotationFeedback
 
-EXPORT_FORMATS = {"coco": "COCO JSON", "voc": "Pascal VOC", "yolo": "YOLO", "nih-csv": "NIH csv"}
-IMPORT_FORMATS = {"nih-csv": "NIH csv (BBox_List_2017 layout)", "coco": "COCO JSON"}
+EXPORT_FORMATS = {"coco": "COCO JSON", "voc": "Pascal VOC", "yolo": "YOLO", "nih-csv": "NIH csv",
+                  "dicom": "DICOM SR + GSPS"}
+IMPORT_FORMATS = {"nih-csv": "NIH csv (BBox_List_2017 layout)", "coco": "COCO JSON",
+                  "dicom-sr": "DICOM SR / GSPS"}
+#: the formats of :mod:`cxrviewer.core.dicom_objects.exchange` (imported on first use, ~1 s)
+DICOM_FORMATS = ("dicom", "dicom-sr", "gsps")
 PROJECT_FILTER = f"Annotation projects (*{SUFFIX})"
 
 
@@ -188,15 +198,31 @@ class AnnotationIO(QObject):
                   include_identifiers: bool = False) -> Path | None:
         """Write an export (atomically); None (and a message) when it failed."""
         try:
-            out = self.session.export_to(fmt, target, include_identifiers=include_identifiers)
+            if fmt in DICOM_FORMATS:
+                out, said = self._export_dicom(fmt, target)
+            else:
+                out = self.session.export_to(fmt, target, include_identifiers=include_identifiers)
+                said = f"to {out}"
         except EditRefused as exc:
             self.feedback.refused(exc)
             return None
         except CxrError as exc:
             self.feedback.error(f"Export failed: {exc}")
             return None
-        self.feedback.info(f"Exported {EXPORT_FORMATS.get(fmt, fmt)} to {out}")
+        self.feedback.info(f"Exported {EXPORT_FORMATS.get(fmt, fmt)} {said}")
         return out
+
+    def _export_dicom(self, fmt: str, target: str | os.PathLike) -> tuple[Path, str]:
+        """A DICOM export of the whole project: (folder, what to say)."""
+        from ..core.dicom_objects.exchange import EXPORT_KINDS, export_dicom
+
+        if self.session.store is None:
+            raise EditRefused("No annotation project open")
+        result = export_dicom(self.session.store, target, kinds=EXPORT_KINDS[fmt])
+        said = result.summary()
+        if result.skipped:
+            said += f" (first: {result.skipped[0][0]}: {result.skipped[0][1]})"
+        return result.folder, f"({said})"
 
     def import_from(self, fmt: str, source: str | os.PathLike, **kwargs: Any) -> Edit | None:
         """Import boxes (one undo step); studies not opened yet are matched when opened.
@@ -204,6 +230,11 @@ class AnnotationIO(QObject):
         Classes the project's labels lack: :attr:`ask_mapping` (the mapping dialog), then the
         import again with the choices; cancelled, the import is refused (nothing written).
         """
+        if fmt in DICOM_FORMATS:
+            from ..core.dicom_objects.exchange import register_formats
+
+            register_formats()  # the session's importers then include them
+            kwargs.setdefault("studies_dir", Path(source).parent)
         try:
             try:
                 edit = self.session.import_from(fmt, source, **kwargs)
@@ -232,6 +263,8 @@ class AnnotationIO(QObject):
         if fmt in ("voc", "yolo"):
             title, ext, filt = (f"Export {name} (a .zip or a folder name)", ".zip",
                                 "Zip (*.zip);;Folder (*)")
+        elif fmt in DICOM_FORMATS:
+            title, ext, filt = f"Export {name} (a new folder: one folder per study)", "", "Folder (*)"
         else:
             ext = ".json" if fmt == "coco" else ".csv"
             title, filt = f"Export {name}", f"{name} (*{ext})"
@@ -240,7 +273,8 @@ class AnnotationIO(QObject):
             self.export_to(fmt, target)
 
     def import_dialog(self, fmt: str) -> None:
-        filt = "COCO JSON (*.json)" if fmt == "coco" else "CSV (*.csv *.csv.gz)"
+        filt = {"coco": "COCO JSON (*.json)", "dicom-sr": "DICOM SR or GSPS (*.dcm)"}.get(
+            fmt, "CSV (*.csv *.csv.gz)")
         source, _ = QFileDialog.getOpenFileName(self.parent_widget, f"Import {IMPORT_FORMATS[fmt]}",
                                                 settings.last_dir(), f"{filt};;All files (*)")
         if source:

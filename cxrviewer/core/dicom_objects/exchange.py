@@ -19,7 +19,7 @@ entries (the same code for both):
   mapped onto the project's label set as for COCO/NIH imports (``mapping``, ``add_unknown``;
   unmapped classes raise :class:`~cxrviewer.core.annotations.export.UnmappedClassesError`).
 
-Importing this module registers these functions in the annotation
+Importing this module (or :func:`register_formats`) registers these functions in the annotation
 :data:`~cxrviewer.core.annotations.export.EXPORTERS` (``dicom``, ``dicom-sr``, ``gsps``) and
 :data:`~cxrviewer.core.annotations.export.IMPORTERS` (``dicom-sr``, ``gsps``), so
 :meth:`AnnotationSession.import_from` (undo stack) reaches them once they are loaded (the
@@ -189,5 +189,11 @@ def _exporter(fmt: str):
     return export
 
 
-EXPORTERS.update({fmt: _exporter(fmt) for fmt in EXPORT_KINDS})
-IMPORTERS.update({"dicom-sr": import_dicom, "gsps": import_dicom})
+def register_formats() -> None:
+    """Put the DICOM formats in the annotation ``EXPORTERS``/``IMPORTERS`` (idempotent; done on
+    import of this module too)."""
+    EXPORTERS.update({fmt: _exporter(fmt) for fmt in EXPORT_KINDS})
+    IMPORTERS.update({"dicom-sr": import_dicom, "gsps": import_dicom})
+
+
+register_formats()
