@@ -4,8 +4,8 @@
     cxrviewer annotations info PROJECT [--json]
     cxrviewer annotations import PROJECT FILE --format {coco,nih,dicom-sr,gsps} [--studies DIR]
         [--label-set NAME|FILE] [--map A=B ...] [--add-unknown] [--skip NAME ...]
-    cxrviewer annotations export PROJECT TARGET --format {coco,voc,yolo,nih,dicom,dicom-sr,gsps}
-        [--status S ...]
+    cxrviewer annotations export PROJECT TARGET --format {coco,coco-results,voc,yolo,nih,dicom,
+        dicom-sr,gsps} [--status S ...] [--model NAME]
     cxrviewer annotations add-labels PROJECT NAME ...
 
 A project records its label set (built in: nih14, torchxrayvision18, vindr-cxr,
@@ -14,7 +14,8 @@ imports and exports use its labels. An import whose classes the set cannot map (
 or synonym) is refused whole, listing them: ``--map NAME=LABEL`` maps one onto a project
 label, ``--add-unknown`` adds them to the project's label set, ``--skip NAME`` leaves their
 boxes out. An import into a project file that does not exist creates it (with
-``--label-set``). ``--format dicom`` writes a folder per study with boxes: ``SR.dcm`` (TID 1500
+``--label-set``). ``coco-results`` writes the model proposals as a COCO results list
+(pycocotools ``loadRes``). ``--format dicom`` writes a folder per study with boxes: ``SR.dcm`` (TID 1500
 SR) + ``PR.dcm`` (GSPS), and ``SC.dcm`` for a PNG/JPEG study (``dicom-sr``: SR only, ``gsps``:
 PR only); an SR/GSPS import finds the images it references in the project, else by SOP
 Instance UID among the DICOM files of ``--studies DIR``. Errors are one line on stderr and
@@ -37,7 +38,7 @@ set. Errors: one line, exit status 2, nothing written."""
 
 IMPORT_FORMATS = {"coco": "coco", "nih": "nih-csv", "nih-csv": "nih-csv", "dicom-sr": "dicom-sr",
                   "gsps": "gsps"}
-EXPORT_FORMATS = {"coco": "coco", "voc": "voc", "yolo": "yolo", "nih": "nih-csv", "nih-csv": "nih-csv",
+EXPORT_FORMATS = {"coco": "coco", "coco-results": "coco-results", "voc": "voc", "yolo": "yolo", "nih": "nih-csv", "nih-csv": "nih-csv",
                   "dicom": "dicom", "dicom-sr": "dicom-sr", "gsps": "gsps"}
 #: formats served by cxrviewer.core.dicom_objects (imported only when one is used: ~1 s)
 DICOM_FORMATS = ("dicom", "dicom-sr", "gsps")
@@ -76,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     exp.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS))
     exp.add_argument("--status", nargs="+", default=None,
                      choices=("unseen", "in_progress", "done", "verified"), help="only these review statuses")
+    exp.add_argument("--model", default=None, metavar="NAME",
+                     help="coco-results: only this model's proposals (needed when there are several)")
     exp.add_argument("--include-identifiers", action="store_true",
                      help="write SOP Instance UIDs and last-seen paths (may identify patients)")
     add = sub.add_parser("add-labels", help="add labels to the project's label set")
@@ -205,17 +208,22 @@ def _import(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from cxrviewer.core.annotations import AnnotationStore, export_store
+    from cxrviewer.core.annotations.export import export_coco_results
 
     fmt = EXPORT_FORMATS[args.format]
     with AnnotationStore(args.project, read_only=True) as store:
-        if fmt not in DICOM_FORMATS:
+        if fmt in DICOM_FORMATS:
+            from cxrviewer.core.dicom_objects.exchange import EXPORT_KINDS, export_dicom
+
+            result = export_dicom(store, args.target, kinds=EXPORT_KINDS[fmt], status=args.status)
+        elif fmt == "coco-results":
+            out = export_coco_results(store, args.target, status=args.status, model=args.model)
+        else:
             out = export_store(store, args.target, fmt, status=args.status,
                                include_identifiers=args.include_identifiers)
-            print(f"exported {args.format} to {out}")
-            return 0
-        from cxrviewer.core.dicom_objects.exchange import EXPORT_KINDS, export_dicom
-
-        result = export_dicom(store, args.target, kinds=EXPORT_KINDS[fmt], status=args.status)
+    if fmt not in DICOM_FORMATS:
+        print(f"exported {args.format} to {out}")
+        return 0
     for name, why in result.skipped:
         print(f"cxrviewer annotations: skipped {name}: {why}", file=sys.stderr)
     print(f"exported {args.format}: {result.summary()}")

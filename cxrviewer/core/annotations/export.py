@@ -14,7 +14,8 @@ Instance UID and the last-seen path (folders may carry a patient's name) are
 written only with ``include_identifiers=True``. File names are base names.
 
 Coordinates are original-image pixels, floats, top-left origin: COCO ``bbox`` is
-``[x, y, w, h]``; VOC ``bndbox`` is the 0-based pixel-edge box ``x, y, x+w, y+h``;
+``[x, y, w, h]`` (with ``area``, the rectangle as a ``segmentation`` polygon, and ``score``
+on model boxes; ``coco-results`` writes the model proposals as a COCO results list); VOC ``bndbox`` is the 0-based pixel-edge box ``x, y, x+w, y+h``;
 YOLO is ``class cx cy w h`` normalised by the image size; the NIH CSV is
 ``x, y, w, h`` with NIH class spellings ("Infiltrate"). Floats are written with
 ``repr`` (shortest exact), so COCO and NIH CSV round-trip bit-exactly.
@@ -274,6 +275,11 @@ def _label_index(ls: LabelSet, items: Iterable["_Item"], target: str | os.PathLi
 
 
 # ---- COCO ------------------------------------------------------------------------
+def box_polygon(x: float, y: float, w: float, h: float) -> list[float]:
+    """A box as a COCO polygon: its 4 corners clockwise from the top left, ``[x0, y0, ...]``."""
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
+
+
 def coco_dict(store: AnnotationStore, *, include_identifiers: bool = False,
               status: str | Iterable[str] | None = None) -> dict:
     """The store as a COCO detection dict (categories 1..N: the project's label set, in order)."""
@@ -295,11 +301,15 @@ def coco_dict(store: AnnotationStore, *, include_identifiers: bool = False,
             img["cxr_path"] = rec.path
         images.append(img)
         for b in it.boxes:
-            anns.append({"id": b.id, "image_id": rec.id, "category_id": index[b.label] + 1,
-                         "bbox": [b.x, b.y, b.w, b.h], "area": b.w * b.h, "iscrowd": 0,
-                         "cxr_source": b.source, "cxr_model": b.model_name, "cxr_score": b.score,
-                         "cxr_annotator": b.annotator, "cxr_created": b.created,
-                         "cxr_modified": b.modified})
+            ann = {"id": b.id, "image_id": rec.id, "category_id": index[b.label] + 1,
+                   "bbox": [b.x, b.y, b.w, b.h], "area": b.w * b.h, "iscrowd": 0,
+                   "segmentation": [box_polygon(b.x, b.y, b.w, b.h)],
+                   "cxr_source": b.source, "cxr_model": b.model_name, "cxr_score": b.score,
+                   "cxr_annotator": b.annotator, "cxr_created": b.created,
+                   "cxr_modified": b.modified}
+            if b.score is not None:
+                ann["score"] = b.score
+            anns.append(ann)
     return {
         "info": {"description": "cxrviewer annotations", "version": "1.0",
                  "date_created": utc_now()},
@@ -317,6 +327,48 @@ def export_coco(store: AnnotationStore, target: str | os.PathLike, *,
                 status: str | Iterable[str] | None = None) -> Path:
     """Write a COCO JSON file (atomically)."""
     data = coco_dict(store, include_identifiers=include_identifiers, status=status)
+    return atomic_write(target, json.dumps(data, indent=1).encode("utf-8"))
+
+
+def coco_results(store: AnnotationStore, *, status: str | Iterable[str] | None = None,
+                 model: str | None = None) -> list[dict]:
+    """The model's detections as a COCO *results* list (``COCO.loadRes``):
+    ``[{"image_id", "category_id", "bbox", "score"}]``, ids as in :func:`coco_dict`.
+
+    Detections: every proposal (pending, accepted or rejected: the model's own box and score)
+    plus model boxes that came without a proposal (e.g. imported), of classes in the label
+    set and with a score. ``model``: only that model's; required when there are several.
+    Raises :class:`ExportError` when there is nothing to write or the models are mixed.
+    """
+    ls = store.label_set
+    found: list[tuple[str, dict]] = []
+    for it in _collect(store, status):
+        sid = it.study.id
+        dets = [(p.model_name, p.label, p.x, p.y, p.w, p.h, p.score) for p in store.proposals(sid)]
+        dets += [(b.model_name or "", b.label, b.x, b.y, b.w, b.h, b.score) for b in it.boxes
+                 if b.source == "model" and b.proposal_id is None]
+        found += [(name, {"image_id": sid, "category_id": ls.index(label) + 1,
+                          "bbox": [x, y, w, h], "score": float(score)})
+                  for name, label, x, y, w, h, score in dets
+                  if score is not None and label in ls and model in (None, name)]
+    models = sorted({name for name, _ in found})
+    if len(models) > 1:
+        raise ExportError(f"the project holds the proposals of {len(models)} models "
+                          f"({', '.join(models)}); a results file is one model's: choose one "
+                          "(--model NAME)", path=str(store.path))
+    if not found:
+        raise ExportError("no model proposals with a score" + (f" of {model!r}" if model else "")
+                          + "; nothing was written", path=str(store.path))
+    return [det for _name, det in found]
+
+
+def export_coco_results(store: AnnotationStore, target: str | os.PathLike, *,
+                        include_identifiers: bool = False,
+                        status: str | Iterable[str] | None = None,
+                        model: str | None = None) -> Path:
+    """Write :func:`coco_results` as a JSON list (atomically); image ids match a COCO export
+    of the same project and status filter. ``include_identifiers``: for a uniform signature."""
+    data = coco_results(store, status=status, model=model)
     return atomic_write(target, json.dumps(data, indent=1).encode("utf-8"))
 
 
@@ -677,6 +729,7 @@ def export_yolo(store: AnnotationStore, target: str | os.PathLike, *,
 #: ``fn(store, target, *, include_identifiers=False, status=None) -> Path``.
 EXPORTERS: dict[str, Callable[..., Path]] = {
     "coco": export_coco,
+    "coco-results": export_coco_results,
     "voc": export_voc,
     "yolo": export_yolo,
     "nih-csv": export_nih_csv,
