@@ -38,8 +38,9 @@ set. Errors: one line, exit status 2, nothing written."""
 
 IMPORT_FORMATS = {"coco": "coco", "nih": "nih-csv", "nih-csv": "nih-csv", "dicom-sr": "dicom-sr",
                   "gsps": "gsps"}
-EXPORT_FORMATS = {"coco": "coco", "coco-results": "coco-results", "voc": "voc", "yolo": "yolo", "nih": "nih-csv", "nih-csv": "nih-csv",
-                  "dicom": "dicom", "dicom-sr": "dicom-sr", "gsps": "gsps"}
+EXPORT_FORMATS = {"coco": "coco", "coco-results": "coco-results", "voc": "voc", "yolo": "yolo",
+                  "nih": "nih-csv", "nih-csv": "nih-csv", "dicom": "dicom", "dicom-sr": "dicom-sr",
+                  "gsps": "gsps"}
 #: formats served by cxrviewer.core.dicom_objects (imported only when one is used: ~1 s)
 DICOM_FORMATS = ("dicom", "dicom-sr", "gsps")
 
@@ -73,7 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "searched for the referenced SOP Instance UIDs)")
     exp = sub.add_parser("export", help="export the project")
     exp.add_argument("project")
-    exp.add_argument("target", help="file (coco, nih), folder or .zip (voc, yolo), folder (dicom)")
+    exp.add_argument("target", help="file (coco, coco-results, nih), folder or .zip (voc: VOCdevkit "
+                     "layout, yolo: Ultralytics layout; both with copies of the PNG/JPEG images), "
+                     "folder (dicom)")
     exp.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS))
     exp.add_argument("--status", nargs="+", default=None,
                      choices=("unseen", "in_progress", "done", "verified"), help="only these review statuses")

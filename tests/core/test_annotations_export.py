@@ -117,17 +117,20 @@ def test_real_nih_bbox_list_round_trips(tmp_path: Path, nih_dir: Path) -> None:
 
 def test_voc_and_yolo_layout(tmp_path: Path) -> None:
     s = _filled(tmp_path / "s.cxrann")
-    folder = ex.export_voc(s, tmp_path / "voc")
-    root = ET.parse(folder / "IM-0001.xml").getroot()
+    folder = ex.export_voc(s, tmp_path / "voc") / "VOCdevkit" / "VOC2007"  # VOCdevkit layout
+    root = ET.parse(folder / "Annotations" / "IM-0001.xml").getroot()
     assert root.findtext("filename") == "IM-0001.dcm" and root.findtext("size/width") == "2000"
     objs = root.findall("object")
     assert [o.findtext("name") for o in objs] == ["Infiltration", "Pleural_Thickening"]
-    assert float(objs[0].findtext("bndbox/xmax")) == pytest.approx(225.084745762712 +
-                                                                   86.7796610169491)
-    assert "DOE" not in (folder / "IM-0001.xml").read_text()
+    # 1-based integer pixels: xmin = round(x) + 1, xmax = round(x + w)
+    assert objs[0].findtext("bndbox/xmin") == str(round(225.084745762712) + 1)
+    assert objs[0].findtext("bndbox/xmax") == str(round(225.084745762712 + 86.7796610169491))
+    assert "DOE" not in (folder / "Annotations" / "IM-0001.xml").read_text()
     zpath = ex.export_voc(s, tmp_path / "voc.zip")
     with zipfile.ZipFile(zpath) as zf:
-        assert sorted(zf.namelist()) == ["00000001_000.xml", "IM-0001.xml", "empty.xml"]
+        assert sorted(n for n in zf.namelist() if "/Annotations/" in n) == [
+            f"VOCdevkit/VOC2007/Annotations/{n}" for n in ("00000001_000.xml", "IM-0001.xml",
+                                                         "empty.xml")]
     y = ex.export_yolo(s, tmp_path / "yolo.zip")
     with zipfile.ZipFile(y) as zf:
         assert zf.read("classes.txt").decode().split() == list(CLASSES)

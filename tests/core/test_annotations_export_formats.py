@@ -8,15 +8,24 @@ import contextlib
 import io
 import json
 
+import os
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
 from cxrviewer.cli import annotations as cli
 from cxrviewer.core.annotations import AnnotationStore
 from cxrviewer.core.annotations.model import StudyIdentity
 from cxrviewer.core.errors import ExportError
 from cxrviewer.core.geometry import Box
-from cxrviewer.core.annotations.export import coco_results, export_coco
+from cxrviewer.core.annotations.export import (
+    MISSING_LIST, VOC_ROOT, coco_results, export_coco, export_voc,
+)
 
 W, H = 200, 160
 MODEL = "densenet121-res224-all"
@@ -39,6 +48,7 @@ def project(tmp_path):
     path = tmp_path / "p.cxrann"
     with AnnotationStore(path, annotator="alice") as st:
         for i, (name, boxes) in enumerate(GT.items()):
+            Image.fromarray(np.full((H, W), 40 * i, np.uint8)).save(tmp_path / name)
             sid = st.ensure_study(StudyIdentity(name, sha256=f"{i:064x}"), width=W, height=H,
                                   path=str(tmp_path / name)).id
             props = [Box(c, x, y, w, h, 0.9) for c, x, y, w, h in boxes]
@@ -120,3 +130,73 @@ def test_coco_round_trip_keeps_scores(project, tmp_path):
         got = sorted((b.label, b.x, b.source, b.score) for r in st.studies() for b in st.boxes(r.id))
     assert got == want
 
+
+
+def _with_dicom_study(project: Path) -> None:
+    with AnnotationStore(project) as st:
+        sid = st.ensure_study(StudyIdentity("c.dcm", sop_uid="1.2.3.4"), width=W, height=H,
+                              path="/nowhere/c.dcm").id
+        st.add_box(sid, "Mass", 0.4, 159.0, 199.9, 1.0)  # touches three image edges
+
+
+def _label_path(image: str) -> str:
+    """Ultralytics' rule (``img2label_paths``): /images/ -> /labels/, suffix -> .txt."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    return sb.join(image.rsplit(sa, 1)).rsplit(".", 1)[0] + ".txt"
+
+
+def test_yolo_is_an_ultralytics_dataset(project, tmp_path):
+    _with_dicom_study(project)
+    out = tmp_path / "yolo"
+    assert _cli("export", project, out, "--format", "yolo") == 0
+    data = yaml.safe_load((out / "data.yaml").read_text())
+    with AnnotationStore(project, read_only=True) as st:
+        labels = list(st.label_set.labels)
+    assert data["path"] == str(out.resolve()) and data["train"] == data["val"] == "images"
+    assert data["names"] == dict(enumerate(labels))
+    images = sorted((out / "images").iterdir())
+    assert [p.name for p in images] == ["a.png", "b.png"]  # copies of the PNGs
+    for img in images:
+        assert img.read_bytes() == (tmp_path / img.name).read_bytes() and not img.is_symlink()
+        rows = [r.split() for r in Path(_label_path(str(img))).read_text().splitlines()]
+        want = GT[img.name]
+        assert [labels[int(r[0])] for r in rows] == [c for c, *_ in want]
+        for r, (_c, x, y, w, h) in zip(rows, want):
+            assert np.allclose([float(v) for v in r[1:]],
+                               [(x + w / 2) / W, (y + h / 2) / H, w / W, h / H], atol=1e-7)
+    assert (out / "labels" / "c.txt").is_file()  # DICOM: labels, no image (listed)
+    assert (out / MISSING_LIST).read_text().startswith("c.dcm\tnot an image file")
+    assert _cli("export", project, out, "--format", "yolo") == 0  # its own export: replaced
+    z = tmp_path / "yolo.zip"
+    assert _cli("export", project, z, "--format", "yolo") == 0
+    with zipfile.ZipFile(z) as zf:
+        assert {"data.yaml", "images/a.png", "labels/a.txt", "labels/c.txt"} <= set(zf.namelist())
+        assert yaml.safe_load(zf.read("data.yaml"))["path"] == "."
+
+
+def test_voc_is_a_vocdevkit_with_1_based_integer_pixels(project, tmp_path):
+    _with_dicom_study(project)
+    with AnnotationStore(project, read_only=True) as st:
+        out = export_voc(st, tmp_path / "voc") / VOC_ROOT
+        stems = sorted(p.stem for p in (out / "Annotations").iterdir())
+        assert stems == ["a", "b", "c"]
+        assert (out / "ImageSets" / "Main" / "trainval.txt").read_text().split() == stems
+        assert (out / "ImageSets" / "Main" / "Mass_trainval.txt").read_text().splitlines() == [
+            "a  1", "b -1", "c  1"]
+        assert sorted(p.name for p in (out / "JPEGImages").iterdir()) == ["a.png", "b.png"]
+        boxes = {**GT, "c.dcm": [("Mass", 0.4, 159.0, 199.9, 1.0)]}
+        for name, want in boxes.items():
+            root = ET.parse(out / "Annotations" / f"{Path(name).stem}.xml").getroot()
+            assert root.findtext("filename") == name
+            assert (out / "JPEGImages" / name).is_file() == name.endswith(".png")
+            objs = root.findall("object")
+            assert len(objs) == len(want)
+            for obj, (c, x, y, w, h) in zip(objs, want):
+                e = [int(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")]
+                assert obj.findtext("name") == c
+                assert 1 <= e[0] <= e[2] <= W and 1 <= e[1] <= e[3] <= H
+                assert np.allclose([e[0] - 1, e[1] - 1, e[2], e[3]], [x, y, x + w, y + h],
+                                   atol=0.5)
+        edge = ET.parse(out / "Annotations" / "c.xml").getroot().find("object/bndbox")
+        assert [edge.findtext(t) for t in ("xmin", "ymin", "xmax", "ymax")] == [
+            "1", "160", str(W), str(H)]  # clamped to the image, never 0 or past its size

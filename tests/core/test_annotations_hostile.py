@@ -395,7 +395,7 @@ def _odd_store(path: Path) -> AnnotationStore:
 
 def test_long_and_odd_names_export_safely(tmp_path: Path) -> None:
     s = _odd_store(tmp_path / "s.cxrann")
-    voc = ex.export_voc(s, tmp_path / "voc")
+    voc = ex.export_voc(s, tmp_path / "voc") / ex.VOC_ROOT / "Annotations"
     xmls = sorted(voc.iterdir())
     assert len(xmls) == len(ODD_NAMES)
     assert len({x.name.lower() for x in xmls}) == len(ODD_NAMES)  # unique, even ignoring case
@@ -405,7 +405,7 @@ def test_long_and_odd_names_export_safely(tmp_path: Path) -> None:
         ET.parse(x)  # control characters did not make invalid XML
     yolo = ex.export_yolo(s, tmp_path / "yolo")
     assert len(list((yolo / "labels").iterdir())) == len(ODD_NAMES)
-    again = ex.export_voc(s, tmp_path / "voc2")
+    again = ex.export_voc(s, tmp_path / "voc2") / ex.VOC_ROOT / "Annotations"
     assert sorted(x.name for x in again.iterdir()) == [x.name for x in xmls]  # deterministic
     z = ex.export_yolo(s, tmp_path / "yolo.zip")
     assert z.exists()

@@ -1,4 +1,5 @@
-"""Exports (COCO, Pascal VOC, YOLO, NIH ``BBox_List_2017.csv``) and imports (NIH CSV, COCO).
+"""Exports (COCO, COCO results, Pascal VOC, YOLO, NIH ``BBox_List_2017.csv``) and imports (NIH
+CSV, COCO).
 
 Every file is written atomically: a temp file in the target's folder, fsync,
 ``os.replace`` over the target, fsync of the folder. A failing export raises
@@ -15,8 +16,10 @@ written only with ``include_identifiers=True``. File names are base names.
 
 Coordinates are original-image pixels, floats, top-left origin: COCO ``bbox`` is
 ``[x, y, w, h]`` (with ``area``, the rectangle as a ``segmentation`` polygon, and ``score``
-on model boxes; ``coco-results`` writes the model proposals as a COCO results list); VOC ``bndbox`` is the 0-based pixel-edge box ``x, y, x+w, y+h``;
-YOLO is ``class cx cy w h`` normalised by the image size; the NIH CSV is
+on model boxes; ``coco-results`` writes the model proposals as a COCO results list); VOC
+(VOCdevkit layout) ``bndbox`` is in 1-based integer pixels (:func:`voc_pixels`); YOLO
+(Ultralytics layout, ``data.yaml``) is ``class cx cy w h`` normalised by the image size;
+VOC and YOLO folders hold copies of the PNG/JPEG images; the NIH CSV is
 ``x, y, w, h`` with NIH class spellings ("Infiltrate"). Floats are written with
 ``repr`` (shortest exact), so COCO and NIH CSV round-trip bit-exactly.
 
@@ -561,17 +564,26 @@ def import_nih_csv(store: AnnotationStore, source: str | os.PathLike, *,
 
 
 # ---- Pascal VOC and YOLO (one file per image; folder or .zip) ------------------------
-def _fmt(v: float) -> str:
-    return repr(float(v))
+def voc_pixels(x: float, y: float, w: float, h: float, width: int, height: int
+               ) -> tuple[int, int, int, int]:
+    """A box's VOC ``xmin, ymin, xmax, ymax``: 1-based inclusive integer pixel indices (the
+    0-based pixel-edge box ``x .. x+w`` rounded to whole pixels, then ``xmin = x0 + 1``,
+    ``xmax = x1``), clamped to the image; a reader's ``xmin - 1, xmax`` gives the edges back
+    within half a pixel."""
+    x0, y0 = min(max(round(x), 0), width - 1), min(max(round(y), 0), height - 1)
+    x1, y1 = min(max(round(x + w), x0 + 1), width), min(max(round(y + h), y0 + 1), height)
+    return x0 + 1, y0 + 1, x1, y1
 
 
-def voc_xml(item: _Item, include_identifiers: bool = False) -> bytes:
-    """One Pascal VOC annotation XML (0-based float pixel edges; see module docstring)."""
+def voc_xml(item: _Item, include_identifiers: bool = False, image_name: str | None = None
+            ) -> bytes:
+    """One Pascal VOC annotation XML: integer 1-based pixel coordinates (:func:`voc_pixels`).
+
+    ``image_name``: the file name in ``JPEGImages`` (default: the image's own base name)."""
     rec = item.study
     root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = _xml_text(str(PurePath(rec.path).parent)
-                                                   if include_identifiers and rec.path else "images")
-    ET.SubElement(root, "filename").text = _xml_text(item.name)
+    ET.SubElement(root, "folder").text = "VOC2007"
+    ET.SubElement(root, "filename").text = _xml_text(image_name or item.name)
     if include_identifiers and rec.path:
         ET.SubElement(root, "path").text = _xml_text(rec.path)
     src = ET.SubElement(root, "source")
@@ -588,8 +600,9 @@ def voc_xml(item: _Item, include_identifiers: bool = False) -> bytes:
         ET.SubElement(obj, "truncated").text = "0"
         ET.SubElement(obj, "difficult").text = "0"
         bb = ET.SubElement(obj, "bndbox")
-        for tag, v in (("xmin", b.x), ("ymin", b.y), ("xmax", b.x + b.w), ("ymax", b.y + b.h)):
-            ET.SubElement(bb, tag).text = _fmt(v)
+        edges = voc_pixels(b.x, b.y, b.w, b.h, rec.width, rec.height)
+        for tag, v in zip(("xmin", "ymin", "xmax", "ymax"), edges):
+            ET.SubElement(bb, tag).text = str(v)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
@@ -603,9 +616,10 @@ def yolo_txt(item: _Item, index: Mapping[str, int]) -> bytes:
     return ("\n".join(lines) + ("\n" if lines else "")).encode("ascii")
 
 
-def _write_many(target: Path, files: Mapping[str, bytes],
+def _write_many(target: Path, files: Mapping[str, bytes | Path],
                 owned: Callable[[str], bool] = lambda _rel: False) -> Path:
-    """Write ``files`` as one atomic ``*.zip`` or one folder renamed into place whole.
+    """Write ``files`` (relative name -> bytes, or a :class:`Path` to copy) as one atomic
+    ``*.zip`` or one folder renamed into place whole.
 
     ``owned(relative path)``: whether a file in an existing target folder is one this
     export writes (the folder is then replaced); any other file refuses the export.
@@ -614,12 +628,19 @@ def _write_many(target: Path, files: Mapping[str, bytes],
         def fill(fh: IO[bytes]) -> None:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 for name, data in files.items():
-                    zf.writestr(name, data)
+                    if isinstance(data, Path):
+                        zf.write(data, name)
+                    else:
+                        zf.writestr(name, data)
         return atomic_write(target, fill)
-    def fill(tmp: Path) -> None:
+
+    def fill_folder(tmp: Path) -> None:
         for name, data in files.items():
-            _write_file(tmp / name, data)
-    return write_folder(target, fill, owned)
+            if isinstance(data, Path):
+                _copy_file(data, tmp / name)
+            else:
+                _write_file(tmp / name, data)
+    return write_folder(target, fill_folder, owned)
 
 
 def write_folder(target: str | os.PathLike, fill: Callable[[Path], Any],
@@ -673,6 +694,13 @@ def _write_file(path: Path, data: bytes) -> None:
         _fsync(fh.fileno())
 
 
+def _copy_file(source: Path, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, path)
+    with open(path, "rb") as fh:
+        _fsync(fh.fileno())
+
+
 def _swap_in(tmp: Path, target: Path) -> None:
     """Rename the complete ``tmp`` folder to ``target``; an old target goes only afterwards."""
     old: Path | None = None
@@ -690,39 +718,119 @@ def _swap_in(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _voc_owned(rel: str) -> bool:
-    return "/" not in rel and rel.lower().endswith(".xml")
+#: image files copied into VOC ``JPEGImages`` / YOLO ``images`` (those the usual training tools
+#: decode; a DICOM study's labels are written, its image is listed in ``images_missing.txt``)
+COPIED_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: the files of the VOCdevkit layout, under the export folder
+VOC_ROOT = "VOCdevkit/VOC2007"
+MISSING_LIST = "images_missing.txt"
 
 
-def _yolo_owned(rel: str) -> bool:
-    return rel == "classes.txt" or (rel.startswith("labels/") and rel.count("/") == 1
-                                    and rel.endswith(".txt"))
+def _image_files(items: Iterable[_Item]) -> tuple[dict[str, tuple[str, Path]], str]:
+    """``{stem: (image file name, source)}`` of the images that can be copied, and the text of
+    :data:`MISSING_LIST` for the others (one ``name<TAB>why`` line each)."""
+    found: dict[str, tuple[str, Path]] = {}
+    missing = []
+    for it in items:
+        src = Path(it.study.path) if it.study.path else None
+        suffix = PurePath(it.name).suffix.lower()
+        if suffix not in COPIED_IMAGE_SUFFIXES:
+            missing.append(f"{it.name}\tnot an image file these tools read ({suffix or 'no suffix'}"
+                           "); convert it to PNG")
+        elif src is None or not src.is_file():
+            missing.append(f"{it.name}\tfile not found (open the study once so the project "
+                           "learns where it is)")
+        else:
+            found[it.stem] = (f"{it.stem}{suffix}", src)
+    return found, "".join(f"{_XML_BAD.sub('_', line)}\n" for line in missing)
+
+
+def _owned_with_labels(target: Path, images: str, labels: str, label_suffix: str,
+                       fixed: Iterable[str]) -> Callable[[str], bool]:
+    """What an earlier export of this layout wrote: the ``fixed`` files, files in ``labels``
+    with ``label_suffix``, and files in ``images`` that have such a label file beside."""
+    fixed = set(fixed)
+
+    def owned(rel: str) -> bool:
+        folder, _, name = rel.rpartition("/")
+        if rel in fixed or (folder == labels and name.endswith(label_suffix)):
+            return True
+        return folder == images and (target / labels / f"{PurePath(name).stem}{label_suffix}"
+                                     ).is_file()
+    return owned
 
 
 def export_voc(store: AnnotationStore, target: str | os.PathLike, *,
                include_identifiers: bool = False,
                status: str | Iterable[str] | None = None) -> Path:
-    """Pascal VOC: one ``<image stem>.xml`` per image, in the folder ``target`` or a ``.zip``."""
+    """Pascal VOC in the VOCdevkit layout (folder ``target`` or a ``.zip``).
+
+    ``VOCdevkit/VOC2007/Annotations/<stem>.xml`` per image (integer 1-based coordinates),
+    ``JPEGImages/<stem><suffix>`` (the PNG/JPEG images copied; others listed in
+    ``images_missing.txt``), ``ImageSets/Main/trainval.txt`` (every image) and
+    ``<class>_trainval.txt`` per label (``stem  1`` / ``stem -1``: whether the image has one).
+    """
     items = _collect(store, status)
     _label_index(store.label_set, items, target)
-    files = {f"{it.stem}.xml": voc_xml(it, include_identifiers) for it in items}
-    return _write_many(Path(target), files, _voc_owned)
+    images, missing = _image_files(items)
+    main = f"{VOC_ROOT}/ImageSets/Main"
+    files: dict[str, bytes | Path] = {}
+    for it in items:
+        name = images[it.stem][0] if it.stem in images else None
+        files[f"{VOC_ROOT}/Annotations/{it.stem}.xml"] = voc_xml(it, include_identifiers, name)
+        if name is not None:
+            files[f"{VOC_ROOT}/JPEGImages/{name}"] = images[it.stem][1]
+    files[f"{main}/trainval.txt"] = "".join(f"{it.stem}\n" for it in items).encode("utf-8")
+    sets = {lab: f"{main}/{safe_stem(lab)}_trainval.txt" for lab in store.label_set.labels}
+    for label, name in sets.items():
+        files[name] = "".join(f"{it.stem} {' 1' if any(b.label == label for b in it.boxes) else '-1'}\n"
+                              for it in items).encode("utf-8")
+    if missing:
+        files[MISSING_LIST] = missing.encode("utf-8")
+    root = Path(target)
+    return _write_many(root, files, _owned_with_labels(
+        root, f"{VOC_ROOT}/JPEGImages", f"{VOC_ROOT}/Annotations", ".xml",
+        {MISSING_LIST, f"{main}/trainval.txt", *sets.values()}))
+
+
+def yolo_data_yaml(labels: Iterable[str], root: str) -> bytes:
+    """Ultralytics ``data.yaml``: ``path`` (the dataset root), ``train``/``val`` (both
+    ``images``: one split, every image), ``names`` (index: label, the label set's order)."""
+    names = "".join(f"  {i}: {json.dumps(lab)}\n" for i, lab in enumerate(labels))
+    return ("# cxrviewer annotations as an Ultralytics YOLO dataset. train and val are the same\n"
+            "# images (one split): make your own split before training on it.\n"
+            f"path: {json.dumps(root)}\ntrain: images\nval: images\nnames:\n{names}"
+            ).encode("utf-8")
 
 
 def export_yolo(store: AnnotationStore, target: str | os.PathLike, *,
                 include_identifiers: bool = False,
                 status: str | Iterable[str] | None = None) -> Path:
-    """YOLO: ``classes.txt`` + ``labels/<image stem>.txt`` per image (folder or ``.zip``).
+    """YOLO in the Ultralytics dataset layout (folder ``target`` or a ``.zip``).
 
+    ``data.yaml`` (:func:`yolo_data_yaml`; ``path`` is the export folder's absolute path, ``.``
+    in a ``.zip``, which Ultralytics replaces by where it unpacks it), ``images/<stem><suffix>``
+    (the PNG/JPEG images copied; others listed in ``images_missing.txt``),
+    ``labels/<stem>.txt`` per image and ``classes.txt`` (the label set, one per line).
     ``include_identifiers`` is accepted for a uniform signature (YOLO has no such field).
     """
     ls = store.label_set
     items = _collect(store, status)
     index = _label_index(ls, items, target)
-    files = {"classes.txt": ("\n".join(ls.labels) + "\n").encode("utf-8")}
+    root = Path(target)
+    images, missing = _image_files(items)
+    where = "." if root.suffix.lower() == ".zip" else str(root.resolve())
+    files: dict[str, bytes | Path] = {
+        "data.yaml": yolo_data_yaml(ls.labels, where),
+        "classes.txt": ("\n".join(ls.labels) + "\n").encode("utf-8")}
     for it in items:
         files[f"labels/{it.stem}.txt"] = yolo_txt(it, index)
-    return _write_many(Path(target), files, _yolo_owned)
+        if it.stem in images:
+            files[f"images/{images[it.stem][0]}"] = images[it.stem][1]
+    if missing:
+        files[MISSING_LIST] = missing.encode("utf-8")
+    return _write_many(root, files, _owned_with_labels(
+        root, "images", "labels", ".txt", {"data.yaml", "classes.txt", MISSING_LIST}))
 
 
 #: Export functions by format name (for the CLI / GUI menus); same signature each:
