@@ -38,8 +38,9 @@ from ..core.labelsets import BUILTIN, LabelSet, get_label_set
 from . import settings
 from .annotation_feedback import AnnotationFeedback
 
-EXPORT_FORMATS = {"coco": "COCO JSON", "voc": "Pascal VOC", "yolo": "YOLO", "nih-csv": "NIH csv",
-                  "dicom": "DICOM SR + GSPS"}
+EXPORT_FORMATS = {"coco": "COCO JSON", "coco-results": "COCO results (model proposals)",
+                  "voc": "Pascal VOC (VOCdevkit)", "yolo": "YOLO (Ultralytics dataset)",
+                  "nih-csv": "NIH csv", "dicom": "DICOM SR + GSPS"}
 IMPORT_FORMATS = {"nih-csv": "NIH csv (BBox_List_2017 layout)", "coco": "COCO JSON",
                   "dicom-sr": "DICOM SR / GSPS"}
 #: the formats of :mod:`cxrviewer.core.dicom_objects.exchange` (imported on first use, ~1 s)
@@ -266,7 +267,7 @@ class AnnotationIO(QObject):
         elif fmt in DICOM_FORMATS:
             title, ext, filt = f"Export {name} (a new folder: one folder per study)", "", "Folder (*)"
         else:
-            ext = ".json" if fmt == "coco" else ".csv"
+            ext = ".json" if fmt in ("coco", "coco-results") else ".csv"
             title, filt = f"Export {name}", f"{name} (*{ext})"
         target, _ = QFileDialog.getSaveFileName(self.parent_widget, title, f"{base}-{fmt}{ext}", filt)
         if target:

@@ -1,8 +1,10 @@
-"""The annotation project's "DICOM SR + GSPS…" export and "DICOM SR / GSPS…" import menu entries
-(offscreen Qt): they run the CLI's code (cxrviewer.core.dicom_objects.exchange) and say what
-happened in one status-bar line."""
+"""The annotation project's "DICOM SR + GSPS…" export and "DICOM SR / GSPS…" import menu entries,
+and "COCO results (model proposals)…" (offscreen Qt): they run the CLI's code
+(cxrviewer.core.dicom_objects.exchange, the coco-results exporter) and say what happened in one
+status-bar line."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ pytest.importorskip("highdicom")
 pydicom_data = pytest.importorskip("pydicom.data")
 
 from cxrviewer.core.dicom_objects import exchange  # noqa: E402
+from cxrviewer.core.geometry import Box  # noqa: E402
 from cxrviewer.core.io import load_study  # noqa: E402
 from cxrviewer.gui.annotation_controller import AnnotationController  # noqa: E402
 from tests.gui import test_box_editor  # noqa: E402
@@ -82,4 +85,27 @@ def test_dicom_menu_entries_export_and_import(host, tmp_path, monkeypatch):
     assert said[-1].startswith("Import failed:") and "cannot read the DICOM file" in said[-1]
     assert "\n" not in said[-1] and _rows(ctrl) == before
     assert Path(out).is_dir()
+    ctrl.shutdown()
+
+
+def test_coco_results_menu_entry(host, tmp_path, monkeypatch):
+    """"COCO results (model proposals)…" writes the CLI's coco-results file, or says why not."""
+    ctrl = AnnotationController.attach(host, annotator="tester")
+    said: list[str] = []
+    ctrl.feedback.message.connect(said.append)
+    assert ctrl.open_store(tmp_path / "a.cxrann")
+    host.state.set_study(test_box_editor.make_study())
+    act = ctrl.actions.export["coco-results"]
+    assert act.text() == "COCO results (model proposals)…"
+    out = tmp_path / "res.json"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), ""))
+    act.trigger()
+    assert said[-1].startswith("Export failed:") and "no model proposals" in said[-1]
+    assert not out.exists()
+    store = ctrl.session.store
+    store.add_proposals(ctrl.session.record.id, [Box("Mass", 10.0, 20.0, 30.0, 40.0, 0.75)], "m")
+    act.trigger()
+    assert json.loads(out.read_text()) == [{"image_id": ctrl.session.record.id, "category_id":
+                                            store.label_set.index("Mass") + 1,
+                                            "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.75}]
     ctrl.shutdown()
