@@ -166,7 +166,9 @@ def test_yolo_is_an_ultralytics_dataset(project, tmp_path):
                                [(x + w / 2) / W, (y + h / 2) / H, w / W, h / H], atol=1e-7)
     assert (out / "labels" / "c.txt").is_file()  # DICOM: labels, no image (listed)
     assert (out / MISSING_LIST).read_text().startswith("c.dcm\tnot an image file")
+    (out / "labels.cache").write_bytes(b"Ultralytics' label cache")
     assert _cli("export", project, out, "--format", "yolo") == 0  # its own export: replaced
+    assert not (out / "labels.cache").exists()
     z = tmp_path / "yolo.zip"
     assert _cli("export", project, z, "--format", "yolo") == 0
     with zipfile.ZipFile(z) as zf:

@@ -811,7 +811,8 @@ def export_yolo(store: AnnotationStore, target: str | os.PathLike, *,
     ``data.yaml`` (:func:`yolo_data_yaml`; ``path`` is the export folder's absolute path, ``.``
     in a ``.zip``, which Ultralytics replaces by where it unpacks it), ``images/<stem><suffix>``
     (the PNG/JPEG images copied; others listed in ``images_missing.txt``),
-    ``labels/<stem>.txt`` per image and ``classes.txt`` (the label set, one per line).
+    ``labels/<stem>.txt`` per image and ``classes.txt`` (the label set, one per line). A
+    ``labels.cache`` Ultralytics left in an earlier export goes with it (it would be stale).
     ``include_identifiers`` is accepted for a uniform signature (YOLO has no such field).
     """
     ls = store.label_set
@@ -830,7 +831,8 @@ def export_yolo(store: AnnotationStore, target: str | os.PathLike, *,
     if missing:
         files[MISSING_LIST] = missing.encode("utf-8")
     return _write_many(root, files, _owned_with_labels(
-        root, "images", "labels", ".txt", {"data.yaml", "classes.txt", MISSING_LIST}))
+        root, "images", "labels", ".txt",
+        {"data.yaml", "classes.txt", MISSING_LIST, "labels.cache"}))  # (Ultralytics' cache)
 
 
 #: Export functions by format name (for the CLI / GUI menus); same signature each:
