@@ -16,6 +16,7 @@ from PIL import Image  # noqa: E402
 
 from cxrviewer.cli import annotations as cli  # noqa: E402
 from cxrviewer.core.annotations import AnnotationStore  # noqa: E402
+from cxrviewer.core.dicom_objects import exchange  # noqa: E402
 from cxrviewer.core.geometry import Box  # noqa: E402
 from cxrviewer.core.io import load_study  # noqa: E402
 
@@ -103,7 +104,7 @@ def test_export_aliases_write_one_kind(project, tmp_path, fmt, names):
     assert sorted(p.name for p in (out / "RG1_UNCR").iterdir()) == names
 
 
-def test_round_trip_into_a_new_project(project, tmp_path, capsys):
+def test_round_trip_into_a_new_project(project, tmp_path, capsys, monkeypatch):
     proj, want = project
     out = tmp_path / "dicom"
     assert _cli("export", proj, out, "--format", "dicom") == 0
@@ -116,8 +117,13 @@ def test_round_trip_into_a_new_project(project, tmp_path, capsys):
     png_dir = next(p for p in out.iterdir() if p.name.startswith("chest one"))
     assert _cli("import", new, png_dir / "SR.dcm", "--format", "dicom-sr",
                 "--studies", png_dir) == 0
-    # the GSPS holds the same boxes: importing it too adds nothing (duplicates skipped)
-    assert _cli("import", new, out / "RG1_UNCR" / "PR.dcm", "--format", "gsps") == 0
+    # the GSPS holds the same boxes: importing it too adds nothing (duplicates skipped), and
+    # the image being in the project now, no folder is searched
+    def no_search(*_a, **_k):
+        raise AssertionError("searched a folder for an image the project has")
+    monkeypatch.setattr(exchange, "find_dicom_files", no_search)
+    assert _cli("import", new, out / "RG1_UNCR" / "PR.dcm", "--format", "gsps",
+                "--studies", tmp_path) == 0
     assert "imported 0 box(es)" in capsys.readouterr().out
     with AnnotationStore(new, read_only=True) as st:
         recs = {r.identity.file_name: r for r in st.studies()}

@@ -37,7 +37,7 @@ import pydicom
 from ..annotations.export import (
     EXPORTERS, IMPORTERS, resolve_classes, study_items, write_folder,
 )
-from ..annotations.model import Edit
+from ..annotations.model import Edit, StudyIdentity
 from ..annotations.store import AnnotationStore
 from ._common import DicomObjectError
 from .project import FILE_NAMES, export_study
@@ -113,8 +113,6 @@ def find_dicom_files(folder: str | os.PathLike, sop_uids: Iterable[str]) -> dict
     wanted = {u for u in sop_uids if u}
     found: dict[str, Path] = {}
     root = Path(folder)
-    if not root.is_dir():
-        raise DicomObjectError("not a folder (the images the boxes are drawn on)", path=str(root))
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if len(found) == len(wanted):
             break
@@ -137,12 +135,16 @@ def import_dicom(store: AnnotationStore, source: str | os.PathLike, *,
                  skip_duplicates: bool = True) -> Edit:
     """Add the boxes of an SR or GSPS file to ``store`` as one batch edit (see the module
     docstring). A model box keeps its model and score; the store records the importer."""
+    if studies_dir is not None and not Path(studies_dir).is_dir():
+        raise DicomObjectError("not a folder (the images the boxes are drawn on)",
+                               path=str(studies_dir))
     found = read_boxes(source)
     if not found.boxes:
         raise DicomObjectError(f"no boxes in this {found.kind.upper()} (skipped {found.skipped} "
                                "items that are not rectangles with a finding)", path=str(source))
-    refs = found.referenced_sop_uids
-    files = find_dicom_files(studies_dir, refs) if studies_dir is not None else {}
+    unknown = [r for r in found.referenced_sop_uids  # (images the project has: no search)
+               if store.find_study(StudyIdentity(f"{r}.dcm", sop_uid=r)) is None]
+    files = find_dicom_files(studies_dir, unknown) if studies_dir is not None and unknown else {}
     with store.batch(f"import {Path(source).name}") as batch:
         wanted = {id(b): _project_label(store, b) for b in found.boxes}
         names = resolve_classes(store, wanted.values(), source, mapping=mapping,
