@@ -76,6 +76,7 @@ def test_coco_has_score_segmentation_and_area(project, tmp_path):
         all(a["score"] == 0.9 for a in anns if "score" in a)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 def test_coco_results_loads_and_evaluates_in_pycocotools(project, tmp_path):
     pytest.importorskip("pycocotools")
     from pycocotools.coco import COCO
