@@ -175,6 +175,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(project, tmp_path, cap
         # only the PNG study is done: its file is gone, so nothing can be written
         ("export", proj, tmp_path / "none", "--format", "dicom", "--status", "done"),
         ("export", proj, occupied, "--format", "dicom"),
+        ("export", proj, tmp_path / "none", "--format", "dicom", "--status", "verified"),
         ("import", new, not_dicom, "--format", "dicom-sr"),
         ("import", new, sr, "--format", "dicom-sr"),  # RG1 is not in the new project
         ("import", new, sr, "--format", "dicom-sr", "--studies", tmp_path / "nowhere"),
@@ -193,10 +194,11 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(project, tmp_path, cap
         assert errs[-1].count("\n") == 1 and errs[-1].startswith("cxrviewer annotations: "), errs
     assert "no study could be written" in errs[0] and "chest one.png" in errs[0]
     assert "holds files this export does not write" in errs[1]
-    assert "cannot read the DICOM file" in errs[2]
-    assert "is not in the project" in errs[3] and "--studies" in errs[3]
-    assert "not a folder" in errs[4] and "no DICOM file under" in errs[5]
-    assert "3 classes not in the project's label set" in errs[6]
+    assert "no study has accepted boxes with that review status" in errs[2]
+    assert "cannot read the DICOM file" in errs[3]
+    assert "is not in the project" in errs[4] and "--studies" in errs[4]
+    assert "not a folder" in errs[5] and "no DICOM file under" in errs[6]
+    assert "3 classes not in the project's label set" in errs[7]
     assert not (tmp_path / "none").exists() and [p.name for p in occupied.iterdir()] == ["notes.txt"]
     assert not new.exists() and not list(tmp_path.glob("n.cxrann*"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".none", ".occupied"))]

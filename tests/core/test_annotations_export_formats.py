@@ -148,6 +148,11 @@ def _label_path(image: str) -> str:
 
 def test_yolo_is_an_ultralytics_dataset(project, tmp_path):
     _with_dicom_study(project)
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "e.jpg")
+    with AnnotationStore(project) as st:
+        sid = st.ensure_study(StudyIdentity("e.png", sha256="e" * 64), width=W, height=H,
+                              path=str(tmp_path / "e.jpg")).id
+        st.add_box(sid, "Mass", 1.0, 2.0, 3.0, 4.0)
     out = tmp_path / "yolo"
     assert _cli("export", project, out, "--format", "yolo") == 0
     data = yaml.safe_load((out / "data.yaml").read_text())
@@ -156,8 +161,10 @@ def test_yolo_is_an_ultralytics_dataset(project, tmp_path):
     assert data["path"] == str(out.resolve()) and data["train"] == data["val"] == "images"
     assert data["names"] == dict(enumerate(labels))
     images = sorted((out / "images").iterdir())
-    assert [p.name for p in images] == ["a.png", "b.png"]  # copies of the PNGs
-    for img in images:
+    # copies of the images, named by the file's own kind (e.png was met as a JPEG copy e.jpg)
+    assert [p.name for p in images] == ["a.png", "b.png", "e.jpg"]
+    assert images[2].read_bytes() == (tmp_path / "e.jpg").read_bytes()
+    for img in images[:2]:
         assert img.read_bytes() == (tmp_path / img.name).read_bytes() and not img.is_symlink()
         rows = [r.split() for r in Path(_label_path(str(img))).read_text().splitlines()]
         want = GT[img.name]

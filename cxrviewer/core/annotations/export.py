@@ -733,7 +733,7 @@ def _image_files(items: Iterable[_Item]) -> tuple[dict[str, tuple[str, Path]], s
     missing = []
     for it in items:
         src = Path(it.study.path) if it.study.path else None
-        suffix = PurePath(it.name).suffix.lower()
+        suffix = PurePath(src.name if src else it.name).suffix.lower()  # the file's own kind
         if suffix not in COPIED_IMAGE_SUFFIXES:
             missing.append(f"{it.name}\tnot an image file these tools read ({suffix or 'no suffix'}"
                            "); convert it to PNG")

@@ -97,11 +97,15 @@ def export_dicom(store: AnnotationStore, target: str | os.PathLike, *,
                 if path.name not in wanted:
                     path.unlink()
             result.written[it.stem] = sorted(p.name for p in files.values() if p.name in wanted)
+        if not result.written and not result.skipped:
+            raise DicomObjectError("no study has accepted boxes" + (
+                " with that review status" if status else "") + "; nothing was written",
+                path=str(target))
         if not result.written:
-            why = f": {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""
+            first = result.skipped[0]
             raise DicomObjectError(
-                f"no study could be written ({len(result.skipped)} with boxes skipped{why}); "
-                "nothing was written", path=str(target))
+                f"no study could be written ({len(result.skipped)} with boxes skipped: "
+                f"{first[0]}: {first[1]}); nothing was written", path=str(target))
 
     write_folder(target, fill, _owned)
     return result
