@@ -180,7 +180,8 @@ def _study(store: AnnotationStore, ref: str | None, file: Path | None,
     except DicomObjectError as exc:
         if file is not None:
             raise
-        where = (f"no DICOM file under {studies_dir} is that image" if studies_dir is not None
+        where = (f"no DICOM file under {studies_dir} is that image (open the image once, or "
+                 "name the folder holding it)" if studies_dir is not None
                  else "give the folder of the DICOM images it references (--studies DIR)")
         raise DicomObjectError(f"the image the boxes are drawn on ({ref or 'not named'}) is not "
                                f"in the project; {where}", path=str(source)) from exc
