@@ -202,3 +202,22 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(project, tmp_path, cap
     assert not (tmp_path / "none").exists() and [p.name for p in occupied.iterdir()] == ["notes.txt"]
     assert not new.exists() and not list(tmp_path.glob("n.cxrann*"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".none", ".occupied"))]
+
+
+def test_a_study_whose_write_fails_half_way_leaves_no_files(project, tmp_path, monkeypatch):
+    """SC.dcm written, then SR.dcm fails: the study is skipped whole, the others are written."""
+    from cxrviewer.core.dicom_objects import project as dicom_project
+    from cxrviewer.core.dicom_objects._common import DicomObjectError
+
+    proj, _ = project
+    real = dicom_project.write_dataset
+
+    def failing(ds, target):
+        if Path(target).name == "SR.dcm" and Path(target).parent.name == "chest one":
+            raise DicomObjectError("disk full", path=str(target))
+        return real(ds, target)
+
+    monkeypatch.setattr(dicom_project, "write_dataset", failing)
+    out = tmp_path / "dicom"
+    assert _cli("export", proj, out, "--format", "dicom") == 0
+    assert [p.name for p in out.iterdir()] == ["RG1_UNCR"]

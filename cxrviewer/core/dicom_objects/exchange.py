@@ -28,6 +28,7 @@ annotation layer cannot import this heavier one itself).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ def export_dicom(store: AnnotationStore, target: str | os.PathLike, *,
             try:
                 files = export_study(store, it.study.id, tmp / it.stem)
             except DicomObjectError as exc:
+                shutil.rmtree(tmp / it.stem, ignore_errors=True)  # (a write that failed half-way)
                 result.skipped.append((it.name, " ".join(str(exc).split())))
                 continue
             for path in files.values():
