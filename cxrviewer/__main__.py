@@ -5,6 +5,8 @@
     cxrviewer analyze PATH ... --out DIR   run the pipeline headless
     cxrviewer import-model CKPT --format F --out BUNDLE   a checkpoint as a model bundle
     cxrviewer annotations new|info|import|export|add-labels PROJECT ...   annotation projects headless
+    cxrviewer export PROJECT --format F --out TARGET   = annotations export (COCO/VOC/YOLO/NIH/DICOM)
+    cxrviewer import PROJECT --format F FILE [--studies DIR]   = annotations import
 
 Sub-commands live in :mod:`cxrviewer.cli`, one module each, imported
 explicitly here (explicit imports survive PyInstaller).
@@ -22,6 +24,8 @@ from .cli import analyze as _analyze
 from .cli import annotations as _annotations
 from .cli import import_model as _import_model
 from .cli import info as _info
+from .cli import project_export as _project_export
+from .cli import project_import as _project_import
 
 #: name -> module with ``add_arguments(parser)`` and ``run(args) -> int``
 SUBCOMMANDS = {
@@ -29,6 +33,8 @@ SUBCOMMANDS = {
     "analyze": _analyze,
     "import-model": _import_model,
     "annotations": _annotations,
+    "export": _project_export,
+    "import": _project_import,
 }
 
 

@@ -45,6 +45,37 @@ EXPORT_FORMATS = {"coco": "coco", "coco-results": "coco-results", "voc": "voc", 
 DICOM_FORMATS = ("dicom", "dicom-sr", "gsps")
 
 
+TARGET_HELP = ("file (coco, coco-results, nih), folder or .zip (voc: VOCdevkit layout, yolo: Ultralytics "
+               "layout; both with copies of the PNG/JPEG images), folder (dicom)")
+
+
+def import_options(p: argparse.ArgumentParser) -> None:
+    """The options of an import (also ``cxrviewer import``)."""
+    p.add_argument("--format", required=True, choices=tuple(IMPORT_FORMATS))
+    p.add_argument("--label-set", default=None, metavar="NAME|FILE",
+                   help="label set of a project the import creates (default nih14)")
+    p.add_argument("--map", action="append", default=[], metavar="NAME=LABEL",
+                   help="import the file's class NAME as the project's LABEL (repeatable)")
+    p.add_argument("--add-unknown", action="store_true",
+                   help="add the file's unmapped classes to the project's label set")
+    p.add_argument("--skip", action="append", default=[], metavar="NAME",
+                   help="leave the boxes of class NAME out (repeatable)")
+    p.add_argument("--studies", "--images", dest="images", default=None, metavar="DIR",
+                   help="folder of the images the file names (coco/nih: path hints; dicom-sr/gsps: "
+                        "searched for the referenced SOP Instance UIDs)")
+
+
+def export_options(p: argparse.ArgumentParser) -> None:
+    """The options of an export (also ``cxrviewer export``)."""
+    p.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS))
+    p.add_argument("--status", nargs="+", default=None,
+                   choices=("unseen", "in_progress", "done", "verified"), help="only these review statuses")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="coco-results: only this model's proposals (needed when there are several)")
+    p.add_argument("--include-identifiers", action="store_true",
+                   help="write SOP Instance UIDs and last-seen paths (may identify patients)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The sub-commands and their options."""
     p.add_argument("--annotator", default=None, help="name recorded on edits (default: the login name)")
@@ -60,30 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     imp = sub.add_parser("import", help="import a COCO JSON, NIH box CSV or DICOM SR/GSPS")
     imp.add_argument("project", help="the project (created when the file does not exist)")
     imp.add_argument("file")
-    imp.add_argument("--format", required=True, choices=tuple(IMPORT_FORMATS))
-    imp.add_argument("--label-set", default=None, metavar="NAME|FILE",
-                     help="label set of a project the import creates (default nih14)")
-    imp.add_argument("--map", action="append", default=[], metavar="NAME=LABEL",
-                     help="import the file's class NAME as the project's LABEL (repeatable)")
-    imp.add_argument("--add-unknown", action="store_true",
-                     help="add the file's unmapped classes to the project's label set")
-    imp.add_argument("--skip", action="append", default=[], metavar="NAME",
-                     help="leave the boxes of class NAME out (repeatable)")
-    imp.add_argument("--studies", "--images", dest="images", default=None, metavar="DIR",
-                     help="folder of the images the file names (coco/nih: path hints; dicom-sr/gsps: "
-                          "searched for the referenced SOP Instance UIDs)")
+    import_options(imp)
     exp = sub.add_parser("export", help="export the project")
     exp.add_argument("project")
-    exp.add_argument("target", help="file (coco, coco-results, nih), folder or .zip (voc: VOCdevkit "
-                     "layout, yolo: Ultralytics layout; both with copies of the PNG/JPEG images), "
-                     "folder (dicom)")
-    exp.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS))
-    exp.add_argument("--status", nargs="+", default=None,
-                     choices=("unseen", "in_progress", "done", "verified"), help="only these review statuses")
-    exp.add_argument("--model", default=None, metavar="NAME",
-                     help="coco-results: only this model's proposals (needed when there are several)")
-    exp.add_argument("--include-identifiers", action="store_true",
-                     help="write SOP Instance UIDs and last-seen paths (may identify patients)")
+    exp.add_argument("target", help=TARGET_HELP)
+    export_options(exp)
     add = sub.add_parser("add-labels", help="add labels to the project's label set")
     add.add_argument("project")
     add.add_argument("names", nargs="+", metavar="NAME")
