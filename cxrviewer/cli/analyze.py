@@ -16,8 +16,17 @@ and the exit status is non-zero at the end.
 ``<name>`` is the file's stem (for an NIH folder: the image id, e.g. ``00002578_000``).
 Names are given in input order: two files with the same stem get ``name`` and ``name-2``.
 An existing ``OUT/<name>/`` is reused only when its ``summary.json`` records the same
-source file (a rerun overwrites its own results); any other existing folder is left
-alone and the next free suffix is taken.
+source file, or when it holds only our files and no ``summary.json`` (an interrupted write);
+any other existing folder is left alone and the next free suffix is taken.
+
+Archives (see :mod:`cxrviewer.cli._archive`): inputs may also come from list files
+(``--list FILE``, one path a line); progress goes to stderr; a study whose folder already
+holds its analysis by the same models (weights SHA-256), options and unchanged file is
+skipped, so a killed run restarted with the same command finishes the rest; each study is
+written into ``OUT/.partial/`` and renamed into place when complete; ``OUT/predictions.csv``
+(one row per study and class: probability and the default method's box) is rebuilt from
+the summaries at the end; under ``torchrun`` each rank analyses the inputs whose index modulo
+``WORLD_SIZE`` is its ``RANK`` and rank 0 writes the table once all have finished.
 """
 from __future__ import annotations
 
@@ -26,10 +35,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ._archive import (ArchiveError, Prefetcher, Progress, Shard, clean_partial, collect_inputs, display_name,
+                       entry_path, is_done, is_interrupted_write, new_partial, place_study, source_identity,
+                       weights_of, write_table)
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +56,22 @@ models allow). NAME is the file's name without its
 extension (for an NIH folder: the image id); two files with the same name get NAME and
 NAME-2, in input order. An existing folder is reused only when it holds the results of the
 same file; any other folder is left alone. A study that cannot be read gets a one-line error,
-the others go on, and the exit status is 1 at the end."""
+the others go on, and the exit status is 1 at the end.
+
+Archives: folders are searched recursively and --list FILE names one study a line. A study
+already analysed into OUT by the same models (weights SHA-256) with the same options, from the
+same unchanged file, is skipped: a killed run restarted with the same command finishes only
+the rest. OUT/predictions.csv (study, source_path, class, probability and the default box of
+the class with its score) is rebuilt from every study's summary at the end. Progress (done/total,
+studies/s, ETA) goes to stderr. Under torchrun (RANK and WORLD_SIZE set) each process analyses
+every WORLD_SIZE-th study and rank 0 writes the table when all have finished."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", help="DICOM/PNG/JPEG files, folders or NIH ChestX-ray14 folders")
+    p.add_argument("paths", nargs="*", help="DICOM/PNG/JPEG files, folders or NIH ChestX-ray14 folders")
+    p.add_argument("--list", action="append", default=[], metavar="FILE",
+                   help="a text file naming one study file a line (relative paths are taken from the list's "
+                        "folder; blank lines and lines starting with # are skipped); may be repeated")
     p.add_argument("--models", default=None, help="folder of *.cxrbundle model bundles (default: resources/models)")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
@@ -56,6 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "case, spaces and _ and through its label set's synonyms; an unknown name exits 2")
     p.add_argument("--map-size", type=int, default=512, help="longest side of stored maps (default 512)")
     p.add_argument("--no-panels", action="store_true", help="do not write panels.png")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="processes decoding studies ahead of the models (default 2; 0: decode in this process)")
+    p.add_argument("--quiet", action="store_true", help="no progress and no per-study lines (errors still shown)")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="when stderr is not a terminal, a progress line at most every SECONDS (default 10; "
+                        "0: one per study); on a terminal one line is updated in place")
 
 
 def _safe_name(stem: str) -> str:
@@ -89,7 +120,7 @@ def output_names(sources: list[Path], out: Path) -> list[str]:
             if name in used:
                 continue
             d = out / name
-            if not d.exists() or _source_of(d) == os.path.abspath(src):
+            if not d.exists() or _source_of(d) == os.path.abspath(src) or is_interrupted_write(d):
                 break
         used.add(name)
         names.append(name)
@@ -100,8 +131,11 @@ def _box_json(b: Any) -> dict[str, Any]:
     return {"label": b.label, "x": b.x, "y": b.y, "w": b.w, "h": b.h, "score": b.score}
 
 
-def summary_dict(results: Any, files: dict[str, str], source: Path | None = None) -> dict[str, Any]:
-    """The JSON summary of one analysed study (``source``: the file analysed, recorded absolute)."""
+def summary_dict(results: Any, files: dict[str, str], source: Path | None = None,
+                 analysis: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON summary of one analysed study (``source``: the file analysed, recorded absolute
+    with its size and modification time; ``analysis``: the models' weights and options, see
+    :func:`analysis_record`, both used to skip it in a rerun)."""
     from cxrviewer.core.panels import default_box_method, not_available
 
     r = results
@@ -126,26 +160,122 @@ def summary_dict(results: Any, files: dict[str, str], source: Path | None = None
         "notices": list(r.notices),
         "not_available": not_available(r.models, r),
         "files": files,
+        "source_file": source_identity(os.fspath(source)) if source is not None else None,
+        "analysis": analysis,
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    from cxrviewer.core.bundle import default_models_dir
-    from cxrviewer.core.errors import CxrError
-    from cxrviewer.core.io import open_worklist
+
+
+def analysis_record(pipeline: Any, classes: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two analyses of one file the same: each role's weights SHA-256 and the options."""
+    models = {role: b.manifest.summary() for role, b in pipeline.bundles.items()}
+    return {"weights_sha256": weights_of(models), "classes": list(classes), "map_size": int(args.map_size),
+            "panels": not args.no_panels}
+
+
+def _write_study(pipeline: Any, study: Any, d: Path, source: str, classes: list[str],
+                 args: argparse.Namespace, analysis: dict[str, Any]) -> Any:
+    """Run the pipeline on ``study`` and write its folder ``d`` atomically; returns the results."""
     from cxrviewer.core.io.results import write_results
     from cxrviewer.core.jsonsafe import dumps
     from cxrviewer.core.panels import below_prior_by_role, default_box_method
-    from cxrviewer.core.pipeline import Pipeline
     from cxrviewer.core.render import save_panels
+
+    results = pipeline.run(study)
+    tmp = new_partial(d.parent, d.name)
+    try:
+        files = {"results": "results.h5", "summary": "summary.json"}
+        write_results(results, tmp / "results.h5", default_box_method=default_box_method(results.boxes))
+        if not args.no_panels:
+            c = results.classes.index(classes[0]) if classes and classes[0] in results.classes else None
+            cards = {b.path.name: b.manifest for b in pipeline.bundles.values()}  # model cards
+            save_panels(study, results, tmp / "panels.png", class_index=c,
+                        below=below_prior_by_role(results, cards))
+            files["panels"] = "panels.png"
+        summary = dumps(summary_dict(results, files, Path(source), analysis), indent=2, default=str)  # strict
+        (tmp / "summary.json").write_text(summary + "\n", encoding="utf-8")
+        place_study(tmp, d)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return results
+
+
+def _analyse(pipeline: Any, todo: list[tuple[Any, Path]], classes: list[str], args: argparse.Namespace,
+             analysis: dict[str, Any], progress: Progress, err: Any) -> int:
+    """Analyse ``todo`` ((entry, folder) pairs), decoded ahead by worker processes; returns failures."""
+    from cxrviewer.core.errors import CxrError
+
+    failures = 0
+    pre = Prefetcher([e for e, _ in todo], max(0, args.workers))
+    try:
+        for k, (entry, d) in enumerate(todo):
+            t0 = time.perf_counter()
+            status, study = pre.get(k)
+            try:
+                if status != "ok":
+                    raise ArchiveError(study)
+                results = _write_study(pipeline, study, d, entry_path(entry), classes, args, analysis)
+            except CxrError as exc:
+                failures += 1
+                msg = str(exc)
+                err(msg if entry_path(entry) in msg or status != "ok" else f"{entry_path(entry)}: {msg}")
+                progress.update(failed=1)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
+                failures += 1
+                log.debug("analysis failed", exc_info=True)
+                err(f"{entry_path(entry)}: analysis failed ({type(exc).__name__}: {exc})")
+                progress.update(failed=1)
+                continue
+            if not args.quiet:
+                top = results.top_classes(1)
+                best = f"{results.classes[top[0]]} p={results.probabilities[top[0]]:.3f}" if top else "no classifier"
+                progress.clear()
+                print(f"{display_name(entry)}: {best}, {time.perf_counter() - t0:.1f} s on {results.device} -> {d}", flush=True)
+            progress.update(analysed=1)
+    finally:
+        pre.close()
+    return failures
+
+
+def run(args: argparse.Namespace) -> int:
+    """``cxrviewer analyze``: see :data:`DESCRIPTION`."""
+    from cxrviewer.core.errors import CxrError
 
     def err(msg: str) -> None:
         print(f"cxrviewer analyze: {msg}", file=sys.stderr)
+
+    if not args.paths and not args.list:
+        err("name studies: PATH ... or --list FILE")
+        return 2
+    try:
+        shard = Shard.from_env(args.device)
+    except (CxrError, RuntimeError, ValueError) as exc:
+        err(f"cannot join the torchrun group: {exc}")
+        return 2
+    try:
+        return _run(args, shard, err)
+    finally:
+        shard.close()
+
+
+def _run(args: argparse.Namespace, shard: Shard, err: Any) -> int:
+    """The run of one process (one rank of ``shard``)."""
+    from cxrviewer.core.bundle import default_models_dir
+    from cxrviewer.core.errors import CxrError
+    from cxrviewer.core.pipeline import Pipeline
+
+    def rank_err(msg: str) -> None:
+        progress.clear()
+        err(shard.tag + msg)
 
     models = Path(args.models) if args.models else default_models_dir()
     try:
         pipeline = Pipeline.from_dirs(models, args.device, map_max_side=args.map_size)
         classes = [pipeline.class_named(name) for name in args.classes or []]  # the model's own names
+        entries, errors = collect_inputs(args.paths, args.list)
     except CxrError as exc:
         err(str(exc))
         return 2
@@ -153,40 +283,27 @@ def run(args: argparse.Namespace) -> int:
         pipeline.options["am_classes"] = tuple(classes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    wl = open_worklist(args.paths)
-    failures = len(wl.errors)
-    for e in wl.errors:
+    failures = len(errors) if shard.rank == 0 else 0
+    for e in errors if shard.rank == 0 else []:
         err(e)
-    if not wl.refs and not wl.errors:
-        err("no studies found in " + ", ".join(args.paths))
+    if not entries and not errors:
+        err("no studies found in " + ", ".join([*args.paths, *args.list]))
         return 1
-    names = output_names([Path(ref.path) for ref in wl.refs], out)
-    for ref, name in zip(wl.refs, names):
-        t0 = time.perf_counter()
+    analysis = analysis_record(pipeline, classes, args)
+    names = output_names([Path(entry_path(e)) for e in entries], out)
+    shard.barrier()  # every rank has named every study before any folder is written
+    mine = [(entries[i], out / names[i]) for i in shard.mine(len(entries))]
+    todo = [(e, d) for e, d in mine if not is_done(d, entry_path(e), analysis)]
+    progress = Progress(len(mine), None if args.quiet else sys.stderr, every=args.progress_every, prefix=shard.tag)
+    progress.update(skipped=len(mine) - len(todo))
+    failures += _analyse(pipeline, todo, classes, args, analysis, progress, rank_err)
+    progress.close()
+    shard.barrier()  # rank 0 writes the table once every shard is finished
+    if shard.rank == 0:
         try:
-            study = ref.load()
-            results = pipeline.run(study)
-            d = out / name
-            d.mkdir(parents=True, exist_ok=True)
-            files = {"results": "results.h5", "summary": "summary.json"}
-            write_results(results, d / "results.h5", default_box_method=default_box_method(results.boxes))
-            if not args.no_panels:
-                c = results.classes.index(classes[0]) if classes and classes[0] in results.classes else None
-                cards = {b.path.name: b.manifest for b in pipeline.bundles.values()}  # model cards
-                save_panels(study, results, d / "panels.png", class_index=c, below=below_prior_by_role(results, cards))
-                files["panels"] = "panels.png"
-            summary = dumps(summary_dict(results, files, ref.path), indent=2, default=str)  # strict JSON
-            (d / "summary.json").write_text(summary + "\n", encoding="utf-8")
-        except CxrError as exc:
-            failures += 1
-            err(str(exc) if str(ref.path) in str(exc) else f"{ref.path}: {exc}")
-            continue
-        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
-            failures += 1
-            log.debug("analysis failed", exc_info=True)
-            err(f"{ref.path}: analysis failed ({type(exc).__name__}: {exc})")
-            continue
-        top = results.top_classes(1)
-        best = f"{results.classes[top[0]]} p={results.probabilities[top[0]]:.3f}" if top else "no classifier"
-        print(f"{ref.display_name}: {best}, {time.perf_counter() - t0:.1f} s on {results.device} -> {d}")
+            write_table(out, ((n, entry_path(e)) for n, e in zip(names, entries)), analysis)
+        except OSError as exc:
+            err(f"cannot write {out / 'predictions.csv'}: {exc}")
+            return 1
+        clean_partial(out)
     return 1 if failures else 0

@@ -1,0 +1,216 @@
+"""``cxrviewer analyze`` over archives: list files, progress, resume after a kill, the combined
+predictions table and torchrun shards (tiny random-weight bundles, tiny PNGs)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _tiny_bundles import make_tiny_bundles
+from cxrviewer.__main__ import main
+from cxrviewer.cli import _archive
+from cxrviewer.core.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    make_tiny_bundles(d, roles=("classifier",), input_size=64)
+    return d
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Six small PNGs, half of them in a sub-folder (the folder is searched recursively)."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("imgs")
+    (d / "sub").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(d / ("sub" if i % 2 else ".") / f"im{i}.png")
+    return d
+
+
+def _args(models_dir, out, *extra):
+    return ["--models", str(models_dir), "--out", str(out), "--device", "cpu", "--no-panels", "--workers", "0",
+            *extra]
+
+
+@pytest.fixture
+def count_runs(monkeypatch):
+    """Counts Pipeline.run calls."""
+    calls = []
+    real = Pipeline.run
+
+    def counted(self, study):
+        calls.append(study.meta.source_path)
+        return real(self, study)
+
+    monkeypatch.setattr(Pipeline, "run", counted)
+    return calls
+
+
+def _table(out):
+    with open(out / "predictions.csv", newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def test_kill_after_three_and_restart_computes_only_the_rest(models_dir, images, tmp_path, monkeypatch, count_runs,
+                                                            capsys):
+    clean = tmp_path / "clean"
+    assert main(["analyze", str(images), *_args(models_dir, clean, "--workers", "1")]) == 0  # decoded by a worker
+    assert len(count_runs) == 6
+    expected = _table(clean)
+    assert expected[0] == list(_archive.TABLE_COLUMNS) and len(expected) == 1 + 6 * 14
+    assert sorted({r[0] for r in expected[1:]}) == [f"im{i}" for i in range(6)]
+
+    # the killed run: the 4th study is interrupted half-way through writing its folder
+    import cxrviewer.core.io.results as results_io
+
+    real_write, writes = results_io.write_results, []
+
+    def write_then_die(results, path, **kw):
+        writes.append(path)
+        real_write(results, path, **kw)
+        if len(writes) == 4:
+            raise KeyboardInterrupt  # as a kill: nothing after this point runs
+
+    monkeypatch.setattr(results_io, "write_results", write_then_die)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["analyze", str(images), *_args(models_dir, out)])
+    monkeypatch.setattr(results_io, "write_results", real_write)
+    done = sorted(p.name for p in out.iterdir() if (p / "summary.json").exists())
+    assert len(done) == 3 and not (out / "predictions.csv").exists()
+    assert len(list((out / _archive.PARTIAL).iterdir())) == 1  # the half-written 4th, never in place
+    mtimes = {n: (out / n / "summary.json").stat().st_mtime_ns for n in done}
+    # an older version's half-written folder (results.h5, no summary) is redone in place, not suffixed
+    fifth = next(f"im{i}" for i in range(6) if f"im{i}" not in done and not (out / f"im{i}").exists())
+    (out / fifth).mkdir()
+    shutil.copy(clean / fifth / "results.h5", out / fifth / "results.h5")
+
+    del count_runs[:]
+    assert main(["analyze", str(images), *_args(models_dir, out)]) == 0
+    assert len(count_runs) == 3  # only the other three
+    assert {n: (out / n / "summary.json").stat().st_mtime_ns for n in done} == mtimes
+    assert sorted(p.name for p in out.iterdir()) == [f"im{i}" for i in range(6)] + ["predictions.csv"]
+    assert _table(out) == [[c.replace(str(clean), str(out)) for c in row] for row in expected]
+
+    del count_runs[:]  # a third run: nothing to do, same table
+    assert main(["analyze", str(images), *_args(models_dir, out)]) == 0
+    assert count_runs == [] and _table(out) == expected
+    capsys.readouterr()
+
+
+def test_done_needs_same_models_options_and_file(models_dir, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    src = images / "im0.png"
+    assert main(["analyze", str(src), *_args(models_dir, out)]) == 0
+    s = json.loads((out / "im0" / "summary.json").read_text())
+    analysis = s["analysis"]
+    assert set(analysis["weights_sha256"]) == {"classifier"} and len(analysis["weights_sha256"]["classifier"]) == 64
+    assert s["source_file"]["bytes"] == src.stat().st_size
+    assert _archive.is_done(out / "im0", str(src), analysis)
+    assert not _archive.is_done(out / "im0", str(src), {**analysis, "weights_sha256": {"classifier": "0" * 64}})
+    assert not _archive.is_done(out / "im0", str(src), {**analysis, "map_size": 64})
+    assert not _archive.is_done(out / "im0", str(images / "im2.png"), analysis)
+    copy = tmp_path / "im0.png"
+    shutil.copy(src, copy)
+    s["source_path"], s["source_file"] = str(copy), _archive.source_identity(str(copy))
+    (out / "im0" / "summary.json").write_text(json.dumps(s))
+    assert _archive.is_done(out / "im0", str(copy), analysis)
+    os.utime(copy, ns=(1, 1))  # the file changed since
+    assert not _archive.is_done(out / "im0", str(copy), analysis)
+    capsys.readouterr()
+
+
+def test_list_file(models_dir, images, tmp_path, capsys):
+    lst = tmp_path / "studies.txt"
+    rel = os.path.relpath(images / "sub" / "im1.png", tmp_path)
+    lst.write_text(f"# two studies and a missing one\n{images / 'im0.png'}\n\n{rel}\nnope.png\n{images / 'im0.png'}\n")
+    out = tmp_path / "out"
+    rc = main(["analyze", "--list", str(lst), *_args(models_dir, out)])
+    assert rc == 1  # the missing file
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.png" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["im0", "im1", "predictions.csv"]
+    assert [r[0] for r in _table(out)[1::14]] == ["im0", "im1"]
+    assert main(["analyze", "--list", str(tmp_path / "absent.txt"), *_args(models_dir, out)]) == 2
+    assert "absent.txt" in capsys.readouterr().err
+
+
+def test_progress_lines_and_quiet(models_dir, images, tmp_path, capsys):
+    args = _args(models_dir, tmp_path / "out", "--progress-every", "0")
+    assert main(["analyze", str(images / "sub"), *args]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" studies")[0] for line in err] == ["1/3", "2/3", "3/3"]
+    assert all("studies/s" in line and "ETA" in line for line in err)
+    assert main(["analyze", str(images / "sub"), *args]) == 0  # all done: one line, no stdout
+    cap = capsys.readouterr()
+    assert cap.err.strip().splitlines() == [cap.err.strip()] and "3/3 studies (0 analysed, 3 already done" in cap.err
+    assert cap.out == ""
+    assert main(["analyze", str(images), *_args(models_dir, tmp_path / "q", "--quiet", "--progress-every", "0")]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_on_a_terminal_updates_one_line():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Tty()
+    p = _archive.Progress(2, s)
+    p.update(skipped=1)
+    p._last = float("-inf")
+    p.update(analysed=1)
+    p.close()
+    text = s.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 2
+    assert "2/2 studies (1 analysed, 1 already done, 0 failed)" in text
+
+
+def test_two_ranks_write_the_table_of_one_process(models_dir, images, tmp_path, monkeypatch, count_runs, capsys):
+    """RANK/WORLD_SIZE shards in this process (rank 1 then rank 0, barrier stubbed): disjoint
+    shards, and rank 0's table equals one process's."""
+    one = tmp_path / "one"
+    assert main(["analyze", str(images), *_args(models_dir, one)]) == 0
+    out = tmp_path / "two"
+    seen = {}
+    for rank in (1, 0):
+        monkeypatch.setattr(_archive.Shard, "from_env", classmethod(lambda cls, device="auto", r=rank: cls(r, 2)))
+        del count_runs[:]
+        assert main(["analyze", str(images), *_args(models_dir, out)]) == 0
+        seen[rank] = sorted(Path(p).name for p in count_runs)
+        assert (out / "predictions.csv").exists() == (rank == 0)
+    assert seen == {0: ["im0.png", "im3.png", "im4.png"], 1: ["im1.png", "im2.png", "im5.png"]}  # input order: im0 im2 im4 sub/im1 im3 im5
+    assert _table(out) == [[c.replace(str(one), str(out)) for c in row] for row in _table(one)]
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_table_of_one(models_dir, images, tmp_path):
+    """The real thing: ``torchrun --nproc_per_node 2`` (gloo on the CPU), about 25 s here."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    cmd = ["-m", "cxrviewer", "analyze", str(images), *_args(models_dir, "OUT"), "--quiet"]
+    subprocess.run([sys.executable, *[str(one) if c == "OUT" else c for c in cmd]], env=env, check=True,
+                   timeout=300)
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", *[str(two) if c == "OUT" else c for c in cmd]],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (two / "predictions.csv").read_bytes() == (one / "predictions.csv").read_bytes()
+    assert sorted(p.name for p in two.iterdir()) == [f"im{i}" for i in range(6)] + ["predictions.csv"]
