@@ -25,7 +25,9 @@ Checks, in this order (each timed; any failure makes the exit status 1):
 torch is imported before Qt (Windows needs that order: torch's DLLs first).
 The report is JSON on stdout (and in ``--json-out``, which a windowed Windows
 build needs because it has no stdout). Settings and caches go to a temporary
-folder, never to the user's.
+folder, never to the user's. The verdict and each failed check's error also go
+to the user's rotating ``cxrviewer.log`` (:mod:`cxrviewer.core.logfile`; its
+path is ``log_file`` in the report), where a windowed build's user finds them.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -42,6 +45,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .core.logfile import LogFile, install_log_file
+
+log = logging.getLogger("cxrviewer.selftest")
 
 #: Expected first decoder plugin per transfer syntax family (what dicom.py prefers).
 EXPECTED_PLUGIN = {
@@ -471,6 +478,29 @@ def run_selftest(*, models: str | os.PathLike | None = None, tiny: bool = False,
     }
 
 
+def start_log() -> LogFile:
+    """The user's rotating ``cxrviewer.log`` (before the run swaps the settings folders for
+    temporary ones): a windowed build has no stderr, the log file is where the verdict stays.
+    An unwritable folder is a warning, never a failure of the self-test."""
+    logfile = install_log_file()
+    if logfile.error:
+        log.warning("no log file: %s", logfile.error)
+    else:
+        log.info("self-test started (%s, frozen=%s)", sys.executable, bool(getattr(sys, "frozen", False)))
+    return logfile
+
+
+def log_report(report: dict[str, Any]) -> None:
+    """The verdict in the log: one line, then each failed check with its error."""
+    if report["ok"]:
+        log.info("self-test passed: %d checks in %.1f s", len(report["checks"]), report["total_seconds"])
+        return
+    log.error("self-test FAILED: %s", ", ".join(report["failed"]))
+    for check in report["checks"]:
+        if not check["ok"]:
+            log.error("check %s failed: %s", check["name"], check.get("error", ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrviewer --self-test", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None, help="folder of model bundles (default: resources/models; "
@@ -484,12 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI of the self-test; returns 0 when every check passed, 1 otherwise."""
-    import logging
-
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler()  # warnings only on stderr (debug with -v), as before the log file
+    console.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[console])
+    logfile = start_log()
     report = run_selftest(models=args.models, tiny=args.tiny, gui=not args.no_gui)
+    report["log_file"] = str(logfile.path) if logfile.path else None
+    log_report(report)
     text = json.dumps(report, indent=2, default=str)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n", encoding="utf-8")

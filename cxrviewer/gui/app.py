@@ -16,6 +16,8 @@ import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from ..core.logfile import LogFile, install_log_file
+
 log = logging.getLogger(__name__)
 
 #: The system libraries PySide6's xcb platform plugin loads (the NEEDED entries of
@@ -184,11 +186,33 @@ def reserve_gui_core() -> int:
     return leave_one_core()
 
 
+def start_log_file() -> LogFile:
+    """The rotating ``cxrviewer.log`` (:mod:`cxrviewer.core.logfile`) with a first line naming the
+    version and platform; an unwritable folder is returned as ``error``, never raised."""
+    from .. import __version__
+
+    result = install_log_file()
+    if result.path is not None:
+        log.info("cxrviewer %s started (Python %s, %s)", __version__, sys.version.split()[0], sys.platform)
+    return result
+
+
+def _log_uncaught(previous: Callable) -> Callable:
+    """An excepthook that writes an uncaught exception (e.g. in a Qt slot) to the log, then calls
+    ``previous`` (a windowed build has no stderr: the log file is where it can be read)."""
+    def hook(exc_type, exc, tb) -> None:
+        log.critical("uncaught exception", exc_info=(exc_type, exc, tb))
+        previous(exc_type, exc, tb)
+
+    return hook
+
+
 def run_gui(paths: Sequence[str], demo: bool = False, models_dir: str | None = None) -> int:
     """Open the main window on ``paths`` (files/folders); ``demo`` adds the demo studies.
 
-    Returns 1 with a one-line message on stderr when Qt cannot open a window here
-    (:func:`display_problem`).
+    Starts the log file first (:func:`start_log_file`) and reopens the window as the user left
+    it (``MainWindow.restore_session``). Returns 1 with a one-line message on stderr when Qt
+    cannot open a window here (:func:`display_problem`).
     """
     problem = display_problem()
     if problem:
@@ -199,12 +223,17 @@ def run_gui(paths: Sequence[str], demo: bool = False, models_dir: str | None = N
 
     from .main_window import MainWindow
 
+    logfile = start_log_file()
     reserve_gui_core()
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("cxrviewer")
     app.setOrganizationName("cxrviewer")
     win = MainWindow(popup_errors=True, models_dir=models_dir)
+    win.restore_session()
     win.show()
+    if logfile.error:  # never fatal: said in the Messages panel
+        log.warning("No log file this session: %s", logfile.error)
+        win.statusBar().showMessage(f"No log file: {logfile.error}", 15000)
     win.annotations.reopen_last()  # the annotation project of the last session (tests' windows never do)
     to_open = [str(p) for p in paths]
     if demo:
@@ -218,7 +247,13 @@ def run_gui(paths: Sequence[str], demo: bool = False, models_dir: str | None = N
             win.statusBar().addPermanentWidget(note)
     if to_open:
         QTimer.singleShot(0, lambda: win.open_paths(to_open))
-    return int(app.exec())
+    previous_hook = sys.excepthook
+    sys.excepthook = _log_uncaught(previous_hook)
+    try:
+        return int(app.exec())
+    finally:
+        sys.excepthook = previous_hook
+        log.info("cxrviewer closed")
 
 
 def capture_window(out: str | Path, paths: Sequence[str] | None = None, *, models_dir: str | None = None,

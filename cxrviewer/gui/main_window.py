@@ -11,7 +11,10 @@ columns with top findings and annotation status), the linked panel grid in the
 centre with a view toolbar (layout, link, colour map, opacity, colour scale; each
 panel with a map carries its own colour bar), findings and models on the right,
 progress, per-stage times, device and model badges in the status bar (fields
-elide, never overlap). The first show fits the window into its screen.
+elide, never overlap). The first show fits the window into its screen;
+``restore_session`` (the app's window) reopens it as the user left it (:mod:`.window_state`).
+File > Recent studies / projects live in :mod:`.recent`; Help > Open log folder shows the
+folder of the rotating ``cxrviewer.log`` (:mod:`cxrviewer.core.logfile`).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from PySide6.QtCore import QSignalBlocker, Qt
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence, QShowEvent
+from PySide6.QtCore import QSignalBlocker, Qt, QUrl
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDesktopServices, QKeySequence, QShowEvent
 from PySide6.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QMainWindow,
                                QMessageBox, QProgressBar, QSlider, QTextBrowser, QToolBar, QVBoxLayout,
                                QWidget)
@@ -37,9 +40,10 @@ from ..core.panels import needs_class_maps, not_available_lines, panel_ref
 from ..core.result_cache import expand_paths
 from ..core.roles import assign_roles
 from ..core.io.worklist import Worklist
+from ..core.logfile import current_log_dir
 from ..core.results import Results
 from ..core.study import Study
-from . import settings, windowing
+from . import recent, settings, window_state, windowing
 from . import inference as inf
 from .annotation_controller import AnnotationController, model_label
 from .export import caption_lines, export_findings_csv, export_png
@@ -144,6 +148,9 @@ class MainWindow(QMainWindow):
         self._cache: OrderedDict[str, Study] = OrderedDict()
         self._load_rows: dict[int, int] = {}  # load seq -> worklist row
         self._closing = False
+        self._remember = False  # save the window's layout on close (restore_session)
+        self._user_class = ""  # the class the user chose (saved; restored when the model set has it)
+        self._pending_class = ""  # a restored class, applied to the first results that have it
         self._error_box: QMessageBox | None = None
 
         if not isinstance(device, DeviceInfo):
@@ -211,6 +218,9 @@ class MainWindow(QMainWindow):
         self.findings_dock.raise_()  # findings first; the annotation tab comes up in annotation mode
         self.inference.finished.connect(ann.on_results)
         ann.bundleReady.connect(lambda path: self.add_model_folder(str(Path(path).parent)))
+        ann.storeChanged.connect(self._on_store_changed)
+        # File: New, Open, Open read-only, Recent annotation projects ▸, Open the default, Close
+        self.file_menu.insertMenu(ann.actions.project.get("default", self.act_quit), self.recent_projects_menu)
         return ann
 
     def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
@@ -286,6 +296,8 @@ class MainWindow(QMainWindow):
         self.act_prev = a("&Previous study", lambda: self.state.step(-1), ["Left", "Up", "PgUp"])
         self.act_shortcuts = a("&Keyboard shortcuts", self.show_shortcuts, [QKeySequence.StandardKey.HelpContents])
         self.act_about = a("&About", self.show_about)
+        self.act_open_log = a("Open &log folder", self.open_log_folder,
+                              tip="Open the folder of cxrviewer.log (messages of this and earlier sessions)")
         self.act_link = a("&Link panels", self.grid.set_linked, ["L"], checkable=True,
                           tip="Link zoom, pan and window/level across panels")
         self.act_link.setChecked(True)
@@ -308,6 +320,11 @@ class MainWindow(QMainWindow):
         mb = self.menuBar()
         m = self.file_menu = mb.addMenu("&File")
         m.addActions([self.act_open_files, self.act_open_folder])
+        self.recent_studies_menu = recent.RecentMenu("Recent &studies", recent.STUDIES, self.open_paths,
+                                                     self._recent_note, m)
+        self.recent_projects_menu = recent.RecentMenu("Recent annotation pro&jects", recent.PROJECTS,
+                                                      self._open_recent_project, self._recent_note, m)
+        m.addMenu(self.recent_studies_menu)  # (recent projects: beside the project entries, _make_annotations)
         m.addSeparator()
         m.addActions([self.act_export_png, self.act_export_csv])
         m.addSeparator()
@@ -333,7 +350,7 @@ class MainWindow(QMainWindow):
             v.addAction(dock.toggleViewAction())
 
         h = self.help_menu = mb.addMenu("&Help")
-        h.addActions([self.act_shortcuts, self.act_about])
+        h.addActions([self.act_shortcuts, self.act_open_log, self.act_about])
 
     def _make_view_bar(self) -> None:
         bar = self.view_bar
@@ -407,6 +424,9 @@ class MainWindow(QMainWindow):
         paths = [str(p) for p in paths]
         if not paths:
             return 0
+        existing = [p for p in paths if Path(p).exists()]
+        if existing:
+            recent.add_recent(recent.STUDIES, existing)
         self.statusBar().showMessage(f"Opening {len(paths)} path(s)…")
         return self.runner.submit("worklist", expand_paths, paths)
 
@@ -542,6 +562,8 @@ class MainWindow(QMainWindow):
     def select_class(self, class_index: int) -> None:
         """The class every panel shows (findings selection, tests)."""
         self.grid.set_class(class_index)
+        self._pending_class = ""
+        self._user_class = self.grid.class_name or self._user_class
         self.findings.select_class(class_index)
         res = self.results
         if res is not None and class_index < len(res.classes) and needs_class_maps(res, res.classes[class_index]):
@@ -568,6 +590,8 @@ class MainWindow(QMainWindow):
         first = self.results is None or self.results.probabilities is None
         self.results = res
         self.grid.set_results(res, display=display)
+        if self._pending_class and res.probabilities is not None:
+            self._apply_restored_class(res)
         self.align_flag.set_results(res)
         if first and res.probabilities is not None:
             study = self.state.study
@@ -791,6 +815,62 @@ class MainWindow(QMainWindow):
         box.setWindowModality(Qt.WindowModality.NonModal)
         box.show()
 
+    def open_log_folder(self) -> bool:
+        """Help > Open log folder: the folder of ``cxrviewer.log`` in the file manager."""
+        folder = current_log_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.log_panel.add(f"The log folder {folder} cannot be created: {exc.strerror or exc}", "warning")
+            self.log_dock.show()
+            return False
+        if not QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder))):
+            self.log_panel.add(f"No file manager opened the log folder: {folder}", "warning")
+            self.log_dock.show()
+            return False
+        return True
+
+    # ---- recent files, the window as the user left it ------------------------------
+    def _recent_note(self, text: str) -> None:
+        self.log_panel.add(text, "warning")
+        self.statusBar().showMessage(text, 8000)
+
+    def _open_recent_project(self, entry: list[str]) -> None:
+        if self.annotations.open_store(entry[0], create=False):
+            self.annotations.set_annotation_mode(True)
+
+    def _on_store_changed(self, store: object) -> None:
+        path = getattr(store, "path", None)
+        if path is not None:
+            recent.add_recent(recent.PROJECTS, [str(path)])
+
+    def user_layout(self) -> str:
+        """The panel layout the user picked ('' while it follows the model set)."""
+        return "" if self._auto_layout else self.grid.layout_name
+
+    def user_class(self) -> str:
+        """The class the user chose last ('' when the top finding is shown)."""
+        return self._pending_class or self._user_class
+
+    def restore_class(self, name: str) -> None:
+        """Show class ``name`` once results have it (a restored session's class)."""
+        self._pending_class = name
+        if self.results is not None and self.results.probabilities is not None:
+            self._apply_restored_class(self.results)
+
+    def _apply_restored_class(self, res: Results) -> None:
+        name, self._pending_class = self._pending_class, ""
+        if name in res.classes:  # a model set without it shows its top finding
+            c = res.classes.index(name)
+            self.findings.select_class(c)
+            self.select_class(c)
+
+    def restore_session(self) -> bool:
+        """Reopen as the user left it (geometry, docks, layout, colours, class; call before the first
+        show) and save it again on close. True when the saved geometry fitted a screen."""
+        self._remember = True
+        return window_state.restore_window(self, DEFAULT_SIZE)
+
     # ---- drag and drop ------------------------------------------------------
     def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt naming
         if event.mimeData().hasUrls() and any(u.isLocalFile() for u in event.mimeData().urls()):
@@ -832,6 +912,8 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt naming
         """Stop background work first: queued jobs dropped, the running one awaited."""
         self._closing = True
+        if self._remember:
+            window_state.save_window(self)
         self.inference.cancel()
         self.model_runner.shutdown(timeout_ms=int((LOAD_TIMEOUT_S + 15) * 1000))
         self.runner.shutdown(timeout_ms=int((LOAD_TIMEOUT_S + 15) * 1000))

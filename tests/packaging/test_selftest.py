@@ -24,8 +24,9 @@ def _env() -> dict[str, str]:
 
 def test_selftest_cli_passes_and_reports_json(tmp_path: Path) -> None:
     out_file = tmp_path / "report.json"
+    env = {**_env(), "CXRVIEWER_LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.run([sys.executable, "-m", "cxrviewer", "--self-test", "--tiny", "--json-out", str(out_file)],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert report == json.loads(out_file.read_text(encoding="utf-8"))
@@ -42,6 +43,10 @@ def test_selftest_cli_passes_and_reports_json(tmp_path: Path) -> None:
     pipe = next(c for c in report["checks"] if c["name"] == "pipeline")
     assert pipe["models"] == "tiny-random" and "classifier" in pipe["bundles"]
     assert "main_window" in next(c for c in report["checks"] if c["name"] == "qt")
+    log_file = tmp_path / "logs" / "cxrviewer.log"  # the verdict stays where a windowed build's user finds it
+    assert report["log_file"] == str(log_file)
+    assert "self-test passed" in log_file.read_text(encoding="utf-8")
+    assert "self-test passed" not in proc.stderr  # stderr keeps only warnings, as before
 
 
 def test_selftest_files_cover_each_codec_and_stay_small() -> None:
