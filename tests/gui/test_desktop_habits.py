@@ -213,6 +213,8 @@ def test_recent_files_and_layout_survive_a_restart(qtbot, folders, tmp_path):
     first.open_paths([str(study)])
     assert first.annotations.open_store(project, create=False)
     first.set_layout("2x2")
+    first.focus_combo.setCurrentIndex(2)
+    focus = first.focus_combo.currentData()
     cmap = first.cmap_combo.itemData(first.cmap_combo.count() - 1)
     first.cmap_combo.setCurrentIndex(first.cmap_combo.count() - 1)
     first.opacity_slider.setValue(35)
@@ -230,6 +232,7 @@ def test_recent_files_and_layout_survive_a_restart(qtbot, folders, tmp_path):
     assert second.size() == size
     assert second.grid.layout_name == "2x2" and second.user_layout() == "2x2"
     assert second.layout_combo.currentData() == "2x2"
+    assert second.focus_combo.currentData() == focus and second.grid.focus_key == focus
     assert second.cmap_combo.currentData() == cmap and second.grid.colormap_name == cmap
     assert second.opacity_slider.value() == 35 and second.grid.opacity == pytest.approx(0.35)
     assert second.scale_combo.currentData() == scale and second.grid.scale_mode == scale
