@@ -47,11 +47,13 @@ def test_frozen_selftest_outside_the_source_tree(bundle: Path, tmp_path: Path) -
     exe = bundle / ("cxrviewer-cli.exe" if sys.platform == "win32" else "cxrviewer")
     assert exe.is_file()
     out_file = tmp_path / "report.json"
+    env = {**_clean_env(), "CXRVIEWER_LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.run([str(exe), "--self-test", "--json-out", str(out_file)], cwd=tmp_path,
-                          env=_clean_env(), capture_output=True, text=True, timeout=1800)
+                          env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     report = json.loads(out_file.read_text(encoding="utf-8"))
     assert report["ok"] and report["frozen"] is True
+    assert (tmp_path / "logs" / "cxrviewer.log").is_file() and report["log_file"]  # a windowed build has no stderr
     decodes = [c for c in report["checks"] if c["name"].startswith("decode:")]
     assert len(decodes) >= 8 and all(c["ok"] for c in decodes)
     assert (bundle / "THIRD_PARTY_LICENSES").is_file()
