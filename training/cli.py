@@ -24,6 +24,7 @@ from .commands import localiser as _localiser
 from .commands import mine as _mine
 from .commands import segment as _segment
 from .commands import phantoms as _phantoms
+from .config_files import add_config_argument, apply_config_or_exit, config_path, resolved_config
 
 #: name -> module
 COMMANDS = {
@@ -48,7 +49,9 @@ DESCRIPTION = """Build training data, train the models of the cxrviewer app and 
 command writes what the app loads: model bundles (NAME.cxrbundle folders), the canonical chest,
 the anatomy-guided localiser, or evaluation tables. Training commands save a checkpoint every
 epoch in OUT.run/ (rerun the same command to resume) and run on the GPU when there is one.
-'cxr-train COMMAND --help' lists a command's options and their defaults."""
+Every command reads its options from --config FILE.yaml|.json too (flags override it); training runs
+write the resolved config to OUT.run/config.yaml and the bundle. 'cxr-train COMMAND --help'
+lists a command's options and their defaults."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -79,15 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=_first_sentence(mod.DESCRIPTION), description=mod.DESCRIPTION,
                             epilog="examples:\n" + mod.EXAMPLES, formatter_class=HelpFormatter)
         mod.add_arguments(sp)
+        add_config_argument(sp)
         sp.set_defaults(_run=mod.run)
     return p
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """command name -> its sub-parser."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxr-train`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    subparsers = _subparsers(parser)
+    command, config = config_path(argv, list(COMMANDS))
+    if command is not None and config is not None:
+        apply_config_or_exit(subparsers[command], command, config)
+    args = parser.parse_args(argv)
     args.argv = argv  # the command line as given (recorded by evaluate in metrics.json)
+    # every option's final value: written to the run folder and the bundle's provenance.config
+    args.resolved_config = resolved_config(subparsers[args.command], args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args._run(args))

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import dataset_preprocess
     from ..trainers.classify import provenance
     from ..trainers.cia import train_cia
-    from ..trainers.loop import dist_info
+    from ..trainers.loop import dist_info, held_record
 
     if getattr(args, "align", None) and args.negatives == "canonical":
         raise SystemExit("--negatives canonical pairs with the canonical lung crop, but --align trains on the "
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                        extras_info=extras_info, overwrite=True,
                        description=f"CIA-Net ({args.backbone}), {args.box_fraction:.0%} boxes, "
                                    f"{args.negatives} negatives")
-    final = history[-1].get("metrics", {}) if history else {}
+    final = held_record(history, cfg).get("metrics", {})  # the epoch the bundle holds
     print(json.dumps({"bundle": str(path), "mean_auroc": final.get("mean_auroc"),
                       "loc_iou_0.3": final.get("loc_iou_0.3")}))
     return 0

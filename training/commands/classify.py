@@ -21,8 +21,9 @@ DESCRIPTION = """Train a chest X-ray classifier (weighted binary cross-entropy) 
 app loads. The classes come from the data: the NIH 14 for an NIH folder, an annotation project's
 label set with --annotations (its labels and accepted boxes), or --label-set NAME|FILE. Any classifier architecture of the registry works: the
 baseline CAM network, space attention, attention-gated, MSA, lung/heart. A checkpoint is saved
-every epoch in OUT.run/ (rerun the same command to resume) with a log.jsonl; the held-out
-fold's mean AUROC is printed at the end. --init-weights fine-tunes a model you have (one of
+every epoch in OUT.run/ (rerun the same command to resume) with a log.jsonl; the bundle holds
+the epoch with the best held-out mean AUROC (printed at the end; --early-stop N stops after N
+epochs without improvement). --init-weights fine-tunes a model you have (one of
 ours or an imported one) instead of starting from random weights."""
 EXAMPLES = """  cxr-train classify --data NIH --arch resnet50 --size 512 --epochs 5 --out models/cls.cxrbundle
   cxr-train classify --data NIH --arch densenet121 --init-weights chexnet.cxrbundle --out models/ft.cxrbundle
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.models import create_model, get_spec
 
     from ..trainers.classify import provenance, save_classifier_bundle, train_classifier
-    from ..trainers.loop import dist_info
+    from ..trainers.loop import dist_info, held_record
 
     if get_spec(args.arch).family != "classifier":
         raise SystemExit(f"{args.arch} is not a classifier-family architecture")
@@ -72,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
                           **init_provenance(init))
         path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov, normalisation=norm,
                                       classes=data.classes, label_set=data.manifest_label_set())
-        final = history[-1].get("metrics", {}) if history else {}
+        final = held_record(history, cfg).get("metrics", {})  # the epoch the bundle holds
         print(json.dumps({"bundle": str(path), "mean_auroc": final.get("mean_auroc")}))
     return 0

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..trainers.classify import provenance
     from ..trainers.disease_masks import (align_dataset, anatomy_from_folder, anatomy_from_segmentation,
                                           save_dm_bundle, train_disease_masks)
-    from ..trainers.loop import dist_info
+    from ..trainers.loop import dist_info, held_record
 
     clf = load_bundle(args.classifier)
     if clf.manifest.family != "classifier":
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                           n_train=len(train_r), n_val=len(val_r), classifier=str(args.classifier),
                           alignment=args.alignment, before_retraining=res.before.get("mean_auroc"))
         path = save_dm_bundle(res, args.out, input_size=args.size, provenance=prov)
-        final = res.history[-1].get("metrics", {}) if res.history else {}
+        final = held_record(res.history, cfg).get("metrics", {})  # the epoch the bundle holds
         print(json.dumps({"bundle": str(path), "source": res.source, "images_per_class": res.counts,
                           "mean_auroc_before": res.before.get("mean_auroc"),
                           "mean_auroc": final.get("mean_auroc")}))

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     model = fit_localiser(boxed, calibration=samples if args.fold_models else None,
                           classifier_sha256=clf.manifest.weights_sha256 if clf else None,
                           provenance={"command": "cxr-train localiser " + " ".join(getattr(args, "argv", [])),
+                                      "config": getattr(args, "resolved_config", None),
                                       "data": str(args.data), "models": str(args.models),
                                       "fold_models": args.fold_models, "n_boxed": len(boxed)})
     _write_json(Path(args.out), model)

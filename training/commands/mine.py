@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrviewer.core.models import create_model, get_spec
 
     from ..trainers.classify import provenance, save_classifier_bundle, train_classifier
-    from ..trainers.loop import dist_info
+    from ..trainers.loop import dist_info, held_record
     from ..trainers.mine import MiningConfig, mine
 
     if args.init and args.init_weights:
@@ -130,6 +130,6 @@ def run(args: argparse.Namespace) -> int:
                                           if pre_history else None), **init_provenance(init))
         path = save_classifier_bundle(model, args.out, input_size=args.size, provenance=prov, normalisation=norm,
                                       classes=data.classes, label_set=data.manifest_label_set())
-        final = history[-1].get("metrics", {}) if history else {}
+        final = held_record(history, mine_cfg).get("metrics", {})  # the epoch the bundle holds
         print(json.dumps({"bundle": str(path), "kp": args.kp, "mean_auroc": final.get("mean_auroc")}))
     return 0

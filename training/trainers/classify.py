@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxrviewer.core.classes import CLASSES
 
 from ..losses import weighted_bce
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, hyperparameters, selection, use_monitor
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,11 @@ def classification_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tens
 def train_classifier(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None,
                      cfg: TrainConfig, *, loss_fn=classification_loss, stop_after_epoch: int | None = None,
                      ) -> tuple[torch.nn.Module, list[dict]]:
-    """Train with the shared loop; evaluates AUROC on ``val_ds`` after each epoch."""
+    """Train with the shared loop; evaluates AUROC on ``val_ds`` after each epoch. The model returned
+    holds the epoch of the best held-out mean AUROC (unless ``cfg.monitor`` names another metric)."""
     from ..data import collate
+
+    use_monitor(cfg, "metrics.mean_auroc", "max")
 
     def eval_fn(m: torch.nn.Module) -> dict:
         if val_ds is None or len(val_ds) == 0:
@@ -78,10 +80,15 @@ def train_classifier(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset 
 
 
 def provenance(command: str, cfg: TrainConfig, data: str, history: list[dict], **extra) -> dict:
-    """Recipe recorded in the bundle manifest: command, seed, data, epochs, final metrics."""
+    """Recipe recorded in the bundle manifest: command, seed, data, ``config`` (the command's resolved
+    options: ``cxr-train COMMAND --config`` of it repeats the run), ``train_config`` (the loop's
+    hyper-parameters), epochs, the last epoch's record (``final``) and which epoch the weights are
+    and why (``selection``: epoch, metric, value, reason best / last / stopped early)."""
     last = history[-1] if history else {}
-    return {"command": command, "seed": cfg.seed, "data": str(data), "config": asdict(cfg),
-            "epochs_trained": len(history), "final": last, **extra}
+    options = {"config": cfg.run_config} if cfg.run_config else {}
+    return {"command": command, "seed": cfg.seed, "data": str(data), **options,
+            "train_config": hyperparameters(cfg), "epochs_trained": len(history), "final": last,
+            "selection": selection(history, cfg), **extra}
 
 
 def save_classifier_bundle(model: torch.nn.Module, out: str | Path, *, input_size: int, provenance: dict,

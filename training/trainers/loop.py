@@ -55,6 +55,72 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
     extra: dict = field(default_factory=dict)
+    # best checkpoint: the epoch record's value at this dotted path ("metrics.mean_auroc", "val_loss",
+    # "loss"; "" = none: the last epoch is kept), better when higher ("max") or lower ("min")
+    monitor: str = ""
+    monitor_mode: str = "min"
+    early_stop: int = 0  # stop after N epochs without improvement of ``monitor`` (0 = never)
+    # the command's resolved options (``cxr-train ... --config``), written to the run folder
+    run_config: dict = field(default_factory=dict)
+
+
+def hyperparameters(cfg: TrainConfig) -> dict:
+    """``cfg`` as a dict without the command's options (``run_config``, recorded on their own)."""
+    out = asdict(cfg)
+    out.pop("run_config", None)
+    return out
+
+
+def use_monitor(cfg: TrainConfig, path: str, mode: str) -> TrainConfig:
+    """Set ``cfg``'s best-checkpoint metric (in place) unless the caller chose one; ``cfg``."""
+    if not cfg.monitor:
+        cfg.monitor, cfg.monitor_mode = path, mode
+    return cfg
+
+
+def selection(history: list[dict], cfg: TrainConfig) -> dict:
+    """Which epoch of ``history`` a run's model holds and why: the best by ``cfg.monitor`` (reason
+    "best", or "stopped early" when ``cfg.early_stop`` ended the run), else the last ("last")."""
+    best, value = None, None
+    for rec in history:
+        v = monitored(rec, cfg.monitor)
+        if v is not None and (value is None or (v > value if cfg.monitor_mode == "max" else v < value)):
+            best, value = int(rec["epoch"]), v
+    last = int(history[-1]["epoch"]) if history else None
+    stopped = bool(cfg.early_stop > 0 and best is not None and last is not None
+                   and last - best >= cfg.early_stop and last + 1 < cfg.epochs)
+    reason = "stopped early" if stopped else ("best" if best is not None else "last")
+    return {"epoch": best if best is not None else last, "last_epoch": last, "epochs_run": len(history),
+            "metric": cfg.monitor or None, "mode": cfg.monitor_mode if cfg.monitor else None, "value": value,
+            "reason": reason, "early_stop": cfg.early_stop}
+
+
+def held_record(history: list[dict], cfg: TrainConfig) -> dict:
+    """The epoch record of the weights a run keeps (:func:`selection`), ``{}`` without history."""
+    epoch = selection(history, cfg)["epoch"]
+    return next((r for r in history if r.get("epoch") == epoch), history[-1] if history else {})
+
+
+def monitored(record: dict, path: str) -> float | None:
+    """The finite number at dotted ``path`` of an epoch ``record`` (None where absent or not finite)."""
+    value = record
+    for part in _split_path(path, record):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _split_path(path: str, record: dict) -> list[str]:
+    """``metrics.loc_iou_0.3`` -> ["metrics", "loc_iou_0.3"] (a key may hold dots)."""
+    if not path:
+        return ["\0"]
+    head, _, rest = path.partition(".")
+    if not rest or path in record:
+        return [path]
+    return [head, rest]
 
 
 def seed_everything(seed: int) -> None:
@@ -111,12 +177,13 @@ class Trainer:
 
     ``loss_fn(model, batch) -> (loss, logs)`` computes the method's loss
     (the trainers differ only here); ``eval_fn(model) -> metrics`` runs after
-    every epoch on rank 0. ``collate_fn`` builds batches.
+    every epoch on rank 0. ``collate_fn`` builds batches. ``val_ds``: also log the mean
+    ``loss_fn`` over it (eval mode) as ``val_loss`` (e.g. ``cfg.monitor = "val_loss"``).
     """
 
     def __init__(self, model: torch.nn.Module, train_ds: Dataset, loss_fn: LossFn, cfg: TrainConfig,
                  *, eval_fn: EvalFn | None = None, collate_fn=None, params=None,
-                 on_epoch_end: Callable[[int, dict], None] | None = None) -> None:
+                 on_epoch_end: Callable[[int, dict], None] | None = None, val_ds: Dataset | None = None) -> None:
         from cxrviewer.core.device import select_device
 
         self.cfg = cfg
@@ -133,6 +200,16 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if cfg.run_config:
+                from ..config_files import write_config
+
+                write_config(self.out, cfg.run_config)
+        self.val_ds = val_ds
+        self.best_epoch: int | None = None
+        self.best_value: float | None = None
+        self._best_state: dict | None = None
+        self.selection: dict = {}
+        self._tb = _tensorboard_writer(self.out) if self.is_main else None
         seed_everything(cfg.seed)
         self.model = model.to(self.device)
         if cfg.channels_last and self.device.type == "cuda":
@@ -175,7 +252,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(),
             "history": json.dumps(self.history),
-            "config": json.dumps(asdict(self.cfg)),
+            "config": json.dumps(hyperparameters(self.cfg)),
         }, self.checkpoint_path)
 
     def try_resume(self) -> bool:
@@ -195,6 +272,83 @@ class Trainer:
         if self.is_main:
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self._tb is not None:
+                _tensorboard_scalars(self._tb, record)
+
+    # -- best epoch and early stopping -------------------------------------------
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    def _better(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.cfg.monitor_mode == "max" else value < self.best_value
+
+    def _update_best(self, epoch: int, rec: dict) -> None:
+        """Keep ``epoch``'s weights (in memory and ``best.pt``) when its monitored value is the best."""
+        value = monitored(rec, self.cfg.monitor)
+        if value is None or not self._better(value):
+            return
+        self.best_epoch, self.best_value = epoch, value
+        if self.is_main:
+            self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            _atomic_torch_save({"epoch": epoch, "value": value, "model": self._best_state}, self.best_path)
+
+    def _restore_best(self) -> None:
+        """The best epoch of a resumed run's history (and its weights from ``best.pt``)."""
+        for rec in self.history:
+            value = monitored(rec, self.cfg.monitor)
+            if value is not None and self._better(value):
+                self.best_epoch, self.best_value = int(rec["epoch"]), value
+        if self.best_epoch is None or not self.is_main or not self.best_path.is_file():
+            return
+        ck = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        if int(ck["epoch"]) == self.best_epoch:
+            self._best_state = ck["model"]
+
+    def _should_stop(self, epoch: int) -> bool:
+        """Early stopping: ``cfg.early_stop`` epochs after the best one without improvement."""
+        stop = bool(self.cfg.early_stop > 0 and self.best_epoch is not None
+                    and epoch - self.best_epoch >= self.cfg.early_stop)
+        if self.world > 1:  # the metrics live on rank 0
+            flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        return stop
+
+    def _finish(self) -> None:
+        """Load the best epoch's weights into the model and fill :attr:`selection`."""
+        self.selection = selection(self.history, self.cfg)
+        held, last = self.selection["epoch"], self.selection["last_epoch"]
+        if held is not None and held != last and self.is_main:
+            if self._best_state is None:  # best.pt lost: keep the last epoch, and say so
+                log.warning("best epoch %s's weights are missing (%s): keeping the last epoch", held, self.best_path)
+                self.selection.update(epoch=last, value=None, reason="last")
+            else:
+                self.model.load_state_dict(self._best_state)
+        if self.selection["reason"] == "stopped early":
+            log.info("early stop after epoch %s: %s has not improved for %d epochs (best %s at epoch %s)",
+                     last, self.cfg.monitor, self.cfg.early_stop, self.best_value, self.best_epoch)
+        self._log({"kind": "selection", **self.selection})
+        if self._tb is not None:
+            self._tb.flush()
+
+    @torch.no_grad()
+    def _val_loss(self) -> float | None:
+        """Mean ``loss_fn`` over ``val_ds`` in eval mode (None when empty)."""
+        loader = DataLoader(self.val_ds, batch_size=self.cfg.batch_size, shuffle=False,
+                            num_workers=self.cfg.num_workers, collate_fn=self.collate_fn)
+        was = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        for batch in loader:
+            batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            loss, _ = self.loss_fn(self.model, batch)
+            total += float(loss) * int(batch["image"].shape[0])
+            n += int(batch["image"].shape[0])
+        self.model.train(was)
+        return total / n if n else None
 
     def _lr_for(self, epoch: int) -> float:
         if self.cfg.lr_step_epochs > 0:
@@ -205,78 +359,126 @@ class Trainer:
     def fit(self, *, resume: bool = True, stop_after_epoch: int | None = None) -> list[dict]:
         """Train to ``cfg.epochs``; returns the per-epoch history (metrics included).
 
+        After every epoch the value of ``cfg.monitor`` decides the best epoch, whose weights the
+        model holds at the end (``best.pt`` in the run folder; ``checkpoint.pt`` stays the last
+        epoch, for resuming); ``cfg.early_stop`` ends the run after that many epochs without
+        improvement. :attr:`selection` says which epoch the model holds and why.
         ``stop_after_epoch`` ends the run early after that epoch's checkpoint
         (used to simulate a killed run in tests).
         """
         if resume:
             self.try_resume()
+        self._restore_best()
         cfg = self.cfg
-        for epoch in range(self.start_epoch, cfg.epochs):
-            for g in self.opt.param_groups:
-                g["lr"] = self._lr_for(epoch)
-            torch.manual_seed(cfg.seed * 1000 + epoch)
-            if hasattr(self.train_ds, "set_epoch"):
-                self.train_ds.set_epoch(epoch)
-            if self.world > 1:
-                sampler = torch.utils.data.distributed.DistributedSampler(
-                    self.train_ds, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed)
-                sampler.set_epoch(epoch)
-                loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                                    num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
-            else:
-                gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-                loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                    num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
-            self.train_model.train()
-            prog = Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=self.is_main)
-            t0 = time.perf_counter()
-            n_img, loss_sum, n_batches = 0, 0.0, 0
-            for step, batch in enumerate(loader):
-                batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                         for k, v in batch.items()}
-                if self.device.type == "cuda" and cfg.channels_last and batch["image"].dim() == 4:
-                    batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
-                    loss, logs = self.loss_fn(self.train_model, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}: {loss.item()}")
-                self.opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    self.scaler.unscale_(self.opt)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                bs = int(batch["image"].shape[0]) * self.world
-                n_img += bs
-                loss_sum += float(loss.detach())
-                n_batches += 1
-                prog.update(step + 1, loss_sum / n_batches, n_img)
-                if cfg.log_every and step % cfg.log_every == 0:
-                    self._log({"kind": "step", "epoch": epoch, "step": step, "loss": float(loss.detach()),
-                               **{k: float(v) for k, v in logs.items()}})
-            dt = time.perf_counter() - t0
-            rec = {"kind": "epoch", "epoch": epoch, "loss": loss_sum / max(n_batches, 1),
-                   "seconds": dt, "images_per_s": n_img / max(dt, 1e-9), "lr": self._lr_for(epoch)}
-            if self.eval_fn is not None and self.is_main:
-                self.model.eval()
-                with torch.no_grad():
-                    rec["metrics"] = _jsonable(self.eval_fn(self.model))
+        stopped = self._should_stop(self.start_epoch - 1) if self.history else False
+        epoch = self.start_epoch
+        while not stopped and epoch < cfg.epochs:
+            rec = self._train_epoch(epoch)
             self.history.append(rec)
             self._log(rec)
             if self.on_epoch_end is not None and self.is_main:
                 self.on_epoch_end(epoch, rec)
+            self._update_best(epoch, rec)
             self.save_checkpoint(epoch)
+            stopped = self._should_stop(epoch)
             if self.world > 1:
                 torch.distributed.barrier()
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
+            epoch += 1
+        self._finish()
         return self.history
 
+    def _train_epoch(self, epoch: int) -> dict:
+        """One epoch of training (and ``eval_fn`` / validation loss on rank 0): its log record."""
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = self._lr_for(epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        if hasattr(self.train_ds, "set_epoch"):
+            self.train_ds.set_epoch(epoch)
+        if self.world > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                self.train_ds, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                                num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
+        else:
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
+        self.train_model.train()
+        prog = Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=self.is_main)
+        t0 = time.perf_counter()
+        n_img, loss_sum, n_batches = 0, 0.0, 0
+        for step, batch in enumerate(loader):
+            batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                     for k, v in batch.items()}
+            if self.device.type == "cuda" and cfg.channels_last and batch["image"].dim() == 4:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss, logs = self.loss_fn(self.train_model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}: {loss.item()}")
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            bs = int(batch["image"].shape[0]) * self.world
+            n_img += bs
+            loss_sum += float(loss.detach())
+            n_batches += 1
+            prog.update(step + 1, loss_sum / n_batches, n_img)
+            if cfg.log_every and step % cfg.log_every == 0:
+                self._log({"kind": "step", "epoch": epoch, "step": step, "loss": float(loss.detach()),
+                           **{k: float(v) for k, v in logs.items()}})
+        dt = time.perf_counter() - t0
+        rec = {"kind": "epoch", "epoch": epoch, "loss": loss_sum / max(n_batches, 1),
+               "seconds": dt, "images_per_s": n_img / max(dt, 1e-9), "lr": self._lr_for(epoch)}
+        if self.eval_fn is not None and self.is_main:
+            self.model.eval()
+            with torch.no_grad():
+                rec["metrics"] = _jsonable(self.eval_fn(self.model))
+        if self.val_ds is not None and self.is_main:
+            rec["val_loss"] = self._val_loss()
+        return rec
+
     def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _tensorboard_writer(folder: Path):
+    """A TensorBoard ``SummaryWriter`` on ``folder/tensorboard`` when the package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(folder / "tensorboard"))
+
+
+def _tensorboard_scalars(writer, record: dict) -> None:
+    """An epoch log record's numbers as TensorBoard scalars (``epoch/loss``, ``epoch/val_loss``,
+    ``epoch/metrics/mean_auroc``, ``epoch/metrics/auroc/Effusion``...)."""
+    if record.get("kind") != "epoch":
+        return
+
+    def scalars(prefix: str, d: dict):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from scalars(f"{prefix}{k}/", v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                yield f"{prefix}{k}", v
+
+    for tag, v in scalars("epoch/", {k: v for k, v in record.items() if k not in ("kind", "epoch")}):
+        writer.add_scalar(tag, v, int(record["epoch"]))
 
 
 def _jsonable(x):

@@ -12,7 +12,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from ..data.segmentation import (PREPROCESS, SEG_CLASSES, SegDataset, SegRecord, preprocess_input,
                                  read_gray01, read_mask)
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, hyperparameters, selection, use_monitor
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +155,10 @@ def train_segmentation(model: torch.nn.Module, train_ds: SegDataset, val_ds: Seg
                  {k: round(v, 4) for k, v in d.items()})
 
     init_prior_bias(model, train_ds.y)  # a resumed checkpoint overwrites it
+    use_monitor(cfg, "val_loss", "min")
     trainer = CosineTrainer(model, train_ds, make_seg_loss(bce_weight), cfg, eval_fn=eval_fn,
-                            collate_fn=train_ds.collate, on_epoch_end=on_epoch_end)
+                            collate_fn=train_ds.collate, on_epoch_end=on_epoch_end,
+                            val_ds=val_ds if val_ds is not None and len(val_ds) else None)
     history = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
     trainer.close()
     return trainer.model, history
@@ -180,8 +181,10 @@ def segmentation_provenance(command: str, cfg: TrainConfig, data: str, *, fold: 
         },
         "preprocess": dict(PREPROCESS),
         "command": command,
-        "config": asdict(cfg),
+        **({"config": cfg.run_config} if cfg.run_config else {}),
+        "train_config": hyperparameters(cfg),
         "epochs_run": len(history),
+        "selection": selection(history, cfg),
         "final_loss": history[-1]["loss"] if history else None,
         "heldout_evaluation": evaluation,
         "wall_seconds": round(float(wall_seconds), 1),
