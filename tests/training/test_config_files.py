@@ -205,3 +205,23 @@ def test_tensorboard_event_files_only_when_the_package_is_installed(tmp_path):
     acc.Reload()
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("epoch/metrics/score")] == [(0, 0.5), (1, 0.9), (2, 0.6)]
     assert {"epoch/loss", "epoch/lr"} <= set(acc.Tags()["scalars"])
+
+
+def test_every_command_takes_a_config_of_its_own_defaults(tmp_path, capsys):
+    """Any command's resolved options read back through its own types and choices (what
+    ``--config OUT.run/config.yaml`` does), and every command refuses an unknown key."""
+    from training.cli import COMMANDS, _subparsers, build_parser
+    from training.config_files import _config_actions, apply_config, jsonable
+
+    parsers = _subparsers(build_parser())
+    assert set(parsers) == set(COMMANDS)
+    for name, p in parsers.items():
+        values = {d: jsonable(a.default) for d, a in _config_actions(p).items() if a.default is not None}
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps(values))
+        assert jsonable(apply_config(p, cfg)) == values, name
+        cfg.write_text(json.dumps({"no_such_option": 1}))
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--config", str(cfg)])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1
