@@ -363,7 +363,8 @@ class Shard:
     @classmethod
     def from_env(cls, device: str = "auto") -> "Shard":
         """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (as torchrun sets them) and, for a world
-        of more than one, join the process group (nccl when running on CUDA, else gloo)."""
+        of more than one, join the process group (nccl when running on CUDA with a GPU per process,
+        else gloo) and pick this process's GPU (``LOCAL_RANK`` modulo the GPUs)."""
         try:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             rank = int(os.environ.get("RANK", "0"))
@@ -381,8 +382,10 @@ class Shard:
 
         backend = "gloo"
         if device != "cpu" and torch.cuda.is_available():
-            torch.cuda.set_device(local % torch.cuda.device_count())
-            backend = "nccl"
+            gpus = torch.cuda.device_count()
+            torch.cuda.set_device(local % gpus)
+            # nccl needs a GPU per process on a node; more processes than GPUs share them over gloo
+            backend = "nccl" if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= gpus else "gloo"
         dist.init_process_group(backend, timeout=timedelta(days=7))  # ranks wait for the slowest shard
         return cls(rank, world, local, backend)
 

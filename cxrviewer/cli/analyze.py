@@ -1,6 +1,7 @@
 """Run the explanation pipeline headless on studies and write results per study.
 
-    cxrviewer analyze PATH ... [--models DIR] --out DIR [--device auto|cpu|cuda] [--classes NAME ...]
+    cxrviewer analyze PATH ... [--list FILE] [--models DIR] --out DIR [--device auto|cpu|cuda]
+                      [--classes NAME ...] [--workers N] [--quiet] [--progress-every SECONDS]
 
 For each study: ``OUT/<name>/results.h5`` (all maps, boxes, timings; layout in
 ``cxrviewer.core.io.results``), ``summary.json`` (strict JSON, a non-finite number written as
@@ -8,8 +9,10 @@ For each study: ``OUT/<name>/results.h5`` (all maps, boxes, timings; layout in
 with the prior's fixed median box per class under ``prior``, ``default_box_method``,
 per-stage timings, device, models, and ``not_available``: panel -> why this model set cannot
 show it, e.g. ``"contrast": "needs a CIA model with a normal bank (not loaded)"``, ``"prior boxes":
-"NIH classes only: not for Lung Opacity"``) and ``panels.png`` (original, CAM, aligned, attention
-mining, contrast + paired normal, disease mask, lung/heart masks, as available).
+"NIH classes only: not for Lung Opacity"``, ``source_file``: the file's ``bytes`` and ``mtime_ns``
+and ``analysis``: each role's ``weights_sha256`` and the options ``classes``, ``map_size``,
+``panels``, which a rerun compares to skip the study) and ``panels.png`` (original, CAM,
+aligned, attention mining, contrast + paired normal, disease mask, lung/heart masks, as available).
 A study that cannot be read or analysed gets a one-line error; the others go on
 and the exit status is non-zero at the end.
 
