@@ -123,16 +123,19 @@ def _loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     return torch.nn.functional.mse_loss(model(batch["image"]), batch["y"]), {}
 
 
-def _scripted_run(out: Path, scores: list[float], *, early_stop: int = 0, epochs: int | None = None):
-    """A run whose validation 'score' at epoch e is ``scores[e]``; (trainer, weights after each epoch)."""
+def _scripted_run(out: Path, scores: list, *, early_stop: int = 0, epochs: int | None = None,
+                  monitor: str = "metrics.score"):
+    """A run whose validation 'score' at epoch e is ``scores[e]`` (or whose metrics are ``scores[e]``,
+    a dict); (trainer, weights after each epoch)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     after: dict[int, dict] = {}
     cfg = TrainConfig(epochs=epochs or len(scores), batch_size=4, lr=0.05, out_dir=str(out), log_every=0, device="cpu",
-                      monitor="metrics.score", monitor_mode="max", early_stop=early_stop)
+                      monitor=monitor, monitor_mode="max", early_stop=early_stop)
 
     def eval_fn(m: torch.nn.Module) -> dict:
-        return {"score": scores[len(trainer.history)]}
+        score = scores[len(trainer.history)]
+        return score if isinstance(score, dict) else {"score": score}
 
     def on_epoch_end(epoch: int, rec: dict) -> None:
         after[epoch] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -167,6 +170,17 @@ def test_early_stop_after_n_epochs_without_improvement_and_a_rerun_trains_no_mor
     assert _same(again.model.state_dict(), after[1])  # the best weights come back from best.pt
     longer, _ = _scripted_run(tmp_path / "run3", scores, early_stop=3)
     assert len(longer.history) == 6 and longer.selection["epoch"] == 5 and longer.selection["reason"] == "best"
+
+
+def test_ties_of_the_first_metric_are_broken_by_the_next(tmp_path):
+    """cia's choice: localisation at IoU 0.3, of equal ones the best mean AUROC (a missing one ranks last)."""
+    scores = [{"loc": 0.0, "auc": 0.6}, {"loc": 0.0, "auc": 0.8}, {"loc": 0.0, "auc": 0.7}, {"loc": None, "auc": 0.9},
+              {"loc": 0.0}]
+    trainer, after = _scripted_run(tmp_path / "run", scores, monitor="metrics.loc,metrics.auc")
+    assert (trainer.selection["epoch"], trainer.selection["value"]) == (1, 0.0)
+    assert _same(trainer.model.state_dict(), after[1])
+    only_first, _ = _scripted_run(tmp_path / "run2", scores, monitor="metrics.loc")
+    assert only_first.selection["epoch"] == 0  # equal values: the first epoch stays the best
 
 
 def test_classify_bundle_records_the_epoch_of_the_best_logged_auroc(phantoms, tmp_path):

@@ -458,7 +458,8 @@ def train_cia(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None,
         return {"mean_auroc": res["mean_auroc"], "loc_iou_0.3": res["loc_iou_0.3"],
                 "iou_0.3": {c: v["acc"] for c, v in res["iou"]["0.3"].items() if v["n"]}}
 
-    use_monitor(cfg, "metrics.loc_iou_0.3", "max")  # the best held-out localisation (IoU 0.3)
+    # the best held-out localisation (IoU 0.3); of equal ones, the best mean AUROC
+    use_monitor(cfg, "metrics.loc_iou_0.3,metrics.mean_auroc", "max")
     trainer = Trainer(model, pairs_ds, make_cia_loss(beta_b), cfg, eval_fn=eval_fn, collate_fn=cia_collate)
     try:
         history = trainer.fit(stop_after_epoch=stop_after_epoch)

@@ -56,7 +56,8 @@ class TrainConfig:
     device: str = "auto"
     extra: dict = field(default_factory=dict)
     # best checkpoint: the epoch record's value at this dotted path ("metrics.mean_auroc", "val_loss",
-    # "loss"; "" = none: the last epoch is kept), better when higher ("max") or lower ("min")
+    # "loss"; "" = none: the last epoch is kept), better when higher ("max") or lower ("min");
+    # further comma-separated paths break ties (:func:`rank_key`)
     monitor: str = ""
     monitor_mode: str = "min"
     early_stop: int = 0  # stop after N epochs without improvement of ``monitor`` (0 = never)
@@ -81,11 +82,11 @@ def use_monitor(cfg: TrainConfig, path: str, mode: str) -> TrainConfig:
 def selection(history: list[dict], cfg: TrainConfig) -> dict:
     """Which epoch of ``history`` a run's model holds and why: the best by ``cfg.monitor`` (reason
     "best", or "stopped early" when ``cfg.early_stop`` ended the run), else the last ("last")."""
-    best, value = None, None
+    best, value, best_key = None, None, None
     for rec in history:
-        v = monitored(rec, cfg.monitor)
-        if v is not None and (value is None or (v > value if cfg.monitor_mode == "max" else v < value)):
-            best, value = int(rec["epoch"]), v
+        key = rank_key(rec, cfg)
+        if key is not None and (best_key is None or key > best_key):
+            best, value, best_key = int(rec["epoch"]), monitored(rec, cfg.monitor.split(",")[0]), key
     last = int(history[-1]["epoch"]) if history else None
     stopped = bool(cfg.early_stop > 0 and best is not None and last is not None
                    and last - best >= cfg.early_stop and last + 1 < cfg.epochs)
@@ -99,6 +100,17 @@ def held_record(history: list[dict], cfg: TrainConfig) -> dict:
     """The epoch record of the weights a run keeps (:func:`selection`), ``{}`` without history."""
     epoch = selection(history, cfg)["epoch"]
     return next((r for r in history if r.get("epoch") == epoch), history[-1] if history else {})
+
+
+def rank_key(record: dict, cfg: TrainConfig) -> tuple[float, ...] | None:
+    """How good an epoch ``record`` is by ``cfg.monitor`` (bigger is better): the value at its first
+    path, then ties broken by its further comma-separated paths (e.g. ``metrics.loc_iou_0.3,
+    metrics.mean_auroc``; a missing one ranks last); None where the first has no value."""
+    sign = 1.0 if cfg.monitor_mode == "max" else -1.0
+    values = [monitored(record, p.strip()) for p in cfg.monitor.split(",")]
+    if values[0] is None:
+        return None
+    return tuple(-math.inf if v is None else sign * v for v in values)
 
 
 def monitored(record: dict, path: str) -> float | None:
@@ -207,6 +219,7 @@ class Trainer:
         self.val_ds = val_ds
         self.best_epoch: int | None = None
         self.best_value: float | None = None
+        self._best_key: tuple | None = None
         self._best_state: dict | None = None
         self.selection: dict = {}
         self._tb = _tensorboard_writer(self.out) if self.is_main else None
@@ -280,17 +293,20 @@ class Trainer:
     def best_path(self) -> Path:
         return self.out / "best.pt"
 
-    def _better(self, value: float) -> bool:
-        if self.best_value is None:
-            return True
-        return value > self.best_value if self.cfg.monitor_mode == "max" else value < self.best_value
+    def _take_if_better(self, rec: dict) -> bool:
+        """Make ``rec``'s epoch the best one if it ranks above it (:func:`rank_key`); whether it did."""
+        key = rank_key(rec, self.cfg)
+        if key is None or (self._best_key is not None and key <= self._best_key):
+            return False
+        self._best_key, self.best_epoch = key, int(rec["epoch"])
+        self.best_value = monitored(rec, self.cfg.monitor.split(",")[0])
+        return True
 
     def _update_best(self, epoch: int, rec: dict) -> None:
         """Keep ``epoch``'s weights (in memory and ``best.pt``) when its monitored value is the best."""
-        value = monitored(rec, self.cfg.monitor)
-        if value is None or not self._better(value):
+        if not self._take_if_better(rec):
             return
-        self.best_epoch, self.best_value = epoch, value
+        value = self.best_value
         if self.is_main:
             self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             _atomic_torch_save({"epoch": epoch, "value": value, "model": self._best_state}, self.best_path)
@@ -298,9 +314,7 @@ class Trainer:
     def _restore_best(self) -> None:
         """The best epoch of a resumed run's history (and its weights from ``best.pt``)."""
         for rec in self.history:
-            value = monitored(rec, self.cfg.monitor)
-            if value is not None and self._better(value):
-                self.best_epoch, self.best_value = int(rec["epoch"]), value
+            self._take_if_better(rec)
         if self.best_epoch is None or not self.is_main or not self.best_path.is_file():
             return
         ck = torch.load(self.best_path, map_location="cpu", weights_only=True)
