@@ -429,6 +429,19 @@ def load_entry(entry: Any) -> tuple[str, Any]:
     return "ok", study
 
 
+def watch_parent(parent: int, every: float = 1.0) -> None:
+    """In a worker: exit when the process that started it is gone (a killed run leaves no workers)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
 class Prefetcher:
     """Loads ``entries`` in order with ``workers`` processes, up to ``2 * workers`` ahead
     (``workers=0``: in this process, when asked)."""
@@ -441,7 +454,8 @@ class Prefetcher:
         if workers > 0 and entries:
             import multiprocessing
 
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=watch_parent, initargs=(os.getpid(),))
             self.ahead = 2 * workers
             self._fill()
 
