@@ -214,3 +214,33 @@ def test_torchrun_two_processes_write_the_table_of_one(models_dir, images, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert (two / "predictions.csv").read_bytes() == (one / "predictions.csv").read_bytes()
     assert sorted(p.name for p in two.iterdir()) == [f"im{i}" for i in range(6)] + ["predictions.csv"]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_restarts_where_it_stopped(models_dir, tmp_path):
+    """A real SIGKILL mid-run (decoding worker included), then the same command again."""
+    import signal
+    import time
+
+    from PIL import Image
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(src / f"s{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cxrviewer", "analyze", str(src), "--models", str(models_dir), "--out", str(out),
+           "--device", "cpu", "--no-panels", "--workers", "1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(cmd, env=env)
+    while p.poll() is None and len(list(out.glob("*/summary.json"))) < 3:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = {q.parent.name: q.stat().st_mtime_ns for q in out.glob("*/summary.json")}
+    assert 3 <= len(before) < 40 and not (out / "predictions.csv").exists()
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    after = {q.parent.name: q.stat().st_mtime_ns for q in out.glob("*/summary.json")}
+    assert len(after) == 40 and all(after[k] == v for k, v in before.items())  # the done ones untouched
+    assert len(_table(out)) == 1 + 40 * 14 and not (out / _archive.PARTIAL).exists()
