@@ -239,3 +239,16 @@ def test_every_command_takes_a_config_of_its_own_defaults(tmp_path, capsys):
             main([name, "--config", str(cfg)])
         assert exc.value.code == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_mine_writes_its_config_and_the_epoch_it_keeps(phantoms, tmp_path):
+    out = tmp_path / "am.cxrbundle"
+    assert main(["mine", "--arch", "msa", *CLASSIFY[1:], "--data", str(phantoms), "--pretrain-epochs", "1",
+                 "--epochs", "2", "--kp", "vanilla", "--out", str(out)]) == 0
+    run = tmp_path / "am.cxrbundle.run"
+    written = read_config(run / config_file_name())
+    assert written["kp"] == "vanilla" and written["pretrain_epochs"] == 1 and written["arch"] == "msa"
+    assert read_config(run / "mine" / config_file_name()) == written == read_manifest(out).provenance["config"]
+    sel = read_manifest(out).provenance["selection"]
+    aurocs = [r["metrics"]["mean_auroc"] for r in _epochs(run / "mine")]
+    assert sel["metric"] == "metrics.mean_auroc" and sel["value"] == max(aurocs) and sel["epochs_run"] == 2

@@ -89,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
     train_ds, val_ds = data.train_ds, data.val_ds
     cfg = train_config(args, kp=args.kp, lam=args.lam, erase_fraction=args.erase_fraction, erase=args.erase)
     run_dir = Path(cfg.out_dir)
+    if cfg.run_config and dist_info()[0] == 0:  # OUT.run/config.yaml as elsewhere (each phase has one too)
+        from ..config_files import write_config
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, cfg.run_config)
     if args.no_resume:
         for sub in ("pretrain", "mine"):
             (run_dir / sub / "checkpoint.pt").unlink(missing_ok=True)
