@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is not None and config is not None:
         apply_config_or_exit(subparsers[command], command, config)
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) and args.config != config:  # a form the first look missed
+        apply_config_or_exit(subparsers[args.command], args.command, args.config)
+        args = parser.parse_args(argv)
     args.argv = argv  # the command line as given (recorded by evaluate in metrics.json)
     # every option's final value: written to the run folder and the bundle's provenance.config
     args.resolved_config = resolved_config(subparsers[args.command], args)

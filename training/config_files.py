@@ -40,7 +40,7 @@ def config_path(argv: Sequence[str], commands: Sequence[str]) -> tuple[str | Non
     idx = next((i for i, a in enumerate(argv) if a in commands), None)
     if idx is None:
         return None, None
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = argparse.ArgumentParser(add_help=False)  # abbreviations as the command's parser takes them
     pre.add_argument("--config", default=None)
     ns, _ = pre.parse_known_args(argv[idx + 1:])
     return argv[idx], ns.config

@@ -65,7 +65,7 @@ def test_json_config_with_dashes_flags_override_and_required_from_file(phantoms,
     cfg.write_text(json.dumps({"arch-kwargs": {"backbone": "tiny"}, "size": SIZE, "device": "cpu", "seed": 3,
                                "batch-size": 8, "epochs": 1, "lr": "3e-3", "no_augment": True,
                                "data": str(phantoms), "out": str(out)}))
-    assert main(["classify", "--config", str(cfg), "--epochs", "2"]) == 0  # --out comes from the file
+    assert main(["classify", "--conf=" + str(cfg), "--epochs", "2"]) == 0  # --out comes from the file
     prov = read_manifest(out).provenance
     assert prov["config"]["epochs"] == 2 and prov["config"]["lr"] == 0.003 and prov["config"]["no_augment"] is True
     assert prov["config"]["arch_kwargs"] == '{"backbone": "tiny"}'  # a mapping becomes the option's JSON
