@@ -291,6 +291,7 @@ class Trainer:
     # -- best epoch and early stopping -------------------------------------------
     @property
     def best_path(self) -> Path:
+        """``best.pt`` of the run folder: the best epoch's weights (``epoch``, ``value``, ``model``)."""
         return self.out / "best.pt"
 
     def _take_if_better(self, rec: dict) -> bool:
@@ -485,6 +486,7 @@ def _tensorboard_scalars(writer, record: dict) -> None:
         return
 
     def scalars(prefix: str, d: dict):
+        """(tag, number) of the finite numbers of ``d``, nested dicts as tag folders."""
         for k, v in d.items():
             if isinstance(v, dict):
                 yield from scalars(f"{prefix}{k}/", v)
