@@ -285,15 +285,26 @@ def _umask() -> int:
     return mask
 
 
-def place_study(tmp: Path, target: Path) -> None:
-    """Move the finished folder ``tmp`` to ``target``, replacing an earlier analysis there."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{target.name}+old", dir=tmp.parent))
-        os.rename(target, old / "x")
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def place_study(tmp: Path, target: Path, tries: int = 3) -> None:
+    """Move the finished folder ``tmp`` to ``target``, replacing an earlier analysis there (and
+    one another run placed there meanwhile: the last writer wins)."""
+    for attempt in range(tries):
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{target.name}+old", dir=tmp.parent))
+            try:
+                os.rename(target, old / "x")
+            except FileNotFoundError:  # moved away by another run meanwhile
+                pass
+        try:
+            os.rename(tmp, target)
+            return
+        except OSError:
+            if attempt == tries - 1 or not target.exists():
+                raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def clean_partial(out: Path) -> None:
@@ -387,6 +398,7 @@ class Shard:
             # nccl needs a GPU per process on a node; more processes than GPUs share them over gloo
             backend = "nccl" if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= gpus else "gloo"
         dist.init_process_group(backend, timeout=timedelta(days=7))  # ranks wait for the slowest shard
+        watch_parent(os.getppid())  # torchrun killed (SIGKILL reaches only it): its ranks stop too
         return cls(rank, world, local, backend)
 
     def mine(self, n: int) -> list[int]:
