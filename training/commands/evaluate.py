@@ -298,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
                    "seed": None if args.fold == -1 else args.seed, "map_size": pipeline.map_max_side,
                    "device": str(pipeline.device), **ref["json"],
                    "command": "cxr-train " + shlex.join(getattr(args, "argv", None) or sys.argv[1:]),
+                   "config": dict(getattr(args, "resolved_config", None) or {}),  # (--config reproduces it)
                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     names = ", ".join(b.path.name for b in pipeline.bundles.values())
     j, m = write_report(result, args.out, title=f"{names} on {args.data} (fold {args.fold})")
