@@ -28,7 +28,7 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
     rc = main(["analyze", str(rg1_uncr), "--models", str(models_dir), "--out", str(out),
                "--device", "cpu", "--map-size", "128"])
     assert rc == 0
-    dirs = list(out.iterdir())
+    dirs = [p for p in out.iterdir() if p.name != "predictions.csv"]  # the combined table beside them
     assert [p.name for p in dirs] == [rg1_uncr.stem]  # named after the file, not the pixel hash
     d = dirs[0]
     assert sorted(p.name for p in d.iterdir()) == ["panels.png", "results.h5", "summary.json"]
@@ -81,7 +81,7 @@ def test_bad_input_reported_and_others_continue(models_dir, rg1_uncr, tmp_path, 
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.dcm" in err[0]
-    (d,) = out.iterdir()
+    (d,) = (p for p in out.iterdir() if p.is_dir())
     assert d.name == rg1_uncr.stem
     assert sorted(p.name for p in d.iterdir()) == ["results.h5", "summary.json"]
     assert "Nodule" in read_results(d / "results.h5").get("attention_mining", "steps")
@@ -98,13 +98,13 @@ def test_same_stem_gets_suffix_and_a_rerun_reuses_its_folder(models_dir, rg1_unc
     (out / "chest" / "notes.txt").write_text("mine")
     args = ["--models", str(models_dir), "--out", str(out), "--device", "cpu", "--map-size", "64", "--no-panels"]
     assert main(["analyze", str(first), str(second), *args]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["chest", "chest-2", "chest-3"]
+    assert sorted(p.name for p in out.iterdir()) == ["chest", "chest-2", "chest-3", "predictions.csv"]
     assert [p.name for p in (out / "chest").iterdir()] == ["notes.txt"]
     src = {n: json.loads((out / n / "summary.json").read_text())["source_path"] for n in ("chest-2", "chest-3")}
     assert src == {"chest-2": os.path.abspath(first), "chest-3": os.path.abspath(second)}
     # a rerun of the second file alone reuses its own folder
     assert main(["analyze", str(second), *args]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["chest", "chest-2", "chest-3"]
+    assert sorted(p.name for p in out.iterdir()) == ["chest", "chest-2", "chest-3", "predictions.csv"]
     capsys.readouterr()
 
 
