@@ -175,18 +175,7 @@ class MainWindow(QMainWindow):
         lay.addWidget(self.grid, 1)
         self.setCentralWidget(central)
 
-        self.study_list = StudyList(self.state, self)
-        self.filter_box = QLineEdit(self)
-        self.filter_box.setPlaceholderText("Filter studies (name, label, finding)…")
-        self.filter_box.setClearButtonEnabled(True)
-        self.filter_box.textChanged.connect(self.study_list.set_filter)
-        self.study_dock = self._dock("Studies", self.study_list, Qt.DockWidgetArea.LeftDockWidgetArea)
-        title = QWidget(self.study_dock)  # the filter box lives in the dock's title bar
-        tlay = QHBoxLayout(title)
-        tlay.setContentsMargins(4, 2, 2, 2)
-        tlay.addWidget(QLabel("<b>Studies</b>"))
-        tlay.addWidget(self.filter_box, 1)
-        self.study_dock.setTitleBarWidget(title)
+        self._make_study_dock()
         self.findings = FindingsPanel(self)
         self.findings_dock = self._dock("Findings", self.findings, Qt.DockWidgetArea.RightDockWidgetArea)
         self.model_picker = ModelPicker(self)
@@ -229,6 +218,21 @@ class MainWindow(QMainWindow):
         dock.setWidget(widget)
         self.addDockWidget(area, dock)
         return dock
+
+    def _make_study_dock(self) -> None:
+        """The studies list in a dock whose title bar holds the filter box."""
+        self.study_list = StudyList(self.state, self)
+        self.filter_box = QLineEdit(self)
+        self.filter_box.setPlaceholderText("Filter studies (name, label, finding)…")
+        self.filter_box.setClearButtonEnabled(True)
+        self.filter_box.textChanged.connect(self.study_list.set_filter)
+        self.study_dock = self._dock("Studies", self.study_list, Qt.DockWidgetArea.LeftDockWidgetArea)
+        title = QWidget(self.study_dock)
+        tlay = QHBoxLayout(title)
+        tlay.setContentsMargins(4, 2, 2, 2)
+        tlay.addWidget(QLabel("<b>Studies</b>"))
+        tlay.addWidget(self.filter_box, 1)
+        self.study_dock.setTitleBarWidget(title)
 
     def _make_status_bar(self) -> None:
         """Fields that never overlap: cursor, W/L and zoom keep their width; stage times and device
