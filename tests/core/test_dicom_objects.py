@@ -413,3 +413,32 @@ def test_hostile_files_give_one_line_errors(rg1_export, tmp_path):
     ds.save_as(tmp_path / "odd.dcm")
     got = read_boxes(tmp_path / "odd.dcm")
     assert got.skipped == 2 and len(got.boxes) == 1
+
+
+def test_seg_of_the_bundled_segmentation_on_rg1(rg1_export):
+    """The issue's case: the shipped lung/heart U-Net run on RG1 through the app's pipeline, its mask
+    stack written as a binary SEG beside the project's SR, read back equal to the masks."""
+    from cxrviewer.core.bundle import default_models_dir, load_bundle
+    from cxrviewer.core.dicom_objects import binary_segmentation, segments_from_stack, study_source, write_dataset
+    from cxrviewer.core.pipeline import Pipeline
+
+    seg_bundle = default_models_dir() / "segmentation.cxrbundle"
+    if not seg_bundle.is_dir():
+        pytest.skip("the bundled segmentation model is not in resources/models")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    study = load_study(_rg1())
+    res = Pipeline({"segmentation": load_bundle(seg_bundle)}, device="cpu").run(study)
+    assert any("no classifier" in n for n in res.notices)  # (the anatomy localiser has no class to place)
+    stack, names = res.get("segmentation", "masks"), res.attrs["segmentation"]["classes"]
+    shape = tuple(int(v) for v in study.stored.shape[:2])
+    masks = segments_from_stack(np.asarray(stack), names, shape)
+    assert all(m.any() for m in masks.values()), "the U-Net found no lung/heart on RG1"
+    path = rg1_export["files"]["seg"].parent / "unet_seg.dcm"
+    write_dataset(binary_segmentation(study_source(rg1_export["store"], rg1_export["sid"]), masks,
+                                      algorithm="segmentation.cxrbundle"), path)
+    back = read_segmentation(path)
+    assert list(back) == list(names) and all(np.array_equal(back[k], masks[k]) for k in masks)
+    ds = pydicom.dcmread(path)
+    assert ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+        pydicom.dcmread(_rg1(), stop_before_pixels=True).SOPInstanceUID

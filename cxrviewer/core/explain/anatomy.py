@@ -270,6 +270,10 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
             ctx.results.notices.append("anatomy-guided localisation: no localiser model "
                                        f"({source}); evidence only, no boxes")
             return ExplainerOutput({}, {"source": None, **ev})
+        if not ctx.results.classes:  # no classifier loaded: no class to place a box for
+            ctx.results.notices.append("anatomy-guided localisation: no classifier, so no classes; "
+                                       "evidence only, no boxes")
+            return ExplainerOutput({}, {"source": source, **ev})
         return self._localise(ctx, model, source, masks, anchors, ev)
 
     @staticmethod
