@@ -793,7 +793,8 @@ class MainWindow(QMainWindow):
         self.wl_label.setText(f"C {_num(centre)} W {_num(width)}{preset}{inv}")
 
     def _update_zoom_label(self, zoom: float) -> None:
-        self.zoom_label.setText(f"Zoom {zoom * 100:.0f}%")
+        # (without a study the view's scale means nothing: 4794% was shown for an empty panel)
+        self.zoom_label.setText("Zoom –" if self.state.study is None else f"Zoom {zoom * 100:.0f}%")
 
     def _update_cursor_label(self, x: float, y: float, value: float) -> None:
         if value != value:  # NaN: outside the image

@@ -165,6 +165,9 @@ def test_window_has_menus_docks_and_status_bar(win):
     assert vb.state["aspectLocked"] and vb.state["yInverted"]
     assert vb.state["autoRange"] == [False, False]
     assert win.runner.pool.maxThreadCount() == 1
+    assert win.state.study is None  # no study: no made-up zoom (an empty view's scale is meaningless)
+    win.panel.view.scaleBy((0.5, 0.5))
+    assert win.zoom_label.text() == "Zoom –"
 
 
 def test_gt_boxes_drawn_and_toggled(qtbot, win):
@@ -202,7 +205,7 @@ def test_keys_navigate_and_invert(qtbot, win, fake_io):
     z0 = win.panel.zoom_level()
     qtbot.keyClick(win.panel, Qt.Key.Key_Plus)
     assert win.panel.zoom_level() > z0 * 1.1
-    assert "Zoom" in win.zoom_label.text()
+    assert win.zoom_label.text() == f"Zoom {win.panel.zoom_level() * 100:.0f}%"
     qtbot.keyClick(win.panel, Qt.Key.Key_Space)
     assert not win.state.invert
     assert win.panel.zoom_level() == pytest.approx(z0, rel=1e-3)
