@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .classes import ALIASES, CLASSES
@@ -69,14 +70,16 @@ class LabelSet:
     def display_name(self) -> str:
         return self.title or self.name
 
+    @cached_property
     def _lookup(self) -> dict[str, str]:
+        """Normalised name -> label, built once per set (canonical() runs per box and per class)."""
         table = {normalise(a): t for a, t in self.synonyms.items()}
         table.update({normalise(lab): lab for lab in self.labels})  # a label always names itself
         return table
 
     def canonical(self, name: str) -> str | None:
         """The set's label for ``name`` (itself, by normalised spelling, or a synonym); None if unknown."""
-        return self._lookup().get(normalise(name))
+        return self._lookup.get(normalise(name))
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.canonical(name) is not None
