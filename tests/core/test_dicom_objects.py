@@ -440,5 +440,7 @@ def test_seg_of_the_bundled_segmentation_on_rg1(rg1_export):
     back = read_segmentation(path)
     assert list(back) == list(names) and all(np.array_equal(back[k], masks[k]) for k in masks)
     ds = pydicom.dcmread(path)
+    kinds = [seg.SegmentedPropertyTypeCodeSequence[0].CodeValue for seg in ds.SegmentSequence]
+    assert kinds == ["39607008", "39607008", "80891009"]  # SNOMED CT lung, lung, heart (from left_lung, ...)
     assert ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
         pydicom.dcmread(_rg1(), stop_before_pixels=True).SOPInstanceUID

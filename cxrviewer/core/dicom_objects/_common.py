@@ -14,6 +14,7 @@ from pydicom.sr.coding import Code
 
 from ..annotations.export import atomic_write
 from ..errors import ExportError
+from ..labelsets import NIH14, normalise
 
 #: Manufacturer written into every object (Equipment module).
 MANUFACTURER = "cxrviewer"
@@ -78,11 +79,24 @@ SCORE = private_code("SCORE", "Model score")
 NO_UNITS = Code("1", "UCUM", "no units")
 
 
+#: the two tables by :func:`cxrviewer.core.labelsets.normalise`d name (case, ``_``/``-``/spaces
+#: not told apart: a segmentation bundle's ``left_lung`` is "left lung")
+_SCT_BY_NAME = {normalise(k): v for k, v in SCT_FINDINGS.items()}
+_ANATOMY_BY_NAME = {normalise(k): v for k, v in ANATOMY.items()}
+
+
+def anatomy_code(name: str) -> Code | None:
+    """The SNOMED CT code of an anatomical structure a mask names (None if not one of :data:`ANATOMY`)."""
+    return _ANATOMY_BY_NAME.get(normalise(name))
+
+
 def finding_code(label: str) -> Code:
-    """The coded finding of a class: SNOMED CT where one exists, else ``99CXRV`` with the class
-    name as the meaning (code value: ``F`` + 12 hex digits of the name's SHA-1, stable)."""
-    if label in SCT_FINDINGS:
-        return SCT_FINDINGS[label]
+    """The coded finding of a class: SNOMED CT where one exists (any spelling or NIH synonym of a
+    :data:`SCT_FINDINGS` name), else ``99CXRV`` with the class name as the meaning (code value:
+    ``F`` + 12 hex digits of the name's SHA-1, stable)."""
+    code = _SCT_BY_NAME.get(normalise(label)) or _SCT_BY_NAME.get(normalise(NIH14.canonical(label) or ""))
+    if code is not None:
+        return code
     digest = hashlib.sha1(label.encode("utf-8")).hexdigest()[:12].upper()
     return private_code("F" + digest, label[:64])
 

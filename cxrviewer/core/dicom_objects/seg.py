@@ -19,8 +19,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from ._common import (
-    ANATOMY, DEVICE_SERIAL, MANUFACTURER, MODEL_NAME, SERIES_NUMBERS, SOFTWARE_VERSION,
-    DicomObjectError, SourceImage, finding_code, mark_private_scheme,
+    DEVICE_SERIAL, MANUFACTURER, MODEL_NAME, SERIES_NUMBERS, SOFTWARE_VERSION,
+    DicomObjectError, SourceImage, anatomy_code, finding_code, mark_private_scheme,
 )
 
 
@@ -55,7 +55,7 @@ def segments_from_stack(stack: np.ndarray, names: Sequence[str], shape: tuple[in
 
 
 def _description(number: int, name: str, algorithm: str | None) -> hd.seg.SegmentDescription:
-    anatomy = ANATOMY.get(name.strip().lower())
+    anatomy = anatomy_code(name)
     category = codes.SCT.AnatomicalStructure if anatomy else codes.SCT.MorphologicallyAbnormalStructure
     kind = anatomy or finding_code(name)
     algo = None
