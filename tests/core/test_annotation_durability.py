@@ -79,3 +79,22 @@ def test_close_flushes_and_edits_survive(tmp_path: Path) -> None:
 def test_default_store_stays_full(tmp_path: Path) -> None:
     with AnnotationStore(tmp_path / "f.cxrann") as s:
         assert s._pragma("synchronous") == 2 and s.on_commit is None
+
+
+def test_folders_are_not_opened_for_fsync_outside_posix(tmp_path, monkeypatch):
+    """Windows cannot open a folder (PermissionError): the store's sync must not report that as a
+    failed save on every edit."""
+    from cxrviewer.core.annotations import durability
+
+    opened: list[str] = []
+    real_open = durability.os.open
+    monkeypatch.setattr(durability, "FSYNC_FOLDERS", False)  # what Windows gets
+    monkeypatch.setattr(durability.os, "open", lambda p, *a: (opened.append(str(p)), real_open(p, *a))[1])
+    db = tmp_path / "p.cxrann"
+    db.write_bytes(b"x")
+    durability.fsync_store(db)
+    assert str(db) in opened and str(tmp_path) not in opened  # the files, never the folder
+    monkeypatch.setattr(durability, "FSYNC_FOLDERS", True)  # POSIX: the folder too
+    opened.clear()
+    durability.fsync_store(db)
+    assert str(tmp_path) in opened

@@ -21,8 +21,15 @@ DurableFn = Callable[[int], None]
 ErrorFn = Callable[[int, BaseException], None]
 
 
+#: folders can be opened and fsynced (POSIX); Windows cannot open one (PermissionError)
+FSYNC_FOLDERS = os.name == "posix"
+
+
 def _fsync_path(path: Path, *, directory: bool = False) -> None:
-    """fsync one file (or folder) by path; a missing file has nothing to sync."""
+    """fsync one file (or folder) by path; a missing file has nothing to sync. Folders are
+    fsynced on POSIX only (Windows cannot open one, and NTFS orders the metadata itself)."""
+    if directory and not FSYNC_FOLDERS:
+        return
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
