@@ -7,14 +7,24 @@ Steps (each printed with its time; a build report goes to ``dist/<variant>/build
 1. **Build venv** ``build/venv-<variant>`` (PyInstaller never goes into the
    development venv). Made once and reused:
 
-   * ``cpu``: a CPU-only torch wheel (``--torch`` / ``--torchvision`` specs;
-     defaults to the ``+cpu`` wheel pinned below, found through pip's
-     find-links or ``--pip-arg --index-url=https://download.pytorch.org/whl/cpu``)
-     plus the runtime requirements pinned to what the dev venv has, so no CUDA
-     library is even installed;
-   * ``cuda``: with ``--reuse-venv DEV_VENV`` a venv with only PyInstaller and a
-     ``.pth`` file pointing at the dev venv's site-packages (no 3 GB download);
-     without it, the default (CUDA) torch wheel from PyPI.
+   Every requirement comes from the one lock, ``packaging/constraints.txt`` (what the
+   README install, CI and the tests use): each runtime dependency of ``pyproject.toml``
+   plus PyInstaller, pinned to the lock's version and installed with ``-c`` the lock, so
+   transitive dependencies are the locked ones too. Only the torch wheel's local variant
+   may differ:
+
+   * ``cpu`` on Linux: ``torch==X+cpu`` / ``torchvision==Y+cpu`` of the locked release
+     (from https://download.pytorch.org/whl/cpu, added as an extra index, or pip's
+     find-links); where that cannot be reached, the lock's ``# cpu-fallback:`` pair
+     (recorded as ``torch_pair: fallback`` in the report). No CUDA library is installed.
+     On Windows/macOS PyPI's wheels are CPU-only: the locked ones as they are.
+   * ``cuda``: the locked (CUDA) wheels from PyPI; or with ``--reuse-venv DEV_VENV`` a
+     venv with only PyInstaller and a ``.pth`` file pointing at the dev venv's
+     site-packages (no 3 GB download; the dev venv is made from the same lock).
+
+   The venv is reused while its marker names the same requirements. The versions
+   installed are written to the report (``installed``) and checked against the lock;
+   a mismatch (or the excluded PySide6 6.12.0) stops the build.
 
 2. **PyInstaller** on ``packaging/cxrviewer.spec`` -> ``dist/<variant>/cxrviewer/``.
 3. **Licences**: ``packaging/licenses.py`` writes ``THIRD_PARTY_LICENSES`` into
@@ -31,29 +41,99 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 IS_WIN = sys.platform == "win32"
 
-PYINSTALLER = ["pyinstaller==6.22.3", "pyinstaller-hooks-contrib==2026.9"]
-#: torch/torchvision for the CPU variant (a matching pair without CUDA code). On Linux PyPI's
-#: wheels are CUDA builds, so the +cpu wheel comes from pip's find-links (/opt/wheels here) or
-#: from ``--pip-arg=--extra-index-url=https://download.pytorch.org/whl/cpu``; on Windows and
-#: macOS PyPI's own wheels are CPU-only.
-if sys.platform.startswith("linux"):
-    CPU_TORCH, CPU_TORCHVISION = "torch==2.13.0+cpu", "torchvision==0.28.0"
-else:
-    CPU_TORCH, CPU_TORCHVISION = "torch==2.14.1", "torchvision==0.29.1"
-#: Runtime requirements other than torch (pyproject.toml), pinned to the tested versions.
-RUNTIME = ["numpy==2.4.6", "pydicom==3.0.2", "pylibjpeg==2.1.0", "pylibjpeg-openjpeg==2.6.0",
-           "python-gdcm==3.2.6", "PySide6-Essentials==6.12.0", "pyqtgraph==0.14.0", "pillow==13.0.0",
-           "scikit-image==0.26.0", "scipy==1.17.1", "h5py==3.16.0"]
+LOCK = REPO / "packaging" / "constraints.txt"
+PYPROJECT = REPO / "pyproject.toml"
+#: Build-only distributions, pinned in the lock like the runtime ones.
+BUILD_ONLY = ("pyinstaller", "pyinstaller-hooks-contrib")
+#: Where the cpu variant's "+cpu" torch wheels live (Linux; PyPI's Linux wheels are CUDA builds).
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+FALLBACK_TAG = "# cpu-fallback:"
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalised distribution name ("PySide6_Essentials" -> "pyside6-essentials")."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(req: str) -> str:
+    """The distribution name at the start of a requirement string ("torch>=2.10; ..." -> "torch")."""
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+    if not m:
+        raise ValueError(f"not a requirement: {req!r}")
+    return canonical(m.group(1))
+
+
+def read_lock(path: Path = LOCK) -> dict[str, str]:
+    """The lock's ``name==version`` pins, by canonical name (comments and blanks skipped)."""
+    pins: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;]+)", line)
+        if not m:
+            raise ValueError(f"{path.name}: not an exact pin: {line!r}")
+        pins[canonical(m.group(1))] = m.group(2)
+    return pins
+
+
+def read_fallback(path: Path = LOCK) -> list[str]:
+    """The lock's ``# cpu-fallback:`` torch/torchvision pair (empty when there is none)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith(FALLBACK_TAG):
+            return line[len(FALLBACK_TAG):].split()
+    return []
+
+
+def runtime_names(pyproject: Path = PYPROJECT) -> list[str]:
+    """Canonical names of pyproject.toml's [project].dependencies (what the frozen app needs)."""
+    with open(pyproject, "rb") as fh:
+        deps = tomllib.load(fh)["project"]["dependencies"]
+    return [requirement_name(d) for d in deps]
+
+
+def torch_local(variant: str, platform_name: str = sys.platform) -> str:
+    """The torch wheel's local version label for a variant ("+cpu" for cpu on Linux, else "")."""
+    return "+cpu" if variant == "cpu" and platform_name.startswith("linux") else ""
+
+
+def build_requirements(variant: str, platform_name: str = sys.platform, lock: Path = LOCK,
+                       pyproject: Path = PYPROJECT) -> list[str]:
+    """Everything the build venv installs, each pinned to the lock (torch's local label aside)."""
+    pins = read_lock(lock)
+    names = list(dict.fromkeys(runtime_names(pyproject) + list(BUILD_ONLY)))
+    missing = [n for n in names if n not in pins]
+    if missing:
+        raise SystemExit(f"{lock.name} has no pin for {', '.join(missing)} (pyproject runtime/build dependency)")
+    local = torch_local(variant, platform_name)
+    return [f"{n}=={pins[n]}{local if n in ('torch', 'torchvision') else ''}" for n in names]
+
+
+def with_torch_pair(reqs: list[str], pair: list[str]) -> list[str]:
+    """``reqs`` with its torch and torchvision requirements replaced by ``pair``."""
+    by_name = {requirement_name(r): r for r in pair}
+    return [by_name.get(requirement_name(r), r) for r in reqs]
+
+
+def fallback_constraints(pair: list[str], dest: Path, lock: Path = LOCK) -> Path:
+    """A copy of the lock with its torch/torchvision pins replaced by ``pair`` (for pip's -c)."""
+    names = {requirement_name(r) for r in pair}
+    lines = [ln for ln in lock.read_text(encoding="utf-8").splitlines()
+             if not (ln.split("#", 1)[0].strip() and requirement_name(ln) in names)]
+    dest.write_text("\n".join(lines + pair) + "\n", encoding="utf-8")
+    return dest
 
 
 def log(msg: str) -> None:
@@ -75,30 +155,100 @@ def run(cmd: list[str], **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def ensure_venv(args: argparse.Namespace) -> Path:
+def pip_install(py: Path, args: argparse.Namespace, reqs: list[str], constraints: Path,
+                extra: list[str] = ()) -> bool:
+    """pip install ``reqs`` under ``constraints`` into the build venv; False when pip fails."""
+    cmd = [py, "-m", "pip", "install", "--disable-pip-version-check", "-c", constraints, *extra, *args.pip_arg,
+           *reqs]
+    log("$ " + " ".join(str(c) for c in cmd))
+    return subprocess.run([str(c) for c in cmd]).returncode == 0
+
+
+def install_runtime(py: Path, args: argparse.Namespace, reqs: list[str]) -> str:
+    """Install the locked requirements; returns where the torch pair came from (lock/fallback/option)."""
+    if args.torch or args.torchvision:  # an explicit pair (e.g. a CUDA index on Windows): not the lock's
+        pair = [r for r in (args.torch, args.torchvision) if r]
+        with tempfile.TemporaryDirectory() as td:
+            cons = fallback_constraints(pair, Path(td) / "constraints.txt")
+            if not pip_install(py, args, with_torch_pair(reqs, pair), cons):
+                raise SystemExit("pip could not install the requirements")
+        return "option"
+    local = torch_local(args.variant)
+    index = ["--extra-index-url", TORCH_CPU_INDEX] if local and not args.no_torch_index else []
+    if pip_install(py, args, reqs, LOCK, index):
+        return "lock"
+    pair = read_fallback()
+    if not (local and pair):
+        raise SystemExit("pip could not install the locked requirements (see above)")
+    log(f"the locked torch release with {local} is not reachable; using the lock's cpu-fallback {pair}")
+    with tempfile.TemporaryDirectory() as td:
+        cons = fallback_constraints(pair, Path(td) / "constraints.txt")
+        if not pip_install(py, args, with_torch_pair(reqs, pair), cons):
+            raise SystemExit("pip could not install the cpu-fallback requirements either (see above)")
+    return "fallback"
+
+
+def ensure_venv(args: argparse.Namespace) -> tuple[Path, str]:
+    """The build venv (made from the lock, or reused when its marker names the same requirements)."""
     venv = Path(args.venv) if args.venv else REPO / "build" / f"venv-{args.variant}"
     py = venv_python(venv)
     marker = venv / ".cxrviewer-build-ok"
+    pins = read_lock()
+    reqs = ([f"{n}=={pins[n]}" for n in BUILD_ONLY] if args.reuse_venv
+            else build_requirements(args.variant))
+    wanted = {"requirements": reqs, "torch": args.torch, "torchvision": args.torchvision,
+              "reuse_venv": args.reuse_venv}
     if marker.is_file() and not args.recreate_venv:
-        log(f"reusing build venv {venv}")
-        return py
+        try:
+            have = json.loads(marker.read_text(encoding="utf-8"))
+        except ValueError:
+            have = {}
+        if {k: have.get(k) for k in wanted} == wanted:
+            log(f"reusing build venv {venv} (same locked requirements)")
+            return py, have.get("torch_pair", "lock")
+        log(f"build venv {venv} was made from other requirements: making it again")
     if venv.exists():
         shutil.rmtree(venv)
     base = getattr(sys, "_base_executable", None) or sys.executable
     run([base, "-m", "venv", venv])
-    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", *args.pip_arg]
     if args.reuse_venv:
         dev_py = venv_python(Path(args.reuse_venv).resolve())
         dev_site = site_packages(dev_py)
-        run([*pip, *PYINSTALLER])
+        if not pip_install(py, args, reqs, LOCK):
+            raise SystemExit("pip could not install PyInstaller")
         (site_packages(py) / "cxrviewer_dev_venv.pth").write_text(str(dev_site) + "\n", encoding="utf-8")
         log(f"build venv sees the packages of {dev_site}")
+        source = "reused dev venv"
     else:
-        torch = args.torch or (CPU_TORCH if args.variant == "cpu" else "torch")
-        vision = args.torchvision or (CPU_TORCHVISION if args.variant == "cpu" else "torchvision")
-        run([*pip, torch, vision, *RUNTIME, *PYINSTALLER])
-    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"), encoding="utf-8")
-    return py
+        source = install_runtime(py, args, reqs)
+    marker.write_text(json.dumps({**wanted, "torch_pair": source,
+                                  "made": time.strftime("%Y-%m-%dT%H:%M:%S")}), encoding="utf-8")
+    return py, source
+
+
+def installed_versions(py: Path) -> dict[str, str]:
+    """Canonical name -> version of every distribution the build venv's Python sees."""
+    code = ("import json; from importlib import metadata; "
+            "print(json.dumps({d.metadata['Name']: d.version for d in metadata.distributions()}))")
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    return {canonical(k): v for k, v in sorted(json.loads(out.stdout.strip().splitlines()[-1]).items())}
+
+
+def lock_mismatches(installed: dict[str, str], pins: dict[str, str], torch_pair: list[str] = ()) -> list[str]:
+    """Installed distributions whose version (local label aside) is not the lock's (or the given pair's)."""
+    expected = dict(pins)
+    for req in torch_pair:
+        name, _, version = req.partition("==")
+        expected[canonical(name)] = version
+    bad = []
+    for name, want in sorted(expected.items()):
+        have = installed.get(name)
+        if have is not None and have.split("+")[0] != want.split("+")[0]:
+            bad.append(f"{name} {have} (lock: {want})")
+    if installed.get("pyside6-essentials") == "6.12.0":
+        bad.append("pyside6-essentials 6.12.0 is excluded (pyproject.toml)")
+    return bad
 
 
 def check_variant(py: Path, variant: str) -> dict:
@@ -122,6 +272,22 @@ def folder_size(p: Path) -> int:
             if not os.path.islink(fp):
                 total += os.path.getsize(fp)
     return total
+
+
+def component_sizes(bundle: Path, top: int = 25) -> dict[str, int]:
+    """Bytes per top-level entry of the bundle's ``_internal`` (torch, PySide6, ...), largest first."""
+    inner = bundle / "_internal"
+    sizes: dict[str, int] = {}
+    if inner.is_dir():
+        for entry in inner.iterdir():
+            if entry.is_symlink():
+                continue
+            sizes[entry.name] = folder_size(entry) if entry.is_dir() else entry.stat().st_size
+    ranked = sorted(sizes.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[:top])
+    if len(ranked) > top:
+        out["(other)"] = sum(v for _k, v in ranked[top:])
+    return out
 
 
 def clean_env() -> dict[str, str]:
@@ -180,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse-venv", default=None, metavar="DEV_VENV",
                    help="let the build venv see this venv's packages (.pth) instead of installing them")
     p.add_argument("--recreate-venv", action="store_true", help="make the build venv again")
-    p.add_argument("--torch", default=None, help=f"torch requirement (cpu default {CPU_TORCH})")
-    p.add_argument("--torchvision", default=None, help=f"torchvision requirement (cpu default {CPU_TORCHVISION})")
+    p.add_argument("--torch", default=None,
+                   help="torch requirement instead of the lock's (not the tested stack; recorded in the report)")
+    p.add_argument("--torchvision", default=None, help="torchvision requirement instead of the lock's")
+    p.add_argument("--no-torch-index", action="store_true",
+                   help=f"do not add {TORCH_CPU_INDEX} for the cpu variant's +cpu wheels (Linux)")
     p.add_argument("--pip-arg", action="append", default=[], help="extra pip argument (repeatable)")
     p.add_argument("--dist", default=None, help="output folder (default dist/VARIANT)")
     p.add_argument("--clean", action="store_true", help="empty PyInstaller's cache first")
@@ -192,8 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     report: dict = {"variant": args.variant, "platform": platform.platform(), "python": platform.python_version(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    py = ensure_venv(args)
+    py, source = ensure_venv(args)
     report["torch"] = check_variant(py, args.variant)
+    report["torch_pair"] = source
+    report["installed"] = installed_versions(py)
+    pair = read_fallback() if source == "fallback" else []
+    if source != "option":
+        bad = lock_mismatches(report["installed"], read_lock(), pair)
+        if bad:
+            raise SystemExit("the build venv is not the locked stack: " + "; ".join(bad))
+    log("stack: " + ", ".join(f"{n} {report['installed'].get(n)}" for n in
+                              ("torch", "torchvision", "pyside6-essentials", "numpy", "pydicom", "highdicom")))
     report["venv_seconds"] = round(time.perf_counter() - t_start, 1)
 
     dist = Path(args.dist) if args.dist else REPO / "dist" / args.variant
@@ -208,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     report["bundle"] = str(bundle)
     report["bundle_bytes"] = folder_size(bundle)
     report["bundle_files"] = sum(len(f) for _r, _d, f in os.walk(bundle))
-    log(f"bundle {bundle}: {report['bundle_bytes'] / 2**20:.0f} MiB in {report['bundle_files']} files")
+    report["components_bytes"] = component_sizes(bundle)
+    log(f"bundle {bundle}: {report['bundle_bytes'] / 2**20:.0f} MiB in {report['bundle_files']} files; largest: "
+        + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in list(report["components_bytes"].items())[:6]))
 
     rc = 0
     if not args.skip_licences:
