@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_init_weights_argument(p, "Reused: the backbone; the head too when the bundle has the same architecture "
                                  "(or is cam_classifier and --arch dm) and the same classes as the data")
     add_data_arguments(p, labels=True)
-    add_train_arguments(p)
+    add_train_arguments(p, auto_workers=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -52,8 +52,12 @@ def add_data_arguments(p: argparse.ArgumentParser, *, labels: bool = False) -> N
 
 
 def add_train_arguments(p: argparse.ArgumentParser, *, epochs: int = 5, batch_size: int = 16,
-                        lr: float = 1e-4, optimizer: str = "adam") -> None:
-    """The training-loop options (epochs, optimiser, device, checkpoints, output bundle)."""
+                        lr: float = 1e-4, optimizer: str = "adam", auto_workers: bool = False) -> None:
+    """The training-loop options (epochs, optimiser, device, checkpoints, output bundle).
+    ``auto_workers``: ``--workers`` defaults to :func:`~training.data.loader.default_workers`
+    (a command whose data path gives the same batches with any number of workers), else to 0."""
+    from ..data.loader import default_workers
+
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
     g.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (per GPU)")
@@ -63,7 +67,14 @@ def add_train_arguments(p: argparse.ArgumentParser, *, epochs: int = 5, batch_si
     g.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
     g.add_argument("--lr-step-epochs", type=int, default=0, help="divide the lr by 10 every N epochs (0 = never)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the split, the augmentation and the weights")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0 = load in the main process)")
+    if auto_workers:
+        g.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="DataLoader worker processes reading the images (0 = load in the main process; "
+                            f"default: half the CPU cores, at most 4 on Linux, 2 on Windows/macOS: {default_workers()} "
+                            "here); the batches and the weights are the same with any number")
+    else:
+        g.add_argument("--workers", type=int, default=0,
+                       help="DataLoader worker processes (0 = load in the main process)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to train (auto: the GPU when there is one)")
     g.add_argument("--run-dir", default=None,
@@ -81,10 +92,20 @@ def train_config(args: argparse.Namespace, **extra) -> TrainConfig:
     written to the run folder as config.yaml)."""
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, lr_step_epochs=args.lr_step_epochs, seed=args.seed,
-                       num_workers=args.workers, device=args.device,
+                       num_workers=_workers(args), device=args.device,
                        out_dir=args.run_dir or (str(args.out).rstrip("/") + ".run"), extra=extra,
                        early_stop=getattr(args, "early_stop", 0) or 0,
                        run_config=dict(getattr(args, "resolved_config", None) or {}))
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """``--workers`` resolved (None: the platform's default); a negative count exits with one line."""
+    from ..data.loader import resolve_workers
+
+    try:
+        return resolve_workers(getattr(args, "workers", 0))
+    except ValueError as err:
+        raise SystemExit(f"cxr-train: {err}") from None
 
 
 def command_line() -> str:

@@ -207,6 +207,7 @@ class CachedDataset(_AugmentedBase):
             self._boxes.setdefault(int(row[0]), []).append(
                 Box(self.classes[int(row[1])], float(row[2]), float(row[3]), float(row[4]), float(row[5])))
         self._file = None  # opened lazily per process (h5py handles are not fork-safe)
+        self._pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -219,11 +220,21 @@ class CachedDataset(_AugmentedBase):
         return list(self._boxes.get(int(self.rows[i]), []))
 
     def image_u8(self, i: int) -> np.ndarray:
-        if self._file is None:
+        """Item ``i``'s stored image, uint8 [S, S] (the file is opened once per process: a handle
+        inherited through ``fork`` is never used)."""
+        if self._file is None or self._pid != os.getpid():
             import h5py
 
             self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
         return self._file["images"][int(self.rows[i])]
+
+    def pixels(self, i: int) -> tuple[np.ndarray, list[Box]]:
+        """Item ``i``'s stored uint8 image [S, S] and boxes."""
+        return self.image_u8(i), self.boxes_of(i)
+
+    def _labels_of(self, i: int) -> np.ndarray:
+        return self._labels[self.rows[i]]
 
     def __getitem__(self, i: int) -> dict:
         img = self.image_u8(i).astype(np.float32) / 255.0
@@ -232,4 +243,5 @@ class CachedDataset(_AugmentedBase):
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_file"] = None
+        d["_pid"] = None
         return d

@@ -21,7 +21,8 @@ from cxrviewer.core.geometry import Box
 from cxrviewer.core.preprocess import Preprocess
 
 from .records import Record
-from .transforms import AugmentConfig, augment, resize_image_and_boxes
+from .transforms import (AugmentConfig, AugmentDraw, affine_boxes, augment, draw_augment, geometric,
+                         resize_image_and_boxes)
 
 Normalisation = str | Mapping[str, Any]
 
@@ -90,6 +91,32 @@ class _AugmentedBase(Dataset):
         return {"image": x, "labels": torch.from_numpy(np.asarray(labels, np.float32)),
                 "boxes": torch.from_numpy(boxes_to_array(boxes, self.classes)), "index": index}
 
+    def pixels(self, i: int) -> tuple[np.ndarray, list[Box]]:
+        """Item ``i``'s image [S, S] (uint8, or float32 in [0, 1]) and boxes, before augmentation."""
+        raise NotImplementedError
+
+    def _labels_of(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def raw_item(self, i: int, epoch: int | None = None) -> dict:
+        """Item ``i`` for :class:`~training.data.loader.DeviceTransform`: ``image`` [1, S, S] as stored
+        (uint8 from a cache, float32 in [0, 1] from files), not augmented nor normalised; ``aug`` [9]
+        its augmentation (:meth:`AugmentDraw.vector`, the draw of ``(seed, epoch, index)`` as in
+        ``__getitem__``); ``boxes`` already augmented; ``labels``, ``index``. ``epoch``: default
+        :attr:`epoch`. The device transform of a batch of these equals a batch of ``__getitem__``."""
+        img, boxes = self.pixels(i)
+        draw = AugmentDraw()
+        if self.augment_cfg is not None:
+            rng = np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, i))
+            draw = draw_augment(rng, self.augment_cfg)
+            if geometric(self.augment_cfg):
+                h, w = img.shape
+                boxes = affine_boxes(boxes, w, h, draw.rot_deg, draw.scale, *draw.shift)
+        return {"image": torch.from_numpy(np.ascontiguousarray(img))[None],
+                "aug": torch.from_numpy(draw.vector()),
+                "labels": torch.from_numpy(np.asarray(self._labels_of(i), np.float32)),
+                "boxes": torch.from_numpy(boxes_to_array(boxes, self.classes)), "index": i}
+
 
 class ChestDataset(_AugmentedBase):
     """Decodes files on every access (see :class:`~training.data.cache.CachedDataset` for speed)."""
@@ -107,17 +134,28 @@ class ChestDataset(_AugmentedBase):
     def labels(self) -> np.ndarray:
         return np.stack([r.labels for r in self.records]) if self.records else np.zeros((0, len(self.classes)))
 
-    def __getitem__(self, i: int) -> dict:
+    def pixels(self, i: int) -> tuple[np.ndarray, list[Box]]:
+        """Record ``i`` decoded and resized: float32 [S, S] in [0, 1] and its boxes."""
         r = self.records[i]
-        img, boxes = resize_image_and_boxes(load_pixels(r.path), r.boxes, self.size)
-        return self._finish(img, boxes, r.labels, i)
+        return resize_image_and_boxes(load_pixels(r.path), r.boxes, self.size)
+
+    def _labels_of(self, i: int) -> np.ndarray:
+        return self.records[i].labels
+
+    def __getitem__(self, i: int) -> dict:
+        img, boxes = self.pixels(i)
+        return self._finish(img, boxes, self.records[i].labels, i)
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack images and labels; boxes stay a list of [M_i, 5] tensors."""
-    return {
+    """Stack images and labels (and ``aug`` of :meth:`~_AugmentedBase.raw_item` items); boxes stay a
+    list of [M_i, 5] tensors."""
+    out = {
         "image": torch.stack([it["image"] for it in items]),
         "labels": torch.stack([it["labels"] for it in items]),
         "boxes": [it["boxes"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
     }
+    if items and "aug" in items[0]:
+        out["aug"] = torch.stack([it["aug"] for it in items])
+    return out

@@ -58,10 +58,14 @@ def classification_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tens
 
 def train_classifier(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None,
                      cfg: TrainConfig, *, loss_fn=classification_loss, stop_after_epoch: int | None = None,
-                     ) -> tuple[torch.nn.Module, list[dict]]:
+                     on_epoch_end=None) -> tuple[torch.nn.Module, list[dict]]:
     """Train with the shared loop; evaluates AUROC on ``val_ds`` after each epoch. The model returned
-    holds the epoch of the best held-out mean AUROC (unless ``cfg.monitor`` names another metric)."""
+    holds the epoch of the best held-out mean AUROC (unless ``cfg.monitor`` names another metric).
+    A ``ChestDataset``/``CachedDataset`` is fed through :mod:`training.data.loader` (workers serve the
+    stored pixels, the device augments and normalises); ``on_epoch_end(epoch, record)``: see
+    :class:`~.loop.Trainer`."""
     from ..data import collate
+    from ..data.loader import DeviceTransform
 
     use_monitor(cfg, "metrics.mean_auroc", "max")
 
@@ -71,7 +75,8 @@ def train_classifier(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset 
         probs = predict(m, val_ds, batch_size=cfg.batch_size)
         return auroc_table(np.asarray(val_ds.labels), probs, getattr(val_ds, "classes", CLASSES))
 
-    trainer = Trainer(model, train_ds, loss_fn, cfg, eval_fn=eval_fn, collate_fn=collate)
+    trainer = Trainer(model, train_ds, loss_fn, cfg, eval_fn=eval_fn, collate_fn=collate,
+                      device_transform=DeviceTransform.of(train_ds), on_epoch_end=on_epoch_end)
     try:
         history = trainer.fit(stop_after_epoch=stop_after_epoch)
     finally:

@@ -1,7 +1,10 @@
 """The one training loop every trainer shares.
 
 - AMP on CUDA (bf16 where supported, else fp16 with a GradScaler), fp32 on CPU;
-- channels_last memory format on CUDA;
+- channels_last memory format on CUDA; pinned memory and non-blocking copies on CUDA;
+- with a ``device_transform`` (:class:`training.data.loader.DeviceTransform`) workers serve stored
+  pixels and the device augments and normalises each batch; one loader with persistent workers
+  serves every epoch, and the batches do not depend on the number of workers;
 - gradient clipping; checkpoint at the end of every epoch (atomic), resume;
 - deterministic seeds: the shuffle order, augmentation and dropout of epoch
   ``e`` depend only on (seed, e), so a killed run resumed from its checkpoint
@@ -191,11 +194,14 @@ class Trainer:
     (the trainers differ only here); ``eval_fn(model) -> metrics`` runs after
     every epoch on rank 0. ``collate_fn`` builds batches. ``val_ds``: also log the mean
     ``loss_fn`` over it (eval mode) as ``val_loss`` (e.g. ``cfg.monitor = "val_loss"``).
+    ``device_transform``: ``train_ds`` serves ``raw_item(index, epoch)`` items and this callable
+    turns each batch, once on the device, into the network's input (augmentation, normalisation).
     """
 
     def __init__(self, model: torch.nn.Module, train_ds: Dataset, loss_fn: LossFn, cfg: TrainConfig,
                  *, eval_fn: EvalFn | None = None, collate_fn=None, params=None,
-                 on_epoch_end: Callable[[int, dict], None] | None = None, val_ds: Dataset | None = None) -> None:
+                 on_epoch_end: Callable[[int, dict], None] | None = None, val_ds: Dataset | None = None,
+                 device_transform: Callable[[dict], dict] | None = None) -> None:
         from cxrviewer.core.device import select_device
 
         self.cfg = cfg
@@ -236,6 +242,9 @@ class Trainer:
         self.eval_fn = eval_fn
         self.collate_fn = collate_fn
         self.on_epoch_end = on_epoch_end
+        self.device_transform = device_transform
+        self._loader: DataLoader | None = None  # the persistent loader of the device_transform path
+        self._sampler = None
         params = list(params) if params is not None else [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -365,6 +374,42 @@ class Trainer:
         self.model.train(was)
         return total / n if n else None
 
+    def _train_loader(self, epoch: int) -> DataLoader:
+        """The DataLoader of epoch ``epoch``: with a ``device_transform`` one loader kept for the
+        whole run (persistent workers, :class:`EpochSampler` keys), else a new one per epoch."""
+        cfg = self.cfg
+        pin = self.device.type == "cuda"
+        if self.device_transform is not None:
+            if self._loader is None:
+                from ..data.loader import EpochSampler, RawItems
+
+                self._sampler = EpochSampler(len(self.train_ds), cfg.seed, rank=self.rank, world=self.world)
+                self._loader = DataLoader(RawItems(self.train_ds), batch_size=cfg.batch_size, sampler=self._sampler,
+                                          num_workers=cfg.num_workers, collate_fn=self.collate_fn, pin_memory=pin,
+                                          persistent_workers=cfg.num_workers > 0,
+                                          generator=torch.Generator().manual_seed(cfg.seed))
+            self._sampler.set_epoch(epoch)
+            return self._loader
+        if self.world > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                self.train_ds, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+            return DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler, pin_memory=pin,
+                              num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        return DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen, pin_memory=pin,
+                          num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
+
+    def _to_device(self, batch: dict) -> dict:
+        """A loader batch on the device (non-blocking from pinned memory), through the
+        ``device_transform``, its image ``channels_last`` on CUDA."""
+        batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if self.device_transform is not None:
+            batch = self.device_transform(batch)
+        if self.device.type == "cuda" and self.cfg.channels_last and batch["image"].dim() == 4:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
+
     def _lr_for(self, epoch: int) -> float:
         if self.cfg.lr_step_epochs > 0:
             return self.cfg.lr * (0.1 ** (epoch // self.cfg.lr_step_epochs))
@@ -401,6 +446,7 @@ class Trainer:
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
             epoch += 1
+        self._loader = self._sampler = None  # ends the persistent workers
         self._finish()
         return self.history
 
@@ -412,25 +458,13 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1000 + epoch)
         if hasattr(self.train_ds, "set_epoch"):
             self.train_ds.set_epoch(epoch)
-        if self.world > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(
-                self.train_ds, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                                num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
-        else:
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
+        loader = self._train_loader(epoch)
         self.train_model.train()
         prog = Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=self.is_main)
         t0 = time.perf_counter()
         n_img, loss_sum, n_batches = 0, 0.0, 0
         for step, batch in enumerate(loader):
-            batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                     for k, v in batch.items()}
-            if self.device.type == "cuda" and cfg.channels_last and batch["image"].dim() == 4:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            batch = self._to_device(batch)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 loss, logs = self.loss_fn(self.train_model, batch)
@@ -463,6 +497,7 @@ class Trainer:
         return rec
 
     def close(self) -> None:
+        self._loader = self._sampler = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
