@@ -2,10 +2,11 @@
 
     cxrviewer annotations new PROJECT [--label-set NAME|FILE]
     cxrviewer annotations info PROJECT [--json]
-    cxrviewer annotations import PROJECT FILE --format {coco,nih,dicom-sr,gsps} [--studies DIR]
-        [--label-set NAME|FILE] [--map A=B ...] [--add-unknown] [--skip NAME ...]
+    cxrviewer annotations import PROJECT FILE --format {coco,nih,dicom-sr,gsps,dicom-seg}
+        [--studies DIR] [--label-set NAME|FILE] [--map A=B ...] [--add-unknown] [--skip NAME ...]
     cxrviewer annotations export PROJECT TARGET --format {coco,coco-results,voc,yolo,nih,dicom,
-        dicom-sr,gsps} [--status S ...] [--model NAME]
+        dicom-sr,gsps,dicom-seg} [--status S ...] [--model NAME] [--results PATH ...]
+        [--threshold T] [--no-model]
     cxrviewer annotations add-labels PROJECT NAME ...
 
 A project records its label set (built in: nih14, torchxrayvision18, vindr-cxr,
@@ -17,9 +18,14 @@ boxes out. An import into a project file that does not exist creates it (with
 ``--label-set``). ``coco-results`` writes the model proposals as a COCO results list
 (pycocotools ``loadRes``). ``--format dicom`` writes a folder per study with boxes: ``SR.dcm`` (TID 1500
 SR) + ``PR.dcm`` (GSPS), and ``SC.dcm`` for a PNG/JPEG study (``dicom-sr``: SR only, ``gsps``:
-PR only); an SR/GSPS import finds the images it references in the project, else by SOP
-Instance UID among the DICOM files of ``--studies DIR``. Errors are one line on stderr and
-exit status 2; nothing is written then.
+PR only); ``--format dicom-seg`` writes per study ``SEG.dcm`` (binary lung/heart masks from the
+study's stored analysis, a ``results.h5`` found beside the image or under ``--results PATH``,
+else from the bundled segmentation model unless ``--no-model``) and, when the analysis holds
+finding maps, ``SEG_threshold.dcm`` (maps >= ``--threshold``) and ``SEG_fractional.dcm``. An
+SR/GSPS/SEG import finds the images it references in the project, else by SOP Instance UID
+among the DICOM files of ``--studies DIR``; a SEG gives one box per segment (its bounding box),
+lung/heart segments only when the project's label set has them (else counted as skipped).
+Errors are one line on stderr and exit status 2; nothing is written then.
 """
 from __future__ import annotations
 
@@ -32,21 +38,21 @@ from typing import Any
 
 #: what ``cxrviewer annotations --help`` says
 DESCRIPTION = """Create an annotation project with a label set, show what it holds, import COCO,
-NIH box files or DICOM SR/GSPS into it (unknown classes: --map NAME=LABEL, --add-unknown or
---skip NAME), export it (COCO, VOC, YOLO, NIH csv, DICOM SR + GSPS), or add labels to its label
-set. Errors: one line, exit status 2, nothing written."""
+NIH box files or DICOM SR/GSPS/SEG into it (unknown classes: --map NAME=LABEL, --add-unknown or
+--skip NAME), export it (COCO, VOC, YOLO, NIH csv, DICOM SR + GSPS, DICOM SEG), or add labels to
+its label set. Errors: one line, exit status 2, nothing written."""
 
 IMPORT_FORMATS = {"coco": "coco", "nih": "nih-csv", "nih-csv": "nih-csv", "dicom-sr": "dicom-sr",
-                  "gsps": "gsps"}
+                  "gsps": "gsps", "dicom-seg": "dicom-seg"}
 EXPORT_FORMATS = {"coco": "coco", "coco-results": "coco-results", "voc": "voc", "yolo": "yolo",
                   "nih": "nih-csv", "nih-csv": "nih-csv", "dicom": "dicom", "dicom-sr": "dicom-sr",
-                  "gsps": "gsps"}
+                  "gsps": "gsps", "dicom-seg": "dicom-seg"}
 #: formats served by cxrviewer.core.dicom_objects (imported only when one is used: ~1 s)
-DICOM_FORMATS = ("dicom", "dicom-sr", "gsps")
+DICOM_FORMATS = ("dicom", "dicom-sr", "gsps", "dicom-seg")
 
 
 TARGET_HELP = ("file (coco, coco-results, nih), folder or .zip (voc: VOCdevkit layout, yolo: Ultralytics "
-               "layout; both with copies of the PNG/JPEG images), folder (dicom)")
+               "layout; both with copies of the PNG/JPEG images), folder (dicom, dicom-sr, gsps, dicom-seg)")
 
 
 def import_options(p: argparse.ArgumentParser) -> None:
@@ -61,8 +67,8 @@ def import_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", action="append", default=[], metavar="NAME",
                    help="leave the boxes of class NAME out (repeatable)")
     p.add_argument("--studies", "--images", dest="images", default=None, metavar="DIR",
-                   help="folder of the images the file names (coco/nih: path hints; dicom-sr/gsps: "
-                        "searched for the referenced SOP Instance UIDs)")
+                   help="folder of the images the file names (coco/nih: path hints; dicom-sr/gsps/"
+                        "dicom-seg: searched for the referenced SOP Instance UIDs)")
 
 
 def export_options(p: argparse.ArgumentParser) -> None:
@@ -74,6 +80,13 @@ def export_options(p: argparse.ArgumentParser) -> None:
                    help="coco-results: only this model's proposals (needed when there are several)")
     p.add_argument("--include-identifiers", action="store_true",
                    help="write SOP Instance UIDs and last-seen paths (may identify patients)")
+    p.add_argument("--results", action="append", default=[], metavar="PATH",
+                   help="dicom-seg: a results.h5, or a folder of them (cxrviewer analyze --out), "
+                        "holding the studies' analyses (also looked for beside each image)")
+    p.add_argument("--threshold", type=float, default=0.5, metavar="T",
+                   help="dicom-seg: threshold of the finding maps (in [0, 1]; default 0.5)")
+    p.add_argument("--no-model", action="store_true",
+                   help="dicom-seg: never run the bundled segmentation model (only stored masks)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     info = sub.add_parser("info", help="label set and counts of a project")
     info.add_argument("project")
     info.add_argument("--json", action="store_true", help="print JSON")
-    imp = sub.add_parser("import", help="import a COCO JSON, NIH box CSV or DICOM SR/GSPS")
+    imp = sub.add_parser("import", help="import a COCO JSON, NIH box CSV or DICOM SR/GSPS/SEG")
     imp.add_argument("project", help="the project (created when the file does not exist)")
     imp.add_argument("file")
     import_options(imp)
@@ -200,9 +213,10 @@ def _import(args: argparse.Namespace) -> int:
     fmt = IMPORT_FORMATS[args.format]
     kwargs: dict[str, Any] = {"mapping": mapping, "add_unknown": args.add_unknown}
     importer = IMPORTERS.get(fmt)
+    notes: list[str] = []
     if fmt in DICOM_FORMATS:
         from cxrviewer.core.dicom_objects.exchange import import_dicom as importer
-        kwargs["studies_dir"] = args.images
+        kwargs.update(studies_dir=args.images, notes=notes)
     else:
         kwargs["images_dir"] = args.images
     store, created = _open_for_import(args)
@@ -213,7 +227,8 @@ def _import(args: argparse.Namespace) -> int:
             added = [lab for lab in store.label_set.labels if lab not in before.labels]
             print(f"imported {len(edit.box_ids)} box(es) from {args.file} into {store.path}"
                   + (f" (created, label set {_describe(store.label_set)})" if created else "")
-                  + (f"; added to the label set: {', '.join(added)}" if added else ""))
+                  + (f"; added to the label set: {', '.join(added)}" if added else "")
+                  + "".join(f"; {n}" for n in notes))
     except BaseException:
         if created:  # a failed import leaves no new project behind
             _remove_project(Path(args.project))
@@ -227,7 +242,13 @@ def _export(args: argparse.Namespace) -> int:
 
     fmt = EXPORT_FORMATS[args.format]
     with AnnotationStore(args.project, read_only=True) as store:
-        if fmt in DICOM_FORMATS:
+        if fmt == "dicom-seg":
+            from cxrviewer.core.seg_export import export_dicom_seg
+
+            result = export_dicom_seg(store, args.target, results=args.results,
+                                      threshold=args.threshold, run_model=not args.no_model,
+                                      status=args.status)
+        elif fmt in DICOM_FORMATS:
             from cxrviewer.core.dicom_objects.exchange import EXPORT_KINDS, export_dicom
 
             result = export_dicom(store, args.target, kinds=EXPORT_KINDS[fmt], status=args.status)

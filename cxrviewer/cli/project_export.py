@@ -3,7 +3,11 @@
 The same as ``cxrviewer annotations export PROJECT TARGET --format F`` (:mod:`.annotations`):
 COCO (with ``score`` and box polygons), COCO results (model proposals, pycocotools ``loadRes``),
 VOC (VOCdevkit layout), YOLO (Ultralytics layout), the NIH box csv, and DICOM (a folder per
-study: TID 1500 SR + GSPS, and a Secondary Capture for PNG/JPEG studies).
+study: TID 1500 SR + GSPS, or with ``dicom-seg`` binary SEGs of the lung/heart masks and of
+thresholded finding maps plus a fractional SEG of the maps; a Secondary Capture first for
+PNG/JPEG/NIH studies). ``dicom-seg`` takes the masks and maps from each study's stored analysis
+(``results.h5`` beside the image or under ``--results PATH``), else runs the bundled
+segmentation model (not with ``--no-model``).
 """
 from __future__ import annotations
 

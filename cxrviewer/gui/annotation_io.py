@@ -13,10 +13,13 @@ unmapped class: one of the project's labels, "add to the project's labels" or "s
 runs again with the choices; cancelled, it is refused with a message listing the classes.
 
 "DICOM SR + GSPS" exports a folder per study (``SR.dcm``, ``PR.dcm``, ``SC.dcm`` for a
-non-DICOM image) and "DICOM SR / GSPS" imports one such file, with the code of
-``cxrviewer annotations export/import`` (:mod:`cxrviewer.core.dicom_objects.exchange`, loaded
-on first use); the images an SR references are found in the project or, by SOP Instance UID,
-among the DICOM files beside it.
+non-DICOM image), "DICOM SEG" a folder per study of SEGs (lung/heart masks from the study's
+stored analysis, a results file beside the image or in the app's results cache, else from the
+bundled segmentation model; thresholded and fractional finding maps when the analysis has them),
+and "DICOM SR / GSPS / SEG" imports one such file, with the code of
+``cxrviewer annotations export/import`` (:mod:`cxrviewer.core.dicom_objects.exchange` and
+:mod:`cxrviewer.core.seg_export`, loaded on first use); the images an SR references are found
+in the project or, by SOP Instance UID, among the DICOM files beside it.
 """
 from __future__ import annotations
 
@@ -40,11 +43,12 @@ from .annotation_feedback import AnnotationFeedback
 
 EXPORT_FORMATS = {"coco": "COCO JSON", "coco-results": "COCO results (model proposals)",
                   "voc": "Pascal VOC (VOCdevkit)", "yolo": "YOLO (Ultralytics dataset)",
-                  "nih-csv": "NIH csv", "dicom": "DICOM SR + GSPS"}
+                  "nih-csv": "NIH csv", "dicom": "DICOM SR + GSPS",
+                  "dicom-seg": "DICOM SEG (lung/heart masks, finding maps)"}
 IMPORT_FORMATS = {"nih-csv": "NIH csv (BBox_List_2017 layout)", "coco": "COCO JSON",
-                  "dicom-sr": "DICOM SR / GSPS"}
+                  "dicom-sr": "DICOM SR / GSPS / SEG"}
 #: the formats of :mod:`cxrviewer.core.dicom_objects.exchange` (imported on first use, ~1 s)
-DICOM_FORMATS = ("dicom", "dicom-sr", "gsps")
+DICOM_FORMATS = ("dicom", "dicom-sr", "gsps", "dicom-seg")
 PROJECT_FILTER = f"Annotation projects (*{SUFFIX})"
 
 
@@ -219,7 +223,13 @@ class AnnotationIO(QObject):
 
         if self.session.store is None:
             raise EditRefused("No annotation project open")
-        result = export_dicom(self.session.store, target, kinds=EXPORT_KINDS[fmt])
+        if fmt == "dicom-seg":
+            from ..core.seg_export import export_dicom_seg
+            from .inference import results_cache_dir
+
+            result = export_dicom_seg(self.session.store, target, results=[results_cache_dir()])
+        else:
+            result = export_dicom(self.session.store, target, kinds=EXPORT_KINDS[fmt])
         said = result.summary()
         if result.skipped:
             said += f" (first: {result.skipped[0][0]}: {result.skipped[0][1]})"
@@ -231,11 +241,13 @@ class AnnotationIO(QObject):
         Classes the project's labels lack: :attr:`ask_mapping` (the mapping dialog), then the
         import again with the choices; cancelled, the import is refused (nothing written).
         """
+        notes: list[str] = []
         if fmt in DICOM_FORMATS:
             from ..core.dicom_objects.exchange import register_formats
 
             register_formats()  # the session's importers then include them
             kwargs.setdefault("studies_dir", Path(source).parent)
+            kwargs.setdefault("notes", notes)
         try:
             try:
                 edit = self.session.import_from(fmt, source, **kwargs)
@@ -252,12 +264,14 @@ class AnnotationIO(QObject):
         except (CxrError, KeyError) as exc:
             self.feedback.error(f"Import failed: {exc}")
             return None
-        self.feedback.info(f"Imported {len(edit.box_ids) if edit else 0} box(es) from {source}")
+        self.feedback.info(f"Imported {len(edit.box_ids) if edit else 0} box(es) from {source}"
+                           + "".join(f"; {n}" for n in dict.fromkeys(notes)))
         self.imported.emit(edit)
         return edit
 
     # ---- dialogs ----------------------------------------------------------------------
     def export_dialog(self, fmt: str) -> None:
+        """Ask where the ``fmt`` export goes, then :meth:`export_to` there."""
         name = EXPORT_FORMATS[fmt]
         store = self.session.store
         base = store.path.with_suffix("") if store else Path.home() / "annotations"
@@ -274,7 +288,8 @@ class AnnotationIO(QObject):
             self.export_to(fmt, target)
 
     def import_dialog(self, fmt: str) -> None:
-        filt = {"coco": "COCO JSON (*.json)", "dicom-sr": "DICOM SR or GSPS (*.dcm)"}.get(
+        """Ask for a file to import as ``fmt``, then :meth:`import_from` it."""
+        filt = {"coco": "COCO JSON (*.json)", "dicom-sr": "DICOM SR, GSPS or SEG (*.dcm)"}.get(
             fmt, "CSV (*.csv *.csv.gz)")
         source, _ = QFileDialog.getOpenFileName(self.parent_widget, f"Import {IMPORT_FORMATS[fmt]}",
                                                 settings.last_dir(), f"{filt};;All files (*)")

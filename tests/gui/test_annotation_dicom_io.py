@@ -47,7 +47,7 @@ def test_dicom_menu_entries_export_and_import(host, tmp_path, monkeypatch):
     before = _rows(ctrl)
     assert len(before) == 2
     exp, imp = ctrl.actions.export["dicom"], ctrl.actions.imports["dicom-sr"]
-    assert exp.text() == "DICOM SR + GSPS…" and imp.text() == "DICOM SR / GSPS…"
+    assert exp.text() == "DICOM SR + GSPS…" and imp.text() == "DICOM SR / GSPS / SEG…"
     assert exp.isEnabled() and imp.isEnabled()
     calls = []
     real = exchange.export_dicom
@@ -85,6 +85,39 @@ def test_dicom_menu_entries_export_and_import(host, tmp_path, monkeypatch):
     assert said[-1].startswith("Import failed:") and "cannot read the DICOM file" in said[-1]
     assert "\n" not in said[-1] and _rows(ctrl) == before
     assert Path(out).is_dir()
+    ctrl.shutdown()
+
+
+def test_dicom_seg_menu_entry(host, tmp_path, monkeypatch):
+    """"DICOM SEG…" runs the CLI's dicom-seg export (stored analyses, the app's results cache, else
+    the bundled segmentation model) and its SEG comes back through the import entry."""
+    from cxrviewer.core import seg_export
+    from cxrviewer.core.bundle import default_models_dir
+
+    if not (default_models_dir() / seg_export.SEGMENTATION_BUNDLE).is_dir():
+        pytest.skip("the bundled segmentation model is not in resources/models")
+    ctrl = AnnotationController.attach(host, annotator="tester")
+    said: list[str] = []
+    ctrl.feedback.message.connect(said.append)
+    assert ctrl.open_store(tmp_path / "a.cxrann")
+    host.state.set_study(load_study(_rg1()))
+    act = ctrl.actions.export["dicom-seg"]
+    assert act.text() == "DICOM SEG (lung/heart masks, finding maps)…"
+    calls = []
+    real = seg_export.export_dicom_seg
+    monkeypatch.setattr(seg_export, "export_dicom_seg",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    out = tmp_path / "seg"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), "Folder (*)"))
+    act.trigger()
+    assert len(calls) == 1 and [p.name for p in calls[0]["results"]] == ["results-cache"]
+    assert said[-1].startswith("Exported DICOM SEG (lung/heart masks, finding maps) (1 study, 1 DICOM")
+    assert "with masks by the segmentation model" in said[-1]
+    assert [p.name for p in (out / "RG1_UNCR").iterdir()] == ["SEG.dcm"]
+    # the import entry reads it back: lungs and heart are not findings of NIH-14 (none added)
+    assert ctrl.io.import_from("dicom-sr", out / "RG1_UNCR" / "SEG.dcm") is None
+    assert said[-1].startswith("Import failed:") and "3 anatomy segments" in said[-1]
+    assert _rows(ctrl) == []
     ctrl.shutdown()
 
 

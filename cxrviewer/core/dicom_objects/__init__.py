@@ -8,7 +8,7 @@ Out, for one study of an annotation project (:func:`export_study` writes them al
   (:func:`segments_from_stack` / :func:`to_image_size` bring explainer masks/maps to image size);
 * :func:`secondary_capture` - for PNG/JPEG/NIH studies, the DICOM image the others reference.
 
-In: :func:`read_boxes` (SR or GSPS, ours or another tool's) -> :class:`BoxRecord` list;
+In: :func:`read_boxes` (SR, GSPS or SEG, ours or another tool's) -> :class:`BoxRecord` list;
 :func:`import_boxes` adds them to a project; :func:`read_segmentation` gives a SEG's masks.
 Everything written gets new UIDs; patient/study context is copied only from the source image.
 Errors are :class:`DicomObjectError` (an :class:`~cxrviewer.core.errors.ExportError`).
@@ -20,7 +20,7 @@ from .read import BoxRecord, DicomBoxes, import_boxes, read_boxes, read_segmenta
 from .sc import secondary_capture
 from .seg import (
     binary_segmentation, fractional_segmentation, segments_from_stack, threshold_segmentation,
-    to_image_size,
+    thresholds_segmentation, to_image_size,
 )
 from .sr import OHIF_RECTANGLE, box_report
 
@@ -29,5 +29,5 @@ __all__ = [
     "binary_segmentation", "box_presentation_state", "box_report", "export_study",
     "finding_code", "fractional_segmentation", "import_boxes", "read_boxes", "read_segmentation",
     "read_source_header", "secondary_capture", "segments_from_stack", "study_source",
-    "threshold_segmentation", "to_image_size", "write_dataset",
+    "threshold_segmentation", "thresholds_segmentation", "to_image_size", "write_dataset",
 ]

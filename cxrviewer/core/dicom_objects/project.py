@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from ..errors import CxrError
 from ._common import DicomObjectError, SourceImage, read_source_header, write_dataset
 from .gsps import box_presentation_state
 from .sc import secondary_capture
-from .seg import binary_segmentation, fractional_segmentation, threshold_segmentation
+from .seg import Thresholded, binary_segmentation, fractional_segmentation, thresholds_segmentation
 from .sr import box_report
 
 #: File names :func:`export_study` writes into its folder.
@@ -53,16 +53,19 @@ def study_source(store: AnnotationStore, study_id: int) -> SourceImage:
 def export_study(store: AnnotationStore, study_id: int, folder: str | os.PathLike, *,
                  masks: Mapping[str, np.ndarray] | None = None,
                  fractional: Mapping[str, np.ndarray] | None = None,
-                 thresholded: tuple[str, np.ndarray, float] | None = None,
-                 algorithm: str | None = None, boxes: bool = True) -> dict[str, Path]:
+                 thresholded: Thresholded | Sequence[Thresholded] | None = None,
+                 algorithm: str | None = None, map_algorithm: str | None = None,
+                 boxes: bool = True) -> dict[str, Path]:
     """Write a study's DICOM objects into ``folder`` (names: :data:`FILE_NAMES`) and return
     ``{kind: path}``.
 
     ``SC.dcm`` first for a non-DICOM study (the others reference it); ``SR.dcm`` and ``PR.dcm``
     (GSPS) of the accepted boxes when ``boxes`` and the study has any; ``SEG.dcm`` of ``masks``
     (binary, e.g. lung/heart from the segmentation bundle); ``SEG_threshold.dcm`` of
-    ``thresholded = (name, map, threshold)``; ``SEG_fractional.dcm`` of ``fractional`` maps in
-    [0, 1]. ``algorithm``: the model that made the masks/maps. Each file is written atomically.
+    ``thresholded = (name, map, threshold)`` or a list of them (one segment each);
+    ``SEG_fractional.dcm`` of ``fractional`` maps in [0, 1]. ``algorithm``: the model that made
+    the masks (and the maps, unless ``map_algorithm`` names another). Each file is written
+    atomically.
     Raises :class:`DicomObjectError` when nothing would be written.
     """
     source = study_source(store, study_id)
@@ -73,10 +76,13 @@ def export_study(store: AnnotationStore, study_id: int, folder: str | os.PathLik
         objects["gsps"] = box_presentation_state(source, found, exported_by=store.annotator)
     if masks:
         objects["seg"] = binary_segmentation(source, masks, algorithm=algorithm)
-    if thresholded is not None:
-        objects["threshold"] = threshold_segmentation(source, *thresholded, algorithm=algorithm)
+    if thresholded is not None and len(thresholded):
+        items = [thresholded] if isinstance(thresholded[0], str) else list(thresholded)
+        objects["threshold"] = thresholds_segmentation(source, items,
+                                                       algorithm=map_algorithm or algorithm)
     if fractional:
-        objects["fractional"] = fractional_segmentation(source, fractional, algorithm=algorithm)
+        objects["fractional"] = fractional_segmentation(source, fractional,
+                                                        algorithm=map_algorithm or algorithm)
     if not objects:
         raise DicomObjectError(f"study {study_id}: nothing to write (no accepted boxes, masks or "
                                "maps)")

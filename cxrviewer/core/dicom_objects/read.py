@@ -1,6 +1,6 @@
 """DICOM in: boxes from SR measurement reports and presentation states, masks from SEG.
 
-Read with pydicom only (no pixel data is decoded for SR/GSPS), so an SR or GSPS written by
+Read with pydicom only (no pixel data is decoded for SR/GSPS), so an SR, GSPS or SEG written by
 another tool is read the same way as ours:
 
 * **SR** (any SR storage class): every measurement-group-like CONTAINER holding a 2-D ``SCOORD``
@@ -14,13 +14,20 @@ another tool is read the same way as ours:
   units are relative to a viewer's displayed area and are skipped); the class is the text object
   of the same annotation item (ours: ``<class> [manual: ...]``, parsed with its provenance), else
   the graphic layer's description, else its name.
+* **SEG** (binary or fractional): one box per segment and source image, the bounding box of the
+  segment's pixels (fractional: of the pixels >= half the maximum fractional value), in the
+  same pixel-edge coordinates (a mask of columns 3..7 is ``x=3, w=5``). The class is the
+  segment's coded property type (our ``"Cardiomegaly >= 0.5"`` segment is coded Cardiomegaly);
+  anatomy segments (category Anatomical Structure or a lung/heart code) are marked
+  :attr:`BoxRecord.anatomy` and keep the segment label (``left lung``). Empty segments are
+  skipped. Provenance: ``AUTOMATIC``/``SEMIAUTOMATIC`` with an algorithm name is "model".
 """
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +38,13 @@ from ..annotations.model import Edit, StudyIdentity
 from ..annotations.store import AnnotationStore
 from ._common import (
     ACCEPTED_MODEL, PRIVATE_SCHEME, PROVENANCE, SCORE, SCT_FINDINGS, DicomObjectError,
-    label_of_code, read_source_header,
+    DEFER_SIZE, anatomy_code, label_of_code, read_source_header,
 )
 
 _SR_CLASSES_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 _GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+_ANATOMY_CATEGORY = ("91723000", "SCT")
 _FINDING_CONCEPTS = {("121071", "DCM")}
 _ALGORITHM_NAME = ("111001", "DCM")
 _PERSON_NAME = ("121008", "DCM")
@@ -64,19 +73,21 @@ class BoxRecord:
     code: tuple[str, str, str] | None = None
     referenced_sop_uid: str | None = None
     tracking_uid: str | None = None
+    anatomy: bool = False
 
 
 @dataclass
 class DicomBoxes:
     """What :func:`read_boxes` found in one file."""
 
-    kind: str  # "sr" | "gsps"
+    kind: str  # "sr" | "gsps" | "seg"
     sop_uid: str
     boxes: list[BoxRecord] = field(default_factory=list)
     skipped: int = 0
 
     @property
     def referenced_sop_uids(self) -> list[str]:
+        """The images the boxes are drawn on (first-seen order, no repeats)."""
         return list(dict.fromkeys(b.referenced_sop_uid for b in self.boxes
                                   if b.referenced_sop_uid))
 
@@ -209,8 +220,99 @@ def _annotation_boxes(item: Dataset, layers: dict[str, str], out: DicomBoxes) ->
                                    tracking_uid=str(getattr(g, "TrackingUID", "")) or None))
 
 
+def _segment_box(item: Dataset, geom: tuple[float, float, float, float], ref: str | None
+                 ) -> BoxRecord:
+    """The box of one segment (``item``: its Segment Sequence entry) on one source image."""
+    finding = _code(item, "SegmentedPropertyTypeCodeSequence")
+    category = _code(item, "SegmentedPropertyCategoryCodeSequence")
+    seg_label = " ".join(str(getattr(item, "SegmentLabel", "") or "").split())
+    anatomy = bool(category and category[:2] == _ANATOMY_CATEGORY) or bool(
+        finding and anatomy_code(finding[2]) is not None and finding[1] == "SCT")
+    if anatomy or not finding:
+        label = seg_label or (finding[2] if finding else "")
+    else:
+        label = label_of_code(*finding)
+    algo = str(getattr(item, "SegmentAlgorithmName", "") or "") or None
+    model = str(getattr(item, "SegmentAlgorithmType", "")) in ("AUTOMATIC", "SEMIAUTOMATIC") and algo
+    return BoxRecord(label, *geom, source="model" if model else "manual",
+                     model_name=algo if model else None, code=finding, referenced_sop_uid=ref,
+                     anatomy=anatomy)
+
+
+def _frame_refs(ds: Dataset, n_frames: int) -> list[tuple[int, str | None]]:
+    """``(segment number, source SOP Instance UID)`` of each frame of a SEG (per-frame
+    functional groups, else the shared ones: a one-segment SEG may keep them there)."""
+    series = getattr(ds, "ReferencedSeriesSequence", None) or []
+    insts = getattr(series[0], "ReferencedInstanceSequence", None) if series else None
+    default = str(insts[0].ReferencedSOPInstanceUID) if insts else None
+    shared_seq = getattr(ds, "SharedFunctionalGroupsSequence", None)
+    shared = shared_seq[0] if shared_seq else Dataset()
+    per_frame = list(getattr(ds, "PerFrameFunctionalGroupsSequence", None) or [])
+    if len(per_frame) != n_frames:
+        raise ValueError(f"{len(per_frame)} per-frame groups for {n_frames} frames")
+
+    def group(fg: Dataset, keyword: str):
+        """A functional group of the frame, else the shared one."""
+        return getattr(fg, keyword, None) or getattr(shared, keyword, None)
+
+    out = []
+    for fg in per_frame:
+        number = int(group(fg, "SegmentIdentificationSequence")[0].ReferencedSegmentNumber)
+        ref = default
+        deriv = group(fg, "DerivationImageSequence")
+        srcs = getattr(deriv[0], "SourceImageSequence", None) if deriv else None
+        if srcs:
+            ref = str(srcs[0].ReferencedSOPInstanceUID)
+        out.append((number, ref))
+    return out
+
+
+#: the most pixels (all frames) a SEG may hold to be read as boxes (a 4096² image, 64 segments)
+MAX_SEG_PIXELS = 64 * 4096 * 4096
+
+
+def _seg_frames(path: str) -> tuple[Dataset, np.ndarray]:
+    """A SEG's dataset and its frames ``[n, rows, columns]`` (a one-line error otherwise)."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if min(rows, cols, n_frames) <= 0 or rows * cols * n_frames > MAX_SEG_PIXELS:
+            raise DicomObjectError(f"a segmentation of {n_frames} frames of {rows}x{cols} is "
+                                   "not read (empty or too large)", path=path)
+        return ds, np.asarray(ds.pixel_array).reshape(n_frames, rows, cols)
+    except DicomObjectError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom's pixel handlers raise many types
+        raise DicomObjectError("cannot decode the segmentation's pixels "
+                               f"({' '.join(str(exc).split())[:200]})", path=path) from exc
+
+
+def _seg_boxes(path: str, out: DicomBoxes) -> None:
+    """The boxes of a SEG file (see the module docstring) into ``out``."""
+    ds, frames = _seg_frames(path)
+    n_frames = frames.shape[0]
+    if str(getattr(ds, "SegmentationType", "")) == "FRACTIONAL":
+        frames = frames >= float(getattr(ds, "MaximumFractionalValue", 255)) / 2
+    segments = {int(s.SegmentNumber): s for s in ds.SegmentSequence}
+    union: dict[tuple[int, str | None], np.ndarray] = {}
+    for i, key in enumerate(_frame_refs(ds, n_frames)):
+        if key[0] not in segments:
+            raise ValueError(f"frame {i + 1} names segment {key[0]}, which is not described")
+        plane = frames[i] != 0
+        union[key] = union[key] | plane if key in union else plane
+    for (number, ref), mask in union.items():
+        if not mask.any():
+            out.skipped += 1
+            continue
+        r = np.flatnonzero(mask.any(axis=1))
+        c = np.flatnonzero(mask.any(axis=0))
+        geom = (float(c[0]), float(r[0]), float(c[-1] - c[0] + 1), float(r[-1] - r[0] + 1))
+        out.boxes.append(_segment_box(segments[number], geom, ref))
+
+
 def read_boxes(path: str | os.PathLike) -> DicomBoxes:
-    """The boxes of an SR or GSPS file (ours or another tool's; see the module docstring).
+    """The boxes of an SR, GSPS or SEG file (ours or another tool's; see the module docstring).
 
     Raises :class:`DicomObjectError` for an unreadable file or another kind of DICOM object.
     """
@@ -225,14 +327,17 @@ def read_boxes(path: str | os.PathLike) -> DicomBoxes:
     try:
         if sop_class.startswith(_SR_CLASSES_PREFIX):
             _sr_boxes(ds, out)
+        elif sop_class == _SEG_CLASS:
+            out.kind = "seg"
+            _seg_boxes(p, out)
         elif sop_class == _GSPS_CLASS:
             out.kind = "gsps"
             layers = _layer_names(ds)
             for item in getattr(ds, "GraphicAnnotationSequence", []):
                 _annotation_boxes(item, layers, out)
         else:
-            raise DicomObjectError("not a structured report or grayscale presentation state "
-                                   f"(SOP class {sop_class or 'missing'})", path=p)
+            raise DicomObjectError("not a structured report, segmentation or grayscale "
+                                   f"presentation state (SOP class {sop_class or 'missing'})", path=p)
     except (AttributeError, TypeError, ValueError, IndexError, KeyError, RecursionError) as exc:
         raise DicomObjectError(f"malformed {out.kind.upper()} content ({exc})", path=p) from exc
     return out
@@ -263,6 +368,34 @@ def read_segmentation(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+def split_anatomy(store: AnnotationStore, boxes: list[BoxRecord]
+                  ) -> tuple[list[BoxRecord], list[str]]:
+    """``(boxes to import, labels of the anatomy boxes left out)``: an anatomy box (a SEG's lung
+    or heart segment) is a structure, not a finding; it is kept (with the project's spelling)
+    only when the project's label set holds its label, e.g. the ``lung-heart`` set."""
+    kept, skipped = [], []
+    for box in boxes:
+        if not box.anatomy:
+            kept.append(box)
+            continue
+        label = store.label_set.canonical(box.label)
+        if label is None:
+            skipped.append(box.label)
+        else:
+            kept.append(replace(box, label=label))
+    return kept, skipped
+
+
+def anatomy_note(skipped: list[str]) -> str:
+    """What an import says about the anatomy segments it left out ('' for none)."""
+    if not skipped:
+        return ""
+    names = ", ".join(dict.fromkeys(skipped))
+    n = len(skipped)
+    return (f"skipped {n} anatomy segment{'' if n == 1 else 's'} ({names}): structures, not "
+            "findings of the project's label set")
+
+
 def _project_label(store: AnnotationStore, box: BoxRecord) -> str:
     """The project's label for a box: for a SNOMED CT finding, whichever of our names for that
     code the project's label set holds (``Effusion`` or ``Pleural effusion``), else the label."""
@@ -272,6 +405,18 @@ def _project_label(store: AnnotationStore, box: BoxRecord) -> str:
             if (code.value, code.scheme_designator) == box.code[:2] and name in ls:
                 return name
     return box.label
+
+
+def no_boxes_error(found: DicomBoxes, anatomy: list[str], path: str | os.PathLike
+                   ) -> DicomObjectError:
+    """The error of a file with nothing to import (what was skipped, and why)."""
+    n = found.skipped
+    what = (f"empty segment{'' if n == 1 else 's'}" if found.kind == "seg"
+            else "items that are not rectangles with a finding")
+    text = f"no boxes in this {found.kind.upper()} (skipped {n} {what}"
+    if anatomy:
+        text += "; " + anatomy_note(anatomy)
+    return DicomObjectError(text + ")", path=str(path))
 
 
 def _study_for(store: AnnotationStore, ref: str | None, study_id: int | None,
@@ -302,7 +447,8 @@ def _study_for(store: AnnotationStore, ref: str | None, study_id: int | None,
 def import_boxes(store: AnnotationStore, path: str | os.PathLike, *,
                  study_id: int | None = None, source: str | os.PathLike | None = None,
                  skip_duplicates: bool = True) -> Edit:
-    """Add the boxes of an SR or GSPS file to a project, as one batch edit (one undo step).
+    """Add the boxes of an SR, GSPS or SEG file to a project, as one batch edit (one undo step);
+    a SEG's anatomy segments are left out unless the label set holds them (:func:`split_anatomy`).
 
     The study: ``study_id`` when given (it must be the image the boxes are drawn on, where the
     project knows its SOP Instance UID), else the project's study with the referenced SOP
@@ -313,12 +459,12 @@ def import_boxes(store: AnnotationStore, path: str | os.PathLike, *,
     annotator; a model box keeps its model and score.
     """
     found = read_boxes(path)
-    if not found.boxes:
-        raise DicomObjectError(f"no boxes in this {found.kind.upper()} (skipped {found.skipped} "
-                               "items that are not rectangles with a finding)", path=str(path))
+    boxes, anatomy = split_anatomy(store, found.boxes)
+    if not boxes:
+        raise no_boxes_error(found, anatomy, path)
     with store.batch(f"import {Path(path).name}") as batch:
         sids: dict[str | None, int] = {}
-        for box in found.boxes:
+        for box in boxes:
             ref = box.referenced_sop_uid
             if ref not in sids:
                 sids[ref] = _study_for(store, ref, study_id, source, str(path))

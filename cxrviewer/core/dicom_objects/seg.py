@@ -54,10 +54,14 @@ def segments_from_stack(stack: np.ndarray, names: Sequence[str], shape: tuple[in
             for i, n in enumerate(names)}
 
 
-def _description(number: int, name: str, algorithm: str | None) -> hd.seg.SegmentDescription:
-    anatomy = anatomy_code(name)
+def _description(number: int, name: str, algorithm: str | None,
+                 concept: str | None = None) -> hd.seg.SegmentDescription:
+    """Segment ``number`` labelled ``name``, coded as ``concept`` (default: ``name``): anatomy
+    names get SNOMED CT anatomy codes, anything else a finding code."""
+    concept = name if concept is None else concept
+    anatomy = anatomy_code(concept)
     category = codes.SCT.AnatomicalStructure if anatomy else codes.SCT.MorphologicallyAbnormalStructure
-    kind = anatomy or finding_code(name)
+    kind = anatomy or finding_code(concept)
     algo = None
     if algorithm:
         algo = hd.AlgorithmIdentificationSequence(
@@ -99,10 +103,13 @@ def _usable(source: SourceImage) -> Dataset:
 
 
 def _segmentation(source: SourceImage, pixels: np.ndarray, names: list[str], kind: str,
-                  algorithm: str | None, description: str) -> hd.seg.Segmentation:
+                  algorithm: str | None, description: str,
+                  concepts: Sequence[str] | None = None) -> hd.seg.Segmentation:
+    concepts = list(names) if concepts is None else list(concepts)
     seg = hd.seg.Segmentation(
         source_images=[_usable(source)], pixel_array=pixels, segmentation_type=kind,
-        segment_descriptions=[_description(i + 1, n, algorithm) for i, n in enumerate(names)],
+        segment_descriptions=[_description(i + 1, n, algorithm, c)
+                              for i, (n, c) in enumerate(zip(names, concepts))],
         series_instance_uid=hd.UID(),
         series_number=SERIES_NUMBERS["fseg" if kind == "FRACTIONAL" else "seg"],
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
@@ -127,18 +134,40 @@ def binary_segmentation(source: SourceImage, masks: Mapping[str, np.ndarray], *,
                          "cxrviewer masks: " + ", ".join(masks))
 
 
+#: one thresholded map: ``(class name, map at the image size, threshold)``
+Thresholded = tuple[str, np.ndarray, float]
+
+
 def threshold_segmentation(source: SourceImage, name: str, values: np.ndarray, threshold: float,
                            *, algorithm: str | None = None) -> hd.seg.Segmentation:
     """A binary SEG of ``values >= threshold`` (e.g. a class's CAM); the threshold is written
     into the segment label, the Segment Description and the series description."""
-    if not np.isfinite(threshold):
-        raise DicomObjectError(f"threshold {threshold!r} is not a number", path=source.path)
-    label = f"{name} >= {threshold:g}"
-    pixels = _stack(source, {label: values}, "map") >= threshold
-    seg = _segmentation(source, pixels.astype(np.uint8), [label], "BINARY", algorithm,
-                        f"cxrviewer map {label}")
-    seg.SegmentSequence[0].SegmentDescription = (
-        f"{name} map thresholded: pixels with value >= {threshold!r}")[:64]
+    return thresholds_segmentation(source, [(name, values, threshold)], algorithm=algorithm)
+
+
+def thresholds_segmentation(source: SourceImage, maps: Sequence[Thresholded], *,
+                            algorithm: str | None = None) -> hd.seg.Segmentation:
+    """A binary SEG with one segment per ``(class name, map, threshold)``: ``map >= threshold``.
+
+    Each segment is coded as its class (the finding, as in the SR), labelled ``"<class> >=
+    <threshold>"`` and described ``"<class> map thresholded: pixels with value >= <t>"``, so
+    the threshold is recorded in the object."""
+    labels, planes = {}, {}
+    for name, values, threshold in maps:
+        if not np.isfinite(threshold):
+            raise DicomObjectError(f"threshold {threshold!r} is not a number", path=source.path)
+        label = f"{name} >= {threshold:g}"
+        if label in labels:
+            raise DicomObjectError(f"map {label!r} given twice", path=source.path)
+        labels[label] = (name, float(threshold))
+        planes[label] = np.asarray(values)
+    pixels = _stack(source, planes, "map")
+    pixels = pixels >= np.asarray([t for _, t in labels.values()], dtype=np.float64)
+    seg = _segmentation(source, pixels.astype(np.uint8), list(labels), "BINARY", algorithm,
+                        "cxrviewer map " + ", ".join(labels),
+                        concepts=[n for n, _ in labels.values()])
+    for item, (name, threshold) in zip(seg.SegmentSequence, labels.values()):
+        item.SegmentDescription = f"{name} map thresholded: pixels with value >= {threshold!r}"[:64]
     return seg
 
 
