@@ -17,6 +17,7 @@ from .commands import canonical as _canonical
 from .commands import card as _card
 from .commands import cia as _cia
 from .commands import classify as _classify
+from .commands import compare as _compare
 from .commands import disease_masks as _disease_masks
 from .commands import evaluate as _evaluate
 from .commands import init_bundle as _init_bundle
@@ -38,6 +39,7 @@ COMMANDS = {
     "segment": _segment,
     "evaluate": _evaluate,
     "card": _card,
+    "compare": _compare,
     "localiser": _localiser,
     "disease-masks": _disease_masks,
     "mine": _mine,
