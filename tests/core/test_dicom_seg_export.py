@@ -123,6 +123,14 @@ def test_export_from_stored_results(tiny, tmp_path, capsys):
                  "--studies", str(out)]) == 0
     algo = res.models["classifier"]["name"]
     assert _boxes(new) == [(finding, *_bbox(cmap >= thr), "model", algo)]
+    # ... and into the project it came from: onto the PNG study the capture was made of
+    again = tmp_path / "again.cxrann"
+    shutil.copy(tiny["project"], again)
+    assert main(["import", str(again), str(folder / "SEG_threshold.dcm"), "--format", "dicom-seg",
+                 "--studies", str(out)]) == 0
+    with AnnotationStore(again, read_only=True) as store:
+        (rec,) = store.studies()
+        assert rec.identity.sha256 == tiny["study"].pixel_sha256() and len(store.boxes(rec.id)) == 2
 
 
 def _hand_masks(shape):
@@ -284,3 +292,52 @@ def test_rg1_acceptance_sr_seg_gsps_from_a_project(tmp_path, capsys):
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy (dicom3tools) is not installed: the objects were not validated")
     _assert_valid([*sorted((tmp_path / "sr").rglob("*.dcm")), seg_file])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damage it reads
+def test_seg_from_another_tool_and_damaged_segs(tiny, tmp_path):
+    from pydicom.sr.codedict import codes
+
+    from cxrviewer.core.dicom_objects import secondary_capture, write_dataset
+
+    source = secondary_capture(tiny["study"])
+    src_file = write_dataset(source.dataset, tmp_path / "sc.dcm")
+    heart, nodule, _lung = _hand_masks(tiny["study"].shape)
+
+    def segment(n, label, category, kind):
+        return hd.seg.SegmentDescription(segment_number=n, segment_label=label,
+                                         segmented_property_category=category,
+                                         segmented_property_type=kind, algorithm_type="MANUAL")
+    other = hd.seg.Segmentation(
+        source_images=[pydicom.dcmread(src_file)],
+        pixel_array=np.stack([nodule, heart], axis=-1)[None].astype(np.uint8),
+        segmentation_type="BINARY",
+        segment_descriptions=[segment(1, "PTX", codes.SCT.MorphologicallyAbnormalStructure,
+                                      codes.SCT.Pneumothorax),
+                              segment(2, "Cor", codes.SCT.AnatomicalStructure, codes.SCT.Heart)],
+        series_instance_uid=hd.UID(), series_number=7, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="other", manufacturer_model_name="m",
+        software_versions="1", device_serial_number="1")
+    other.save_as(tmp_path / "other.dcm", enforce_file_format=True)
+    got = read_boxes(tmp_path / "other.dcm")
+    assert got.kind == "seg" and got.skipped == 0
+    assert [(b.label, b.x, b.y, b.w, b.h, b.source, b.anatomy) for b in got.boxes] == [
+        ("Pneumothorax", *_bbox(nodule), "manual", False), ("Cor", *_bbox(heart), "manual", True)]
+    assert {b.referenced_sop_uid for b in got.boxes} == {source.sop_uid}
+    good = pydicom.dcmread(tmp_path / "other.dcm")
+    damage = {
+        "0 per-frame groups": lambda ds: delattr(ds, "PerFrameFunctionalGroupsSequence"),
+        "names segment 9": lambda ds: setattr(
+            ds.PerFrameFunctionalGroupsSequence[0].SegmentIdentificationSequence[0],
+            "ReferencedSegmentNumber", 9),
+        "too large": lambda ds: setattr(ds, "NumberOfFrames", 10 ** 6),
+        "cannot decode": lambda ds: setattr(ds, "PixelData", ds.PixelData[:10]),
+    }
+    for what, harm in damage.items():  # what: the one-line error says it
+        ds = pydicom.dcmread(tmp_path / "other.dcm")
+        harm(ds)
+        ds.save_as(tmp_path / "bad.dcm")
+        with pytest.raises(DicomObjectError) as err:
+            read_boxes(tmp_path / "bad.dcm")
+        assert "\n" not in str(err.value) and what in str(err.value)
+    assert good.SegmentSequence[0].SegmentLabel == "PTX"

@@ -36,9 +36,10 @@ from pydicom.dataset import Dataset
 
 from ..annotations.model import Edit, StudyIdentity
 from ..annotations.store import AnnotationStore
+from ..errors import CxrError
 from ._common import (
     ACCEPTED_MODEL, PRIVATE_SCHEME, PROVENANCE, SCORE, SCT_FINDINGS, DicomObjectError,
-    DEFER_SIZE, anatomy_code, label_of_code, read_source_header,
+    DEFER_SIZE, MANUFACTURER, anatomy_code, label_of_code, read_source_header,
 )
 
 _SR_CLASSES_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -419,6 +420,25 @@ def no_boxes_error(found: DicomBoxes, anatomy: list[str], path: str | os.PathLik
     return DicomObjectError(text + ")", path=str(path))
 
 
+def _captured_study(store: AnnotationStore, head: Dataset, source: str | os.PathLike
+                    ) -> int | None:
+    """The project's PNG/JPEG/NIH study a cxrviewer Secondary Capture (``source``) was made of:
+    the capture holds the study's stored pixels unchanged, so its pixel hash is the study's
+    identity. None when ``source`` is no capture of ours or its image is not in the project."""
+    kinds = [str(v).upper() for v in (getattr(head, "ImageType", None) or [])]
+    if (str(getattr(head, "Manufacturer", "")) != MANUFACTURER or kinds[:2] != ["DERIVED", "SECONDARY"]
+            or str(getattr(head, "ConversionType", "")) != "WSD"):
+        return None
+    from ..io import load_study  # (decodes the capture's pixels)
+
+    try:
+        sha = load_study(source).pixel_sha256()
+    except CxrError:
+        return None
+    rec = store.find_study(StudyIdentity(Path(source).name, sha256=sha))
+    return rec.id if rec is not None and rec.identity.sha256 == sha else None
+
+
 def _study_for(store: AnnotationStore, ref: str | None, study_id: int | None,
                source: str | os.PathLike | None, where: str) -> int:
     """The project study the boxes of ``ref`` go to (see :func:`import_boxes`)."""
@@ -439,6 +459,9 @@ def _study_for(store: AnnotationStore, ref: str | None, study_id: int | None,
     if ref and str(head.SOPInstanceUID) != ref:
         raise DicomObjectError(f"{Path(source).name} is image {head.SOPInstanceUID}, the boxes are"
                                f" drawn on {ref}", path=where)
+    captured = _captured_study(store, head, source)
+    if captured is not None:
+        return captured
     ident = StudyIdentity(Path(source).name, sop_uid=str(head.SOPInstanceUID))
     return store.ensure_study(ident, width=int(head.Columns), height=int(head.Rows),
                               path=str(source)).id
