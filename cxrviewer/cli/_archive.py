@@ -14,6 +14,8 @@ torchrun shards and the decoding pool.
 * :class:`Shard`: ``RANK``/``WORLD_SIZE`` from torchrun; disjoint shards by index modulo the world
   size; a ``torch.distributed`` barrier (gloo on the CPU, nccl on GPUs).
 * :class:`Prefetcher`: studies decoded ahead by worker processes.
+* :class:`BackgroundWriter`: study folders (results.h5, panels.png, summary.json) written by one
+  thread while the next study is computed.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -492,6 +494,64 @@ class Prefetcher:
         if self.pool is not None:
             for f in self.pending:
                 f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+class BackgroundWriter:
+    """Runs write jobs on one background thread, at most ``ahead`` waiting, so encoding and
+    writing a study overlaps computing the next (torch, zlib and PNG encoding release the GIL).
+
+    :meth:`submit` queues ``fn`` under ``tag`` and returns the outcomes ``(tag, error or None)``
+    of the jobs finished by then, in order (it waits for the oldest while more than ``ahead``
+    are queued); :meth:`drain` waits for the rest. ``threaded=False`` runs each job at once."""
+
+    def __init__(self, ahead: int = 1, threaded: bool = True) -> None:
+        self.ahead = max(0, ahead)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cxr-writer") if threaded else None
+        self.pending: deque[tuple[Any, Future[Any]]] = deque()
+        self.stopped: BaseException | None = None
+
+    def _run(self, fn: Any) -> Any:
+        """``fn()`` on the thread; after a KeyboardInterrupt/SystemExit no later job starts."""
+        if self.stopped is not None:
+            raise self.stopped
+        try:
+            return fn()
+        except Exception:
+            raise
+        except BaseException as exc:
+            self.stopped = exc
+            raise
+
+    def submit(self, tag: Any, fn: Any) -> list[tuple[Any, BaseException | None]]:
+        """Queue ``fn()``; the outcomes of the jobs finished so far."""
+        if self.pool is None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - reported per study by the caller
+                return [(tag, exc)]
+            return [(tag, None)]
+        self.pending.append((tag, self.pool.submit(self._run, fn)))
+        done = []
+        while self.pending and (len(self.pending) > self.ahead or self.pending[0][1].done()):
+            done.append(self._pop())
+        return done
+
+    def _pop(self) -> tuple[Any, BaseException | None]:
+        tag, fut = self.pending.popleft()
+        exc = fut.exception()
+        if exc is not None and not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, SystemExit: stop the run as in a single thread
+        return tag, exc
+
+    def drain(self) -> list[tuple[Any, BaseException | None]]:
+        """Wait for every queued job; their outcomes in order."""
+        return [self._pop() for _ in range(len(self.pending))]
+
+    def close(self) -> None:
+        """Finish the job that is running, drop those not started, and stop the thread."""
+        if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 

@@ -1,7 +1,8 @@
 """Run the explanation pipeline headless on studies and write results per study.
 
     cxrviewer analyze PATH ... [--list FILE] [--models DIR] --out DIR [--device auto|cpu|cuda]
-                      [--classes NAME ...] [--workers N] [--quiet] [--progress-every SECONDS]
+                      [--classes NAME ...] [--panels | --no-panels] [--workers N] [--quiet]
+                      [--progress-every SECONDS]
 
 For each study: ``OUT/<name>/results.h5`` (all maps, boxes, timings; layout in
 ``cxrviewer.core.io.results``), ``summary.json`` (strict JSON, a non-finite number written as
@@ -11,10 +12,12 @@ per-stage timings, device, models, and ``not_available``: panel -> why this mode
 show it, e.g. ``"contrast": "needs a CIA model with a normal bank (not loaded)"``, ``"prior boxes":
 "NIH classes only: not for Lung Opacity"``, ``source_file``: the file's ``bytes`` and ``mtime_ns``
 and ``analysis``: each role's ``weights_sha256`` and the options ``classes``, ``map_size``,
-``panels``, which a rerun compares to skip the study) and ``panels.png`` (original, CAM,
-aligned, attention mining, contrast + paired normal, disease mask, lung/heart masks, as available).
-A study that cannot be read or analysed gets a one-line error; the others go on
-and the exit status is non-zero at the end.
+``panels``, which a rerun compares to skip the study) and, with ``--panels`` (the default
+only when the input is a single file), ``panels.png`` (original, CAM, aligned, attention
+mining, contrast + paired normal, disease mask, lung/heart masks, as available). A study's
+folder is written (and its PNG encoded) by a background thread while the next study is
+computed. A study that cannot be read, analysed or written gets a one-line error; the others
+go on and the exit status is non-zero at the end.
 
 ``<name>`` is the file's stem (for an NIH folder: the image id, e.g. ``00002578_000``).
 Names are given in input order: two files with the same stem get ``name`` and ``name-2``.
@@ -44,9 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._archive import (ArchiveError, Prefetcher, Progress, Shard, clean_partial, collect_inputs, display_name,
-                       entry_path, is_done, is_interrupted_write, new_partial, place_study, source_identity,
-                       weights_of, write_table)
+from ._archive import (ArchiveError, BackgroundWriter, Prefetcher, Progress, Shard, clean_partial, collect_inputs,
+                       display_name, entry_path, is_done, is_interrupted_write, new_partial, place_study,
+                       source_identity, weights_of, write_table)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,9 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """Run every model on studies without the window and write, per study, a folder
 OUT/NAME/ with results.h5 (all maps and boxes, the format the app reads), summary.json
 (source path, pixel SHA-256, class probabilities, every method's boxes, timings, device,
-models, and the panels the models cannot make with the reason) and panels.png (the panels the
-models allow). NAME is the file's name without its
+models, and the panels the models cannot make with the reason) and, for a single input file
+or with --panels, panels.png (the panels the models allow; --no-panels: none). NAME is the
+file's name without its
 extension (for an NIH folder: the image id); two files with the same name get NAME and
 NAME-2, in input order. An existing folder is reused only when it holds the results of the
 same file; any other folder is left alone. A study that cannot be read gets a one-line error,
@@ -83,7 +87,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "panels.png (default: the most probable class). Names match the model's classes up to "
                         "case, spaces and _ and through its label set's synonyms; an unknown name exits 2")
     p.add_argument("--map-size", type=int, default=512, help="longest side of stored maps (default 512)")
-    p.add_argument("--no-panels", action="store_true", help="do not write panels.png")
+    panels = p.add_mutually_exclusive_group()
+    panels.add_argument("--panels", dest="panels", action="store_true", default=None,
+                        help="write panels.png for every study (default only when the input is one file)")
+    panels.add_argument("--no-panels", dest="panels", action="store_false", default=None,
+                        help="do not write panels.png (the default for folders, lists and several files)")
+    p.add_argument("--serial-writes", dest="write_thread", action="store_false",
+                   help="write each study's folder before computing the next (default: a background thread "
+                        "writes it meanwhile; this option exists for timing comparisons)")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="processes decoding studies ahead of the models (default 2; 0: decode in this process)")
     p.add_argument("--quiet", action="store_true", help="no progress and no per-study lines (errors still shown)")
@@ -174,23 +185,22 @@ def analysis_record(pipeline: Any, classes: list[str], args: argparse.Namespace)
     """What makes two analyses of one file the same: each role's weights SHA-256 and the options."""
     models = {role: b.manifest.summary() for role, b in pipeline.bundles.items()}
     return {"weights_sha256": weights_of(models), "classes": list(classes), "map_size": int(args.map_size),
-            "panels": not args.no_panels}
+            "panels": bool(args.panels)}
 
 
-def _write_study(pipeline: Any, study: Any, d: Path, source: str, classes: list[str],
-                 args: argparse.Namespace, analysis: dict[str, Any]) -> Any:
-    """Run the pipeline on ``study`` and write its folder ``d`` atomically; returns the results."""
+def _write_study(pipeline: Any, study: Any, results: Any, d: Path, source: str, classes: list[str],
+                 args: argparse.Namespace, analysis: dict[str, Any]) -> None:
+    """Write the folder ``d`` of one analysed study atomically (a background thread may run it)."""
     from cxrviewer.core.io.results import write_results
     from cxrviewer.core.jsonsafe import dumps
     from cxrviewer.core.panels import below_prior_by_role, default_box_method
     from cxrviewer.core.render import save_panels
 
-    results = pipeline.run(study)
     tmp = new_partial(d.parent, d.name)
     try:
         files = {"results": "results.h5", "summary": "summary.json"}
         write_results(results, tmp / "results.h5", default_box_method=default_box_method(results.boxes))
-        if not args.no_panels:
+        if args.panels:
             c = results.classes.index(classes[0]) if classes and classes[0] in results.classes else None
             cards = {b.path.name: b.manifest for b in pipeline.bundles.values()}  # model cards
             save_panels(study, results, tmp / "panels.png", class_index=c,
@@ -202,16 +212,44 @@ def _write_study(pipeline: Any, study: Any, d: Path, source: str, classes: list[
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return results
+
+
+def _failed(entry: Any, status: str, exc: BaseException, err: Any) -> None:
+    """Report one study's failure as one line (typed errors as they are, others with their type)."""
+    from cxrviewer.core.errors import CxrError
+
+    if isinstance(exc, CxrError):
+        msg = str(exc)
+        err(msg if entry_path(entry) in msg or status != "ok" else f"{entry_path(entry)}: {msg}")
+    else:
+        log.debug("analysis failed", exc_info=exc)
+        err(f"{entry_path(entry)}: analysis failed ({type(exc).__name__}: {exc})")
 
 
 def _analyse(pipeline: Any, todo: list[tuple[Any, Path]], classes: list[str], args: argparse.Namespace,
              analysis: dict[str, Any], progress: Progress, err: Any) -> int:
-    """Analyse ``todo`` ((entry, folder) pairs), decoded ahead by worker processes; returns failures."""
-    from cxrviewer.core.errors import CxrError
-
+    """Analyse ``todo`` ((entry, folder) pairs), decoded ahead by worker processes and written by
+    a background thread while the next study is computed; returns the number of failures."""
     failures = 0
+
+    def report(outcomes: list[tuple[Any, BaseException | None]]) -> None:
+        nonlocal failures
+        for (entry, d, results, t0), exc in outcomes:
+            if exc is not None:
+                failures += 1
+                _failed(entry, "ok", exc, err)
+                progress.update(failed=1)
+                continue
+            if not args.quiet:
+                top = results.top_classes(1)
+                best = f"{results.classes[top[0]]} p={results.probabilities[top[0]]:.3f}" if top else "no classifier"
+                progress.clear()
+                print(f"{display_name(entry)}: {best}, {time.perf_counter() - t0:.1f} s on {results.device} -> {d}",
+                      flush=True)
+            progress.update(analysed=1)
+
     pre = Prefetcher([e for e, _ in todo], max(0, args.workers))
+    writer = BackgroundWriter(ahead=1, threaded=args.write_thread)
     try:
         for k, (entry, d) in enumerate(todo):
             t0 = time.perf_counter()
@@ -219,26 +257,18 @@ def _analyse(pipeline: Any, todo: list[tuple[Any, Path]], classes: list[str], ar
             try:
                 if status != "ok":
                     raise ArchiveError(study)
-                results = _write_study(pipeline, study, d, entry_path(entry), classes, args, analysis)
-            except CxrError as exc:
-                failures += 1
-                msg = str(exc)
-                err(msg if entry_path(entry) in msg or status != "ok" else f"{entry_path(entry)}: {msg}")
-                progress.update(failed=1)
-                continue
+                results = pipeline.run(study)
             except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
                 failures += 1
-                log.debug("analysis failed", exc_info=True)
-                err(f"{entry_path(entry)}: analysis failed ({type(exc).__name__}: {exc})")
+                _failed(entry, status, exc, err)
                 progress.update(failed=1)
                 continue
-            if not args.quiet:
-                top = results.top_classes(1)
-                best = f"{results.classes[top[0]]} p={results.probabilities[top[0]]:.3f}" if top else "no classifier"
-                progress.clear()
-                print(f"{display_name(entry)}: {best}, {time.perf_counter() - t0:.1f} s on {results.device} -> {d}", flush=True)
-            progress.update(analysed=1)
+            job = (lambda s=study, r=results, d=d, e=entry:
+                   _write_study(pipeline, s, r, d, entry_path(e), classes, args, analysis))
+            report(writer.submit((entry, d, results, t0), job))
+        report(writer.drain())
     finally:
+        writer.close()
         pre.close()
     return failures
 
@@ -253,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.paths and not args.list:
         err("name studies: PATH ... or --list FILE")
         return 2
+    if args.panels is None:  # panels for a single file; folders and lists are archives: none
+        args.panels = len(args.paths) == 1 and not args.list and os.path.isfile(args.paths[0])
     try:
         shard = Shard.from_env(args.device)
     except (CxrError, RuntimeError, ValueError) as exc:

@@ -61,7 +61,9 @@ def test_analyze_rg1_writes_three_files(models_dir, rg1_uncr, tmp_path, capsys):
     for ex, name in (("cam", "cam"), ("gradcam", "gradcam"), ("attention_mining", "final"), ("contrast", "contrast"),
                      ("disease_mask", "psi"), ("segmentation", "masks"), ("alignment", "aligned_image"),
                      ("alignment", "affine")):
-        np.testing.assert_allclose(back.get(ex, name), ref.get(ex, name), rtol=1e-5, atol=1e-6, err_msg=name)
+        a, b = np.asarray(back.get(ex, name), np.float64), np.asarray(ref.get(ex, name), np.float64)
+        span = float(b.max() - b.min()) or 1.0  # maps are stored native or quantised: within 1e-3 of range
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-3 * span, name
     assert [b.label for b in back.boxes["attention_mining"]] == [b.label for b in ref.boxes["attention_mining"]]
     assert [(b.label, b.x, b.w) for b in back.boxes["prior"]] == [(b["label"], b["x"], b["w"]) for b in prior]
     assert results_summary(d / "results.h5")["default_box_method"] == default

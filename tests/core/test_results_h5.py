@@ -1,4 +1,5 @@
-"""Results <-> HDF5: exact round trip, fixed top-level names, atomic writes."""
+"""Results <-> HDF5: round trip (float maps within 1e-3 of their range, the rest exact), fixed
+top-level names, atomic writes."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,12 @@ def _assert_same(x, y, what) -> None:
             _assert_same(x[k], y[k], (what, k))
     elif isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
         assert x is not None and y is not None, what
-        assert x.dtype == y.dtype and np.array_equal(x, y), what
+        assert x.dtype == y.dtype and x.shape == y.shape, what
+        if x.dtype.kind == "f" and x.ndim >= 2 and x.size >= 4096:  # stored native or quantised
+            span = float(x.max() - x.min()) or 1.0
+            assert np.abs(x.astype(np.float64) - y).max() <= 1e-3 * span, what
+        else:
+            assert np.array_equal(x, y), what
     else:
         assert x == y, what
 
@@ -49,7 +55,9 @@ def test_round_trip_identical(results, tmp_path):
     with h5py.File(p, "r") as f:
         for name in ("probabilities", *GROUPS):
             assert name in f, name
-        assert f["explainers/cam/cam"].shape == results.get("cam", "cam").shape
+        cam = f["explainers/cam/cam"]
+        assert cam.attrs["encoding"] == "native" and cam.shape[0] == results.get("cam", "cam").shape[0]
+        assert cam.shape[1:] < results.get("cam", "cam").shape[1:]  # the native grid, not the map
         assert f.attrs["study_id"] == results.study_id
         assert f.attrs["pixel_sha256"] == results.pixel_sha256
 

@@ -132,6 +132,34 @@ def _vlen_label_huge(f: h5py.File) -> None:
     f["boxes/cam"].create_dataset("label", data=["x" * 100_000], dtype=h5py.string_dtype())
 
 
+_RECIPE = {"map_shape": [8, 8], "frame_shape": [64, 64], "box": None, "theta_inv": None, "mode": "bilinear"}
+
+
+def _encoded(encoding: str, data: np.ndarray, **attrs) -> Callable[[h5py.File], None]:
+    """``explainers/cam/cam`` replaced by a version 3 encoded dataset (``recipe``: a dict -> JSON)."""
+    def edit(f: h5py.File) -> None:
+        del f["explainers/cam/cam"]
+        ds = f.create_dataset("explainers/cam/cam", data=data)
+        ds.attrs["encoding"] = encoding
+        for k, v in attrs.items():
+            ds.attrs[k] = json.dumps(v) if isinstance(v, dict) else v
+    return edit
+
+
+def _native(data: np.ndarray | None = None, **recipe) -> Callable[[h5py.File], None]:
+    return _encoded("native", np.zeros((2, 4, 4), "f4") if data is None else data, recipe={**_RECIPE, **recipe})
+
+
+def _native_decode_bomb(f: h5py.File) -> None:
+    """64 x 2 x 2 native values declared to decode at 4096 x 4096: 1 Gi elements."""
+    del f["explainers/attention_mining"]
+    f.attrs["map_shape"] = np.asarray([4096, 4096])
+    _native(np.zeros((64, 2, 2), "f4"), map_shape=[4096, 4096])(f)
+
+
+_Q = np.zeros((2, 8, 8), "u2")
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -213,6 +241,26 @@ CASES: dict[str, tuple[Callable, str]] = {
     "box_missing_label": (lambda f: f.__delitem__("boxes/cam/label"), "missing"),
     "box_label_numbers": (_replace("boxes/cam/label", data=np.zeros(1)), "text labels"),
     "box_label_huge": (_vlen_label_huge, "longer than"),
+    "native_bad_mode": (_native(mode="cubic"), "bad recipe"),
+    "native_box_outside": (_native(box=[0, 100, 0, 10]), "bad recipe"),
+    "native_theta_short": (_native(theta_inv=[1.0, 0.0]), "bad recipe"),
+    "native_recipe_not_json": (_encoded("native", np.zeros((2, 4, 4), "f4"), recipe="{"), "not valid JSON"),
+    "native_recipe_missing": (_encoded("native", np.zeros((2, 4, 4), "f4")), "'recipe' is missing"),
+    "native_other_map_shape": (_native(map_shape=[16, 16]), "is not the file's"),
+    "native_nan": (_native(np.full((2, 4, 4), np.nan, "f4")), "NaN"),
+    "native_integers": (_native(np.zeros((2, 4, 4), "i4")), "native map must be"),
+    "native_too_large": (_native(np.zeros((2, 300, 300), "f4")), "native map must be"),
+    "native_shrinks": (_native(np.zeros((2, 16, 16), "f4")), "cannot redraw"),
+    "native_decode_bomb": (_native_decode_bomb, "budget"),
+    "quantised_no_scale": (_encoded("quantised", _Q, offset=np.zeros(2)), "'scale' is missing"),
+    "quantised_short_offset": (_encoded("quantised", _Q, offset=np.zeros(1), scale=np.ones(2)), "must be 2 floats"),
+    "quantised_inf_scale": (_encoded("quantised", _Q, offset=np.zeros(2), scale=np.asarray([1.0, np.inf])),
+                            "NaN or infinite"),
+    "quantised_floats": (_encoded("quantised", _Q.astype("f4"), offset=np.zeros(2), scale=np.ones(2)),
+                         "unsigned integers"),
+    "quantised_not_map_shape": (_encoded("quantised", np.zeros((2, 4, 4), "u2"), offset=np.zeros(2),
+                                         scale=np.ones(2)), "map_shape"),
+    "unknown_encoding": (_encoded("zstd", np.zeros((2, 8, 8), "f4")), "unknown encoding"),
     "truncated": (_truncate, ""),
     "not_hdf5": (_not_hdf5, "not a readable results file"),
     "directory": (_directory, "not a regular file"),

@@ -28,19 +28,25 @@ from cxrviewer.core.preprocess import CropBox, Preprocess, maps_to_frame
 if TYPE_CHECKING:
     from cxrviewer.core.bundle import LoadedBundle
     from cxrviewer.core.device import DeviceInfo
-    from cxrviewer.core.results import Results
+    from cxrviewer.core.results import MapRecipe, NativeLog, Results
 
 __all__ = ["ClassifierPass", "ExplainContext", "Mapper", "accepts"]
 
 
 @dataclass
 class Mapper:
-    """Maps from a network input back to original-image map coordinates (CPU)."""
+    """Maps from a network input back to original-image map coordinates (CPU).
+
+    With a ``log`` (the study's :class:`~cxrviewer.core.results.NativeLog`), every call records
+    its native input and :class:`~cxrviewer.core.results.MapRecipe`, so the results writer can
+    store the small native grid instead of the upsampled map (inputs at least half the map's
+    size on a side are not recorded: storing them would save little)."""
 
     map_shape: tuple[int, int]
     frame_shape: tuple[int, int]
     box: CropBox | None
     theta_inv: torch.Tensor | None  # [1, 2, 3]
+    log: "NativeLog | None" = None
 
     def __call__(self, maps: torch.Tensor, *, nearest: bool = False) -> np.ndarray:
         """``[N, h, w]`` raw maps -> ``[N, *map_shape]`` float32; outside = the map's minimum."""
@@ -55,7 +61,18 @@ class Mapper:
             from cxrviewer.core.models.alignment import warp
 
             out = warp(out[None], self.theta_inv, mode=mode)[0]
-        return (out + lo).numpy().astype(np.float32)
+        res = (out + lo).numpy().astype(np.float32)
+        if self.log is not None and 4 * m.shape[-2] * m.shape[-1] <= self.map_shape[0] * self.map_shape[1]:
+            self.log.add(m.numpy(), res, self.recipe(mode))
+        return res
+
+    def recipe(self, mode: str = "bilinear") -> "MapRecipe":
+        """This map-back as a :class:`~cxrviewer.core.results.MapRecipe` (plain numbers)."""
+        from cxrviewer.core.results import MapRecipe
+
+        theta = None if self.theta_inv is None else tuple(float(v) for v in self.theta_inv.reshape(-1)[:6].tolist())
+        box = None if self.box is None else tuple(int(v) for v in self.box)
+        return MapRecipe(tuple(self.map_shape), tuple(self.frame_shape), box, theta, mode)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -131,7 +148,10 @@ class ExplainContext:
 
     def mapper(self, box: CropBox | None, *, aligned: bool = True) -> Mapper:
         """Map-back for a network input cut at ``box`` from the (aligned, if ``aligned``) frame."""
-        return Mapper(self.map_shape, self.frame_shape, box, self.theta_inv if aligned else None)
+        from cxrviewer.core.results import NATIVE_KEY, NativeLog
+
+        log = self.results.state.setdefault(NATIVE_KEY, NativeLog())
+        return Mapper(self.map_shape, self.frame_shape, box, self.theta_inv if aligned else None, log)
 
     def set_alignment(self, theta: torch.Tensor) -> None:
         """Use the affine ``theta`` [1, 2, 3] (original -> whole registered chest, as

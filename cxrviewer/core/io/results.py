@@ -61,7 +61,7 @@ import numpy as np
 
 from ..errors import CxrError
 from ..geometry import Box
-from ..results import RESULTS_FORMAT_VERSION, Results
+from ..results import NATIVE_KEY, RESULTS_FORMAT_VERSION, MapRecipe, NativeLog, Results, remap
 from ..atomic import mkstemp_beside
 from ..jsonsafe import loads_strict
 from ._common import MAX_PIXELS
@@ -76,19 +76,97 @@ class ResultsFileError(CxrError):
     """A results file cannot be written or read."""
 
 
-def _put(g: h5py.Group, name: str, arr: Any) -> None:
+#: a map is stored on its native grid only when redrawing it matches the map in memory within
+#: this fraction of each slice's range
+NATIVE_TOL = 2e-4
+#: quantised maps keep this many steps per slice: error <= range / (2 * QUANT_LEVELS) (< 1e-3)
+QUANT_LEVELS = 1023
+#: native grids larger than this on a side are neither written nor read (maps come from ~16-64)
+MAX_NATIVE_SIDE = 256
+
+
+def _put(g: h5py.Group, name: str, arr: Any, log: NativeLog | None = None) -> None:
+    """Store ``arr`` (a dict: a group of them) as ``g/name`` in its most compact exact-enough form."""
     if arr is None:
         return
     if isinstance(arr, dict):
         sub = g.create_group(name)
         for k, v in arr.items():
-            _put(sub, k, v)
+            _put(sub, k, v, log)
         return
-    a = np.ascontiguousarray(arr)
-    if a.ndim >= 2 and a.size >= 4096:
-        g.create_dataset(name, data=a, compression="lzf", shuffle=True, chunks=True)
+    data, attrs = _encode(np.ascontiguousarray(arr), log)
+    if data.ndim >= 2 and data.size >= 4096:
+        h, w = data.shape[-2:]
+        chunks = (1,) * (data.ndim - 2) + (h, w) if h * w * data.itemsize <= 2**24 else True
+        kind = dict(compression="gzip", compression_opts=4) if data.dtype.kind in "biu" else dict(compression="lzf")
+        ds = g.create_dataset(name, data=data, shuffle=data.itemsize > 1, chunks=chunks, **kind)
     else:
-        g.create_dataset(name, data=a)
+        ds = g.create_dataset(name, data=data)
+    for k, v in attrs.items():
+        ds.attrs[k] = v
+
+
+def _encode(a: np.ndarray, log: NativeLog | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(data, attributes)`` of one array: a float map drawn by the Mapper as its native grid
+    (``encoding=native``), another float map quantised (``encoding=quantised``), else as is."""
+    if a.dtype.kind != "f" or a.ndim < 2 or a.size < 4096 or 0 in a.shape:
+        return a, {}
+    if log is not None:
+        native = _native_of(a, log)
+        if native is not None:
+            return native
+    return _quantise(a)
+
+
+def _slice_tol(flat: np.ndarray, frac: float) -> np.ndarray:
+    """Per-slice tolerance: ``frac`` of each slice's range (plus float32 rounding of its values)."""
+    hi, lo = flat.max(axis=(1, 2)).astype(np.float64), flat.min(axis=(1, 2)).astype(np.float64)
+    return frac * (hi - lo) + 1e-6 * np.maximum(np.abs(hi), np.abs(lo))
+
+
+def _native_of(a: np.ndarray, log: NativeLog) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """``a``'s native grid and recipe from ``log`` when redrawing it reproduces ``a`` (checked)."""
+    H, W = a.shape[-2:]
+    flat = a.reshape(-1, H, W)
+    if not np.all(np.isfinite(flat)):
+        return None
+    cands = [log.find(s) for s in flat]
+    if not all(cands):
+        return None
+    recipe, shape = cands[0][0][1], cands[0][0][0].shape
+    cands = [[n for n, r in c if r == recipe and n.shape == shape] for c in cands]
+    if not all(cands) or max(shape) > MAX_NATIVE_SIDE or recipe.map_shape != (H, W):
+        return None
+    native = np.stack([c[0] for c in cands])
+    tol = _slice_tol(flat, NATIVE_TOL)
+    try:
+        ok = np.abs(remap(native, recipe) - flat).max(axis=(1, 2)) <= tol
+        for i in np.flatnonzero(~ok):  # same fingerprint, another native (e.g. constant maps)
+            for n in cands[i][1:]:
+                if np.abs(remap(n[None], recipe)[0] - flat[i]).max() <= tol[i]:
+                    native[i], ok[i] = n, True
+                    break
+    except ValueError:  # a recipe the numpy redraw does not cover (e.g. shrinking)
+        return None
+    if not ok.all():
+        return None
+    return native.reshape(*a.shape[:-2], *shape), {"encoding": "native", "recipe": _json(recipe.to_json())}
+
+
+def _quantise(a: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """uint16 steps (0..QUANT_LEVELS) of ``(slice - offset) / scale`` per 2-D slice: error <=
+    scale / 2 = range / (2 * QUANT_LEVELS); ``a`` as is when it holds NaN/Inf."""
+    H, W = a.shape[-2:]
+    flat = a.reshape(-1, H, W)
+    lo, hi = flat.min(axis=(1, 2)).astype(np.float64), flat.max(axis=(1, 2)).astype(np.float64)
+    scale = (hi - lo) / QUANT_LEVELS
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(scale))):
+        return a, {}
+    q = np.empty(flat.shape, np.uint16)
+    for i, s in enumerate(flat):
+        step = np.float32(scale[i] if scale[i] > 0 else 1.0)
+        q[i] = np.clip(np.rint((s - np.float32(lo[i])) / step), 0, QUANT_LEVELS)
+    return q.reshape(a.shape), {"encoding": "quantised", "offset": lo, "scale": scale}
 
 
 def _plain(obj: Any) -> Any:
@@ -147,8 +225,13 @@ def _write_boxes(g: h5py.Group, source: str, boxes: list[Box]) -> None:
 
 
 def write_results(results: Results, path: str | os.PathLike, *, default_box_method: str | None = None) -> Path:
-    """Write ``results`` to ``path`` atomically (format version 2); ``default_box_method`` (the
-    caller's :func:`cxrviewer.core.panels.default_box_method`) becomes a root attribute."""
+    """Write ``results`` to ``path`` atomically (format version 3); ``default_box_method`` (the
+    caller's :func:`cxrviewer.core.panels.default_box_method`) becomes a root attribute.
+
+    Float maps are stored on the native grid they were computed on when the results' NativeLog
+    knows it and redrawing reproduces the map (within ``NATIVE_TOL`` of each slice's range),
+    else quantised to ``QUANT_LEVELS`` steps per slice; :func:`read_results` gives the arrays
+    at full size either way."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = mkstemp_beside(p, ".h5.tmp")
@@ -159,11 +242,12 @@ def write_results(results: Results, path: str | os.PathLike, *, default_box_meth
             _write_root(f, r, default_box_method)
             _put(f, "probabilities", r.probabilities)
             eg, bg = f.create_group("explainers"), f.create_group("boxes")
+            log = r.state.get(NATIVE_KEY)
             for name, maps in r.maps.items():
                 g = eg.create_group(name)
                 g.attrs["attrs"] = _json(r.attrs.get(name, {}))
                 for k, v in maps.items():
-                    _put(g, k, v)
+                    _put(g, k, v, log if isinstance(log, NativeLog) else None)
             for source, boxes in r.boxes.items():
                 _write_boxes(bg, source, boxes)
         os.replace(tmp, p)
@@ -236,6 +320,7 @@ class _Reader:
         self.map_shape: tuple[int, int] | None = None
         self.image_shape: tuple[int, int] | None = None
         self.n_classes = 0
+        self.version = FORMAT_VERSION
         self.dry = False  # a dry pass checks every declaration and reads no dataset
 
     def fail(self, msg: str) -> ResultsFileError:
@@ -447,9 +532,73 @@ class _Reader:
             raise self.fail(f"{ds.name} {shape} is larger than {MAX_MAP_SIDE} on a side")
         if any(v > lead for v in shape[:-2]):
             raise self.fail(f"{ds.name} {shape}: a leading axis exceeds {lead} (classes or steps)")
+        encoding = self.attr_str(ds, "encoding", None, limit=32) if self.version >= 3 else None
+        if encoding == "native":
+            return self._native(ds)
         if name in _ORIGINAL_FRAME and len(shape) >= 2 and tuple(shape[-2:]) != self.map_shape:
             raise self.fail(f"{ds.name} {shape} does not match map_shape {self.map_shape}")
+        if encoding == "quantised":
+            return self._dequantise(ds)
+        if encoding is not None:
+            raise self.fail(f"{ds.name} has an unknown encoding {encoding!r}")
         return self.dataset(ds)
+
+    def _grow(self, ds: h5py.Dataset, n: int) -> None:
+        """Count ``n`` more float32 elements (a map decoded to full size) against the budget,
+        before anything is allocated."""
+        self.elements += n
+        self.nbytes += 4 * n
+        if self.elements > MAX_ELEMENTS or self.nbytes > MAX_BYTES:
+            raise self.fail(f"{ds.name} decodes past the file's budget of {MAX_ELEMENTS} elements / "
+                            f"{MAX_BYTES // 2**20} MiB")
+
+    def _native(self, ds: h5py.Dataset) -> np.ndarray | None:
+        """A map stored on its native grid (``encoding=native``), redrawn at ``map_shape``."""
+        shape = ds.shape or ()
+        if not 2 <= len(shape) <= MAX_NDIM or max(shape[-2:]) > MAX_NATIVE_SIDE or ds.dtype.kind != "f":
+            raise self.fail(f"{ds.name}: a native map must be [..., h, w] floats with h, w <= {MAX_NATIVE_SIDE} "
+                            f"(got {ds.dtype} {shape})")
+        try:
+            recipe = MapRecipe.from_json(self.attr_json(ds, "recipe", dict), MAX_MAP_SIDE, MAX_IMAGE_SIDE)
+        except ValueError as exc:
+            raise self.fail(f"{ds.name}: bad recipe ({exc})") from None
+        if recipe.map_shape != self.map_shape:
+            raise self.fail(f"{ds.name}: recipe map_shape {recipe.map_shape} is not the file's {self.map_shape}")
+        self._grow(ds, math.prod(shape[:-2]) * math.prod(recipe.map_shape))
+        native = self.dataset(ds, "f")
+        if native is None:
+            return None
+        if not np.all(np.isfinite(native)):
+            raise self.fail(f"{ds.name}: a native map holds NaN or infinite values")
+        try:
+            return remap(native, recipe)
+        except ValueError as exc:
+            raise self.fail(f"{ds.name}: cannot redraw ({exc})") from None
+
+    def _dequantise(self, ds: h5py.Dataset) -> np.ndarray | None:
+        """A quantised map (``encoding=quantised``): ``offset + steps * scale`` per 2-D slice."""
+        shape = ds.shape or ()
+        if len(shape) < 2 or ds.dtype.kind != "u":
+            raise self.fail(f"{ds.name}: a quantised map must be [..., h, w] unsigned integers (got {ds.dtype} {shape})")
+        n = math.prod(shape[:-2])
+        coef = []
+        for key in ("offset", "scale"):
+            aid = self._attr(ds, key, _MISSING)
+            if aid.dtype.kind != "f" or aid.shape != (n,):
+                raise self.fail(f"{ds.name}: attribute {key!r} must be {n} floats")
+            coef.append(np.asarray(ds.attrs[key], np.float64).reshape(-1, 1, 1))
+            if not np.all(np.isfinite(coef[-1])):
+                raise self.fail(f"{ds.name}: attribute {key!r} holds NaN or infinite values")
+        self._grow(ds, math.prod(shape))
+        q = self.dataset(ds, "u")
+        if q is None:
+            return None
+        h, w = shape[-2:]
+        q = q.reshape(-1, h, w)
+        out = np.empty(q.shape, np.float32)
+        for i in range(len(q)):  # float64 arithmetic one slice at a time
+            out[i] = coef[0][i] + q[i] * coef[1][i]
+        return out.reshape(shape)
 
     def boxes(self, g: h5py.Group) -> dict[str, list[Box]]:
         """``/boxes/<source>``: finite xywh with w, h >= 0; a NaN score means none."""
@@ -626,7 +775,7 @@ def _read_data(r: _Reader, version: int) -> tuple[Any, dict, dict, dict[str, lis
 
 
 def _read(r: _Reader) -> Results:
-    version = _version(r)
+    version = r.version = _version(r)
     groups = _V1_GROUPS if version == 1 else GROUPS
     missing = [g for g in groups if g not in r.f]
     if missing:
@@ -644,7 +793,8 @@ def _read(r: _Reader) -> Results:
 
 
 def read_results(path: str | os.PathLike) -> Results:
-    """Read a results file (format version 1 or 2) back into a :class:`Results`.
+    """Read a results file (format version 1, 2 or 3) back into a :class:`Results`; maps stored
+    on their native grid or quantised (version 3) come back at ``map_shape`` as float32.
 
     Raises :class:`ResultsFileError` only (a one-line message naming the file), whatever the file
     holds: every dataset's declared shape, type, chunking and compression are checked against the
@@ -662,7 +812,7 @@ def read_results(path: str | os.PathLike) -> Results:
 
 
 def _summary(r: _Reader) -> dict[str, Any]:
-    _version(r)
+    r.version = _version(r)
     f = r.f
     classes = r.attr_json(f, "classes", list, [])
     if len(classes) > MAX_CLASSES or not all(isinstance(c, str) for c in classes):
