@@ -223,11 +223,20 @@ class AnnotationIO(QObject):
 
         if self.session.store is None:
             raise EditRefused("No annotation project open")
-        if fmt == "dicom-seg":
+        if fmt == "dicom-seg":  # may run the segmentation model (~1 s a study): a busy cursor
+            from PySide6.QtCore import Qt
+            from PySide6.QtWidgets import QApplication
+
             from ..core.seg_export import export_dicom_seg
             from .inference import results_cache_dir
 
-            result = export_dicom_seg(self.session.store, target, results=[results_cache_dir()])
+            self.feedback.info("Exporting DICOM SEG (the segmentation model runs on studies "
+                               "without stored masks)…")
+            QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
+            try:
+                result = export_dicom_seg(self.session.store, target, results=[results_cache_dir()])
+            finally:
+                QApplication.restoreOverrideCursor()
         else:
             result = export_dicom(self.session.store, target, kinds=EXPORT_KINDS[fmt])
         said = result.summary()

@@ -262,7 +262,9 @@ def test_rg1_acceptance_sr_seg_gsps_from_a_project(tmp_path, capsys):
         store.add_box(sid, "Effusion", 900.0, 1200.0, 400.125, 300.0)
         store.add_proposals(sid, [Box("Atelectasis", 300.0, 400.0, 222.5, 111.25, 0.8713)], "dn121")
         store.accept_proposal(store.proposals(sid)[0].id)
-        want = sorted((b.label, b.x, b.y, b.w, b.h, b.source, b.model_name) for b in store.boxes(sid))
+        want = sorted((b.label, b.x, b.y, b.w, b.h, b.source, b.model_name, b.score)
+                      for b in store.boxes(sid))
+    assert [w[-3:] for w in want].count(("model", "dn121", 0.8713)) == 1 and len(want) == 3
     assert main(["export", str(project), "--format", "dicom", "--out", str(tmp_path / "sr")]) == 0
     assert main(["export", str(project), "--format", "dicom-seg", "--out", str(tmp_path / "seg")]) == 0
     assert "with masks by the segmentation model" in capsys.readouterr().out
@@ -288,7 +290,11 @@ def test_rg1_acceptance_sr_seg_gsps_from_a_project(tmp_path, capsys):
         fresh = tmp_path / f"{kind}.cxrann"
         assert main(["import", str(fresh), str(tmp_path / "sr" / "RG1_UNCR" / kind),
                      "--format", "dicom-sr", "--studies", str(path.parent)]) == 0
-        assert _boxes(fresh) == want
+        with AnnotationStore(fresh, read_only=True) as store:
+            got = sorted((b.label, b.x, b.y, b.w, b.h, b.source, b.model_name, b.score)
+                         for r in store.studies() for b in store.boxes(r.id))
+            assert [r.identity.sop_uid for r in store.studies()] == [src.SOPInstanceUID]
+        assert got == want, kind
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy (dicom3tools) is not installed: the objects were not validated")
     _assert_valid([*sorted((tmp_path / "sr").rglob("*.dcm")), seg_file])
