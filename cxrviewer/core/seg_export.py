@@ -73,15 +73,25 @@ class ResultsIndex:
         return self._by_sha
 
     def find(self, study_path: str | os.PathLike, sha: str) -> tuple[Results, Path] | None:
-        """The first stored analysis of the pixels ``sha`` and its file, or None."""
-        cands = [p for p in sidecar_candidates(study_path)
+        """The first stored analysis of the pixels ``sha`` and its file, or None. The files
+        beside the image and ``PLACE/<image stem>/results.h5`` (``cxrviewer analyze``'s layout)
+        are tried before the places are indexed whole."""
+        stem = Path(study_path).stem
+        guesses = [*sidecar_candidates(study_path),
+                   *(d / stem / "results.h5" for d in self.places if d.is_dir())]
+        cands = [p for p in guesses
                  if p.is_file() and p.suffix.lower() in RESULTS_SUFFIXES and _summary_sha(p) == sha]
-        found = self._index().get(sha)
-        for path in [*cands, *([found] if found else [])]:
+        for path in cands:
             try:
                 return read_results(path), path
             except CxrError:
                 continue
+        found = self._index().get(sha)
+        if found is not None and found not in cands:
+            try:
+                return read_results(found), found
+            except CxrError:
+                return None
         return None
 
 

@@ -347,3 +347,35 @@ def test_seg_from_another_tool_and_damaged_segs(tiny, tmp_path):
             read_boxes(tmp_path / "bad.dcm")
         assert "\n" not in str(err.value) and what in str(err.value)
     assert good.SegmentSequence[0].SegmentLabel == "PTX"
+
+
+def test_stored_results_are_found_by_pixel_hash_under_results_folders(tiny, tmp_path):
+    """--results: an analyze output folder (<stem>/results.h5) or any folder of .h5 files; a
+    results file of other pixels is never used (the model runs instead, or the study is skipped)."""
+    png = tmp_path / "moved" / "chest.png"  # the same image elsewhere: nothing beside it
+    png.parent.mkdir()
+    shutil.copy(tiny["png"], png)
+    project = tmp_path / "m.cxrann"
+    with AnnotationStore(project, annotator="bob") as store:
+        store.register_study(load_study(png))
+    analysed = tmp_path / "analysed"
+    (analysed / "chest").mkdir(parents=True)
+    shutil.copy(tiny["h5"], analysed / "chest" / "results.h5")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(tiny["h5"], loose / "whatever-name.h5")
+    other = tmp_path / "other"
+    other.mkdir()
+    res = read_results(tiny["h5"])
+    res.pixel_sha256 = "0" * 64  # another image's analysis
+    write_results(res, other / "x.h5")
+    with AnnotationStore(project, read_only=True) as store:
+        for i, place in enumerate((analysed, loose, analysed / "chest" / "results.h5")):
+            got = export_dicom_seg(store, tmp_path / f"o{i}", results=[other, place], run_model=False)
+            (origin,) = got.origins.values()
+            assert origin.startswith("results ") and "other" not in origin, origin
+            assert got.written == {"chest": ["SC.dcm", "SEG.dcm", "SEG_fractional.dcm",
+                                             "SEG_threshold.dcm"]}
+        with pytest.raises(DicomObjectError, match="no stored analysis"):
+            export_dicom_seg(store, tmp_path / "none", results=[other], run_model=False)
+    assert not (tmp_path / "none").exists()
