@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import dataset_preprocess
     from ..trainers.classify import provenance
-    from ..trainers.cia import train_cia
+    from ..trainers.cia import train_cia, with_bank_attention
     from ..trainers.loop import dist_info, held_record
 
     if getattr(args, "align", None) and args.negatives == "canonical":
@@ -116,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
                       cia={k: v for k, v in info.items() if k != "normal_bank"}, research_demo=True,
                       cache_alignment=getattr(train_ds, "alignment", None), **init_provenance(init))
     extras_info = {"normal_bank": info.get("normal_bank", {})}
-    path = save_bundle(model.cpu(), args.out, classes=list(data.classes), label_set=data.manifest_label_set(),
-                       input_size=args.size,
-                       normalisation=dataset_preprocess(train_ds).to_manifest()["normalisation"], role="cia",
+    norm = dataset_preprocess(train_ds).to_manifest()["normalisation"]
+    model = model.cpu()
+    extras = with_bank_attention(model, extras, args.size, norm)  # the bank's M-, computed once here
+    path = save_bundle(model, args.out, classes=list(data.classes), label_set=data.manifest_label_set(),
+                       input_size=args.size, normalisation=norm, role="cia",
                        provenance=prov, extras=extras,
                        extras_info=extras_info, overwrite=True,
                        description=f"CIA-Net ({args.backbone}), {args.box_fraction:.0%} boxes, "

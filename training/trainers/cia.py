@@ -48,7 +48,7 @@ NEGATIVE_MODES: tuple[str, ...] = ("paired", "random", "canonical")
 
 __all__ = [
     "NEGATIVE_MODES", "select_revealed", "image_codes", "pair_indices", "NormalPool", "CIAPairs",
-    "cia_collate", "grid_targets", "make_cia_loss", "normal_bank_extras", "train_cia", "bank_negatives",
+    "cia_collate", "grid_targets", "make_cia_loss", "normal_bank_extras", "train_cia", "bank_negatives", "with_bank_attention",
     "evaluate_cia", "prepare_pairs", "init_head_prior", "canonical_negative",
 ]
 
@@ -321,6 +321,19 @@ def normal_bank_extras(pool: NormalPool | None, size: int, *, n: int = 64, mode:
     codes = hash_codes(torch.from_numpy(u8.astype(np.float32) / 255.0)[:, None]).numpy().astype(np.float32)
     return ({"normal_bank_images": u8, "normal_bank_codes": codes,
              "normal_bank_ids": np.asarray(ids, dtype=str)}, {"normal_bank": info})
+
+
+def with_bank_attention(model: torch.nn.Module, extras: dict[str, np.ndarray], input_size: int | Sequence[int],
+                        normalisation: Any) -> dict[str, np.ndarray]:
+    """``extras`` plus the bank's precomputed ``M-`` (float32, on the model's device in eval mode) and its
+    key, so the app pairs without an encoder pass per study (cxrviewer/core/explain/contrast.py)."""
+    from cxrviewer.core.explain.contrast import precompute_bank_attention
+
+    if "normal_bank_images" not in extras or not callable(getattr(model, "negative_attention", None)):
+        return dict(extras)
+    size = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(input_size)
+    return {**extras, **precompute_bank_attention(model, np.asarray(extras["normal_bank_images"]), size,
+                                                  normalisation)}
 
 
 # ---- evaluation ------------------------------------------------------------------------------

@@ -14,12 +14,17 @@ before the last two convolutions, the paper's test-time trick (Sec. 3.3).
 ``share_encoder=False`` (default, the paper: a backbone per branch) gives the
 attention branch its own encoder; ``True`` reuses the feature branch's stages 1-4.
 
+The negative side needs only ``M-`` (:meth:`CIANet.negative_attention`): for a fixed normal
+bank it is computed once (``forward(x_pos, neg_attention=...)``; the bank cache lives in
+``cxrviewer/core/explain/contrast.py``) and :func:`negative_fingerprint` says which weights made it.
+
 Negative pairing (Sec. 4.4): :func:`hash_codes` resizes images to 16x16 and
 flattens them; :func:`nearest_normal` picks the bank entry with the highest
 cosine similarity.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -94,21 +99,56 @@ class CIANet(nn.Module):
     def _attention(self, c4: torch.Tensor) -> torch.Tensor:
         return self.attention_conv(F.max_pool2d(c4, kernel_size=2, stride=2, ceil_mode=True))
 
-    def forward(self, x_pos: torch.Tensor, x_neg: torch.Tensor,
-                upsample_to: int | None = None) -> dict[str, torch.Tensor]:
-        """Grid outputs for positive ``x_pos`` paired with negative ``x_neg`` (both ``[B,C,H,W]``)."""
-        if x_neg.shape != x_pos.shape:
-            raise ModelError(f"positive {tuple(x_pos.shape)} and negative {tuple(x_neg.shape)} differ in shape")
-        b = x_pos.shape[0]
+    def attention_encoder(self) -> nn.Module:
+        """The encoder whose C4 gives the attention maps (the backbone itself when shared)."""
+        return self.backbone if self.share_encoder else self.encoder
+
+    def negative_attention(self, x_neg: torch.Tensor) -> torch.Tensor:
+        """``M-`` ``[B, 1, h', w']`` of negatives ``x_neg`` (before any resize to the C5 grid).
+
+        Depends only on the attention encoder's stages 1-4 and ``attention_conv``
+        (:func:`negative_state`), so a fixed normal bank's maps can be computed once.
+        """
+        return self._attention(self.attention_encoder()(x_neg, until="stage4")["stage4"])
+
+    def _positive(self, x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M+, F+)`` of the positive alone."""
         if self.share_encoder:
-            stages = self.backbone(torch.cat([x_pos, x_neg]), until="stage4")
-            c4 = stages["stage4"]
-            f_pos = self.backbone.stages["stage5"](c4[:b])
+            c4 = self.backbone(x_pos, until="stage4")["stage4"]
+            return self._attention(c4), self.backbone.stages["stage5"](c4)
+        return self._attention(self.encoder(x_pos, until="stage4")["stage4"]), self.backbone(x_pos)["stage5"]
+
+    def forward(self, x_pos: torch.Tensor, x_neg: torch.Tensor | None = None,
+                upsample_to: int | None = None, *,
+                neg_attention: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Grid outputs for positive ``x_pos`` paired with negative ``x_neg`` (both ``[B,C,H,W]``).
+
+        ``neg_attention``: the negative's precomputed ``M-`` (:meth:`negative_attention`,
+        ``[B or 1, 1, h', w']``) instead of ``x_neg``; the negative then costs no encoder pass.
+        """
+        b = x_pos.shape[0]
+        if neg_attention is not None:
+            if x_neg is not None:
+                raise ModelError("give the negative image or its attention map, not both")
+            m_pos, f_pos = self._positive(x_pos)
+            m_neg = neg_attention.to(device=m_pos.device, dtype=m_pos.dtype)
+            if m_neg.dim() != 4 or m_neg.shape[1] != 1 or m_neg.shape[0] not in (1, b) \
+                    or m_neg.shape[-2:] != m_pos.shape[-2:]:
+                raise ModelError(f"negative attention {tuple(m_neg.shape)} does not fit the positive's "
+                                 f"{tuple(m_pos.shape)}")
+            m_neg = m_neg.expand_as(m_pos)
         else:
-            f_pos = self.backbone(x_pos)["stage5"]
-            c4 = self.encoder(torch.cat([x_pos, x_neg]), until="stage4")["stage4"]
-        m = self._attention(c4)
-        m_pos, m_neg = m[:b], m[b:]
+            if x_neg is None or x_neg.shape != x_pos.shape:
+                got = None if x_neg is None else tuple(x_neg.shape)
+                raise ModelError(f"positive {tuple(x_pos.shape)} and negative {got} differ in shape")
+            if self.share_encoder:
+                c4 = self.backbone(torch.cat([x_pos, x_neg]), until="stage4")["stage4"]
+                f_pos = self.backbone.stages["stage5"](c4[:b])
+            else:
+                f_pos = self.backbone(x_pos)["stage5"]
+                c4 = self.encoder(torch.cat([x_pos, x_neg]), until="stage4")["stage4"]
+            m = self._attention(c4)
+            m_pos, m_neg = m[:b], m[b:]
         if m_pos.shape[-2:] != f_pos.shape[-2:]:
             m_pos = F.interpolate(m_pos, size=f_pos.shape[-2:], mode="bilinear", align_corners=False)
             m_neg = F.interpolate(m_neg, size=f_pos.shape[-2:], mode="bilinear", align_corners=False)
@@ -130,6 +170,26 @@ class CIANet(nn.Module):
             "features": f_pos,
             "weighted_features": weighted,
         }
+
+
+def negative_state(model: CIANet) -> list[tuple[str, torch.Tensor]]:
+    """The named tensors ``M-`` depends on (attention encoder stem and stages 2-4, ``attention_conv``)."""
+    enc = model.attention_encoder()
+    out = [(f"encoder.{n}", t) for n, t in list(enc.named_parameters()) + list(enc.named_buffers())
+           if not n.startswith("stages.stage5.")]
+    out += [(f"attention_conv.{n}", t) for n, t in model.attention_conv.named_parameters()]
+    return out
+
+
+def negative_fingerprint(model: CIANet) -> str:
+    """SHA-256 of :func:`negative_state` (names, shapes, float32 values): what a cached ``M-`` was made by."""
+    h = hashlib.sha256()
+    for name, t in negative_state(model):
+        v = t.detach()
+        v = v.float() if v.is_floating_point() else v
+        h.update(f"{name}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(v.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _pair_inputs(batch: int, size: int, in_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
