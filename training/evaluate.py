@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["BUDGETS", "EVALUATED_IMAGES", "FLOOR_TITLE", "PROTOCOL", "evaluate_model", "evaluate_pipeline",
-           "markdown_tables", "scored_explainers", "single_model_boxes", "write_report"]
+           "markdown_tables", "predictions_method_of", "scored_explainers", "single_model_boxes", "write_report"]
 
 #: Short method names :func:`evaluate_model` also accepts (``cia`` is what training/trainers/cia.py passes).
 SHORT_NAMES = {"am": "attention_mining", "cia": "contrast"}
@@ -139,7 +139,8 @@ def _labels(study: "Study", classes: Sequence[str]) -> np.ndarray:
 
 def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_boxes: TrainBoxes = (),
                       prior_boxes: TrainBoxes = (), prior_title: str = "", methods: Sequence[str] | None = None,
-                      progress: Callable[[int, int, str], None] | None = None) -> dict:
+                      progress: Callable[[int, int, str], None] | None = None,
+                      predictions_method: str | None = None) -> dict:
     """AUROC and localisation tables of ``pipeline`` on ``records`` (see the module docstring).
 
     ``records``: :class:`~cxrviewer.core.io.StudyRef` s (or training records) with labels and
@@ -150,13 +151,18 @@ def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_box
     the prior is the bundle's or the shipped one). ``methods``: explainer names to score (default:
     every one that proposes boxes and runs with the loaded bundles). ``progress(i, n, key)`` is
     called after each study. A study that cannot be loaded or analysed is listed under ``failed``.
+    ``predictions_method``: the box method of the per-study predictions (default: the app's
+    default box method among the scored ones, :func:`predictions_method`).
 
     Returns ``{"auroc": {class: v}, "mean_auroc", "auroc_role", "methods": {name: {"title", "iou",
     "iobb" (every proposed box), "top1": {"iou", "iobb"}, "top3": {...}}}, "floor_iou", "floor_iobb",
     "floor": {"title", "iou", "iobb"}, "budgets", "evaluated_images", "n_images", "n_boxed_images",
-    ...}``; a table is ``{threshold: {class: {"acc", "afp", "n", "hits", "fps"}}}``.
+    "curves" (:func:`cxrviewer.core.curves.curves_json`: ROC, PR and reliability of the same
+    probabilities), "predictions" (rows of predictions.csv, :func:`training.eval_outputs.prediction_rows`),
+    "predictions_method", ...}``; a table is ``{threshold: {class: {"acc", "afp", "n", "hits", "fps"}}}``.
     """
     scorers = scored_explainers(pipeline, methods)
+    box_method = predictions_method_of([e.name for e in scorers], predictions_method)
     run = _Run(pipeline, scorers)
     priors = _Priors(prior_boxes, prior_title or "prior (median box of the given training boxes)")
     if priors and "prior" in run.titles:
@@ -183,6 +189,7 @@ def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_box
                            "budgets": {k: words for k, (_, words) in BUDGETS.items()},
                            "evaluated_images": EVALUATED_IMAGES, "frame": "original pixels"}
     out.update(_floor_json(train_boxes, run.gts))
+    out.update(_per_study_json(run, box_method))
     if not_scored(run.classes):
         out["not_scored"] = not_scored(run.classes)
         log.warning("evaluate: %d classes of the models are not NIH classes and are not scored: %s",
@@ -207,6 +214,9 @@ class _Run:
         self.titles = {e.name: e.title for e in scorers}
         self.gts: dict[str, list[Box]] = {}
         self.failed: list[dict[str, str]] = []
+        self.keys: list[str] = []  # the studies with probabilities, in the order of probs / labels
+        self.top: dict[str, dict[str, list[Box]]] = {e.name: {} for e in scorers}  # every study's best box per class
+        self.all_gts: dict[str, list[Box]] = {}
 
     def add(self, key: str, rec: Any) -> None:
         """Run one study; its probabilities, and its boxes when it has ground-truth boxes."""
@@ -221,13 +231,45 @@ class _Run:
             self.classes = tuple(res.classes)
             self.probs.append(np.asarray(res.probabilities, np.float64))
             self.labels.append(_labels(study, self.classes))
+            self.keys.append(key)
+        self.all_gts[key] = list(study.gt_boxes or [])
         for e in self.scorers:
             self.titles[e.name] = str(res.attr(e.name, "title", self.titles[e.name]))
+            self.top[e.name][key] = top_boxes([replace(b, label=_nih_name(b.label))
+                                               for b in res.boxes.get(e.name, [])], 1)
         if study.gt_boxes:
             self.gts[key] = list(study.gt_boxes)
             for e in self.scorers:
                 self.preds[e.name][key] = [replace(b, label=_nih_name(b.label))
                                            for b in res.boxes.get(e.name, [])]
+
+
+def predictions_method_of(scored: Sequence[str], requested: str | None = None) -> str | None:
+    """The box method of predictions.csv: ``requested`` (must be among ``scored``), else the app's
+    default box method among ``scored`` (:func:`cxrviewer.core.panels.default_box_method`), else
+    the first scored one that is not the prior, else the prior."""
+    from cxrviewer.core.panels import default_box_method
+
+    if requested is not None:
+        if requested not in scored:
+            raise ValueError(f"predictions method '{requested}' is not scored (scored: {', '.join(scored) or 'none'})")
+        return requested
+    others = [m for m in scored if m != "prior"]
+    return default_box_method(others) or (others[0] if others else (scored[0] if scored else None))
+
+
+def _per_study_json(run: "_Run", method: str | None) -> dict:
+    """``curves`` of the AUROC's probabilities and the per-study ``predictions`` rows."""
+    from cxrviewer.core.curves import curves_json
+
+    from .eval_outputs import prediction_rows
+
+    if not run.probs or len(run.probs[0]) != len(run.classes):
+        return {}
+    probs, labels = np.stack(run.probs), np.stack(run.labels)
+    rows = prediction_rows(run.keys, probs, labels, run.classes, [_nih_name(c) for c in run.classes],
+                           method or "", run.top.get(method or "", {}), run.all_gts)
+    return {"curves": curves_json(probs, labels, run.classes), "predictions": rows, "predictions_method": method}
 
 
 def _per_key(boxes: TrainBoxes, key: Hashable) -> Sequence[Box]:
@@ -462,10 +504,25 @@ def markdown_tables(result: Mapping, *, title: str = "") -> str:
 
 
 def write_report(result: Mapping, out_dir: str | Path, *, title: str = "") -> tuple[Path, Path]:
-    """``metrics.json`` and ``tables.md`` in ``out_dir``."""
+    """``metrics.json`` and ``tables.md`` in ``out_dir``; with ``curves`` / ``predictions`` in
+    ``result`` also the curve data and PNGs and predictions.csv (:mod:`training.eval_outputs`).
+    metrics.json keeps the curves thinned to 101 points each (``curves``, what a model card
+    carries), ``average_precision`` and ``ece``, and lists the files under ``outputs``."""
+    from cxrviewer.core.curves import thin_curves
+
+    from .eval_outputs import write_outputs
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     j, m = out / "metrics.json", out / "tables.md"
+    curves = result.get("curves")
+    files = write_outputs(curves, result.get("predictions"), out, title=title)
+    result = {k: v for k, v in result.items() if k != "predictions"}
+    if curves:
+        result.update(curves=thin_curves(curves), average_precision={c: r["ap"] for c, r in curves["pr"].items()},
+                      ece=curves["calibration"]["all"]["ece"])
+    if files:
+        result["outputs"] = files
     j.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     m.write_text(markdown_tables(result, title=title) + "\n", encoding="utf-8")
     return j, m

@@ -17,9 +17,16 @@ location prior ("below the location prior"). The layout (every key optional exce
                                             "method_afp": float | None, "prior_afp": float | None,
                                             "floor": float | None}}},
      "below_prior": [class, ...],
+     "curves": {"roc": {class: {"fpr": [...], "tpr": [...], "auc", "n_pos", "n_neg"}},   # only when the
+                "pr": {class: {"recall": [...], "precision": [...], "ap", "prevalence"}},  # AUROC is the
+                "calibration": {"all": {"bin_edges", "mean_predicted", "fraction_positive",  # bundle's own
+                                        "count", "ece"}}},
+     "average_precision": {class: float | None}, "ece": float,
      "caveat": "..."}   # only when the test images may include the bundle's training images
 
-``below_prior`` is derived from ``localisation.per_class`` when absent (:func:`below_prior`);
+``curves`` (written by ``cxr-train card`` from ``cxr-train evaluate``'s curves, thinned) are what
+the model card window draws; :func:`card_curves` returns them checked (a malformed curve is
+dropped, never an error). ``below_prior`` is derived from ``localisation.per_class`` when absent (:func:`below_prior`);
 ``n`` is the number of test images with a ground-truth box of the class (accuracy and AFP are
 over those images), ``prior`` the location prior learned from the evaluated fold's training boxes.
 """
@@ -35,7 +42,7 @@ from .atomic import mkstemp_beside
 if TYPE_CHECKING:
     from cxrviewer.core.bundle import Manifest
 
-__all__ = ["BELOW_PRIOR", "below_prior", "card_lines", "model_card", "write_model_card"]
+__all__ = ["BELOW_PRIOR", "below_prior", "card_curves", "card_lines", "model_card", "write_model_card"]
 
 #: the words shown beside a class whose maps did not beat the prior
 BELOW_PRIOR = "below the location prior"
@@ -65,6 +72,40 @@ def below_prior(manifest: "Manifest | Mapping[str, Any] | None") -> frozenset[st
     return frozenset(out)
 
 
+def _points(xs: Any, ys: Any) -> tuple[list[float | None], list[float | None]] | None:
+    """Two equally long lists of numbers (None allowed: a gap), else None."""
+    if not isinstance(xs, list) or not isinstance(ys, list) or len(xs) != len(ys) or not xs:
+        return None
+    ok = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in xs + ys)
+    return (list(xs), list(ys)) if ok else None
+
+
+def card_curves(manifest: "Manifest | Mapping[str, Any] | None") -> dict[str, dict[str, dict[str, Any]]]:
+    """The card's curves, checked: ``{"roc": {class: {"x", "y", "area"}}, "pr": {...},
+    "calibration": {"all": {"x", "y", "area" (the ECE), "count"}}}`` (x/y: FPR/TPR, recall/precision,
+    mean predicted/fraction positive); a kind or class whose points are malformed is left out,
+    and a card without curves gives empty kinds."""
+    out: dict[str, dict[str, dict[str, Any]]] = {"roc": {}, "pr": {}, "calibration": {}}
+    curves = (model_card(manifest) or {}).get("curves")
+    if not isinstance(curves, Mapping):
+        return out
+    spec = {"roc": ("fpr", "tpr", "auc"), "pr": ("recall", "precision", "ap"),
+            "calibration": ("mean_predicted", "fraction_positive", "ece")}
+    for kind, (xk, yk, area) in spec.items():
+        per = curves.get(kind)
+        for c, r in (per.items() if isinstance(per, Mapping) else ()):
+            pts = _points(r.get(xk), r.get(yk)) if isinstance(r, Mapping) else None
+            if pts is None:
+                continue
+            a = r.get(area)
+            out[kind][str(c)] = {"x": pts[0], "y": pts[1], "area": a if isinstance(a, (int, float)) else None}
+            if kind == "calibration":
+                out[kind][str(c)]["count"] = r.get("count")
+            if kind == "pr":
+                out[kind][str(c)]["prevalence"] = r.get("prevalence")
+    return out
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
 
@@ -79,8 +120,15 @@ def card_lines(manifest: "Manifest | Mapping[str, Any] | None") -> list[str]:
         lines.append(f"AUROC: none on this card ({card['auroc_note']})")
     if card.get("mean_auroc") is not None:
         lines.append(f"Mean AUROC: {_fmt(card['mean_auroc'])}")
+    aps = card.get("average_precision") or {}
     for c, v in (card.get("auroc") or {}).items():
-        lines.append(f"  AUROC {c}: {_fmt(v)}")
+        lines.append(f"  AUROC {c}: {_fmt(v)}" + (f"   average precision {_fmt(aps[c])}" if c in aps else ""))
+    if card.get("ece") is not None:
+        lines.append(f"Calibration: expected calibration error {_fmt(card['ece'])} (reliability diagram, 10 bins)")
+    have = [k for k, v in card_curves({"model_card": card}).items() if v]
+    if have:
+        lines.append("Curves: " + ", ".join({"roc": "ROC", "pr": "precision-recall", "calibration": "reliability"}[k]
+                                             for k in have) + " (the tabs of the model card window)")
     loc = card.get("localisation") or {}
     if loc.get("per_class"):
         lines.append(f"Localisation ({loc.get('method', '?')}, T(IoU) {loc.get('t_iou', '?')}, "

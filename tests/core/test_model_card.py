@@ -43,3 +43,20 @@ def test_card_on_a_broken_bundle_is_refused_and_leaves_it(tmp_path):
     with pytest.raises(BundleError):
         write_model_card(tmp_path / "x.cxrbundle", CARD)
     assert list((tmp_path / "x.cxrbundle").iterdir()) == []
+
+
+def test_card_curves_are_checked_and_malformed_ones_dropped():
+    from cxrviewer.core.model_card import card_curves
+
+    curves = {"roc": {"A": {"fpr": [0, 0.5, 1], "tpr": [0, 0.8, 1], "auc": 0.8},
+                      "B": {"fpr": [0, 1], "tpr": [0]}, "C": {"fpr": [0, "x"], "tpr": [0, 1]}},
+              "pr": {"A": {"recall": [0, 1], "precision": [1, None], "ap": 0.5, "prevalence": 0.2}},
+              "calibration": {"all": {"mean_predicted": [0.1, None], "fraction_positive": [0.2, None],
+                                      "ece": 0.1, "count": [3, 0]}}}
+    got = card_curves({"model_card": {**CARD, "curves": curves}})
+    assert list(got["roc"]) == ["A"] and got["roc"]["A"] == {"x": [0, 0.5, 1], "y": [0, 0.8, 1], "area": 0.8}
+    assert got["pr"]["A"]["prevalence"] == 0.2 and got["calibration"]["all"]["count"] == [3, 0]
+    assert card_curves({"model_card": CARD}) == {"roc": {}, "pr": {}, "calibration": {}}
+    assert card_curves({"model_card": {**CARD, "curves": "junk"}}) == {"roc": {}, "pr": {}, "calibration": {}}
+    assert "Curves: ROC, precision-recall, reliability" in "\n".join(card_lines({"model_card": {**CARD,
+                                                                                               "curves": curves}}))

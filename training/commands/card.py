@@ -8,8 +8,11 @@ date, AUROC per class and their mean, and per boxed class the localisation accur
 one box method (default: the app's first proposal source among the evaluated methods that use
 this bundle) beside the location prior of the same run, with n (test images with a GT box of the
 class), under one box budget (default one box per class). ``below_prior`` lists the classes where
-the method's accuracy is below the prior's; the viewer marks them. The bundle must be one of the
-bundles the metrics evaluated. It is written into the bundle's manifest.json (atomic; the bundle
+the method's accuracy is below the prior's; the viewer marks them. When the AUROC is the bundle's
+own, the card also carries the ROC and precision-recall curve of every class and the reliability
+diagram (``curves``, thinned to :data:`CARD_POINTS` points, 4 decimals; the model card window draws
+them), the average precision per class and the ECE. The bundle must be one of the bundles the
+metrics evaluated. It is written into the bundle's manifest.json (atomic; the bundle
 stays loadable).
 """
 from __future__ import annotations
@@ -30,7 +33,10 @@ and marks the classes where the method is below the prior. The bundle must be on
 metrics evaluated."""
 EXAMPLES = """  cxr-train card --bundle models/dm.cxrbundle --metrics eval/dm/metrics.json"""
 
-__all__ = ["card_from_metrics"]
+__all__ = ["CARD_POINTS", "card_curves", "card_from_metrics"]
+
+#: points kept per ROC / PR curve in a model card (the manifest stays small)
+CARD_POINTS = 51
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -138,6 +144,40 @@ def _auroc(metrics: Mapping[str, Any], role: str) -> dict[str, Any]:
             "auroc_note": f"the pipeline's probabilities are the {source} bundle's ({other}), not this bundle's"}
 
 
+def _round(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    return v
+
+
+def card_curves(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The curves of the card from metrics.json's ``curves`` (thinned to :data:`CARD_POINTS`
+    points, rounded to 4 decimals; the areas as computed on every point, the ROC's the table's
+    AUROC); None without."""
+    from cxrviewer.core.curves import thin_curves
+
+    curves = metrics.get("curves")
+    if not isinstance(curves, Mapping) or not curves.get("roc"):
+        return None
+    thin = thin_curves(curves, CARD_POINTS)
+    keep = {k: v for k, v in thin.items() if k in ("roc", "pr")}
+    keep["calibration"] = {"all": thin["calibration"]["all"]} if "all" in thin["calibration"] else {}
+    out = _round(keep)
+    for kind, area in (("roc", "auc"), ("pr", "ap")):
+        for c, r in out[kind].items():
+            r[area] = curves[kind][c].get(area)
+    if "all" in out["calibration"]:
+        out["calibration"]["all"]["ece"] = curves["calibration"]["all"].get("ece")
+    for c, v in (metrics.get("auroc") or {}).items():  # the table's AUROC (equal to the ROC area up to rounding)
+        if c in out["roc"]:
+            out["roc"][c]["auc"] = v
+    return out
+
+
 def card_from_metrics(metrics: Mapping[str, Any], bundle_name: str, *, method: str | None = None,
                       t_iou: float = 0.3, budget: str = "top1", weights_sha256: str | None = None,
                       provenance: Mapping[str, Any] | None = None, command: str = "") -> dict[str, Any]:
@@ -172,6 +212,13 @@ def card_from_metrics(metrics: Mapping[str, Any], bundle_name: str, *, method: s
                          "prior_title": metrics["methods"]["prior"].get("title", "prior"), "per_class": per_class},
         "below_prior": below,
     }
+    if card.get("auroc") is not None:
+        curves = card_curves(metrics)
+        if curves is not None:
+            card["curves"] = curves
+            card["average_precision"] = metrics.get("average_precision") or {c: r.get("ap")
+                                                                            for c, r in curves["pr"].items()}
+            card["ece"] = metrics.get("ece", (curves["calibration"].get("all") or {}).get("ece"))
     caveat = _caveat(metrics, role, provenance or {})
     if caveat:
         card["caveat"] = caveat

@@ -1,7 +1,8 @@
 """Evaluate model bundles on an NIH-layout folder with the app's pipeline and write the papers' tables.
 
     cxr-train evaluate --data DIR (--model BUNDLE ... | --models DIR) --out DIR [--fold N|all|-1]
-                       [--n-folds 5] [--seed 0] [--method NAME ...] [--map-size 512] [--device auto|cpu|cuda]
+                       [--n-folds 5] [--seed 0] [--method NAME ...] [--predictions-method NAME] [--map-size 512]
+                       [--device auto|cpu|cuda]
 
 The bundles get their pipeline roles as in ``cxrviewer analyze``; every held-out study is run
 through that pipeline (same preprocessing, alignment, crop, map resolution and boxes) and every
@@ -30,7 +31,9 @@ from typing import Any
 
 #: what ``cxr-train evaluate --help`` says
 DESCRIPTION = """Evaluate model bundles on an NIH-layout folder through the app's own pipeline and write
-metrics.json and tables.md to --out. It reports the AUROC per class and, for every explanation
+metrics.json and tables.md to --out, with ROC, precision-recall and calibration curves (PNG, csv,
+json) and predictions.csv (per study and class: probability, label, box, IoU). It reports the
+AUROC per class and, for every explanation
 method that proposes boxes, the localisation accuracy and false positives per image at several
 IoU and IoBB thresholds under three box budgets (one box per class, top 3, all boxes), beside
 the location prior and the median-box floor. A lone alignment bundle gets alignment metrics
@@ -83,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", nargs="+", default=None, choices=methods, metavar="NAME",
                    help="explanation methods to score (default: every one the bundles allow; the prior is always "
                         "scored as the reference): " + ", ".join(methods))
+    p.add_argument("--predictions-method", default=None, choices=methods, metavar="NAME",
+                   help="the box method whose best box per class and study goes into predictions.csv (default: the "
+                        "app's default box method among the scored ones); must be scored")
     p.add_argument("--map-size", type=int, default=None,
                    help=f"longest side of the maps (default {MAP_SIZE}, as analyze)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -109,6 +115,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--fold {args.fold} is not one of 0..{args.n_folds - 1} (--n-folds {args.n_folds})")
     if args.map_size is not None and args.map_size < 1:
         raise ValueError(f"--map-size {args.map_size}: must be positive")
+    pm = getattr(args, "predictions_method", None)
+    if pm is not None and args.method is not None and pm not in _scored(args.method):
+        raise ValueError(f"--predictions-method {pm} is not among the scored methods ({', '.join(_scored(args.method))})")
 
 
 def _bundle_paths(args: argparse.Namespace) -> list[Path]:
@@ -240,7 +249,8 @@ def _references(args: argparse.Namespace, refs: dict, train: list, test: list,
 def _evaluate_alignment(bundle: Any, args: argparse.Namespace, test: list) -> int:
     from ..trainers.align import evaluate_alignment
 
-    for flag, value in (("--method", args.method), ("--map-size", args.map_size)):
+    for flag, value in (("--method", args.method), ("--map-size", args.map_size),
+                        ("--predictions-method", getattr(args, "predictions_method", None))):
         if value is not None:
             return _error(f"{flag} has no effect on a lone alignment bundle (it is scored by its parameter error)")
     result = evaluate_alignment(bundle, test, data_dir=args.data)
@@ -289,8 +299,12 @@ def run(args: argparse.Namespace) -> int:
         return _evaluate_alignment(pipeline, args, test)
     refs = {r.key: r for r in read_nih_folder(args.data)}
     ref = _references(args, refs, train, test, fold_of)
-    result = evaluate_pipeline(pipeline, [refs[r.key] for r in test], methods=_scored(args.method),
-                               progress=_progress, **ref["kw"])
+    try:
+        result = evaluate_pipeline(pipeline, [refs[r.key] for r in test], methods=_scored(args.method),
+                                   progress=_progress, predictions_method=getattr(args, "predictions_method", None),
+                                   **ref["kw"])
+    except ValueError as exc:  # a --predictions-method the loaded bundles cannot run
+        return _error(str(exc))
     result.update({"models": {role: {**b.manifest.summary(), "bundle": b.path.name}
                               for role, b in pipeline.bundles.items()},
                    "data": str(args.data), "fold": args.fold,
@@ -303,7 +317,9 @@ def run(args: argparse.Namespace) -> int:
     names = ", ".join(b.path.name for b in pipeline.bundles.values())
     j, m = write_report(result, args.out, title=f"{names} on {args.data} (fold {args.fold})")
     print(json.dumps({"metrics": str(j), "tables": str(m), "mean_auroc": result.get("mean_auroc"),
-                      "methods": list(result["methods"]), "failed": len(result.get("failed", []))}))
+                      "methods": list(result["methods"]), "predictions_method": result.get("predictions_method"),
+                      "outputs": json.loads(j.read_text(encoding="utf-8")).get("outputs", []),
+                      "failed": len(result.get("failed", []))}))
     return 1 if result.get("failed") else 0
 
 

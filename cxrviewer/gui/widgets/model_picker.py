@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QHeaderView, QLabel, QMen
 
 from ...core.catalog import BundleInfo, scan_bundles
 from ...core.errors import CxrError
-from .model_card import ModelCardDialog, bundle_card_lines
+from .model_card import ModelCardDialog, bundle_card_curves, bundle_card_lines
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class ModelPicker(QWidget):
         lines = bundle_card_lines(b.path)
         if self.card_dialog is not None:
             self.card_dialog.close()
-        self.card_dialog = ModelCardDialog(b.name, lines, self)
+        self.card_dialog = ModelCardDialog(b.name, lines, self, curves=bundle_card_curves(b.path))
         self.card_dialog.show()
         self.card_dialog.raise_()
         return self.card_dialog
