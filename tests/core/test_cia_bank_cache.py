@@ -153,3 +153,20 @@ def test_trainer_helper_adds_the_bank_maps(cia_path) -> None:
     assert extras[BANK_ATTENTION].shape[:2] == (len(b.extras["normal_bank_images"]), 1)
     assert extras[BANK_ATTENTION].dtype == np.float32
     assert with_bank_attention(b.model, {}, SIZE, norm) == {}  # no bank: nothing to add
+
+
+def test_cxr_train_cia_writes_the_bank_maps_the_pipeline_uses(tmp_path) -> None:
+    from training.cli import main
+    from training.phantoms import PhantomConfig, write_phantom_dataset
+
+    data = tmp_path / "set"
+    write_phantom_dataset(data, n=24, size=SIZE, seed=5, config=PhantomConfig(normal_fraction=0.4, max_findings=1))
+    out = tmp_path / "cia"
+    assert main(["cia", "--data", str(data), "--out", str(out), "--backbone", "tiny", "--arch-kwargs",
+                 '{"head_channels": 8}', "--size", str(SIZE), "--epochs", "1", "--batch-size", "8",
+                 "--bank-size", "4", "--no-augment"]) == 0
+    b = load_bundle(str(out) + ".cxrbundle")
+    assert b.extras[BANK_ATTENTION].shape[0] == len(b.extras["normal_bank_images"])
+    res = _run(b)
+    assert res.attr("contrast", "normal_bank_cache") == "bundle"
+    _same(res, _run(b, cia_bank_cache=False))
