@@ -414,10 +414,11 @@ def no_boxes_error(found: DicomBoxes, anatomy: list[str], path: str | os.PathLik
     n = found.skipped
     what = (f"empty segment{'' if n == 1 else 's'}" if found.kind == "seg"
             else "items that are not rectangles with a finding")
-    text = f"no boxes in this {found.kind.upper()} (skipped {n} {what}"
+    parts = [f"skipped {n} {what}"] if n or not anatomy else []
     if anatomy:
-        text += "; " + anatomy_note(anatomy)
-    return DicomObjectError(text + ")", path=str(path))
+        parts.append(anatomy_note(anatomy))
+    return DicomObjectError(f"no boxes in this {found.kind.upper()} ({'; '.join(parts)})",
+                            path=str(path))
 
 
 def _captured_study(store: AnnotationStore, head: Dataset, source: str | os.PathLike
