@@ -170,8 +170,8 @@ def test_round_trip_gives_the_masks_bounding_boxes(tiny, tmp_path, capsys):
     assert "skipped 2 anatomy segments (heart, left lung)" in said
     assert ("Nodule", 50.0, 7.0, 13.0, 26.0, "model", "seg-model") in _boxes(nih)
     lh = tmp_path / "lh.cxrann"
-    assert main(["import", str(lh), str(files["seg"]), "--format", "dicom-seg", *studies,
-                 "--label-set", "lung-heart", "--skip", "Nodule"]) == 0
+    assert main(["annotations", "import", str(lh), str(files["seg"]), "--format", "dicom-seg",
+                 *studies, "--label-set", "lung-heart", "--skip", "Nodule"]) == 0  # (the long form)
     assert _boxes(lh) == sorted([("heart", *_bbox(heart), "model", "seg-model"),
                                  ("left lung", *_bbox(lung), "model", "seg-model")])
     only_anatomy = tmp_path / "a"
