@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from cxrviewer.core.explain import get_explainer
@@ -124,3 +125,36 @@ def test_explainer_returns_named_step_maps() -> None:
     assert set(maps) == {"final", "step1", "step2", "step3", "erased1", "erased2", "erased3"}
     assert maps["final"].shape == (1, 12, 12)
     assert maps["erased1"][0, 2, 2] == 1.0
+
+
+def _reference_mining(x: torch.Tensor, w: torch.Tensor, c: int, steps: int):
+    """The previous implementation: Eq. 7 on the erased feature map ``(X * M_{t-1}) . w^c`` each step."""
+    keep = torch.ones(x.shape[0], *x.shape[-2:])
+    heat, masks = [], []
+    for _ in range(steps):
+        ht = torch.einsum("bkhw,k->bhw", x * keep.unsqueeze(1), w[c])
+        keep = torch.from_numpy(np.stack([erasure_step(ht[i].numpy(), keep[i].numpy() > 0.5)
+                                          for i in range(x.shape[0])]).astype(np.float32))
+        heat.append(ht)
+        masks.append(keep)
+    return heat, masks
+
+
+def test_mining_from_the_class_map_equals_mining_the_erased_features() -> None:
+    """Eq. 7 is linear in X: H_t = M_{t-1} * H_1, so every class's steps come from one X . W einsum."""
+    from cxrviewer.core.explain.attention_mining import mine_cam
+
+    torch.manual_seed(5)
+    x = torch.relu(torch.randn(2, 16, 10, 12))
+    w = torch.randn(4, 16)
+    for c in range(4):
+        heat, masks = _reference_mining(x, w, c, 3)
+        res = attention_mining(x, w, c, steps=3)
+        from_cam = mine_cam(torch.einsum("bkhw,k->bhw", x, w[c]), steps=3)
+        for got in (res, from_cam):
+            for t in range(3):
+                assert torch.equal(got.masks[t], masks[t])  # the same cells erased at every step
+                assert torch.allclose(got.heatmaps[t], heat[t], atol=1e-5)
+        assert torch.allclose(res.final, from_cam.final, atol=1e-6)
+    with pytest.raises(ValueError):
+        mine_cam(torch.zeros(3, 3), steps=0)

@@ -53,6 +53,7 @@ __all__ = [
     "erasure_masks",
     "erasure_step",
     "masked_class_logits",
+    "mine_cam",
 ]
 
 
@@ -136,24 +137,42 @@ def attention_mining(
     with torch.no_grad():
         x = features.detach().float()
         w = weight.detach().float()[class_index].to(x.device)  # [K]
-        b, _, h, wd = x.shape
-        keep = torch.ones(b, h, wd, dtype=torch.float32, device=x.device)  # M_0
+        h1 = torch.einsum("bkhw,k->bhw", x, w)  # Eq. 7 at t = 1 (M_0 = 1)
+        if scale is not None:
+            h1 = h1 * scale.to(h1)
+    return mine_cam(h1, steps, threshold)
+
+
+def mine_cam(h1: torch.Tensor, steps: int = 3, threshold: float = 0.5) -> AttentionMiningResult:
+    """Attention mining from the class's first map ``H_1 [B, h, w]`` (or ``[h, w]``).
+
+    Eq. 7 is linear in ``X``, so ``H_t = (X * M_{t-1}) . w^c = M_{t-1} * H_1`` exactly: the steps
+    need the class map only, never the ``K`` feature channels (:func:`attention_mining` is this
+    after one ``X . w^c``; the pipeline gets every class's ``H_1`` from one einsum).
+    """
+    if steps < 1:
+        raise ValueError("attention mining needs at least one step")
+    with torch.no_grad():
+        h1 = h1.detach().float()
+        if h1.dim() == 2:
+            h1 = h1.unsqueeze(0)
+        b, h, wd = h1.shape
+        keep = torch.ones(b, h, wd, dtype=torch.float32, device=h1.device)  # M_0
+        h1_np = h1.cpu().numpy()
+        keep_np = np.ones((b, h, wd), dtype=bool)
         heatmaps: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         for _ in range(steps):
-            ht = torch.einsum("bkhw,k->bhw", x * keep.unsqueeze(1), w)  # Eq. 7
-            if scale is not None:
-                ht = ht * scale.to(ht)
-            ht_np = ht.cpu().numpy()
-            keep_np = keep.cpu().numpy() > 0.5
-            new = np.stack([erasure_step(ht_np[i], keep_np[i], threshold) for i in range(b)])
-            keep = torch.from_numpy(new.astype(np.float32)).to(x.device)
+            ht = h1 * keep  # Eq. 7
+            ht_np = h1_np * keep_np
+            keep_np = np.stack([erasure_step(ht_np[i], keep_np[i], threshold) for i in range(b)])
+            keep = torch.from_numpy(keep_np.astype(np.float32)).to(h1.device)
             heatmaps.append(ht)
             masks.append(keep)
-        # Eq. 8: fill erased regions from the earlier heat maps, then average.
+        # Eq. 8 on the per-step maps rescaled to [0, 1] over the cells kept at that step:
+        # fill erased regions from the earlier heat maps (sum_{t'<t} N(H_t') * (1 - M_t')), then average.
         total = torch.zeros_like(heatmaps[0])
-        fill = torch.zeros_like(heatmaps[0])  # sum_{t'<t} H_t' * (1 - M_t')
-        # Eq. 8 on the per-step maps rescaled to [0, 1] over the cells kept at that step.
+        fill = torch.zeros_like(heatmaps[0])
         kept_before = [torch.ones_like(masks[0])] + masks[:-1]
         normed = [_normalise_kept(ht, kb) for ht, kb in zip(heatmaps, kept_before)]
         for nt, mt in zip(normed, masks):
@@ -228,20 +247,27 @@ def masked_class_logits(
 
 @dataclass
 class _AMState:
-    """What on-demand mining of another class needs: the kept features, weights and map-back."""
+    """What on-demand mining of another class needs: every class's ``H_1`` and the map-back."""
 
-    features: torch.Tensor  # [K, h, w] CPU float32
-    weight: torch.Tensor  # [C, K]
+    cams: torch.Tensor  # [C, h, w] CPU float32: X . w^c for every class (Eq. 7 at t = 1)
     mapper: Any  # cxrviewer.core.explain.context.Mapper
     steps: int
 
 
 def _mine(st: _AMState, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H_f, H_t steps, erased) of class ``c`` in original coordinates."""
-    am = attention_mining(st.features[None], st.weight, c, steps=st.steps)
+    am = mine_cam(st.cams[c], steps=st.steps)
     steps = st.mapper(torch.cat(am.heatmaps, 0))
     erased = (st.mapper(torch.cat([1.0 - m for m in am.masks], 0), nearest=True) > 0.5).astype(np.uint8)
     return st.mapper(am.final)[0], steps, erased
+
+
+def eager_classes(results: "Results", top_k: int, asked: Sequence[str] = ()) -> list[int]:
+    """The classes whose on-demand maps (and, in the pipeline's ``top`` mode, boxes) are made at
+    once: the ``top_k`` most probable and those ``asked`` for (unknown names ignored), in order."""
+    want = set(results.top_classes(int(top_k))) if top_k > 0 else set()
+    want.update(results.classes.index(n) for n in asked if n in results.classes)
+    return sorted(want)
 
 
 @register_explainer("attention_mining")
@@ -250,8 +276,9 @@ class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="
                                box_priority=0, on_demand=True):
     """AM steps on the classifier's features with its CAM weights (Eq. 7-8); never re-runs the backbone.
 
-    ``H_f`` for every class; the steps ``H_t`` and erased regions for the ``am_top_k`` most
-    probable classes and those asked for (``am_classes``); :meth:`compute_class` adds another.
+    ``H_f`` for every class (all from one ``X . W`` einsum: :func:`mine_cam`); the steps ``H_t``
+    and erased regions for the ``am_top_k`` most probable classes and those asked for
+    (``am_classes``); :meth:`compute_class` adds another.
     """
 
     steps = 3
@@ -270,23 +297,22 @@ class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="
         cw = getattr(p.bundle.model, "cam_weights", None)
         if not callable(cw) or "features" not in p.out:
             return None
-        st = _AMState(p.out["features"][0].detach().float().cpu(), cw()[0].detach().float().cpu(), p.mapper,
-                      int(ctx.option("am_steps", self.steps)))
+        with torch.no_grad():
+            feats = p.out["features"][0].detach().float()
+            cams = torch.einsum("khw,ck->chw", feats, cw()[0].detach().float().to(feats.device)).cpu()
+        st = _AMState(cams, p.mapper, int(ctx.option("am_steps", self.steps)))
         res = ctx.results
-        want = set(res.top_classes(int(ctx.option("am_top_k", 3))))
-        want.update(res.classes.index(n) for n in ctx.option("am_classes", ()) if n in res.classes)
-        C = st.weight.shape[0]
-        finals: list[np.ndarray | None] = [None] * C
+        want = eager_classes(res, int(ctx.option("am_top_k", 3)), ctx.option("am_classes", ()))
+        mined = {c: mine_cam(cams[c], steps=st.steps) for c in range(cams.shape[0])}
+        finals = st.mapper(torch.cat([mined[c].final for c in range(cams.shape[0])], 0))
         steps, erased = {}, {}
-        for c in sorted(want):
-            finals[c], steps[res.classes[c]], erased[res.classes[c]] = _mine(st, c)
-        idle = [c for c in range(C) if finals[c] is None]
-        if idle:
-            fin = torch.cat([attention_mining(st.features[None], st.weight, c, steps=st.steps).final
-                             for c in idle], 0)
-            for c, m in zip(idle, st.mapper(fin)):
-                finals[c] = m
-        return ExplainerOutput({"final": np.stack(finals).astype(np.float32), "steps": steps, "erased": erased},
+        if want:
+            hts = st.mapper(torch.cat([torch.cat(mined[c].heatmaps, 0) for c in want], 0))
+            ers = st.mapper(torch.cat([1.0 - m for c in want for m in mined[c].masks], 0), nearest=True) > 0.5
+            for i, c in enumerate(want):
+                steps[res.classes[c]] = hts[i * st.steps:(i + 1) * st.steps]
+                erased[res.classes[c]] = ers[i * st.steps:(i + 1) * st.steps].astype(np.uint8)
+        return ExplainerOutput({"final": finals.astype(np.float32), "steps": steps, "erased": erased},
                                {"steps": st.steps}, state=st)
 
     def compute_class(self, results: "Results", class_index: int) -> bool:
