@@ -69,3 +69,61 @@ def test_gradcam_explainer_and_errors() -> None:
     with pytest.raises(ExplainError):
         grad_cam(m, x, nn.Conv2d(1, 1, 1), 0)  # a layer the model never runs
     assert not m.conv._forward_hooks
+
+
+def _classifiers():
+    """Small instances of the registered classifiers (those with a ``head`` and one without)."""
+    from cxrviewer.core.models import create_model, get_spec
+
+    for name in ("cam_classifier", "msa", "dm", "lung_heart", "space_attention", "attention_gated"):
+        torch.manual_seed(0)
+        yield name, create_model(name, **dict(get_spec(name).test_kwargs), num_classes=5).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name,model", list(_classifiers()))
+def test_registry_gradcam_is_head_only_and_equals_the_forward_path(name, model) -> None:
+    """The registry's Grad-CAM (``cxr-train evaluate --method gradcam``'s single-model form) takes the
+    pipeline's head-only path: from the forward already run, no backbone pass, same maps."""
+    from cxrviewer.core.explain.gradcam import head_gradcam
+
+    torch.manual_seed(3)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    ex = get_explainer("gradcam")
+    calls: list[int] = []
+    hook = model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = {c: ex.explain(out, c, model=model, inputs=x)["gradcam"] for c in range(5)}
+    finally:
+        hook.remove()
+    has_head = callable(getattr(model, "head", None))
+    assert len(calls) == (0 if has_head else 5)  # head-only: no backbone forward at all
+    for c in range(5):
+        ref = grad_cam(model, x, model.feature_layer(), c).numpy()
+        assert got[c].shape == ref.shape == (2, *out["features"].shape[-2:])
+        np.testing.assert_allclose(got[c], ref, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(ref).max())))
+    if has_head:
+        both = head_gradcam(model, out, [4, 1]).numpy()
+        np.testing.assert_allclose(both[:, 0], got[4], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(both[:, 1], got[1], rtol=1e-5, atol=1e-7)
+    else:
+        assert head_gradcam(model, out, [0]) is None
+
+
+def test_batched_class_gradients_equal_one_backward_per_class() -> None:
+    from cxrviewer.core.explain.gradcam import capture_activation, gradcam_from_activation
+
+    torch.manual_seed(4)
+    m = Tiny(True).eval().requires_grad_(False)
+    x = torch.randn(2, 1, 6, 6)
+    with capture_activation(m.conv) as store, torch.enable_grad():
+        out = m(x)
+    act = store["act"]
+    both = gradcam_from_activation(out["logits"], act, [2, 0, 1])
+    assert both.shape == (2, 3, 6, 6)
+    for i, c in enumerate([2, 0, 1]):
+        (g,) = torch.autograd.grad(out["logits"][:, c].sum(), act, retain_graph=True)
+        ref = torch.relu((g.mean(dim=(-2, -1), keepdim=True) * act.detach()).sum(1))
+        assert torch.allclose(both[:, i], ref, atol=1e-6)
+    assert gradcam_from_activation(out["logits"], act, []).shape == (2, 0, 6, 6)

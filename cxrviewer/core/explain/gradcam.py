@@ -4,7 +4,8 @@
 :func:`capture_activation` hooks the layer and re-attaches its output as a leaf that requires
 grad; :func:`gradcam_from_activation` takes the gradients of any number of class scores from
 ONE forward (a backward through the head only). The pipeline, :func:`grad_cam` (any
-``nn.Module``) and the evaluation all go through these two functions.
+``nn.Module``), :func:`head_gradcam` (the registry's single-model form: from a forward already
+run, through ``model.head`` only) and the evaluation all go through these functions.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec
 if TYPE_CHECKING:
     from cxrviewer.core.explain.context import ExplainContext
 
-__all__ = ["GradCamExplainer", "capture_activation", "grad_cam", "gradcam_from_activation"]
+__all__ = ["GradCamExplainer", "capture_activation", "grad_cam", "gradcam_from_activation", "head_gradcam"]
 
 
 def _logits_of(out: Any) -> torch.Tensor:
@@ -65,18 +66,47 @@ def gradcam_from_activation(logits: torch.Tensor, act: torch.Tensor,
     """Raw Grad-CAM maps from one forward: ``[B, len(classes), h, w]`` (ReLU'd, not normalised).
 
     ``classes`` is one class per sample (``len == B``) when given as a tensor of shape ``[B]``
-    by :func:`grad_cam`, else the list of classes computed for every sample.
+    by :func:`grad_cam`, else the list of classes computed for every sample. The gradients of
+    every class come from one batched backward through the layers after ``act`` (the head),
+    falling back to one backward per class where the head has no batching rule.
     """
     if act.dim() != 4:
         raise ExplainError(f"Grad-CAM target layer output must be [B,K,h,w], got {tuple(act.shape)}")
     cls = [int(c) for c in torch.as_tensor(classes).reshape(-1).tolist()]
-    maps = []
+    if not cls:
+        return act.new_zeros(act.shape[0], 0, *act.shape[-2:]).float()
     with torch.enable_grad():  # the class scores below need the graph even under a caller's no_grad
-        for i, c in enumerate(cls):
-            (g,) = torch.autograd.grad(logits[:, c].sum(), act, retain_graph=i < len(cls) - 1)
-            alpha = g.float().mean(dim=(-2, -1), keepdim=True)
-            maps.append(torch.relu((alpha * act.detach().float()).sum(1)))
-    return torch.stack(maps, 1)
+        alpha = _class_gradients(logits, act, cls).float().mean(dim=(-2, -1))  # [N, B, K]
+    return torch.relu(torch.einsum("nbk,bkhw->bnhw", alpha, act.detach().float()))
+
+
+def _class_gradients(logits: torch.Tensor, act: torch.Tensor, cls: list[int]) -> torch.Tensor:
+    """``d logits[:, c] / d act`` for each ``c`` of ``cls``: ``[len(cls), *act.shape]``."""
+    if len(cls) > 1:
+        onehot = torch.zeros(len(cls), *logits.shape, dtype=logits.dtype, device=logits.device)
+        onehot[torch.arange(len(cls)), :, torch.tensor(cls)] = 1.0
+        try:
+            (g,) = torch.autograd.grad(logits, act, grad_outputs=onehot, is_grads_batched=True, retain_graph=True)
+            return g
+        except RuntimeError:  # an op of the head without a vmap rule: one backward per class
+            pass
+    grads = [torch.autograd.grad(logits[:, c].sum(), act, retain_graph=True)[0] for c in cls]
+    return torch.stack(grads, 0)
+
+
+def head_gradcam(model: nn.Module, output: Mapping[str, torch.Tensor], classes: Sequence[int],
+                 feature_masks: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Grad-CAM ``[B, len(classes), h, w]`` at ``model.feature_layer()`` from a forward already run:
+    ``output["features"]`` (that layer's output) goes through ``model.head`` only, no backbone.
+    None when the model has no ``head`` or the output no ``features`` (use :func:`grad_cam`)."""
+    head = getattr(model, "head", None)
+    feats = output.get("features") if isinstance(output, Mapping) else None
+    if not callable(head) or not isinstance(feats, torch.Tensor) or feats.dim() != 4:
+        return None
+    with torch.enable_grad():
+        f = feats.detach().requires_grad_(True)
+        logits = _logits_of(head(f, {}, feature_masks))
+        return gradcam_from_activation(logits, f, classes).detach()
 
 
 def grad_cam(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], target_layer: nn.Module,
@@ -122,9 +152,14 @@ class GradCamExplainer(Explainer, title="Grad-CAM", short="gcam", order=40, requ
         if model is None or inputs is None:
             raise ExplainError("Grad-CAM needs the model and its input (it runs a backward pass)")
         layer = context.get("target_layer")
+        fwd = dict(context.get("forward_kwargs", {}))
+        if layer is None and set(fwd) <= {"feature_masks"}:  # the head-only path the pipeline takes
+            maps = head_gradcam(model, output, [class_index], fwd.get("feature_masks"))
+            if maps is not None:
+                return {"gradcam": to_numpy(maps[:, 0])}
         if layer is None:
             if not hasattr(model, "feature_layer"):
                 raise ExplainError("Grad-CAM needs target_layer= or a model with feature_layer()")
             layer = model.feature_layer()
-        cam = grad_cam(model, inputs, layer, class_index, **context.get("forward_kwargs", {}))
+        cam = grad_cam(model, inputs, layer, class_index, **fwd)
         return {"gradcam": to_numpy(cam)}
