@@ -23,6 +23,7 @@ from . import explain as _explain  # noqa: F401  (registers the explanation meth
 from .bundle import LoadedBundle, find_bundles, load_bundle
 from .device import DeviceInfo, run_with_oom_fallback, select_device
 from .errors import BundleError, CxrError, LabelSetError, ModelError
+from .explain.attention_mining import eager_classes
 from .explain.context import ExplainContext, scaled_shape
 from .explain.registry import Explainer, applicable_explainers
 from .preprocess import as_image_tensor, crop_box_pixels, resize
@@ -31,6 +32,9 @@ from .roles import ROLES, assign_roles
 from .study import Study
 
 log = logging.getLogger(__name__)
+
+#: ``Results.state`` key of the classes whose boxes were proposed (runs with ``all_classes=False``)
+BOXED_CLASSES = "_boxed_classes"
 
 __all__ = ["Pipeline", "PipelineCancelled", "Results", "UnknownClassError", "assign_roles", "class_named",
            "stages_for_roles"]
@@ -100,11 +104,15 @@ class Pipeline:
     dict, cxrviewer/core/explain/anatomy.py) or the explainers' other documented options.
     ``am_steps`` / ``am_top_k`` / ``am_classes``: attention-mining steps T, how many of the most
     probable classes get their steps at once, and classes that always do.
+    ``all_classes``: True (default): boxes of every class, as the evaluation, the benchmarks and
+    ``cxrviewer analyze --all-classes`` need them; False: boxes of those eager classes only
+    (``am_top_k`` most probable and ``am_classes``), the others on demand (:meth:`compute_class`,
+    :meth:`class_boxes`); a notice in the results says which classes have boxes.
     """
 
     def __init__(self, bundles: Mapping[str, LoadedBundle], device: DeviceInfo | str | None = None, *,
                  map_max_side: int = 512, frame_max_side: int = 1024, am_steps: int = 3,
-                 am_top_k: int = 3, am_classes: Sequence[str] = (),
+                 am_top_k: int = 3, am_classes: Sequence[str] = (), all_classes: bool = True,
                  methods: Sequence[str] | None = None, options: Mapping[str, Any] | None = None) -> None:
         self._check(bundles)
         self.bundles = dict(bundles)
@@ -113,6 +121,7 @@ class Pipeline:
         self.device = device if isinstance(device, DeviceInfo) else select_device(device or "auto")
         self.map_max_side = int(map_max_side)
         self.frame_max_side = int(frame_max_side)
+        self.all_classes = bool(all_classes)
         self.options = {"am_steps": int(am_steps), "am_top_k": int(am_top_k), "am_classes": tuple(am_classes),
                         **dict(options or {})}
         self.explainers: list[Explainer] = [e for e in applicable_explainers(self.bundles)
@@ -184,11 +193,34 @@ class Pipeline:
         return ["preprocess", *(e.name for e in self.explainers), "boxes"]
 
     def compute_class(self, results: Results, class_index: int) -> None:
-        """Add on-demand maps (attention-mining steps) for one more class from the kept features."""
+        """Add on-demand maps (attention-mining steps) for one more class from the kept features,
+        and its boxes when the run made boxes of some classes only (``all_classes=False``)."""
+        self._add_class_boxes(results, class_index)
         able = [e for e in self.explainers if e.on_demand and e.name in results.maps]
         if not able or not all([e.compute_class(results, class_index) for e in able]):
             raise CxrError("these results keep no features (loaded from a file or no AM-capable "
                            "classifier); run the pipeline again to mine another class")
+
+    def class_boxes(self, results: Results, class_index: int) -> dict[str, list[Any]]:
+        """Boxes of class ``class_index`` by method (``{explainer: [Box]}``, original pixels), from
+        the maps in ``results`` (not touched); what an ``all_classes`` run would have proposed."""
+        name = results.classes[class_index]
+        out: dict[str, list[Any]] = {}
+        for ex in self.explainers:
+            if ex.proposes_boxes and ex.name in results.maps:
+                boxes = ex.class_boxes(results, {name})
+                if boxes is not None:
+                    out[ex.name] = boxes
+        return out
+
+    def _add_class_boxes(self, results: Results, class_index: int) -> None:
+        boxed = results.state.get(BOXED_CLASSES)
+        name = results.classes[class_index]
+        if boxed is None or name in boxed:
+            return
+        for source, boxes in self.class_boxes(results, class_index).items():
+            results.boxes.setdefault(source, []).extend(boxes)
+        boxed.add(name)
 
     def class_maps(self, results: Results, class_index: int) -> dict[str, dict[str, Any]]:
         """On-demand maps of one more class, computed on a copy (``results`` is not touched):
@@ -273,10 +305,22 @@ class Pipeline:
                 stage(ex.name)  # every stage reports (progress, timing, cancel), whether or not it had output
         finally:
             ctx.release()
-        for ex in self.explainers:
-            if ex.proposes_boxes and ex.name in res.maps:
-                boxes = ex.propose_boxes(res)  # None: this method proposes nothing for this study
-                if boxes is not None:
-                    res.boxes[ex.name] = boxes
+        self._propose_boxes(res)
         stage("boxes")
         return res
+
+    def _propose_boxes(self, res: Results) -> None:
+        """Every box method's boxes: of every class, or (``all_classes=False``) of the eager ones."""
+        names: set[str] | None = None
+        if not self.all_classes and res.classes:
+            k = int(self.options.get("am_top_k", 3))
+            names = {res.classes[c] for c in eager_classes(res, k, self.options.get("am_classes", ()))}
+            res.state[BOXED_CLASSES] = set(names)
+            listed = ", ".join(n for n in res.classes if n in names)
+            res.notices.append(f"boxes of {listed or 'no class'} only (the {k} most probable classes and "
+                               "those asked for); the other classes' boxes are made when a class is chosen")
+        for ex in self.explainers:
+            if ex.proposes_boxes and ex.name in res.maps:
+                boxes = ex.class_boxes(res, names)  # None: this method proposes nothing for this study
+                if boxes is not None:
+                    res.boxes[ex.name] = boxes

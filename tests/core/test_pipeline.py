@@ -269,3 +269,38 @@ def test_segmentation_bundle_contrast_stretch_is_applied(tmp_path):
     bundled = Path(__file__).resolve().parents[2] / "resources" / "models" / "segmentation.cxrbundle"
     if bundled.is_dir():
         assert stretch_spec(read_manifest(bundled)) is not None
+
+
+def _box_keys(boxes, labels=None):
+    return sorted((b.label, round(b.x, 4), round(b.y, 4), round(b.w, 4), round(b.h, 4)) for b in boxes
+                  if labels is None or b.label in labels)
+
+
+def test_boxes_of_the_eager_classes_only_and_the_rest_on_demand(bundle_paths):
+    """``all_classes=False``: boxes of the top-k and the asked classes, the others when a class is
+    chosen (compute_class / class_boxes), each equal to what an every-class run proposes."""
+    bundles = _load(bundle_paths, ("classifier",))
+    study = synthetic_study()
+    full = Pipeline(bundles, "cpu", map_max_side=128, am_top_k=2).run(study)
+    asked = next(n for i, n in enumerate(full.classes) if i not in full.top_classes(2))
+    pl = Pipeline(bundles, "cpu", map_max_side=128, am_top_k=2, am_classes=(asked,), all_classes=False)
+    res = pl.run(study)
+    eager = {full.classes[i] for i in full.top_classes(2)} | {asked}
+    assert set(res.boxes) == set(full.boxes)
+    for source in full.boxes:
+        assert {b.label for b in res.boxes[source]} <= eager
+        assert _box_keys(res.boxes[source]) == _box_keys(full.boxes[source], eager)
+    assert any("the other classes' boxes" in n and asked in n for n in res.notices)
+    np.testing.assert_array_equal(res.get("attention_mining", "final"), full.get("attention_mining", "final"))
+    other = next(i for i, n in enumerate(res.classes) if n not in eager)
+    name = res.classes[other]
+    before = {s: list(v) for s, v in res.boxes.items()}
+    got = pl.class_boxes(res, other)
+    assert res.boxes == before  # class_boxes leaves the results alone
+    for source in full.boxes:
+        assert _box_keys(got.get(source, [])) == _box_keys(full.boxes[source], {name})
+    pl.compute_class(res, other)
+    pl.compute_class(res, other)  # a second time adds nothing
+    for source in full.boxes:
+        assert _box_keys(res.boxes[source], {name}) == _box_keys(full.boxes[source], {name})
+    assert name in res.get("attention_mining", "steps")

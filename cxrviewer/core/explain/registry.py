@@ -182,13 +182,34 @@ class Explainer:
     def propose_boxes(self, results: "Results") -> list[Box] | None:
         """Boxes (original pixels) from ``box_map`` by ``box_rule``, every class. A method that
         overrides this may return None: it proposes nothing for this study (no ``boxes`` entry)."""
+        return self._rule_boxes(results, None)
+
+    def class_boxes(self, results: "Results", names: Collection[str] | None = None) -> list[Box] | None:
+        """:meth:`propose_boxes` of the classes ``names`` only (None: every class). The box rule
+        runs on those classes' maps alone; a method with its own ``propose_boxes`` is filtered by label."""
+        if type(self).propose_boxes is not Explainer.propose_boxes:
+            boxes = self.propose_boxes(results)
+            return boxes if boxes is None or names is None else [b for b in boxes if b.label in names]
+        return self._rule_boxes(results, names)
+
+    def _rule_boxes(self, results: "Results", names: Collection[str] | None) -> list[Box]:
+        """``box_rule`` on ``box_map`` at box resolution (:func:`~.boxes.box_resolution`: float32,
+        64-128 px), boxes scaled to ``results.image_shape``."""
         if self.box_rule is None:
             return []
         maps = results.get(self.name, self.box_map)
         if maps is None:
             return []
-        return [b for c, n in enumerate(self.classes(results))
-                for b in self.box_rule(maps[c], label=n, image_size=results.image_shape)]
+        classes = self.classes(results)
+        idx = [i for i, n in enumerate(classes) if names is None or n in names]
+        if not idx:
+            return []
+        from cxrviewer.core.explain.boxes import box_resolution
+
+        picked = maps if len(idx) == len(classes) else np.asarray(maps)[idx]
+        small = box_resolution(picked, nearest=self.box_rule.kind == "grid")
+        return [b for i, m in zip(idx, small)
+                for b in self.box_rule(m, label=classes[i], image_size=results.image_shape)]
 
     def caption(self, results: "Results", panel: PanelSpec, class_index: int | None) -> str:
         """Extra caption text for ``panel`` (e.g. the disease-mask source); '' by default."""
