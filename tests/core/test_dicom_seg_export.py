@@ -116,6 +116,8 @@ def test_export_from_stored_results(tiny, tmp_path, capsys):
     assert item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == finding_code(finding).meaning
     frac = read_segmentation(folder / "SEG_fractional.dcm")[finding]
     assert np.abs(frac - cmap).max() <= 0.5 / 255 + 1e-6
+    series = [pydicom.dcmread(f, stop_before_pixels=True).SeriesNumber for f in sorted(folder.iterdir())]
+    assert len(set(series)) == 4  # each object its own series (a viewer lists them apart)
     _assert_valid(folder.iterdir())
     # round trip: the thresholded map's segment comes back as its bounding box, a model box
     new = tmp_path / "new.cxrann"

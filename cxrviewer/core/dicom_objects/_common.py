@@ -28,7 +28,7 @@ DEVICE_SERIAL = "none"
 PRIVATE_SCHEME = "99CXRV"
 #: Series numbers of the objects cxrviewer writes (new series each, numbered apart from the
 #: acquisition's own series).
-SERIES_NUMBERS = {"sc": 9900, "sr": 9901, "seg": 9902, "fseg": 9903, "pr": 9904}
+SERIES_NUMBERS = {"sc": 9900, "sr": 9901, "seg": 9902, "fseg": 9903, "pr": 9904, "tseg": 9905}
 #: Header values longer than this are not read from a source file (pixels are never read).
 DEFER_SIZE = 64 * 1024
 _DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}

@@ -104,14 +104,15 @@ def _usable(source: SourceImage) -> Dataset:
 
 def _segmentation(source: SourceImage, pixels: np.ndarray, names: list[str], kind: str,
                   algorithm: str | None, description: str,
-                  concepts: Sequence[str] | None = None) -> hd.seg.Segmentation:
+                  concepts: Sequence[str] | None = None, series: str | None = None
+                  ) -> hd.seg.Segmentation:
     concepts = list(names) if concepts is None else list(concepts)
     seg = hd.seg.Segmentation(
         source_images=[_usable(source)], pixel_array=pixels, segmentation_type=kind,
         segment_descriptions=[_description(i + 1, n, algorithm, c)
                               for i, (n, c) in enumerate(zip(names, concepts))],
         series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBERS["fseg" if kind == "FRACTIONAL" else "seg"],
+        series_number=SERIES_NUMBERS[series or ("fseg" if kind == "FRACTIONAL" else "seg")],
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME, software_versions=SOFTWARE_VERSION,
         device_serial_number=DEVICE_SERIAL, omit_empty_frames=False,
@@ -165,7 +166,7 @@ def thresholds_segmentation(source: SourceImage, maps: Sequence[Thresholded], *,
     pixels = pixels >= np.asarray([t for _, t in labels.values()], dtype=np.float64)
     seg = _segmentation(source, pixels.astype(np.uint8), list(labels), "BINARY", algorithm,
                         "cxrviewer map " + ", ".join(labels),
-                        concepts=[n for n, _ in labels.values()])
+                        concepts=[n for n, _ in labels.values()], series="tseg")
     for item, (name, threshold) in zip(seg.SegmentSequence, labels.values()):
         item.SegmentDescription = f"{name} map thresholded: pixels with value >= {threshold!r}"[:64]
     return seg
