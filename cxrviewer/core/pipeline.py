@@ -196,6 +196,9 @@ class Pipeline:
         """Add on-demand maps (attention-mining steps) for one more class from the kept features,
         and its boxes when the run made boxes of some classes only (``all_classes=False``)."""
         self._add_class_boxes(results, class_index)
+        self._compute_maps(results, class_index)
+
+    def _compute_maps(self, results: Results, class_index: int) -> None:
         able = [e for e in self.explainers if e.on_demand and e.name in results.maps]
         if not able or not all([e.compute_class(results, class_index) for e in able]):
             raise CxrError("these results keep no features (loaded from a file or no AM-capable "
@@ -227,7 +230,7 @@ class Pipeline:
         ``{explainer: {map: array}}`` for :meth:`Results.add_class_maps`."""
         tmp = results.snapshot()
         tmp.state = results.state
-        self.compute_class(tmp, class_index)
+        self._compute_maps(tmp, class_index)  # maps only: class_boxes gives the boxes
         name = results.classes[class_index]
         out: dict[str, dict[str, Any]] = {}
         for e in self.explainers:

@@ -297,6 +297,8 @@ def test_boxes_of_the_eager_classes_only_and_the_rest_on_demand(bundle_paths):
     before = {s: list(v) for s, v in res.boxes.items()}
     got = pl.class_boxes(res, other)
     assert res.boxes == before  # class_boxes leaves the results alone
+    assert pl.class_maps(res, other)["attention_mining"]["steps"].shape == (3, *res.map_shape)
+    assert res.boxes == before  # nor class_maps
     for source in full.boxes:
         assert _box_keys(got.get(source, [])) == _box_keys(full.boxes[source], {name})
     pl.compute_class(res, other)
