@@ -117,3 +117,29 @@ def test_classify_command_under_torchrun(phantom_dir, tmp_path):
     b = load_bundle(out)
     assert b.manifest.architecture == "cam_classifier"
     assert b.manifest.provenance["epochs_trained"] == 1
+
+
+@pytest.mark.parametrize("scale", [1e-3, 100.0])
+def test_loop_gradient_clipping_equals_clip_grad_norm(tmp_path, scale):
+    """The loop rescales gradients only above cfg.grad_clip on the CPU: bit-identical to the stock call."""
+    import copy
+
+    from torch.utils.data import TensorDataset
+
+    from training.trainers.loop import Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 3))
+    cfg = TrainConfig(grad_clip=5.0, out_dir=str(tmp_path), device="cpu")
+    trainer = Trainer(model, TensorDataset(torch.zeros(1)), lambda m, b: (torch.zeros(()), {}), cfg)
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 30, generator=torch.Generator().manual_seed(1))
+    for m in (model, ref):
+        (m(x).sum() * scale).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 5.0)
+    trainer._clip_gradients()
+    trainer.close()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    total = torch.linalg.vector_norm(torch.cat([p.grad.ravel() for p in model.parameters()]))
+    assert float(total) <= 5.0 + 1e-4

@@ -171,3 +171,19 @@ def test_cuda_pinned_path_matches_the_cpu(phantoms, tmp_path):
                       device="cuda")
     _, history = train_classifier(create_model("cam_classifier", backbone="tiny"), ds, None, cfg)
     assert np.isfinite(history[0]["loss"]) and history[0]["images_per_s"] > 0
+
+
+def test_predict_on_stored_pixels_equals_the_per_item_path(phantoms):
+    from torch.utils.data import Subset
+
+    from cxrviewer.core.models import create_model
+    from training.trainers.classify import predict
+
+    _, cache = phantoms
+    ds = CachedDataset(cache, rows=list(range(20)), normalisation="mean_std")
+    torch.manual_seed(0)
+    model = create_model("cam_classifier", backbone="tiny")
+    fast = predict(model, ds, batch_size=8)  # stored uint8 pixels, normalised as a batch
+    slow = predict(model, Subset(ds, range(len(ds))), batch_size=8)  # a wrapper: per-item normalisation
+    assert fast.shape == (20, 14) and np.ptp(fast) > 0
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6)

@@ -25,15 +25,29 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: Dataset, *, batch_size: int = 32, device=None,
             forward=None) -> np.ndarray:
-    """Sigmoid probabilities [N, C] of ``model`` on ``ds`` (eval mode, no augmentation)."""
+    """Sigmoid probabilities [N, C] of ``model`` on ``ds`` (eval mode, no augmentation). A
+    ``ChestDataset``/``CachedDataset`` sends its stored pixels (uint8 from a cache) and the device
+    normalises them (:class:`~training.data.loader.DeviceTransform`: the same values)."""
     from ..data import collate
+    from ..data.loader import DeviceTransform, RawItems
 
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
+    transform = DeviceTransform.of(ds)
+    if transform is None:
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    else:
+        keys = [(int(getattr(ds, "epoch", 0)), i) for i in range(len(ds))]
+        loader = DataLoader(RawItems(ds), batch_size=batch_size, sampler=keys, collate_fn=collate,
+                            pin_memory=torch.device(device).type == "cuda")
     out = []
-    for batch in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate):
-        x = batch["image"].to(device)
+    for batch in loader:
+        if transform is None:
+            x = batch["image"].to(device)
+        else:
+            x = transform({"image": batch["image"].to(device, non_blocking=True),
+                           "aug": batch["aug"].to(device, non_blocking=True)})["image"]
         res = forward(model, x) if forward is not None else model(x)
         out.append(torch.sigmoid(res["logits"].float()).cpu().numpy())
     model.train(was_training)
