@@ -244,3 +244,72 @@ def test_sigkilled_run_restarts_where_it_stopped(models_dir, tmp_path):
     after = {q.parent.name: q.stat().st_mtime_ns for q in out.glob("*/summary.json")}
     assert len(after) == 40 and all(after[k] == v for k, v in before.items())  # the done ones untouched
     assert len(_table(out)) == 1 + 40 * 14 and not (out / _archive.PARTIAL).exists()
+
+
+def test_panels_only_on_request_for_folders_and_lists(models_dir, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--models", str(models_dir), "--out", str(out), "--device", "cpu", "--workers", "0", "--quiet"]
+    assert main(["analyze", str(images), *base]) == 0  # a folder: no panels by default
+    assert not list(out.glob("*/panels.png")) and len(list(out.glob("*/results.h5"))) == 6
+    assert json.loads((out / "im0" / "summary.json").read_text())["analysis"]["panels"] is False
+    lst = tmp_path / "two.txt"
+    lst.write_text(f"{images / 'im0.png'}\n{images / 'im2.png'}\n")
+    out2 = tmp_path / "out2"
+    assert main(["analyze", "--list", str(lst), *base[:2], "--out", str(out2), *base[4:], "--panels"]) == 0
+    assert sorted(p.parent.name for p in out2.glob("*/panels.png")) == ["im0", "im2"]
+    out3 = tmp_path / "out3"
+    assert main(["analyze", str(images / "im0.png"), *base[:2], "--out", str(out3), *base[4:]]) == 0
+    assert (out3 / "im0" / "panels.png").is_file()  # a single file keeps its panels
+    capsys.readouterr()
+
+
+def test_a_failed_write_is_reported_for_its_study_and_the_others_go_on(models_dir, images, tmp_path, monkeypatch,
+                                                                       capsys):
+    import cxrviewer.core.io.results as results_io
+
+    real = results_io.write_results
+
+    def flaky(results, path, **kw):
+        if results.source_path.endswith("im2.png"):
+            raise results_io.ResultsFileError("cannot write results: disk full", path=str(path))
+        return real(results, path, **kw)
+
+    monkeypatch.setattr(results_io, "write_results", flaky)
+    out = tmp_path / "out"
+    assert main(["analyze", str(images), *_args(models_dir, out, "--quiet")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk full" in err[0] and "im2" in err[0], err
+    assert sorted(p.parent.name for p in out.glob("*/summary.json")) == ["im0", "im1", "im3", "im4", "im5"]
+    assert not (out / "im2").exists() and not list((out / _archive.PARTIAL).glob("*"))
+
+
+def test_background_writer_keeps_order_bounds_the_queue_and_stops_after_an_interrupt():
+    import threading
+
+    gate = threading.Event()
+    ran: list[int] = []
+    w = _archive.BackgroundWriter(ahead=1)
+
+    def job(i, fail=None):
+        def run():
+            if i == 0:
+                gate.wait(5)
+            ran.append(i)
+            if fail is not None:
+                raise fail
+        return run
+
+    assert w.submit(0, job(0)) == []  # still running: nothing to report
+    gate.set()
+    done = w.submit(1, job(1, ValueError("bad")))  # two queued > ahead: waits for the first
+    assert done[0] == (0, None)
+    rest = done[1:] + w.drain()
+    assert [t for t, _ in rest] == [1] and isinstance(rest[0][1], ValueError)
+    w.submit(2, job(2, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        w.submit(3, job(3))
+        w.drain()
+    w.close()
+    assert ran == [0, 1, 2]  # the job after the interrupt never started
+    serial = _archive.BackgroundWriter(threaded=False)
+    assert serial.submit("a", job(9)) == [("a", None)] and ran[-1] == 9

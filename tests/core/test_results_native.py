@@ -146,3 +146,14 @@ def test_recipe_json_round_trip_and_checks():
                 {**rec.to_json(), "theta_inv": [1, 2]}, {**rec.to_json(), "map_shape": [0, 5]}, [1, 2]):
         with pytest.raises(ValueError):
             MapRecipe.from_json(bad, 4096, 65536)
+
+
+def test_results_read_back_are_written_native_again(tmp_path):
+    rng = np.random.default_rng(4)
+    r, mp, native = _results(rng)
+    r.maps = {"cam": {"cam": mp(native)}}
+    back = read_results(write_results(r, tmp_path / "a.h5"))
+    again = write_results(back, tmp_path / "b.h5")
+    with h5py.File(again, "r") as f:
+        assert f["explainers/cam/cam"].attrs["encoding"] == "native"
+    np.testing.assert_array_equal(read_results(again).get("cam", "cam"), back.get("cam", "cam"))

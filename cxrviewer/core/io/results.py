@@ -321,6 +321,7 @@ class _Reader:
         self.image_shape: tuple[int, int] | None = None
         self.n_classes = 0
         self.version = FORMAT_VERSION
+        self.log = NativeLog()  # the native grids read, so writing the results again keeps them native
         self.dry = False  # a dry pass checks every declaration and reads no dataset
 
     def fail(self, msg: str) -> ResultsFileError:
@@ -571,9 +572,11 @@ class _Reader:
         if not np.all(np.isfinite(native)):
             raise self.fail(f"{ds.name}: a native map holds NaN or infinite values")
         try:
-            return remap(native, recipe)
+            out = remap(native, recipe)
         except ValueError as exc:
             raise self.fail(f"{ds.name}: cannot redraw ({exc})") from None
+        self.log.add(native.reshape(-1, *shape[-2:]), out.reshape(-1, *recipe.map_shape), recipe)
+        return out
 
     def _dequantise(self, ds: h5py.Dataset) -> np.ndarray | None:
         """A quantised map (``encoding=quantised``): ``offset + steps * scale`` per 2-D slice."""
@@ -789,7 +792,7 @@ def _read(r: _Reader) -> Results:
         boxes = {_V1_BOXES.get(k, k): v for k, v in boxes.items()}
     root["source_path"] = resolve_source(root["source_path"], r.path)
     return Results(**root, probabilities=probabilities, maps=maps, attrs=attrs, boxes=boxes,
-                   format_version=version)
+                   format_version=version, state={NATIVE_KEY: r.log} if len(r.log) else {})
 
 
 def read_results(path: str | os.PathLike) -> Results:
