@@ -127,3 +127,17 @@ def test_batched_class_gradients_equal_one_backward_per_class() -> None:
         ref = torch.relu((g.mean(dim=(-2, -1), keepdim=True) * act.detach()).sum(1))
         assert torch.allclose(both[:, i], ref, atol=1e-6)
     assert gradcam_from_activation(out["logits"], act, []).shape == (2, 0, 6, 6)
+
+
+def test_head_gradcam_takes_features_of_a_bf16_forward() -> None:
+    from cxrviewer.core.explain.gradcam import head_gradcam
+
+    _, model = next(iter(_classifiers()))
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    low = {**out, "features": out["features"].to(torch.bfloat16)}
+    got = head_gradcam(model, low, [0, 1])
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), head_gradcam(model, out, [0, 1]).numpy(), rtol=0.05,
+                               atol=0.02 * float(got.abs().max()))

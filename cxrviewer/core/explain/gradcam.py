@@ -103,8 +103,9 @@ def head_gradcam(model: nn.Module, output: Mapping[str, torch.Tensor], classes: 
     feats = output.get("features") if isinstance(output, Mapping) else None
     if not callable(head) or not isinstance(feats, torch.Tensor) or feats.dim() != 4:
         return None
-    with torch.enable_grad():
-        f = feats.detach().requires_grad_(True)
+    dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), feats.dtype)
+    with torch.enable_grad():  # features of an autocast forward are cast to the head's own dtype
+        f = feats.detach().to(dtype).requires_grad_(True)
         logits = _logits_of(head(f, {}, feature_masks))
         return gradcam_from_activation(logits, f, classes).detach()
 
