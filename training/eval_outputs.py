@@ -144,15 +144,23 @@ def pr_image(curves: Mapping[str, Any], title: str = "") -> Image.Image:
 
 
 def calibration_image(curves: Mapping[str, Any], title: str = "") -> Image.Image:
-    """The reliability diagram of every (study, class) pair, with the diagonal and the ECE."""
+    """The reliability diagram of every (study, class) pair, with the diagonal and the ECE, above
+    the histogram of the predictions per bin."""
     rel = curves["calibration"]["all"]
     n = sum(rel["count"])
-    return line_chart([Series(f"all classes (ECE {_fmt(rel.get('ece'))})", rel["mean_predicted"],
-                              rel["fraction_positive"], markers=True)],
-                      title=title or f"Reliability diagram: {n} (study, class) predictions in "
-                                     f"{len(rel['count'])} bins", xlabel="Mean predicted probability",
-                      ylabel="Fraction positive", reference=((0, 0), (1, 1)), reference_name="perfectly calibrated",
-                      size=(560, 480), legend="upper left")
+    diagram = line_chart([Series(f"all classes (ECE {_fmt(rel.get('ece'))})", rel["mean_predicted"],
+                                 rel["fraction_positive"], markers=True)],
+                         title=title or f"Reliability diagram: {n} (study, class) predictions in "
+                                        f"{len(rel['count'])} bins", xlabel="Mean predicted probability",
+                         ylabel="Fraction positive", reference=((0, 0), (1, 1)),
+                         reference_name="perfectly calibrated", size=(560, 460), legend="upper left", min_left=64)
+    edges, counts = rel["bin_edges"], rel["count"]
+    xs = [edges[0]] + [e for i, c in enumerate(counts) for e in (edges[i], edges[i + 1])] + [edges[-1]]
+    ys = [0] + [c for c in counts for _ in (0, 1)] + [0]
+    hist = line_chart([Series("predictions per bin", xs, ys, color=(127, 127, 127))], xlabel="Predicted probability",
+                      ylabel="Predictions", ylim=(0, max(max(counts, default=0) * 1.1, 1)), size=(560, 200),
+                      legend="upper right", min_left=64)
+    return chart_grid([diagram, hist], 1)
 
 
 def _curve_csvs(curves: Mapping[str, Any]) -> dict[str, str]:

@@ -197,11 +197,13 @@ def _legend(draw: ImageDraw.ImageDraw, series: Sequence[tuple[Series, tuple]], f
 def line_chart(series: Sequence[Series], *, title: str = "", xlabel: str = "", ylabel: str = "",
                xlim: tuple[float, float] = (0.0, 1.0), ylim: tuple[float, float] = (0.0, 1.0),
                reference: tuple[Point, Point] | None = None, reference_name: str = "",
-               size: tuple[int, int] = (480, 400), legend: str = "lower right", font_size: int = 13) -> Image.Image:
+               size: tuple[int, int] = (480, 400), legend: str = "lower right", font_size: int = 13,
+               min_left: int = 0) -> Image.Image:
     """A line chart of ``series`` (RGB, ``size`` pixels): title (wrapped), axis titles, round
     ticks with a light grid, an optional dashed grey ``reference`` line from one data point to
     another (e.g. the ROC diagonal ``((0, 0), (1, 1))``, named ``reference_name`` in the legend),
-    and a legend in the ``legend`` corner of the plot ("" for none)."""
+    and a legend in the ``legend`` corner of the plot ("" for none). ``min_left``: the least
+    left margin in pixels (charts stacked with one x axis line up their plot areas)."""
     k = SUPERSAMPLE
     W, H = size[0] * k, size[1] * k
     img = Image.new("RGB", (W, H), "white")
@@ -211,7 +213,7 @@ def line_chart(series: Sequence[Series], *, title: str = "", xlabel: str = "", y
     title_h = sum(_text_size(draw, t, title_font)[1] + 5 * k for t in title_lines)
     text_h = _text_size(draw, "0.8", font)[1]
     tick_w = max(_text_size(draw, _tick_text(v, 0.1), font)[0] for v in ticks(*ylim))
-    left = 3 * k + (text_h + 8 * k if ylabel else 0) + tick_w + 8 * k
+    left = max(3 * k + (text_h + 8 * k if ylabel else 0) + tick_w + 8 * k, min_left * k)
     bottom = H - (8 * k + text_h + (text_h + 8 * k if xlabel else 0) + 6 * k)
     fr = _Frame(int(left), int(8 * k + title_h), int(W - 14 * k), int(bottom), xlim, ylim)
     y = 6 * k
@@ -244,17 +246,18 @@ def line_chart(series: Sequence[Series], *, title: str = "", xlabel: str = "", y
 
 
 def chart_grid(charts: Sequence[Image.Image], cols: int, *, title: str = "", font_size: int = 16) -> Image.Image:
-    """The ``charts`` (same size) in a grid of ``cols`` columns under an optional title line."""
+    """The ``charts`` in a grid of ``cols`` columns (cells as wide as the widest chart, each row as
+    high as its highest) under an optional title line."""
     if not charts:
         raise ValueError("no charts to arrange")
     cols = max(1, min(cols, len(charts)))
-    rows = math.ceil(len(charts) / cols)
-    w, h = charts[0].size
+    w = max(c.width for c in charts)
+    heights = [max(c.height for c in charts[i:i + cols]) for i in range(0, len(charts), cols)]
     font = _font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines = _wrap(probe, title, font, cols * w - 20) if title else []
     head = sum(_text_size(probe, t, font)[1] + 8 for t in lines) + (10 if lines else 0)
-    out = Image.new("RGB", (cols * w, rows * h + head), "white")
+    out = Image.new("RGB", (cols * w, sum(heights) + head), "white")
     draw = ImageDraw.Draw(out)
     y = 8
     for t in lines:
@@ -262,7 +265,7 @@ def chart_grid(charts: Sequence[Image.Image], cols: int, *, title: str = "", fon
         draw.text(((cols * w - tw) / 2, y - draw.textbbox((0, 0), t, font=font)[1]), t, fill=TEXT, font=font)
         y += th + 8
     for i, c in enumerate(charts):
-        out.paste(c.convert("RGB"), ((i % cols) * w, head + (i // cols) * h))
+        out.paste(c.convert("RGB"), ((i % cols) * w, head + sum(heights[:i // cols])))
     return out
 
 
@@ -275,7 +278,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", optimize=True)
+            image.save(fh, format="PNG")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

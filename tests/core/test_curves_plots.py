@@ -109,3 +109,18 @@ def test_missing_values_break_the_line():
     assert 0 < _pixels(broken, red) < _pixels(whole, red)
     with pytest.raises(ValueError):
         chart_grid([], 2)
+
+
+def _plot_left(img):
+    """The x of the plot frame's left edge: the first column that is dark over most of the height."""
+    a = np.asarray(img).astype(int).max(-1) < 110
+    return int(np.argmax(a.sum(0) > img.height * 0.5))
+
+
+def test_min_left_lines_up_stacked_charts_and_rows_keep_their_heights():
+    tall = line_chart([Series("", [0, 1], [0, 1])], ylabel="Fraction", size=(300, 300), legend="", min_left=70)
+    wide_ticks = line_chart([Series("", [0, 1], [0, 1000])], ylabel="Count", ylim=(0, 1000), size=(300, 120),
+                            legend="", min_left=70)
+    assert abs(_plot_left(tall) - _plot_left(wide_ticks)) <= 1 and _plot_left(tall) >= 69
+    stacked = chart_grid([tall, wide_ticks], 1)
+    assert stacked.size == (300, 420)

@@ -161,3 +161,25 @@ def test_card_carries_the_curves_and_the_core_reads_them(run, tmp_path):
     # a card whose AUROC is another bundle's carries no curves
     other = {**metrics, "auroc_role": "dm", "models": {**metrics["models"], "dm": {"bundle": "dm.cxrbundle"}}}
     assert "curves" not in card_from_metrics(other, clf.name)
+
+
+@pytest.mark.shared
+def test_real_nih_fold0_subset_auroc_from_the_csv(nih_dir, tmp_path):
+    """The bundled classifier on 24 studies of the real NIH fold 0 (every 8th), scored with the prior
+    only (the classifier's one forward gives the probabilities): a quick version of the test above."""
+    from cxrviewer.core.bundle import load_bundle
+    from cxrviewer.core.pipeline import Pipeline
+    from training.commands.evaluate import _pipeline_methods
+    from training.data import load_records, patient_folds
+    from training.evaluate import evaluate_pipeline, write_report
+
+    model = Path(__file__).resolve().parents[2] / "resources" / "models" / "nih-classifier.cxrbundle"
+    records = load_records(nih_dir)
+    fold0 = {r.key for r, f in zip(records, patient_folds(records, 5, 0)) if f == 0}
+    refs = [r for r in read_nih_folder(nih_dir) if r.key in fold0][::8][:24]
+    pl = Pipeline({"classifier": load_bundle(model)}, "cpu", map_max_side=128, methods=_pipeline_methods(["prior"]))
+    result = evaluate_pipeline(pl, refs, methods=["prior"])
+    write_report(result, tmp_path, title="subset")
+    metrics = check_outputs(tmp_path)
+    assert metrics["n_images"] == 24 and metrics["predictions_method"] == "prior"
+    assert sum(v is not None for v in metrics["auroc"].values()) >= 5
