@@ -348,8 +348,9 @@ def render_panels(study: Any, results: Any, *, class_index: int | None = None, t
     return fig
 
 
-def save_panels(study: Any, results: Any, path: str | Path, **kw: Any) -> Path:
-    """Render :func:`render_panels` to a PNG file."""
+def save_panels(study: Any, results: Any, path: str | Path, *, compress_level: int = 1, **kw: Any) -> Path:
+    """Render :func:`render_panels` to a PNG file. ``compress_level`` 1 (zlib's fastest)
+    encodes about 3-4x faster than PIL's default 6 for a file about 20 % larger."""
     p = Path(path)
-    render_panels(study, results, **kw).save(p, format="PNG")
+    render_panels(study, results, **kw).save(p, format="PNG", compress_level=compress_level)
     return p

@@ -582,7 +582,8 @@ class _Reader:
         """A quantised map (``encoding=quantised``): ``offset + steps * scale`` per 2-D slice."""
         shape = ds.shape or ()
         if len(shape) < 2 or ds.dtype.kind != "u":
-            raise self.fail(f"{ds.name}: a quantised map must be [..., h, w] unsigned integers (got {ds.dtype} {shape})")
+            raise self.fail(f"{ds.name}: a quantised map must be [..., h, w] unsigned integers "
+                            f"(got {ds.dtype} {shape})")
         n = math.prod(shape[:-2])
         coef = []
         for key in ("offset", "scale"):
