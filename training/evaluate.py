@@ -500,6 +500,17 @@ def markdown_tables(result: Mapping, *, title: str = "") -> str:
                   "| " + " | ".join([c.replace("_", " ") for c in names] + ["Mean"]) + " |",
                   "|" + "---|" * (len(names) + 1),
                   "| " + " | ".join([_fmt(auroc[c]) for c in names] + [_fmt(result.get("mean_auroc"))]) + " |", ""]
+    ap = result.get("average_precision")
+    if ap:
+        lines += ["Average precision per class (the same probabilities; the area under the precision-recall step "
+                  "curve)", "", "| " + " | ".join([c.replace("_", " ") for c in ap] + ["Mean"]) + " |",
+                  "|" + "---|" * (len(ap) + 1),
+                  "| " + " | ".join([_fmt(v) for v in ap.values()] + [_fmt(_mean(list(ap.values())))]) + " |", ""]
+    if result.get("ece") is not None:
+        lines += [f"Expected calibration error (10 bins, every study and class): {_fmt(result['ece'])}", ""]
+    if result.get("outputs"):
+        lines += ["Also written: " + ", ".join(result["outputs"]) + " (predictions.csv: per study and class, "
+                  f"with the boxes of `{result.get('predictions_method')}`)", ""]
     return "\n".join(lines)
 
 

@@ -59,6 +59,8 @@ def check_outputs(out: Path) -> dict:
         if v is not None:
             assert abs(full["roc"][c]["auc"] - v) <= 1e-9 and metrics["curves"]["roc"][c]["auc"] == full["roc"][c]["auc"]
             assert len(metrics["curves"]["roc"][c]["fpr"]) <= 101
+    tables = (out / "tables.md").read_text()
+    assert "Average precision per class" in tables and "Also written: predictions.csv, curves.json" in tables
     rows = read_predictions(out / "predictions.csv")
     assert len(rows) == metrics["n_images"] * len(metrics["auroc"])
     assert sum(full["calibration"]["all"]["count"]) == len(rows)
