@@ -426,3 +426,32 @@ def test_worklist_row_for_a_real_image(tmp_path):
 
 def test_typed_error_is_a_cxr_error():
     assert issubclass(ResultsFileError, CxrError)
+
+
+def test_byte_mutants_of_native_and_quantised_maps_give_typed_errors_only(tmp_path):
+    """Byte flips in a file holding a native-grid map (with its recipe) and a quantised one."""
+    import torch
+
+    from cxrviewer.core.explain.context import Mapper
+    from cxrviewer.core.results import NATIVE_KEY, NativeLog
+
+    rng = np.random.default_rng(2)
+    r = Results(study_id="s1", source_path="x", pixel_sha256="ab" * 32, image_shape=(128, 128), map_shape=(64, 64),
+                classes=CLASSES, probabilities=np.asarray([0.2, 0.7], np.float32))
+    mp = Mapper((64, 64), (128, 128), (4, 120, 8, 124), torch.tensor([[[1.0, 0.1, 0.05], [-0.1, 1.0, 0.0]]]),
+                r.state.setdefault(NATIVE_KEY, NativeLog()))
+    r.maps = {"cam": {"cam": mp(torch.from_numpy(rng.normal(size=(2, 6, 6)).astype(np.float32)))},
+              "anatomy": {"posterior": rng.random((2, 64, 64), dtype=np.float32)}}
+    base = write_results(r, tmp_path / "base.h5").read_bytes()
+    with h5py.File(tmp_path / "base.h5", "r") as f:
+        assert f["explainers/cam/cam"].attrs["encoding"] == "native"
+        assert f["explainers/anatomy/posterior"].attrs["encoding"] == "quantised"
+    for i in range(120):
+        b = bytearray(base)
+        for _ in range(int(rng.integers(1, 12))):
+            b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+        p = tmp_path / f"m{i}.h5"
+        p.write_bytes(bytes(b))
+        err, dt, peak, rss = _bounded(lambda: read_results(p))
+        assert err is None or isinstance(err, ResultsFileError), (i, type(err).__name__, err)
+        assert dt < 10 and peak < 200 * 2**20 and rss < 2**30, (i, dt, peak, rss)
