@@ -50,7 +50,12 @@ class Series:
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+    """Pillow's own scalable font at ``size`` pixels (Pillow >= 10.1 with FreeType); else its
+    fixed bitmap font (smaller, still legible)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow 10.0: no size argument
+        return ImageFont.load_default()
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
