@@ -1,7 +1,7 @@
 """Benchmark: images/s of ``cxr-train classify``'s training loop against a bare PyTorch loop.
 
     .venv/bin/python benchmarks/train_throughput.py [--data ../shared/data/nih] [--n 80] [--size 128]
-        [--batch-size 16] [--epochs 6] [--threads 1] [--variants auto,0,per-item]
+        [--batch-size 16] [--epochs 6] [--threads 1] [--variants auto,0,before]
 
 Both sides train the same model (the registry's ``cam_classifier`` on ResNet-18, same initial
 weights), at the same batch size and input size, on the same cached images: the first ``--n``
@@ -21,9 +21,10 @@ epoch-end hook) so a change of the machine's load hits both; the load average is
 every epoch, and the CPU seconds of this process (``time.process_time``: the main process, not
 its workers) per epoch of each side: their ratio (``cpu_ratio``, bare CPU / trainer CPU for the
 same images) is the loop's own overhead, which the load of a shared machine hardly moves.
-Variants of the trainer: ``auto`` (``--workers`` default), ``0`` (no workers),
-``per-item`` (the loop before issue 18: per-image augmentation and normalisation in the main
-process, no device transform, no workers). Writes benchmarks/results/train_throughput.json.
+Variants of the trainer: ``auto`` (``--workers`` default: on the CPU the workers decode nothing,
+they read the cache, augment and normalise while the main process trains), ``0`` (no workers),
+``before`` (the loop before issue 18: a new DataLoader per epoch, no workers), ``device`` (the
+CUDA path run on the CPU: the main process augments and normalises whole batches). Writes benchmarks/results/train_throughput.json.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def _run_variant(variant: str, folder: str, cache: Path, work: Path, args, bare:
     from training.trainers.classify import classification_loss, train_classifier
     from training.trainers.loop import Trainer
 
-    cargs = _command_args(folder, cache, work / variant, args, "0" if variant == "per-item" else variant)
+    workers = {"before": "0", "device": "auto"}.get(variant, variant)
+    cargs = _command_args(folder, cache, work / variant, args, workers)
     data = labelled_datasets(cargs)
     model = create_model("cam_classifier", backbone="resnet18")
     model.load_state_dict(init)
@@ -113,7 +115,8 @@ def _run_variant(variant: str, folder: str, cache: Path, work: Path, args, bare:
         rec["load"] = os.getloadavg()[0]
         bare_epochs.append(bare.epoch())
 
-    if variant == "per-item":
+    Trainer.transform_on_cpu = variant == "device"
+    if variant == "before":
         trainer = Trainer(model, data.train_ds, classification_loss, cfg, collate_fn=collate, on_epoch_end=after)
         try:
             history = trainer.fit()
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=6, help="trainer epochs per variant (each followed by a bare one)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--variants", default="auto,0,per-item")
+    p.add_argument("--variants", default="auto,0,before", help="comma-separated: auto, 0, N, before, device")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))

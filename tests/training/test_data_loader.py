@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.data import AugmentConfig, CachedDataset, ChestDataset, build_cache, collate, load_records
-from training.data.loader import DeviceTransform, EpochSampler, RawItems, resolve_workers
+from training.data.loader import DeviceTransform, EpochSampler, EpochItems, resolve_workers
 from training.phantoms import PhantomConfig, write_phantom_dataset
 from training.trainers.classify import train_classifier
 from training.trainers.loop import TrainConfig
@@ -102,8 +102,8 @@ def test_workers_serve_the_same_batches(phantoms, context):
     sampler = EpochSampler(len(ds), 2)
     sampler.set_epoch(1)
     kw = dict(batch_size=8, sampler=sampler, collate_fn=collate)
-    main = list(DataLoader(RawItems(ds), num_workers=0, **kw))
-    work = list(DataLoader(RawItems(ds), num_workers=1 if context == "spawn" else 2,
+    main = list(DataLoader(EpochItems(ds), num_workers=0, **kw))
+    work = list(DataLoader(EpochItems(ds), num_workers=1 if context == "spawn" else 2,
                            multiprocessing_context=context, **kw))
     assert len(main) == len(work) == 5
     for a, b in zip(main, work):
@@ -111,29 +111,48 @@ def test_workers_serve_the_same_batches(phantoms, context):
         assert torch.equal(a["index"], b["index"])
 
 
-def _train(cache, out, workers: int) -> dict:
+def _train(cache, out, workers: int, *, old_loop: bool = False) -> dict:
+    """Weights after 2 epochs of the tiny classifier on 32 cached images (augmented)."""
     from cxrviewer.core.models import create_model
+    from training.trainers.classify import classification_loss
+    from training.trainers.loop import Trainer
 
     train_ds = CachedDataset(cache, rows=list(range(32)), augment_cfg=AugmentConfig(), seed=4)
     torch.manual_seed(0)
     model = create_model("cam_classifier", backbone="tiny")
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, seed=4, log_every=0, num_workers=workers,
                       out_dir=str(out), device="cpu")
-    model, history = train_classifier(model, train_ds, None, cfg)
+    if old_loop:  # the loop before the keyed data path: a new DataLoader per epoch over ds[i]
+        trainer = Trainer(model, train_ds, classification_loss, cfg, collate_fn=collate)
+        history = trainer.fit()
+        trainer.close()
+    else:
+        model, history = train_classifier(model, train_ds, None, cfg)
     assert len(history) == 2
     return model.state_dict()
 
 
-def test_runs_with_and_without_workers_reach_identical_weights(phantoms, tmp_path):
+def _assert_same(a: dict, b: dict) -> None:
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("where", ["workers augment (CPU default)", "device transform"])
+def test_runs_with_and_without_workers_reach_identical_weights(phantoms, tmp_path, monkeypatch, where):
+    from training.trainers.loop import Trainer
+
+    if where == "device transform":
+        monkeypatch.setattr(Trainer, "transform_on_cpu", True)  # what a CUDA run does, here on the CPU
     _, cache = phantoms
     none = _train(cache, tmp_path / "w0", 0)
     two = _train(cache, tmp_path / "w2", 2)
     again = _train(cache, tmp_path / "w2b", 2)
     start = _untrained()
     assert any(not torch.equal(start[k], none[k]) for k in none)  # it trained
-    for k in none:
-        assert torch.equal(two[k], again[k]), k  # two runs with workers: identical
-        assert torch.equal(none[k], two[k]), k  # with and without workers: identical (same batches)
+    _assert_same(two, again)  # two runs with workers: identical
+    _assert_same(none, two)  # with and without workers: identical (the same batches)
+    if where != "device transform":  # the CPU path feeds exactly what the loop fed before
+        _assert_same(none, _train(cache, tmp_path / "old", 0, old_loop=True))
 
 
 def _untrained() -> dict:
@@ -158,7 +177,7 @@ def test_cuda_pinned_path_matches_the_cpu(phantoms, tmp_path):
         pytest.skip("no CUDA GPU")
     _, cache = phantoms
     ds = CachedDataset(cache, augment_cfg=_strong(), seed=2)
-    batch = next(iter(DataLoader(RawItems(ds), batch_size=8, sampler=EpochSampler(len(ds), 2),
+    batch = next(iter(DataLoader(EpochItems(ds), batch_size=8, sampler=EpochSampler(len(ds), 2),
                                  collate_fn=collate, pin_memory=True, num_workers=1)))
     assert batch["image"].is_pinned() and batch["image"].dtype == torch.uint8
     gpu = {k: (v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}

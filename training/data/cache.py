@@ -236,10 +236,6 @@ class CachedDataset(_AugmentedBase):
     def _labels_of(self, i: int) -> np.ndarray:
         return self._labels[self.rows[i]]
 
-    def __getitem__(self, i: int) -> dict:
-        img = self.image_u8(i).astype(np.float32) / 255.0
-        return self._finish(img, self.boxes_of(i), self._labels[self.rows[i]], i)
-
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_file"] = None

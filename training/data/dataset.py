@@ -83,9 +83,10 @@ class _AugmentedBase(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _finish(self, img: np.ndarray, boxes: list[Box], labels: np.ndarray, index: int) -> dict:
+    def _finish(self, img: np.ndarray, boxes: list[Box], labels: np.ndarray, index: int,
+                epoch: int | None = None) -> dict:
         if self.augment_cfg is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
+            rng = np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, index))
             img, boxes = augment(img, boxes, rng, self.augment_cfg)
         x = torch.from_numpy(self.preprocess.normalise_array(img))[None]
         return {"image": x, "labels": torch.from_numpy(np.asarray(labels, np.float32)),
@@ -97,6 +98,16 @@ class _AugmentedBase(Dataset):
 
     def _labels_of(self, i: int) -> np.ndarray:
         raise NotImplementedError
+
+    def item(self, i: int, epoch: int | None = None) -> dict:
+        """``self[i]`` as epoch ``epoch`` augments it (default :attr:`epoch`)."""
+        img, boxes = self.pixels(i)
+        if img.dtype == np.uint8:
+            img = img.astype(np.float32) / 255.0
+        return self._finish(img, boxes, self._labels_of(i), i, epoch)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i)
 
     def raw_item(self, i: int, epoch: int | None = None) -> dict:
         """Item ``i`` for :class:`~training.data.loader.DeviceTransform`: ``image`` [1, S, S] as stored
@@ -141,10 +152,6 @@ class ChestDataset(_AugmentedBase):
 
     def _labels_of(self, i: int) -> np.ndarray:
         return self.records[i].labels
-
-    def __getitem__(self, i: int) -> dict:
-        img, boxes = self.pixels(i)
-        return self._finish(img, boxes, self.records[i].labels, i)
 
 
 def collate(items: list[dict]) -> dict:

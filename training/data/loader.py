@@ -1,14 +1,20 @@
-"""The training data path: workers fetch stored pixels, the device augments and normalises batches.
+"""The training data path: items addressed by (epoch, index), served by persistent workers.
 
-A :class:`~training.data.dataset._AugmentedBase` data set (``ChestDataset``, ``CachedDataset``)
-serves :meth:`raw_item` items: the image as stored (uint8 from the HDF5 cache, no PNG decoding),
-its augmentation as 9 numbers drawn from ``(seed, epoch, index)`` and its boxes already moved.
-Workers do only that (cheap, picklable: ``spawn`` on Windows/macOS works); the main process moves
-the uint8 batch to the device (pinned memory, ``non_blocking`` on CUDA) where
-:class:`DeviceTransform` warps the whole batch with one ``grid_sample``, applies the intensity
-jitter and the normalisation. Items are addressed by ``(epoch, index)`` (:class:`EpochSampler`),
+A :class:`~training.data.dataset._AugmentedBase` data set (``ChestDataset``, ``CachedDataset``;
+the HDF5 cache of ``cxr-train cache`` serves decoded uint8 pixels, no PNG decoding) gives each
+item as a function of ``(seed, epoch, index)`` alone (:class:`EpochItems`, :class:`EpochSampler`),
 so one loader with persistent workers serves every epoch and a batch never depends on which
-worker made it: runs with 0, 1 or N workers see the same batches.
+worker made it: runs with 0, 1 or N workers see the same batches. Where the work happens:
+
+- training on CUDA: workers send the stored pixels (uint8 from a cache) with each item's
+  augmentation as 9 numbers (:meth:`raw_item`) through pinned memory (``non_blocking`` copies);
+  :class:`DeviceTransform` warps the whole batch on the GPU with one ``grid_sample``, applies the
+  intensity jitter and the normalisation there;
+- training on the CPU: the workers augment and normalise each item (:meth:`item`, the numbers
+  the loop always fed), on the cores the main process's network does not use.
+
+Workers are picklable data set copies (``spawn`` on Windows/macOS works); an HDF5 file is
+opened once per process.
 """
 from __future__ import annotations
 
@@ -59,8 +65,8 @@ class DeviceTransform:
 
     @classmethod
     def of(cls, ds: Dataset) -> "DeviceTransform | None":
-        """The transform of a data set serving :meth:`raw_item` items (None for any other)."""
-        if not callable(getattr(ds, "raw_item", None)):
+        """The transform of a data set serving :meth:`raw_item` and :meth:`item` (None for any other)."""
+        if not callable(getattr(ds, "raw_item", None)) or not callable(getattr(ds, "item", None)):
             return None
         return cls(dataset_preprocess(ds), getattr(ds, "augment_cfg", None))
 
@@ -74,18 +80,21 @@ class DeviceTransform:
         return out
 
 
-class RawItems(Dataset):
-    """``ds``'s :meth:`raw_item` items addressed by ``(epoch, index)`` keys (:class:`EpochSampler`)."""
+class EpochItems(Dataset):
+    """``ds``'s items addressed by ``(epoch, index)`` keys (:class:`EpochSampler`): ``raw`` ->
+    :meth:`raw_item` (for a :class:`DeviceTransform`), else :meth:`item` (augmented, normalised)."""
 
-    def __init__(self, ds: Dataset) -> None:
-        self.ds = ds
+    def __init__(self, ds: Dataset, raw: bool = True) -> None:
+        self.ds, self.raw = ds, bool(raw)
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, i = key
-        return self.ds.raw_item(int(i), int(epoch))
+        if self.raw:
+            return self.ds.raw_item(int(i), int(epoch))
+        return self.ds.item(int(i), int(epoch))
 
 
 class EpochSampler(Sampler):

@@ -29,7 +29,7 @@ def predict(model: torch.nn.Module, ds: Dataset, *, batch_size: int = 32, device
     ``ChestDataset``/``CachedDataset`` sends its stored pixels (uint8 from a cache) and the device
     normalises them (:class:`~training.data.loader.DeviceTransform`: the same values)."""
     from ..data import collate
-    from ..data.loader import DeviceTransform, RawItems
+    from ..data.loader import DeviceTransform, EpochItems
 
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -39,7 +39,7 @@ def predict(model: torch.nn.Module, ds: Dataset, *, batch_size: int = 32, device
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
     else:
         keys = [(int(getattr(ds, "epoch", 0)), i) for i in range(len(ds))]
-        loader = DataLoader(RawItems(ds), batch_size=batch_size, sampler=keys, collate_fn=collate,
+        loader = DataLoader(EpochItems(ds), batch_size=batch_size, sampler=keys, collate_fn=collate,
                             pin_memory=torch.device(device).type == "cuda")
     out = []
     for batch in loader:
@@ -75,8 +75,9 @@ def train_classifier(model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset 
                      on_epoch_end=None) -> tuple[torch.nn.Module, list[dict]]:
     """Train with the shared loop; evaluates AUROC on ``val_ds`` after each epoch. The model returned
     holds the epoch of the best held-out mean AUROC (unless ``cfg.monitor`` names another metric).
-    A ``ChestDataset``/``CachedDataset`` is fed through :mod:`training.data.loader` (workers serve the
-    stored pixels, the device augments and normalises); ``on_epoch_end(epoch, record)``: see
+    A ``ChestDataset``/``CachedDataset`` is fed through :mod:`training.data.loader` (persistent
+    workers; on CUDA they serve the stored pixels and the GPU augments and normalises the batch);
+    ``on_epoch_end(epoch, record)``: see
     :class:`~.loop.Trainer`."""
     from ..data import collate
     from ..data.loader import DeviceTransform

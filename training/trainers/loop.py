@@ -2,9 +2,10 @@
 
 - AMP on CUDA (bf16 where supported, else fp16 with a GradScaler), fp32 on CPU;
 - channels_last memory format on CUDA; pinned memory and non-blocking copies on CUDA;
-- with a ``device_transform`` (:class:`training.data.loader.DeviceTransform`) workers serve stored
-  pixels and the device augments and normalises each batch; one loader with persistent workers
-  serves every epoch, and the batches do not depend on the number of workers;
+- with a ``device_transform`` (:class:`training.data.loader.DeviceTransform`) one loader with
+  persistent workers serves every epoch and the batches do not depend on the number of workers;
+  on CUDA the workers serve stored pixels and the GPU augments and normalises each batch, on
+  the CPU the workers augment and normalise (the cores the network does not use);
 - gradient clipping; checkpoint at the end of every epoch (atomic), resume;
 - deterministic seeds: the shuffle order, augmentation and dropout of epoch
   ``e`` depend only on (seed, e), so a killed run resumed from its checkpoint
@@ -194,9 +195,13 @@ class Trainer:
     (the trainers differ only here); ``eval_fn(model) -> metrics`` runs after
     every epoch on rank 0. ``collate_fn`` builds batches. ``val_ds``: also log the mean
     ``loss_fn`` over it (eval mode) as ``val_loss`` (e.g. ``cfg.monitor = "val_loss"``).
-    ``device_transform``: ``train_ds`` serves ``raw_item(index, epoch)`` items and this callable
-    turns each batch, once on the device, into the network's input (augmentation, normalisation).
+    ``device_transform``: ``train_ds`` serves ``item(index, epoch)`` and ``raw_item(index, epoch)``
+    items; on CUDA (or with :attr:`transform_on_cpu`) the raw ones, which this callable turns into the
+    network's input once on the device (augmentation, normalisation).
     """
+
+    #: run the ``device_transform`` on the CPU too (tests; the CPU default is per-item work in workers)
+    transform_on_cpu = False
 
     def __init__(self, model: torch.nn.Module, train_ds: Dataset, loss_fn: LossFn, cfg: TrainConfig,
                  *, eval_fn: EvalFn | None = None, collate_fn=None, params=None,
@@ -393,10 +398,11 @@ class Trainer:
         pin = self.device.type == "cuda"
         if self.device_transform is not None:
             if self._loader is None:
-                from ..data.loader import EpochSampler, RawItems
+                from ..data.loader import EpochItems, EpochSampler
 
                 self._sampler = EpochSampler(len(self.train_ds), cfg.seed, rank=self.rank, world=self.world)
-                self._loader = DataLoader(RawItems(self.train_ds), batch_size=cfg.batch_size, sampler=self._sampler,
+                items = EpochItems(self.train_ds, raw=self._raw_batches)
+                self._loader = DataLoader(items, batch_size=cfg.batch_size, sampler=self._sampler,
                                           num_workers=cfg.num_workers, collate_fn=self.collate_fn, pin_memory=pin,
                                           persistent_workers=cfg.num_workers > 0,
                                           generator=torch.Generator().manual_seed(cfg.seed))
@@ -412,11 +418,16 @@ class Trainer:
         return DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen, pin_memory=pin,
                           num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
 
+    @property
+    def _raw_batches(self) -> bool:
+        """Whether the batches are raw items for the ``device_transform`` (CUDA), else finished items."""
+        return self.device_transform is not None and (self.device.type == "cuda" or self.transform_on_cpu)
+
     def _to_device(self, batch: dict) -> dict:
         """A loader batch on the device (non-blocking from pinned memory), through the
         ``device_transform``, its image ``channels_last`` on CUDA."""
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if self.device_transform is not None:
+        if self.device_transform is not None and self._raw_batches:
             batch = self.device_transform(batch)
         if self.device.type == "cuda" and self.cfg.channels_last and batch["image"].dim() == 4:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
