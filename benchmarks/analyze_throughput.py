@@ -35,7 +35,7 @@ from _report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_cpu import ROLES  # noqa: E402
+from pipeline_cpu import ROLES, role_input_size  # noqa: E402
 
 
 def _studies(folder: Path, n: int) -> list[Path]:
@@ -58,7 +58,7 @@ def _models(kind: str, folder: Path, size: int) -> Path:
     out = folder / "models"
     out.mkdir(parents=True, exist_ok=True)
     for i, (role, (arch, kw)) in enumerate(ROLES.items()):
-        init_bundle(arch, out / f"{role}.cxrbundle", kwargs=kw, input_size=size, bank_size=16, seed=i,
+        init_bundle(arch, out / f"{role}.cxrbundle", kwargs=kw, input_size=role_input_size(role, size), bank_size=16, seed=i,
                     canonical=False)
     return out
 
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(), "machine": platform.machine(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "realistic_roles": {r: {"architecture": a, **kw} for r, (a, kw) in ROLES.items()},
+        "realistic_roles": {r: {"architecture": a, "input_size": role_input_size(r, args.size), **kw}
+                            for r, (a, kw) in ROLES.items()},
         "sets": sets,
     }
     write_report(report, Path(args.out))

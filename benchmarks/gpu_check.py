@@ -39,7 +39,7 @@ from _report import write_report
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from pipeline_cpu import ROLES  # noqa: E402  (one realistic-size model set for every benchmark)
+from pipeline_cpu import ROLES, role_input_size  # noqa: E402  (one realistic-size model set for every benchmark)
 
 #: toy roles for --cpu-smoke (the tiny networks of the tests)
 SMOKE_ROLES = {
@@ -100,7 +100,7 @@ def make_bundles(folder: Path, args: argparse.Namespace) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, (role, (arch, kw)) in enumerate(_roles(args).items()):
-        init_bundle(arch, folder / f"{role}.cxrbundle", kwargs=kw, input_size=args.size, bank_size=16,
+        init_bundle(arch, folder / f"{role}.cxrbundle", kwargs=kw, input_size=role_input_size(role, args.size), bank_size=16,
                     seed=i, canonical=False)
     return folder
 

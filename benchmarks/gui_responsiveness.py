@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_cpu import ROLES  # noqa: E402  (one realistic-size model set for both benchmarks)
+from pipeline_cpu import ROLES, role_input_size  # noqa: E402  (one realistic-size model set for both benchmarks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CXRVIEWER_CONFIG_DIR"] = str(tmp / "config")
     t = time.perf_counter()
     for role, (arch, kw) in ROLES.items():
-        init_bundle(arch, tmp / "models" / role, kwargs=kw, input_size=args.size, bank_size=16)
+        init_bundle(arch, tmp / "models" / role, kwargs=kw, input_size=role_input_size(role, args.size), bank_size=16)
     setup_s = time.perf_counter() - t
 
     app = QApplication.instance() or QApplication([])
