@@ -141,8 +141,9 @@ def test_panel_plots_live_then_shows_before_after_and_offers_the_switch(qtbot, f
     assert panel._kept_line is not None and panel._kept_line.value() == 5
     rows = panel.table_rows()
     assert rows == [["Before: old-cia", "0.600", "0.125"], ["After: new", "0.710", "0.500"],
-                    ["prior (shipped)", "—", "0.250"]]
-    assert "16 annotated studies" in panel.compare_note.text()
+                    ["Fixed-box prior", "—", "0.250"]]
+    assert panel.table.item(2, 0).toolTip() == "prior (shipped)" and panel.table.item(1, 1).toolTip() == "Nodule: 0.700"
+    assert "16 of your studies" in panel.compare_note.text() and "optimistic" in panel.compare_note.toolTip()
     assert job.comparison["new"]["path"] == str(out) and not panel.switch_btn.isHidden()
     with qtbot.waitSignal(ctrl.switchRequested) as got:
         panel.switch_btn.click()
@@ -232,7 +233,7 @@ def test_real_finetune_plots_live_and_compares(qtbot, project, tmp_path):
     rows = ctrl.panel.table_rows()
     print({"points_before_end": max(points), "points_total": ctrl.panel.n_points, "table": rows})
     assert max(points) >= 3 and job.comparison is not None, (points, ctrl.panel.compare_note.text())
-    assert rows[0][0].startswith("Before: nih-cia") and rows[1][0] == "After: ft" and "prior" in rows[2][0]
+    assert rows[0][0].startswith("Before: nih-cia") and rows[1][0] == "After: ft" and rows[2][0] == "Fixed-box prior"
     assert all(r[2] != "—" for r in rows) and rows[1][1] != "—"  # localisation for all three, AUROC for the new
     assert job.comparison["n_studies"] == 16 and job.comparison["new"]["n_boxed"] > 0
 

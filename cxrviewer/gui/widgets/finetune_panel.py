@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QFont, QPalette
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QProgressBar, QPushButton,
                                QSizePolicy, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
@@ -59,11 +59,14 @@ class FineTunePanel(QWidget):
         lay.addLayout(self._compare_column(), 3)
         self.reset()
 
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt naming
+        """A modest height: showing results never asks the window to grow."""
+        return QSize(super().sizeHint().width(), 200)
+
     # ---- construction ---------------------------------------------------------------------------
     def _status_column(self) -> QVBoxLayout:
         col = QVBoxLayout()
-        self.title_label = _bold_label("No fine-tuning run yet")
-        self.title_label.setWordWrap(True)
+        self.title_label = _wrapping(_bold_label("No fine-tuning run yet"))
         self.epoch_label = QLabel("")
         self.speed_label = QLabel("")
         self.eta_label = QLabel("")
@@ -91,8 +94,8 @@ class FineTunePanel(QWidget):
             axis.setPen(pg.mkPen(fg))
             axis.setTextPen(pg.mkPen(fg))
         item.setLabel("bottom", "epoch", color=fg.name())
-        item.addLegend(offset=(-8, 8), labelTextColor=fg, brush=pg.mkBrush(pal.color(QPalette.ColorRole.Base)))
-        plot.setMinimumSize(260, 170)
+        plot.setProperty("plot_title", title)
+        plot.setMinimumSize(260, 150)
         plot.setMenuEnabled(False)
         return plot
 
@@ -104,17 +107,24 @@ class FineTunePanel(QWidget):
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.table.setWordWrap(False)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         hdr = self.table.horizontalHeader()
         hdr.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         for i in (1, 2):
             hdr.setSectionResizeMode(i, QHeaderView.ResizeMode.ResizeToContents)
-        self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.compare_note = QLabel("")
-        self.compare_note.setWordWrap(True)
+        self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.compare_note = QLabel("")  # one line; the whole text in its tooltip
         self.switch_btn = QPushButton("Use the new model")
+        self.switch_btn.setToolTip("Make the new bundle's model set the active one (the app loads it as any model)")
         self.switch_btn.clicked.connect(self._on_switch)
-        for w in (self.compare_title, self.table, self.compare_note, self.switch_btn):
+        head = QHBoxLayout()
+        head.addWidget(self.compare_title, 1)
+        head.addWidget(self.switch_btn)
+        col.addLayout(head)
+        for w in (self.table, self.compare_note):
             col.addWidget(w)
+        col.addStretch(1)
         return col
 
     # ---- state ---------------------------------------------------------------------------------
@@ -126,13 +136,14 @@ class FineTunePanel(QWidget):
         self.epoch_x: list[float] = []
         self.series: dict[str, list[float]] = {}  # "loss", "val_loss", metric keys -> y per epoch
         self._steps_per_epoch: dict[int, int] = {}
-        self._curves: dict[tuple[str, str], Any] = {}
+        self._curves: dict[tuple[int, str], Any] = {}
+        self._legends: dict[int, list[tuple[str, str, bool]]] = {}
         self._kept_line: pg.InfiniteLine | None = None
         self.bundle: str | None = None
         self.comparison: dict[str, Any] | None = None
         for plot in (self.loss_plot, self.metric_plot):
             plot.getPlotItem().clear()
-            plot.getPlotItem().legend.clear()
+            self._set_title(plot)
         self.title_label.setText(title)
         self.epoch_label.setText("")
         self.speed_label.setText("")
@@ -141,8 +152,11 @@ class FineTunePanel(QWidget):
         self.progress.setValue(0)
         self.cancel_btn.setEnabled(False)
         self.table.setRowCount(0)
-        self.compare_note.setText("After training, the old and the new model are scored here on your "
-                                  "annotated studies.")
+        self._fit_table()
+        self._note("Scored here when training ends (hover for what)",
+                   "When training ends, the old and the new model are scored on your annotated studies "
+                   "(cxr-train compare): AUROC where you set labels, localisation accuracy at IoU 0.3 "
+                   "against your boxes, and the fixed-box prior beside them.")
         self.switch_btn.setVisible(False)
 
     def set_running(self, running: bool, text: str = "") -> None:
@@ -212,40 +226,50 @@ class FineTunePanel(QWidget):
             ys.extend([math.nan] * (len(self.epoch_x) - len(ys)))
         speed = number(rec.get("images_per_s"))
         self.speed_label.setText(f"{speed:.1f} images/s" if speed is not None else "")
-        parts = [f"loss {values['loss']:.4f}" if values["loss"] is not None else ""]
-        parts += [f"{metric_name(k)} {v:.3f}" for k, v in values.items() if k != "loss" and v is not None][:2]
-        self.epoch_label.setText(f"Epoch {epoch + 1}{self._of()} done · " + " · ".join(p for p in parts if p))
+        loss = values["loss"]
+        self.epoch_label.setText(f"Epoch {epoch + 1}{self._of()} done" + (f" · loss {loss:.4f}" if loss is not None else ""))
         return True
 
     def _of(self) -> str:
         return f" of {self.epochs}" if self.epochs else ""
 
-    def _curve(self, plot: pg.PlotWidget, key: str, **kw: Any) -> Any:
+    def _curve(self, plot: pg.PlotWidget, key: str, colour: str, *, dots: bool = False, **kw: Any) -> Any:
+        """The curve ``key`` of ``plot`` (made on first use, and named in the plot's title: a legend
+        that never covers the curves)."""
         if (id(plot), key) not in self._curves:
-            self._curves[(id(plot), key)] = plot.getPlotItem().plot(name=metric_name(key), **kw)
+            self._curves[(id(plot), key)] = plot.getPlotItem().plot(**kw)
+            self._legends.setdefault(id(plot), []).append((metric_name(key), colour, dots))
+            self._set_title(plot)
         return self._curves[(id(plot), key)]
+
+    def _set_title(self, plot: pg.PlotWidget) -> None:
+        fg = self.palette().color(QPalette.ColorRole.Text).name()
+        entries = "&nbsp;&nbsp;".join(f'<span style="color:{c}">{"●" if dots else "━●"}</span>&nbsp;{name}'
+                                      for name, c, dots in self._legends.get(id(plot), []))
+        title = f"<b>{plot.property('plot_title')}</b>" + (f"&nbsp;&nbsp;&nbsp;{entries}" if entries else "")
+        plot.getPlotItem().setTitle(title, color=fg, size="9pt")
 
     def _redraw(self) -> None:
         if self.step_x:
-            self._curve(self.loss_plot, "step loss", pen=None, symbol="o", symbolSize=4,
-                        symbolBrush=pg.mkBrush(0, 114, 178, 90), symbolPen=None).setData(self.step_x, self.step_y)
+            self._curve(self.loss_plot, "step loss", "#7fb8d8", dots=True, pen=None, symbol="o", symbolSize=4,
+                        symbolBrush=pg.mkBrush(0, 114, 178, 110), symbolPen=None).setData(self.step_x, self.step_y)
         for key in ("loss", "val_loss"):
             ys = self.series.get(key)
             if ys and any(not math.isnan(y) for y in ys):
                 colour = COLOURS[0] if key == "loss" else COLOURS[1]
                 name = "train loss (epoch)" if key == "loss" else key
-                curve = self._curve(self.loss_plot, name, pen=pg.mkPen(colour, width=2), symbol="o",
+                curve = self._curve(self.loss_plot, name, colour, pen=pg.mkPen(colour, width=2), symbol="o",
                                     symbolSize=6, symbolBrush=colour, symbolPen=None, connect="finite")
                 curve.setData(self.epoch_x, ys)
         metrics = [k for k in self.series if k not in ("loss", "val_loss")]
         for i, key in enumerate(metrics):
             colour = COLOURS[(i + 2) % len(COLOURS)]
-            curve = self._curve(self.metric_plot, key, pen=pg.mkPen(colour, width=2), symbol="s", symbolSize=6,
+            curve = self._curve(self.metric_plot, key, colour, pen=pg.mkPen(colour, width=2), symbol="s", symbolSize=6,
                                 symbolBrush=colour, symbolPen=None, connect="finite")
             curve.setData(self.epoch_x, self.series[key])
         values = [y for k in metrics for y in self.series[k] if not math.isnan(y)]
         if values and min(values) >= 0.0 and max(values) <= 1.0:
-            self.metric_plot.getPlotItem().setYRange(0.0, 1.0, padding=0.02)
+            self.metric_plot.getPlotItem().setYRange(-0.02, 1.02, padding=0.0)
 
     def _mark_kept(self, rec: Mapping[str, Any]) -> None:
         """A line at the epoch the bundle holds, labelled with why (best, last, stopped early)."""
@@ -269,14 +293,13 @@ class FineTunePanel(QWidget):
         iou = result.get("iou", 0.3)
         n_lab = max((r.get("n_labelled") or 0 for _, r in rows), default=0)
         n_box = max((r.get("n_boxed") or 0 for _, r in rows), default=0)
-        self.table.setHorizontalHeaderLabels(["Model", f"Mean AUROC\n({n_lab} labelled)",
-                                              f"Loc. acc. IoU≥{iou}\n({n_box} boxed)"])
+        self.table.setHorizontalHeaderLabels(["Model", "Mean AUROC", f"Loc. acc. IoU≥{iou}"])
         self.table.setRowCount(len(rows))
+        self.table.setVisible(True)
         for row, (tag, r) in enumerate(rows):
-            name = str(r.get("title") if tag == "Fixed-box prior" else r.get("name", ""))
-            cells = [f"{tag}: {name}" if tag != "Fixed-box prior" else name,
-                     _fmt(r.get("mean_auroc")), _fmt(r.get(f"loc_iou_{iou}"))]
-            tips = ["", _per_class(r.get("auroc")), _per_class(r.get("loc"))]
+            name = f"{tag}: {r.get('name', '')}" if tag != "Fixed-box prior" else tag
+            cells = [name, _fmt(r.get("mean_auroc")), _fmt(r.get(f"loc_iou_{iou}"))]
+            tips = [str(r.get("title") or r.get("path") or name), _per_class(r.get("auroc")), _per_class(r.get("loc"))]
             for col, (text, tip) in enumerate(zip(cells, tips)):
                 item = QTableWidgetItem(text)
                 item.setToolTip(tip or text)
@@ -284,18 +307,30 @@ class FineTunePanel(QWidget):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(row, col, item)
         self.table.resizeRowsToContents()
+        self._fit_table()
         n = result.get("n_studies")
-        self.compare_note.setText(f"{n} annotated studies. The new model was trained on them: its numbers "
-                                  "are optimistic.")
-        self.compare_note.setToolTip(str(result.get("caveat", "")))
+        self._note(f"{n} of your studies ({n_lab} labelled, {n_box} boxed); the new model trained on them",
+                   f"{n} annotated studies: {n_lab} with labels, {n_box} with boxes. The new model was trained "
+                   f"on them: its numbers are optimistic. {result.get('caveat', '')}")
         self.switch_btn.setVisible(bool(self.bundle))
         self.switch_btn.setEnabled(True)
         self.switch_btn.setText("Use the new model")
 
+    def _note(self, text: str, tip: str) -> None:
+        """The one line under the table (the whole story in its tooltip)."""
+        self.compare_note.setText(text)
+        self.compare_note.setToolTip(tip)
+
+    def _fit_table(self) -> None:
+        """As tall as its rows (no scroll bar for three rows)."""
+        t = self.table
+        rows = sum(t.rowHeight(r) for r in range(t.rowCount())) or 3 * t.verticalHeader().defaultSectionSize()
+        t.setMinimumHeight(t.horizontalHeader().sizeHint().height() + rows + 2 * t.frameWidth() + 2)
+
     def show_comparison_error(self, message: str) -> None:
         """The comparison could not be made (the new bundle is still there)."""
         self.table.setRowCount(0)
-        self.compare_note.setText(f"No before/after: {message}")
+        self._note(f"No before/after: {message.splitlines()[0] if message else ''}", message)
 
     def offer_switch(self, bundle: str) -> None:
         """Offer "Use the new model" for ``bundle`` (also without a comparison)."""
@@ -313,6 +348,15 @@ class FineTunePanel(QWidget):
             self.switch_btn.setEnabled(False)
             self.switch_btn.setText("New model in use")
             self.switchRequested.emit(self.bundle)
+
+
+def _wrapping(label: QLabel) -> QLabel:
+    """``label`` with word wrap but no height-for-width: a longer text never makes the window grow."""
+    label.setWordWrap(True)
+    policy = label.sizePolicy()
+    policy.setHeightForWidth(False)
+    label.setSizePolicy(policy)
+    return label
 
 
 def _bold_label(text: str) -> QLabel:
