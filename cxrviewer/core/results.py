@@ -10,8 +10,8 @@ on-demand maps) and never written to a file.
 
 Maps are computed on a small native grid and drawn into the original frame by the explainer
 context's ``Mapper``; it records each native input and its :class:`MapRecipe` in a
-:class:`NativeLog` (``state[NATIVE_KEY]``), so the writer can store the native grid and the
-reader redraw it with :func:`remap` (numpy only: the GUI reads results without torch).
+:class:`NativeLog` (``Results.native``, runtime only), so the writer can store the native grid
+and the reader redraw it with :func:`remap` (numpy only: the GUI reads results without torch).
 """
 from __future__ import annotations
 
@@ -25,11 +25,9 @@ import numpy as np
 
 from cxrviewer.core.geometry import Box
 
-__all__ = ["NATIVE_KEY", "RESULTS_FORMAT_VERSION", "MapRecipe", "NativeLog", "Results", "remap"]
+__all__ = ["RESULTS_FORMAT_VERSION", "MapRecipe", "NativeLog", "Results", "remap"]
 
 RESULTS_FORMAT_VERSION = 3
-#: ``Results.state`` key of the :class:`NativeLog` (runtime only)
-NATIVE_KEY = "native_maps"
 MODES = ("bilinear", "nearest")
 
 
@@ -53,6 +51,7 @@ class Results:
     notices: list[str] = field(default_factory=list)
     format_version: int = RESULTS_FORMAT_VERSION
     state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    native: "NativeLog | None" = field(default=None, repr=False, compare=False)  # see the module docstring
 
     def get(self, explainer: str, name: str) -> Any | None:
         """The array ``name`` of ``explainer`` (None when that method did not run or has no such map)."""
@@ -87,8 +86,8 @@ class Results:
                 self.maps.setdefault(explainer, {}).setdefault(key, {})[name] = arr
 
     def snapshot(self) -> "Results":
-        """A copy another thread may keep: containers copied, arrays shared, runtime state dropped
-        (but the :class:`NativeLog`, shared, so the copy is still written compactly)."""
+        """A copy another thread may keep: containers copied, arrays and the :class:`NativeLog`
+        shared (so the copy is still written compactly), runtime state dropped."""
         return Results(
             study_id=self.study_id, source_path=self.source_path, pixel_sha256=self.pixel_sha256,
             image_shape=self.image_shape, map_shape=self.map_shape, classes=self.classes,
@@ -96,8 +95,7 @@ class Results:
             maps={e: {k: dict(v) if isinstance(v, dict) else v for k, v in m.items()} for e, m in self.maps.items()},
             attrs={e: dict(a) for e, a in self.attrs.items()}, boxes={k: list(v) for k, v in self.boxes.items()},
             timings=dict(self.timings), device=self.device, models=dict(self.models), notices=list(self.notices),
-            format_version=self.format_version,
-            state={NATIVE_KEY: self.state[NATIVE_KEY]} if NATIVE_KEY in self.state else {})
+            format_version=self.format_version, native=self.native)
 
 
 @dataclass(frozen=True)

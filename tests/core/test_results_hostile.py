@@ -433,13 +433,14 @@ def test_byte_mutants_of_native_and_quantised_maps_give_typed_errors_only(tmp_pa
     import torch
 
     from cxrviewer.core.explain.context import Mapper
-    from cxrviewer.core.results import NATIVE_KEY, NativeLog
+    from cxrviewer.core.results import NativeLog
 
     rng = np.random.default_rng(2)
     r = Results(study_id="s1", source_path="x", pixel_sha256="ab" * 32, image_shape=(128, 128), map_shape=(64, 64),
                 classes=CLASSES, probabilities=np.asarray([0.2, 0.7], np.float32))
+    r.native = NativeLog()
     mp = Mapper((64, 64), (128, 128), (4, 120, 8, 124), torch.tensor([[[1.0, 0.1, 0.05], [-0.1, 1.0, 0.0]]]),
-                r.state.setdefault(NATIVE_KEY, NativeLog()))
+                r.native)
     r.maps = {"cam": {"cam": mp(torch.from_numpy(rng.normal(size=(2, 6, 6)).astype(np.float32)))},
               "anatomy": {"posterior": rng.random((2, 64, 64), dtype=np.float32)}}
     base = write_results(r, tmp_path / "base.h5").read_bytes()

@@ -10,7 +10,7 @@ import torch
 
 from cxrviewer.core.explain.context import Mapper
 from cxrviewer.core.io.results import QUANT_LEVELS, read_results, write_results
-from cxrviewer.core.results import NATIVE_KEY, MapRecipe, NativeLog, Results, remap
+from cxrviewer.core.results import MapRecipe, NativeLog, Results, remap
 
 CLASSES = ("Atelectasis", "Nodule", "Mass")
 
@@ -51,8 +51,8 @@ def test_numpy_remap_matches_the_torch_mapper(seed):
 def _results(rng: np.random.Generator, map_shape=(96, 80)) -> tuple[Results, Mapper, torch.Tensor]:
     r = Results(study_id="s", source_path="x", pixel_sha256="0" * 64, image_shape=(480, 400), map_shape=map_shape,
                 classes=CLASSES, probabilities=np.asarray([0.1, 0.8, 0.3], np.float32))
-    log = r.state.setdefault(NATIVE_KEY, NativeLog())
-    mp = Mapper(map_shape, (240, 200), (10, 230, 5, 190), _rot(rng), log)
+    r.native = NativeLog()
+    mp = Mapper(map_shape, (240, 200), (10, 230, 5, 190), _rot(rng), r.native)
     native = torch.from_numpy(rng.normal(size=(3, 8, 8)).astype(np.float32))
     return r, mp, native
 
@@ -122,7 +122,7 @@ def test_snapshot_keeps_the_native_log(tmp_path):
     r.maps = {"cam": {"cam": mp(native)}}
     r.state["features"] = object()
     snap = r.snapshot()
-    assert set(snap.state) == {NATIVE_KEY}
+    assert snap.state == {} and snap.native is r.native  # runtime state dropped, the log shared
     with h5py.File(write_results(snap, tmp_path / "s.h5"), "r") as f:
         assert f["explainers/cam/cam"].attrs["encoding"] == "native"
 
@@ -153,6 +153,7 @@ def test_results_read_back_are_written_native_again(tmp_path):
     r, mp, native = _results(rng)
     r.maps = {"cam": {"cam": mp(native)}}
     back = read_results(write_results(r, tmp_path / "a.h5"))
+    assert back.state == {} and back.native is not None  # no runtime state: the app mines no class from it
     again = write_results(back, tmp_path / "b.h5")
     with h5py.File(again, "r") as f:
         assert f["explainers/cam/cam"].attrs["encoding"] == "native"

@@ -148,10 +148,12 @@ class ExplainContext:
 
     def mapper(self, box: CropBox | None, *, aligned: bool = True) -> Mapper:
         """Map-back for a network input cut at ``box`` from the (aligned, if ``aligned``) frame."""
-        from cxrviewer.core.results import NATIVE_KEY, NativeLog
+        from cxrviewer.core.results import NativeLog
 
-        log = self.results.state.setdefault(NATIVE_KEY, NativeLog())
-        return Mapper(self.map_shape, self.frame_shape, box, self.theta_inv if aligned else None, log)
+        if self.results.native is None:
+            self.results.native = NativeLog()
+        return Mapper(self.map_shape, self.frame_shape, box, self.theta_inv if aligned else None,
+                      self.results.native)
 
     def set_alignment(self, theta: torch.Tensor) -> None:
         """Use the affine ``theta`` [1, 2, 3] (original -> whole registered chest, as

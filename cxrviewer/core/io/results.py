@@ -61,7 +61,7 @@ import numpy as np
 
 from ..errors import CxrError
 from ..geometry import Box
-from ..results import NATIVE_KEY, RESULTS_FORMAT_VERSION, MapRecipe, NativeLog, Results, remap
+from ..results import RESULTS_FORMAT_VERSION, MapRecipe, NativeLog, Results, remap
 from ..atomic import mkstemp_beside
 from ..jsonsafe import loads_strict
 from ._common import MAX_PIXELS
@@ -242,7 +242,7 @@ def write_results(results: Results, path: str | os.PathLike, *, default_box_meth
             _write_root(f, r, default_box_method)
             _put(f, "probabilities", r.probabilities)
             eg, bg = f.create_group("explainers"), f.create_group("boxes")
-            log = r.state.get(NATIVE_KEY)
+            log = r.native
             for name, maps in r.maps.items():
                 g = eg.create_group(name)
                 g.attrs["attrs"] = _json(r.attrs.get(name, {}))
@@ -793,7 +793,7 @@ def _read(r: _Reader) -> Results:
         boxes = {_V1_BOXES.get(k, k): v for k, v in boxes.items()}
     root["source_path"] = resolve_source(root["source_path"], r.path)
     return Results(**root, probabilities=probabilities, maps=maps, attrs=attrs, boxes=boxes,
-                   format_version=version, state={NATIVE_KEY: r.log} if len(r.log) else {})
+                   format_version=version, native=r.log if len(r.log) else None)
 
 
 def read_results(path: str | os.PathLike) -> Results:
