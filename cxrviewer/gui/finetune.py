@@ -251,10 +251,15 @@ class FineTuneJob(QObject):
         return " ".join([self.program, *self.arguments])
 
     def start(self) -> None:
-        """Start training (a stale log of an earlier run in the same folder is read past)."""
-        if self.log_path is not None and self.log_path.is_file() and "--no-resume" in self.args:
-            self.run_log.poll()  # type: ignore[union-attr]  # the new run appends after it
+        """Start training. A log already in the run folder is read first: a resumed run's epochs are
+        shown (and count as done, untimed); with ``--no-resume`` they belong to an earlier run and
+        are skipped."""
         self.tracker = RunProgress(total_epochs(self.args, self.run_dir), time.monotonic())
+        earlier = self.run_log.poll() if self.run_log is not None else []
+        if earlier and "--no-resume" not in self.args:
+            for rec in earlier:
+                self.tracker.add(rec, time.monotonic(), timed=False)
+            self.records.emit(earlier)
         log.info("fine-tune: %s", self.command_line)
         self.progress.emit(-1.0, "starting…")
         self._launch("train", self.program, self.arguments)

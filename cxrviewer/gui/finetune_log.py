@@ -123,8 +123,9 @@ class RunProgress:
         self._eta: tuple[float, float] | None = None  # (eta_s, when)
         self._in_epoch = 0.0
 
-    def add(self, rec: dict[str, Any], now: float) -> None:
-        """Take one log record seen at ``now``."""
+    def add(self, rec: dict[str, Any], now: float, *, timed: bool = True) -> None:
+        """Take one log record seen at ``now`` (``timed=False``: written before this process started,
+        e.g. the epochs a resumed run already has; they count as done but do not time an epoch)."""
         if isinstance(rec.get("epochs"), int) and rec["epochs"] > 0:
             self.epochs = int(rec["epochs"])
         eta = number(rec.get("eta_s"))
@@ -133,7 +134,8 @@ class RunProgress:
         kind = rec.get("kind")
         if kind == "epoch" and isinstance(rec.get("epoch"), int):
             self.done = int(rec["epoch"]) + 1
-            self.epoch_times.append(now)
+            if timed:
+                self.epoch_times.append(now)
             self._in_epoch = 0.0
         elif kind == "step" and isinstance(rec.get("step"), int) and number(rec.get("steps")):
             self._in_epoch = min(1.0, (rec["step"] + 1) / float(rec["steps"]))

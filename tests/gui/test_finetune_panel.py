@@ -92,6 +92,12 @@ def test_log_tail_progress_and_command_lines(tmp_path):
     assert prog.fraction == 0.5 and prog.seconds_left(116.0) == pytest.approx(12.0)
     prog.add({"kind": "step", "epoch": 2, "step": 0, "eta_s": 5.0}, now=117.0)  # the trainer's own estimate wins
     assert prog.seconds_left(118.0) == pytest.approx(4.0)
+    resumed = RunProgress(4, t0=0.0)  # a resumed run: two epochs already in its log, not timed
+    for e in (0, 1):
+        resumed.add({"kind": "epoch", "epoch": e}, now=0.5, timed=False)
+    assert resumed.done == 2 and resumed.seconds_left(1.0) is None
+    resumed.add({"kind": "epoch", "epoch": 2}, now=9.0)  # the first epoch this process ran: 9 s
+    assert resumed.seconds_left(9.0) == pytest.approx(9.0)
     assert format_duration(None) == "estimating…" and format_duration(125) == "2 min 05 s"
     args = ["cia", "--data", "/d", "--out", "/m/x.cxrbundle", "--epochs", "3", "--no-resume"]
     assert run_dir_of(args) == Path("/m/x.cxrbundle.run") and total_epochs(args) == 3
@@ -253,3 +259,4 @@ def test_real_cancel_leaves_a_loadable_bundle(qtbot, project, tmp_path):
     held = b.manifest.provenance.get("selection") or {}
     print({"epochs_done_at_cancel": job.tracker.done, "bundle": got.args[0], "selection": held})
     assert job.salvaged and b.manifest.role == "cia" and Path(got.args[0]) == out
+    assert held["epochs_run"] == job.tracker.done and held["reason"] == "best"  # the epochs run, the best kept
