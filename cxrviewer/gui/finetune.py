@@ -248,6 +248,7 @@ class FineTuneJob(QObject):
 
     @property
     def command_line(self) -> str:
+        """The training command line, as one string (logs and messages)."""
         return " ".join([self.program, *self.arguments])
 
     def start(self) -> None:
@@ -273,6 +274,7 @@ class FineTuneJob(QObject):
 
     @property
     def running(self) -> bool:
+        """Whether a stage's process is running."""
         return self.stage != "done" and self.proc.state() != QProcess.ProcessState.NotRunning
 
     def seconds_left(self) -> float | None:
@@ -463,6 +465,7 @@ class FineTuneController(QObject):
 
     @property
     def running(self) -> bool:
+        """Whether this window's fine-tune is running (any stage)."""
         return self.job is not None and self.job.running
 
     @property
@@ -474,15 +477,25 @@ class FineTuneController(QObject):
             self._panel.switchRequested.connect(self.switchRequested)
         return self._panel
 
+    def install_dock(self, window: QMainWindow,
+                     area: Qt.DockWidgetArea = Qt.DockWidgetArea.BottomDockWidgetArea) -> QDockWidget:
+        """The panel as a "Fine-tuning" dock of ``window`` (object name ``dock_finetune``, hidden until a
+        run starts); a window that calls this at start gets it in its saved layout and can list its
+        ``toggleViewAction()`` in a menu. Without it, the first run docks the panel itself."""
+        if self.dock is None:
+            self.dock = QDockWidget("Fine-tuning", window)
+            self.dock.setObjectName("dock_finetune")
+            self.dock.setWidget(self.panel)
+            window.addDockWidget(area, self.dock)
+            self.dock.hide()
+        return self.dock
+
     def show_panel(self) -> None:
         """Show the panel: a bottom dock of the window this controller belongs to, else a window."""
         panel = self.panel
         win = self._window()
         if self.dock is None and isinstance(win, QMainWindow):
-            self.dock = QDockWidget("Fine-tuning", win)
-            self.dock.setObjectName("dock_finetune")
-            self.dock.setWidget(panel)
-            win.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.dock)
+            self.install_dock(win)
         if self.dock is not None:
             self.dock.show()
             self.dock.raise_()
@@ -604,6 +617,7 @@ class FineTuneController(QObject):
                    data=str(data) if data else None, extra=[str(e) for e in extra])
 
     def cancel(self) -> None:
+        """Cancel the run (the best epoch so far is kept as a bundle when an epoch has ended)."""
         if self.running:
             self.job.cancel()  # type: ignore[union-attr]
             self.feedback.info("Cancelling fine-tuning (the best epoch so far is kept)…")

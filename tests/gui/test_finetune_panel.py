@@ -260,3 +260,25 @@ def test_real_cancel_leaves_a_loadable_bundle(qtbot, project, tmp_path):
     print({"epochs_done_at_cancel": job.tracker.done, "bundle": got.args[0], "selection": held})
     assert job.salvaged and b.manifest.role == "cia" and Path(got.args[0]) == out
     assert held["epochs_run"] == job.tracker.done and held["reason"] == "best"  # the epochs run, the best kept
+
+
+def test_the_panel_docks_at_the_bottom_of_the_main_window(qtbot, fakes, tmp_path):
+    from PySide6.QtCore import Qt
+
+    from cxrviewer.gui.main_window import MainWindow
+
+    trainer, _ = fakes
+    win = MainWindow()
+    qtbot.addWidget(win)
+    ann = win.annotations
+    assert ann.open_store(tmp_path / "p.cxrann")
+    out = tmp_path / "ft.cxrbundle"
+    job = ann.start_finetune(out=out, program=sys.executable,
+                             args=[str(trainer), "--out", str(out), "--epochs", "3", "--delay", "0.01"])
+    dock = ann.finetune.dock
+    assert dock is not None and dock.objectName() == "dock_finetune" and dock.widget() is ann.finetune.panel
+    assert win.dockWidgetArea(dock) == Qt.DockWidgetArea.BottomDockWidgetArea and not dock.isHidden()
+    with qtbot.waitSignal(job.finished, timeout=60_000):
+        pass
+    assert ann.finetune.panel.epoch_x == [1.0, 2.0, 3.0] and job.bundle == str(out)
+    ann.shutdown()

@@ -49,6 +49,7 @@ CAVEAT = ("scored on the project's own studies, which the new model was trained 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``cxr-train compare``."""
     p.add_argument("--annotations", required=True, help="the annotation project (.cxrann)")
     p.add_argument("--new", required=True, help="the new (fine-tuned) bundle")
     p.add_argument("--old", default=None, help="the bundle it replaces (optional)")
@@ -194,6 +195,7 @@ def compare(store: str | os.PathLike, new: str | os.PathLike, old: str | os.Path
 
 
 def run(args: argparse.Namespace) -> int:
+    """Compare, write ``--out`` (atomically) and print ``{"compare": OUT}``."""
     from cxrviewer.core.atomic import mkstemp_beside
     from cxrviewer.core.errors import CxrError
 
