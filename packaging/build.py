@@ -15,8 +15,9 @@ Steps (each printed with its time; a build report goes to ``dist/<variant>/build
 
    * ``cpu`` on Linux: ``torch==X+cpu`` / ``torchvision==Y+cpu`` of the locked release
      (from https://download.pytorch.org/whl/cpu, added as an extra index, or pip's
-     find-links); where that cannot be reached, the lock's ``# cpu-fallback:`` pair
-     (recorded as ``torch_pair: fallback`` in the report). No CUDA library is installed.
+     find-links); where that cannot be reached the build stops, unless ``--allow-fallback``
+     takes the lock's ``# cpu-fallback:`` pair (recorded as ``torch_pair: fallback``; not the
+     tested stack). No CUDA library is installed.
      On Windows/macOS PyPI's wheels are CPU-only: the locked ones as they are.
    * ``cuda``: the locked (CUDA) wheels from PyPI; or with ``--reuse-venv DEV_VENV`` a
      venv with only PyInstaller and a ``.pth`` file pointing at the dev venv's
@@ -38,6 +39,7 @@ Steps (each printed with its time; a build report goes to ``dist/<variant>/build
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -60,6 +62,12 @@ BUILD_ONLY = ("pyinstaller", "pyinstaller-hooks-contrib")
 #: Where the cpu variant's "+cpu" torch wheels live (Linux; PyPI's Linux wheels are CUDA builds).
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 FALLBACK_TAG = "# cpu-fallback:"
+FALLBACK_REFUSED = (
+    "the locked torch release with {local} cannot be installed here (PyTorch's CPU index or a find-links "
+    "wheel is needed). The lock's cpu-fallback pair ({pair}) is NOT the tested stack: on the demo studies its "
+    "probabilities differ from the locked release's by up to 0.15. Pass --allow-fallback to build it anyway "
+    "(the report then says torch_pair: fallback), or build the exact tested torch with "
+    "--variant cuda --reuse-venv .venv.")
 
 
 def canonical(name: str) -> str:
@@ -180,7 +188,10 @@ def install_runtime(py: Path, args: argparse.Namespace, reqs: list[str]) -> str:
     pair = read_fallback()
     if not (local and pair):
         raise SystemExit("pip could not install the locked requirements (see above)")
-    log(f"the locked torch release with {local} is not reachable; using the lock's cpu-fallback {pair}")
+    if not args.allow_fallback:
+        raise SystemExit(FALLBACK_REFUSED.format(local=local, pair=" ".join(pair)))
+    log(f"the locked torch release with {local} is not reachable; using the lock's cpu-fallback {pair} "
+        "(--allow-fallback): NOT the tested stack")
     with tempfile.TemporaryDirectory() as td:
         cons = fallback_constraints(pair, Path(td) / "constraints.txt")
         if not pip_install(py, args, with_torch_pair(reqs, pair), cons):
@@ -204,8 +215,12 @@ def ensure_venv(args: argparse.Namespace) -> tuple[Path, str]:
         except ValueError:
             have = {}
         if {k: have.get(k) for k in wanted} == wanted:
-            log(f"reusing build venv {venv} (same locked requirements)")
-            return py, have.get("torch_pair", "lock")
+            source = have.get("torch_pair", "lock")
+            if source == "fallback" and not args.allow_fallback:
+                raise SystemExit(FALLBACK_REFUSED.format(local=torch_local(args.variant),
+                                                         pair=" ".join(read_fallback())))
+            log(f"reusing build venv {venv} (same locked requirements; torch pair: {source})")
+            return py, source
         log(f"build venv {venv} was made from other requirements: making it again")
     if venv.exists():
         shutil.rmtree(venv)
@@ -290,6 +305,39 @@ def component_sizes(bundle: Path, top: int = 25) -> dict[str, int]:
     return out
 
 
+def longest_relative_path(bundle: Path) -> tuple[int, str]:
+    """(length, path) of the longest file path inside the bundle: on Windows without long-path
+    support, install folder + this must stay under 260 characters (MAX_PATH)."""
+    best = (0, "")
+    for root, _dirs, files in os.walk(bundle):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), bundle)
+            best = max(best, (len(rel), rel))
+    return best
+
+
+#: The Visual C++ runtime DLLs torch, Qt and CPython link against (Windows). PyInstaller
+#: collects them from the build host as dependencies; without them the user needs Microsoft's
+#: VC++ redistributable installed.
+VC_RUNTIME = ("vcruntime140.dll", "vcruntime140_1.dll", "msvcp140.dll")
+
+
+def windows_checks(bundle: Path, report: dict) -> None:
+    """Record (and warn about) the Windows-specific parts of a bundle: VC runtime, path lengths."""
+    length, path = longest_relative_path(bundle)
+    report["longest_relative_path"] = {"chars": length, "path": path}
+    if not IS_WIN:
+        return
+    names = {f.lower() for _r, _d, files in os.walk(bundle) for f in files}
+    missing = [d for d in VC_RUNTIME if d not in names]
+    report["vc_runtime_missing"] = missing
+    if missing:
+        log(f"WARNING: {', '.join(missing)} not in the bundle: users need the Microsoft VC++ redistributable")
+    if length > 150:
+        log(f"WARNING: the longest path in the bundle is {length} characters ({path}); install it into a "
+            "short folder or enable long paths (LongPathsEnabled)")
+
+
 def clean_env() -> dict[str, str]:
     """What a user's shell would have: no venv, no PYTHONPATH, the system PATH only."""
     keep = ("HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TEMP", "TMP", "SYSTEMROOT", "WINDIR", "USERPROFILE",
@@ -300,12 +348,68 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def source_imports(packages: tuple[str, ...] = ("cxrviewer", "training")) -> list[str]:
+    """Every module the sources of ``packages`` are, and import at any level (lazy imports too).
+
+    ``from X import Y`` gives X and X.Y (Y may be a submodule); relative imports are the
+    packages' own modules, which are listed anyway.
+    """
+    names: set[str] = set()
+    for package in packages:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            names.add(".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"))
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names.update(a.name for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module)
+                    names.update(f"{node.module}.{a.name}" for a in node.names if a.name != "*")
+    return sorted(n for n in names if n.split(".")[0] != "__future__")
+
+
+def import_check(py: Path, bundle: Path, td: Path, report: dict) -> int:
+    """Every module the sources import: imported by the build venv, and by the frozen app.
+
+    A module the build venv imports and the bundle does not was left out (an exclusion in the
+    spec went too far): the build fails. Modules that fail in both (optional libraries not
+    installed, ``from X import function``) are not counted.
+    """
+    names = source_imports()
+    listing = td / "imports.json"
+    listing.write_text(json.dumps(names), encoding="utf-8")
+    results = {}
+    for label, cmd, env in (
+            ("unfrozen", [str(py), str(REPO / "packaging" / "entry.py")],
+             {**os.environ, "PYTHONPATH": str(REPO), "QT_QPA_PLATFORM": "offscreen"}),
+            ("frozen", [str(exe_path(bundle))], {**clean_env(), "QT_QPA_PLATFORM": "offscreen"})):
+        out = td / f"imports-{label}.json"
+        env["CXRVIEWER_IMPORT_CHECK"] = f"{listing}:{out}"
+        proc = subprocess.run(cmd, cwd=td, env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0 or not out.is_file():
+            log(f"import check ({label}) failed to run: {proc.stderr[-3000:]}")
+            return proc.returncode or 1
+        results[label] = json.loads(out.read_text(encoding="utf-8"))
+    ok = [n for n in names if results["unfrozen"].get(n) is None]
+    lost = {n: results["frozen"].get(n, "not run") for n in ok if results["frozen"].get(n, "not run") is not None}
+    report["import_check"] = {"modules_listed": len(names), "importable_unfrozen": len(ok),
+                              "importable_frozen": len(ok) - len(lost), "missing_from_bundle": lost}
+    if lost:
+        log(f"import check FAILED: {len(lost)} modules import in the build venv but not in the bundle: "
+            + ", ".join(sorted(lost)[:30]))
+        return 1
+    log(f"import check: all {len(ok)} modules the sources import (of {len(names)} listed) import frozen")
+    return 0
+
+
 def exe_path(bundle: Path) -> Path:
     return bundle / ("cxrviewer-cli.exe" if IS_WIN else "cxrviewer")
 
 
-def smoke(bundle: Path, report: dict) -> int:
-    """Start-up time and the self-test of the frozen app, from outside the source tree."""
+def smoke(bundle: Path, report: dict, py: Path) -> int:
+    """Start-up time, the self-test and the import check of the frozen app, outside the source tree."""
     exe = exe_path(bundle)
     with tempfile.TemporaryDirectory(prefix="cxrviewer-frozen-") as td:
         env = clean_env()
@@ -334,9 +438,9 @@ def smoke(bundle: Path, report: dict) -> int:
             report["selftest"] = None
         if out.returncode != 0:
             log("self-test FAILED:\n" + out.stdout[-6000:] + out.stderr[-3000:])
-        else:
-            log(f"self-test passed in {report['selftest_wall_s']} s")
-        return out.returncode
+            return out.returncode
+        log(f"self-test passed in {report['selftest_wall_s']} s")
+        return import_check(py, bundle, Path(td), report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch", default=None,
                    help="torch requirement instead of the lock's (not the tested stack; recorded in the report)")
     p.add_argument("--torchvision", default=None, help="torchvision requirement instead of the lock's")
+    p.add_argument("--allow-fallback", action="store_true",
+                   help="when the locked torch's +cpu wheel cannot be had, build with the lock's cpu-fallback "
+                        "pair (not the tested stack; recorded in the report)")
     p.add_argument("--no-torch-index", action="store_true",
                    help=f"do not add {TORCH_CPU_INDEX} for the cpu variant's +cpu wheels (Linux)")
     p.add_argument("--pip-arg", action="append", default=[], help="extra pip argument (repeatable)")
@@ -364,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     py, source = ensure_venv(args)
     report["torch"] = check_variant(py, args.variant)
     report["torch_pair"] = source
+    report["build_python"] = str(py)
     report["installed"] = installed_versions(py)
     pair = read_fallback() if source == "fallback" else []
     if source != "option":
@@ -387,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     report["bundle_bytes"] = folder_size(bundle)
     report["bundle_files"] = sum(len(f) for _r, _d, f in os.walk(bundle))
     report["components_bytes"] = component_sizes(bundle)
+    windows_checks(bundle, report)
     log(f"bundle {bundle}: {report['bundle_bytes'] / 2**20:.0f} MiB in {report['bundle_files']} files; largest: "
         + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in list(report["components_bytes"].items())[:6]))
 
@@ -402,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.variant == "cpu" and sys.platform.startswith("linux"):
             shutil.copyfile(bundle / "THIRD_PARTY_LICENSES", REPO / "packaging" / "THIRD_PARTY_LICENSES")
     if not args.skip_selftest and rc == 0:
-        rc = smoke(bundle, report)
+        rc = smoke(bundle, report, py)
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     report["ok"] = rc == 0
     (dist / "build-report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

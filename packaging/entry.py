@@ -11,9 +11,12 @@ Order matters:
 2. ``import torch`` before anything imports Qt: on Windows, loading Qt's DLLs
    first can make torch's ``c10.dll``/OpenMP fail to initialise (WinError 1114).
 3. torchvision, made importable when its C++ operators are absent (below).
-4. The ordinary command line, :func:`cxrviewer.__main__.main`.
+4. The ordinary command line, :func:`cxrviewer.__main__.main`; or, when the build
+   sets ``CXRVIEWER_IMPORT_CHECK=LIST.json:OUT.json``, the import check (below).
 """
+import json
 import multiprocessing
+import os
 import sys
 
 
@@ -29,7 +32,7 @@ def _import_torchvision(torch) -> None:
     (download.pytorch.org/whl/cpu) imports at the first try and needs none of this.
     """
     try:
-        import torchvision  # noqa: F401
+        __import__("torchvision")
         return
     except RuntimeError as exc:
         if "torchvision::" not in str(exc):
@@ -38,7 +41,32 @@ def _import_torchvision(torch) -> None:
         del sys.modules[name]
     for op in ("nms", "qnms"):
         torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: F401,F811
+    __import__("torchvision")
+
+
+def _import_check(spec: str) -> int:
+    """Import every module named in LIST.json and write {module: error or null} to OUT.json.
+
+    packaging/build.py lists every module the cxrviewer and training sources import (at any
+    level, lazy imports included) and runs this once unfrozen (the build venv) and once
+    frozen: a module that imports there but not here was left out of the bundle (an
+    exclusion in the spec went too far).
+    """
+    import importlib
+
+    src, out = spec.rsplit(":", 1)
+    with open(src, encoding="utf-8") as fh:
+        names = json.load(fh)
+    errors = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+            errors[name] = None
+        except BaseException as exc:  # noqa: BLE001 - SystemExit/ImportError/RuntimeError alike
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(errors, fh, indent=1, sort_keys=True)
+    return 0
 
 
 if __name__ == "__main__":
@@ -47,6 +75,8 @@ if __name__ == "__main__":
 
     _import_torchvision(torch)
 
+    if os.environ.get("CXRVIEWER_IMPORT_CHECK"):
+        sys.exit(_import_check(os.environ["CXRVIEWER_IMPORT_CHECK"]))
     from cxrviewer.__main__ import main
 
     sys.exit(main())
