@@ -206,7 +206,9 @@ class MainWindow(QMainWindow):
                        help_menu=self.help_menu, beside=self.findings_dock)
         self.findings_dock.raise_()  # findings first; the annotation tab comes up in annotation mode
         self.inference.finished.connect(ann.on_results)
-        ann.bundleReady.connect(lambda path: self.add_model_folder(str(Path(path).parent)))
+        # a finished fine-tune offers its bundle ("Use the new model"); nothing switches by itself
+        self.view_menu.addAction(ann.finetune.install_dock(self).toggleViewAction())
+        ann.finetune.switchRequested.connect(self._use_finetuned)
         ann.storeChanged.connect(self._on_store_changed)
         # File: New, Open, Open read-only, Recent annotation projects ▸, Open the default, Close
         self.file_menu.insertMenu(ann.actions.project.get("default", self.act_quit), self.recent_projects_menu)
@@ -336,7 +338,7 @@ class MainWindow(QMainWindow):
         mm.addActions([self.act_import_model, self.act_add_models, self.act_rescan_models])
         m.addSeparator()
         m.addAction(self.act_quit)
-        v = mb.addMenu("&View")
+        v = self.view_menu = mb.addMenu("&View")
         presets = v.addMenu("Window &presets")
         presets.addActions(self.act_presets)
         v.addActions([self.act_invert, self.act_wl_mode, self.act_gt, self.act_prior, self.act_proposals,
@@ -679,6 +681,14 @@ class MainWindow(QMainWindow):
         self.add_model_folder(str(Path(path).parent))
         self.model_picker.select_bundle(path)
         msg = f"Imported model {Path(path).stem} ({path}); it is now the active model set"
+        self.statusBar().showMessage(msg, 10000)
+        self.log_panel.add(msg)
+
+    def _use_finetuned(self, path: str) -> None:
+        """The fine-tune panel's "Use the new model": its model set becomes the active one, the bundle selected."""
+        self.add_model_folder(str(Path(path).parent))
+        self.model_picker.select_bundle(path)
+        msg = f"Using the fine-tuned model {Path(path).stem} ({path})"
         self.statusBar().showMessage(msg, 10000)
         self.log_panel.add(msg)
 

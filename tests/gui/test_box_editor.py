@@ -471,10 +471,13 @@ def test_main_window_has_the_editor(qtbot, tmp_path):
                           study_id=win.state.study.study_id)  # (the current class: shown by default)
     ctrl.on_results("sha", res, "computed")  # (the window connects it to win.inference.finished)
     assert [it.kind for it in ctrl.editor.items] == ["box", "proposal"]
-    # a fine-tuned bundle shows up in the model picker (its folder added and selected)
+    # a finished fine-tune only offers its bundle; "Use the new model" makes its folder the active set
     new = tmp_path / "finetuned" / "ft.cxrbundle"
     new.mkdir(parents=True)
+    before = win.model_picker.folder
     ctrl.bundleReady.emit(str(new))
+    assert win.model_picker.folder == before
+    ctrl.finetune.switchRequested.emit(str(new))
     assert win.model_picker.folder == str(new.parent)
     win.close()
     assert ctrl.store is None  # closed with the window (every edit was already committed)
