@@ -1,6 +1,6 @@
 """:class:`~cxrviewer.core.results.Results` to and from HDF5 (h5py).
 
-Layout, format version 2 (generated from the explainer registry: one group per explainer
+Layout, format version 3 (generated from the explainer registry: one group per explainer
 that ran, one dataset per declared map)::
 
     /                      attrs: format_version, study_id, source_path, pixel_sha256,
@@ -18,6 +18,14 @@ that ran, one dataset per declared map)::
         xywh               float64 [N, 4]  original pixels
         score              float64 [N]     (NaN = none)
         label              str     [N]
+
+Version 3 stores a float map in one of three forms, told apart by its ``encoding`` attribute:
+``native`` (the grid the network computed, e.g. cam [C, 16, 16], with a JSON ``recipe``:
+map_shape, frame_shape, crop box, inverse affine, bilinear/nearest; redrawn on read by
+:func:`cxrviewer.core.results.remap`), ``quantised`` (uint16 steps 0..``QUANT_LEVELS`` with
+per-slice ``offset`` and ``scale`` attributes) or none (stored as is: masks, images, small
+arrays, maps with NaN/Inf). Readers get float32 maps at ``map_shape`` within 1e-3 of their range.
+Version 2 files hold every map as is at ``map_shape``.
 
 Version 1 files (one fixed group per method: ``cam``, ``attention_mining``, ``contrast``,
 ``disease_mask``, ``alignment``, ``segmentation``) are read by :func:`_read_v1_maps`. The file
