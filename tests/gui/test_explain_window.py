@@ -218,7 +218,8 @@ def test_results_cached_in_memory_and_on_disk(qtbot, make_win, studies, tmp_path
     win2 = make_win()  # a new session: the HDF5 results cache answers
     _sha, res, src = open_and_analyse(qtbot, win2, studies[:1])
     assert src == "cache"
-    np.testing.assert_allclose(res.get("cam", "cam"), res0.get("cam", "cam"))
+    cam0 = res0.get("cam", "cam")  # the cached file (format 3) holds maps within 1e-3 of their range
+    np.testing.assert_allclose(res.get("cam", "cam"), cam0, rtol=0, atol=1e-3 * float(cam0.max() - cam0.min()))
     assert all(p.has_image() for p in win2.grid.panels.values())
 
 

@@ -76,7 +76,8 @@ def test_pipeline_computes_the_registered_method(run):
 def test_results_file_round_trip(run, tmp_path):
     _, res = run
     back = read_results(write_results(res, tmp_path / "r.h5"))
-    np.testing.assert_array_equal(back.get(NAME, "saliency"), res.get(NAME, "saliency"))
+    sal, got = res.get(NAME, "saliency"), back.get(NAME, "saliency")  # format 3: within 1e-3 of the range
+    assert got.shape == sal.shape and np.abs(got - sal).max() <= 1e-3 * float(sal.max() - sal.min())
     assert back.attr(NAME, "units") == "|x dy/dx|" and back.boxes[NAME] == res.boxes[NAME]
 
 
