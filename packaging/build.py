@@ -333,7 +333,7 @@ def windows_checks(bundle: Path, report: dict) -> None:
     report["vc_runtime_missing"] = missing
     if missing:
         log(f"WARNING: {', '.join(missing)} not in the bundle: users need the Microsoft VC++ redistributable")
-    if length > 150:
+    if length > 200:  # leaves ~60 characters for the install folder under MAX_PATH (260)
         log(f"WARNING: the longest path in the bundle is {length} characters ({path}); install it into a "
             "short folder or enable long paths (LongPathsEnabled)")
 

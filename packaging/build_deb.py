@@ -197,7 +197,7 @@ def stage(bundle: Path, root: Path, version: str, arch: str, depends: list[str])
 
 
 def build_deb(bundle: Path, out_dir: Path, version: str | None = None, compression: str = "gzip",
-              depends: list[str] | None = None) -> tuple[Path, list[str]]:
+              depends: list[str] | None = None, level: int = 6) -> tuple[Path, list[str]]:
     """Build ``cxrviewer_<version>_<arch>.deb`` in ``out_dir``; returns it and sonames left unmapped."""
     if not (bundle / "cxrviewer").is_file():
         raise SystemExit(f"{bundle} is not a cxrviewer onedir bundle (no 'cxrviewer' executable)")
@@ -211,7 +211,8 @@ def build_deb(bundle: Path, out_dir: Path, version: str | None = None, compressi
     with tempfile.TemporaryDirectory(prefix="cxrviewer-deb-", dir=out_dir) as td:
         root = Path(td) / "root"
         stage(bundle, root, version, arch, depends)
-        subprocess.run(["dpkg-deb", "--root-owner-group", f"-Z{compression}", "--build", str(root), str(deb)],
+        subprocess.run(["dpkg-deb", "--root-owner-group", f"-Z{compression}", f"-z{level}", "--build", str(root),
+                        str(deb)],
                        check=True, stdout=subprocess.DEVNULL)
     return deb, missing
 
@@ -223,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: the bundle's parent)")
     p.add_argument("--version", default=None, help="package version (default: pyproject.toml's)")
     p.add_argument("--compression", default="gzip", choices=("gzip", "xz", "zstd", "none"),
-                   help="dpkg-deb compressor (xz: smaller, minutes slower)")
+                   help="dpkg-deb compressor (gzip: every dpkg reads it; xz: smaller, minutes slower)")
+    p.add_argument("--level", type=int, default=6, help="compression level (dpkg-deb -z; default 6)")
     args = p.parse_args(argv)
     bundle = Path(args.bundle).resolve()
-    deb, missing = build_deb(bundle, Path(args.out) if args.out else bundle.parent, args.version, args.compression)
+    deb, missing = build_deb(bundle, Path(args.out) if args.out else bundle.parent, args.version, args.compression,
+                             level=args.level)
     print(f"{deb} ({deb.stat().st_size / 2**20:.0f} MiB)")
     if missing:
         print("libraries neither bundled nor found on this host (not in Depends): " + ", ".join(missing),

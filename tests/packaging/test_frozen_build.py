@@ -61,7 +61,7 @@ def build_report(bundle: Path) -> dict:
     """The build's report (beside the bundle), checked: the lock's stack, licences, self-test, imports."""
     report = json.loads((bundle.parent / "build-report.json").read_text(encoding="utf-8"))
     assert report["ok"] and report["licences_ok"] and report["selftest_exit"] == 0
-    assert report["import_check"]["missing_from_bundle"] == {} and report["import_check"]["importable_frozen"] > 300
+    assert report["import_check"]["missing_from_bundle"] == {} and report["import_check"]["importable_frozen"] > 200
     installed = report["installed"]
     assert installed["pyside6-essentials"] != "6.12.0" and report["torch_pair"] in ("lock", "fallback")
     assert "highdicom" in installed and "pyyaml" in installed and "pyjpegls" in installed
@@ -181,7 +181,7 @@ def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
                     or os.geteuid() != 0, reason="installs a .deb on this machine: root and CXRVIEWER_DEB_INSTALL_TEST=1")
 def test_deb_installs_self_tests_and_removes_leaving_projects(bundle: Path, tmp_path: Path) -> None:
     """apt install ./cxrviewer_*.deb; cxrviewer --self-test from PATH; a project in ~/.local/share;
-    apt remove: /opt/cxrviewer is gone and the project is still there, unchanged."""
+    apt remove, then dpkg --purge: /opt/cxrviewer is gone and the project is still there, unchanged."""
     if _sh(["dpkg", "-s", "cxrviewer"]).returncode == 0:
         pytest.skip("a cxrviewer package is already installed here; not touching it")
     deb, _missing = _load_script("build_deb.py").build_deb(bundle, tmp_path / "deb")
@@ -219,3 +219,6 @@ def test_deb_installs_self_tests_and_removes_leaving_projects(bundle: Path, tmp_
     assert not Path("/opt/cxrviewer").exists() and not Path("/usr/bin/cxrviewer").exists()
     assert not Path("/usr/share/mime/application/x-cxrviewer-project.xml").exists()
     assert project.read_bytes() == before  # the user's project is untouched
+    purge = _sh(["dpkg", "--purge", "cxrviewer"])  # leave no "rc" entry behind; purging spares homes too
+    assert purge.returncode == 0 and project.read_bytes() == before, purge.stdout + purge.stderr
+    assert _sh(["dpkg", "-s", "cxrviewer"]).returncode != 0
