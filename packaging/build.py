@@ -64,8 +64,8 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 FALLBACK_TAG = "# cpu-fallback:"
 FALLBACK_REFUSED = (
     "the locked torch release with {local} cannot be installed here (PyTorch's CPU index or a find-links "
-    "wheel is needed). The lock's cpu-fallback pair ({pair}) is NOT the tested stack: on the demo studies its "
-    "probabilities differ from the locked release's by up to 0.15. Pass --allow-fallback to build it anyway "
+    "wheel is needed). The lock's cpu-fallback pair ({pair}) is NOT the tested stack (the suite runs on the "
+    "locked release). Pass --allow-fallback to build it anyway "
     "(the report then says torch_pair: fallback), or build the exact tested torch with "
     "--variant cuda --reuse-venv .venv.")
 
