@@ -15,12 +15,15 @@ Grad-CAM (a backward through the head only) and attention mining all share one b
 from __future__ import annotations
 
 import inspect
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cxrviewer.core.errors import CxrError
 from cxrviewer.core.preprocess import CropBox, Preprocess, maps_to_frame
@@ -31,6 +34,27 @@ if TYPE_CHECKING:
     from cxrviewer.core.results import MapRecipe, NativeLog, Results
 
 __all__ = ["ClassifierPass", "ExplainContext", "Mapper", "accepts"]
+
+
+_GRIDS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_GRIDS_LOCK = threading.Lock()
+
+
+def _inverse_grid(theta_inv: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The sampling grid of ``theta_inv`` for an output of ``size`` (as
+    :func:`cxrviewer.core.models.alignment.warp` makes it), kept for the last few affines: a study's
+    maps all go back through the same inverse warp, and building the grid costs ~3x the sampling."""
+    theta = theta_inv.detach().float().cpu()
+    key = (tuple(theta.reshape(-1).tolist()), size)
+    with _GRIDS_LOCK:
+        grid = _GRIDS.get(key)
+    if grid is None:
+        grid = F.affine_grid(theta[:1], [1, 1, *size], align_corners=False)
+        with _GRIDS_LOCK:
+            _GRIDS[key] = grid
+            while len(_GRIDS) > 4:
+                _GRIDS.popitem(last=False)
+    return grid
 
 
 @dataclass
@@ -58,9 +82,8 @@ class Mapper:
         mode = "nearest" if nearest else "bilinear"
         out = maps_to_frame(shifted, self.map_shape, self.box, self.frame_shape, mode=mode)
         if self.theta_inv is not None:
-            from cxrviewer.core.models.alignment import warp
-
-            out = warp(out[None], self.theta_inv, mode=mode)[0]
+            grid = _inverse_grid(self.theta_inv, tuple(out.shape[-2:]))
+            out = F.grid_sample(out[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
         res = (out + lo).numpy().astype(np.float32)
         if self.log is not None and 4 * m.shape[-2] * m.shape[-1] <= self.map_shape[0] * self.map_shape[1]:
             self.log.add(m.numpy(), res, self.recipe(mode))
