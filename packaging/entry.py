@@ -10,7 +10,10 @@ Order matters:
    work on Linux and macOS as well as Windows, including the resource tracker.
 2. ``import torch`` before anything imports Qt: on Windows, loading Qt's DLLs
    first can make torch's ``c10.dll``/OpenMP fail to initialise (WinError 1114).
-3. torchvision, made importable when its C++ operators are absent (below).
+3. torchvision, made importable when its C++ operators are absent (below): on
+   Windows at once; elsewhere on its first import (:class:`_TorchvisionOnFirstImport`),
+   because torchvision pulls in torch._dynamo and sympy (~1.4 s) and the main window
+   needs only torch, so the window comes up that much sooner.
 4. The ordinary command line, :func:`cxrviewer.__main__.main`; or, when the build
    sets ``CXRVIEWER_IMPORT_CHECK=LIST.json:OUT.json``, the import check (below).
 """
@@ -44,6 +47,37 @@ def _import_torchvision(torch) -> None:
     __import__("torchvision")
 
 
+class _TorchvisionOnFirstImport:
+    """A ``sys.meta_path`` finder that runs :func:`_import_torchvision` on the first
+    ``import torchvision`` (from any thread) and hands the module it made to the import."""
+
+    def __init__(self, torch) -> None:
+        self._torch = torch
+
+    def find_spec(self, name, path=None, target=None):
+        """None except for ``torchvision``: import it our way, return a spec for that module."""
+        if name != "torchvision":
+            return None
+        import importlib.machinery
+
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        _import_torchvision(self._torch)
+        module = sys.modules["torchvision"]
+        original = module.__spec__
+        spec = importlib.machinery.ModuleSpec(name, self, origin=original.origin, is_package=True)
+        spec.submodule_search_locations = original.submodule_search_locations
+        spec.has_location = original.has_location
+        return spec
+
+    def create_module(self, spec):
+        """The module :func:`_import_torchvision` already made."""
+        return sys.modules["torchvision"]
+
+    def exec_module(self, module) -> None:
+        """Nothing: the module ran when it was made."""
+
+
 def _import_check(spec: str) -> int:
     """Import every module named in LIST.json and write {module: error or null} to OUT.json.
 
@@ -73,7 +107,10 @@ if __name__ == "__main__":
     multiprocessing.freeze_support()
     import torch  # before Qt, see above
 
-    _import_torchvision(torch)
+    if sys.platform == "win32":
+        _import_torchvision(torch)
+    else:
+        sys.meta_path.insert(0, _TorchvisionOnFirstImport(torch))
 
     if os.environ.get("CXRVIEWER_IMPORT_CHECK"):
         sys.exit(_import_check(os.environ["CXRVIEWER_IMPORT_CHECK"]))
