@@ -4,7 +4,8 @@
 
 On a CUDA machine it runs, each part with its own time limit:
 
-1. ``pytest -m cuda`` (tests/core/test_cuda.py: CUDA vs CPU agreement, autocast, a training step);
+1. ``pytest -m cuda`` (tests/core/test_cuda.py: CUDA vs CPU agreement, autocast, a training step;
+   tests/training/test_data_loader.py: pinned uint8 batches, the GPU augmentation, one epoch);
 2. ``cxrviewer analyze`` on ``--studies`` phantom studies (1024 px, written here) with realistic-size
    random-weight bundles (the ROLES of benchmarks/pipeline_cpu.py) at ``--size`` px: studies/s
    of the CLI as a user runs it, and in-process the median ms per pipeline stage, the peak GPU
@@ -49,6 +50,10 @@ SMOKE_ROLES = {
     "dm": ("dm", {"backbone": "tiny", "mask_size": 8}),
     "cia": ("cia", {"backbone": "tiny", "head_channels": 16}),
 }
+
+
+#: the files holding tests marked ``cuda`` (tests/core/test_gpu_check_script.py checks this list is complete)
+CUDA_TEST_FILES = ("tests/core/test_cuda.py", "tests/training/test_data_loader.py")
 
 
 class Check:
@@ -115,7 +120,7 @@ def make_studies(folder: Path, n: int, size: int) -> list[Path]:
 
 def part_pytest(c: Check) -> dict[str, Any]:
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                        "tests/core/test_cuda.py"], cwd=ROOT, capture_output=True, text=True,
+                        *CUDA_TEST_FILES], cwd=ROOT, capture_output=True, text=True,
                        timeout=max(10.0, min(180.0, c.left() - 5)))
     tail = (p.stdout + p.stderr).strip().splitlines()
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error")}

@@ -13,6 +13,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
+def test_the_check_runs_every_file_with_cuda_marked_tests():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    marked = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")
+              if p.name != Path(__file__).name and "pytest.mark.cuda" in p.read_text(encoding="utf-8")}
+    assert marked == set(gpu_check.CUDA_TEST_FILES)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU report")
 def test_without_cuda_the_gpu_parts_are_skipped_and_the_report_written(tmp_path):
     out = tmp_path / "gpu_check.json"
