@@ -228,7 +228,7 @@ def _dep5_main_licence(text: str) -> str:
 def binary_components(binaries: list[list[str]], owned: set[str]) -> list[Component]:
     """Components for shared libraries not owned by a bundled Python distribution."""
     by_pkg: dict[str, Component] = {}
-    for dest, src in binaries:
+    for dest, src in sorted(binaries):  # the same notice file from one build to the next
         if not src or os.path.realpath(src) in owned or "site-packages" in src.replace("\\", "/"):
             continue
         base = os.path.basename(dest)
