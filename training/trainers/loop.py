@@ -506,10 +506,16 @@ class Trainer:
             n_batches += 1
             prog.update(step + 1, loss_sum / n_batches, n_img)
             if cfg.log_every and step % cfg.log_every == 0:
-                self._log({"kind": "step", "epoch": epoch, "step": step, "loss": float(loss.detach()),
+                el = time.perf_counter() - t0
+                per_step = el / (step + 1)
+                self._log({"kind": "step", "epoch": epoch, "epochs": cfg.epochs, "step": step,
+                           "steps": len(loader), "loss": float(loss.detach()),
+                           "images_per_s": n_img / max(el, 1e-9),
+                           "eta_s": per_step * ((len(loader) - step - 1) + len(loader) * (cfg.epochs - epoch - 1)),
                            **{k: float(v) for k, v in logs.items()}})
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        rec = {"kind": "epoch", "epoch": epoch, "loss": loss_sum / max(n_batches, 1), "seconds": dt,
+        rec = {"kind": "epoch", "epoch": epoch, "epochs": cfg.epochs, "steps": n_batches,
+               "loss": loss_sum / max(n_batches, 1), "seconds": dt,
                "cpu_seconds": cpu, "images_per_s": n_img / max(dt, 1e-9), "lr": self._lr_for(epoch)}
         if self.eval_fn is not None and self.is_main:
             self.model.eval()
@@ -517,6 +523,8 @@ class Trainer:
                 rec["metrics"] = _jsonable(self.eval_fn(self.model))
         if self.val_ds is not None and self.is_main:
             rec["val_loss"] = self._val_loss()
+        # time left if the run goes to cfg.epochs (early stopping may end it sooner)
+        rec["eta_s"] = (time.perf_counter() - t0) * (cfg.epochs - epoch - 1)
         return rec
 
     def close(self) -> None:
