@@ -9,7 +9,8 @@ What it installs:
 * ``/usr/bin/cxrviewer``: a launcher script that runs ``/opt/cxrviewer/cxrviewer`` (so the
   bundle finds its ``_internal`` whatever the caller's path);
 * ``/usr/share/applications/cxrviewer.desktop``: the menu entry, opening DICOM files
-  (``application/dicom``) and the folders/images given to it;
+  (``application/dicom``), annotation projects (``*.cxrann``: the window opens a project given
+  like a study) and the folders/images given to it;
 * ``/usr/share/mime/packages/cxrviewer.xml``: the MIME types ``application/dicom`` (``*.dcm``,
   ``DICM`` at byte 128) and ``application/x-cxrviewer-project`` (``*.cxrann``, the annotation
   projects), so file managers name and show them;
@@ -43,7 +44,7 @@ PACKAGE = "cxrviewer"
 PREFIX = Path("opt") / PACKAGE
 PROJECT_MIME = "application/x-cxrviewer-project"
 
-DESKTOP = """[Desktop Entry]
+DESKTOP = f"""[Desktop Entry]
 Type=Application
 Name=CXR Viewer
 GenericName=Chest X-ray Viewer
@@ -53,7 +54,7 @@ TryExec=cxrviewer
 Icon=cxrviewer
 Terminal=false
 Categories=Science;MedicalSoftware;
-MimeType=application/dicom;
+MimeType=application/dicom;{PROJECT_MIME};
 Keywords=DICOM;X-ray;radiograph;chest;annotation;
 StartupNotify=true
 """

@@ -118,6 +118,10 @@ def _num(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
+#: files given to the window (command line, Open with) that are annotation projects, not studies
+PROJECT_SUFFIX = ".cxrann"
+
+
 class MainWindow(QMainWindow):
     """Worklist (left), linked panel grid (centre), findings + models (right), messages (bottom).
 
@@ -428,6 +432,10 @@ class MainWindow(QMainWindow):
     def open_paths(self, paths: Sequence[str | os.PathLike[str]]) -> int:
         """Expand ``paths`` to a worklist off the GUI thread; returns the request number."""
         paths = [str(p) for p in paths]
+        projects = [p for p in paths if p.lower().endswith(PROJECT_SUFFIX)]
+        if projects:  # `cxrviewer PROJECT.cxrann` (a file manager's "Open with"): the annotation project
+            self.annotations.open_store(projects[-1], create=False)
+            paths = [p for p in paths if p not in projects]
         if not paths:
             return 0
         existing = [p for p in paths if Path(p).exists()]

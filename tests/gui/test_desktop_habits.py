@@ -271,3 +271,19 @@ def test_saved_geometry_off_every_screen_falls_back_to_the_default(qtbot, folder
     assert (second.width(), second.height()) == DEFAULT_SIZE
     second.show()  # the first-start fit: into the screen
     assert second.width() <= avail.width() and second.height() <= avail.height()
+
+
+def test_a_project_given_like_a_study_opens_as_the_annotation_project(qtbot, folders, tmp_path):
+    """`cxrviewer PROJECT.cxrann` (the .deb's file association): the project opens, no study is
+    looked for; a missing project is an error and is never created."""
+    from cxrviewer.core.annotations import AnnotationStore
+
+    project = tmp_path / "p.cxrann"
+    AnnotationStore(project).close()
+    win = _window(qtbot)
+    assert win.open_paths([str(project)]) == 0  # nothing left to open as studies
+    assert win.annotations.store is not None and Path(win.annotations.store.path) == project
+    missing = tmp_path / "typo.cxrann"
+    win.open_paths([str(missing)])
+    assert not missing.exists()
+    win.annotations.close_store()

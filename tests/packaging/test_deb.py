@@ -70,7 +70,8 @@ def test_desktop_entry_and_mime_types(deb: tuple[Path, Path]) -> None:
     _path, root = deb
     desktop = root / "usr/share/applications/cxrviewer.desktop"
     text = desktop.read_text(encoding="utf-8")
-    assert "Exec=cxrviewer %F" in text and "Icon=cxrviewer" in text and "application/dicom" in text
+    assert "Exec=cxrviewer %F" in text and "Icon=cxrviewer" in text
+    assert "MimeType=application/dicom;application/x-cxrviewer-project;" in text
     if shutil.which("desktop-file-validate"):
         res = subprocess.run(["desktop-file-validate", str(desktop)], capture_output=True, text=True)
         assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), res.stdout + res.stderr  # no error, warning or hint
