@@ -97,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "writes it meanwhile; this option exists for timing comparisons)")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="processes decoding studies ahead of the models (default 2; 0: decode in this process)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads for the models (default 0: torch's choice, one per core); on a machine "
+                        "shared with other jobs fewer threads can be much faster")
     p.add_argument("--quiet", action="store_true", help="no progress and no per-study lines (errors still shown)")
     p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
                    help="when stderr is not a terminal, a progress line at most every SECONDS (default 10; "
@@ -307,6 +310,13 @@ def _run(args: argparse.Namespace, shard: Shard, err: Any) -> int:
         err(shard.tag + msg)
 
     models = Path(args.models) if args.models else default_models_dir()
+    if args.threads < 0:
+        err(f"--threads must be 0 (torch's choice) or a positive number, not {args.threads}")
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         pipeline = Pipeline.from_dirs(models, args.device, map_max_side=args.map_size)
         classes = [pipeline.class_named(name) for name in args.classes or []]  # the model's own names

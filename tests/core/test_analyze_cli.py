@@ -240,3 +240,17 @@ def test_analyze_refuses_a_model_with_non_finite_weights(rg1_uncr, tmp_path, cap
     assert rc == 2
     assert err.count("\n") == 1 and f"weights tensor '{name}' holds NaN" in err and str(p) in err
     assert "Traceback" not in err
+
+
+def test_threads_option_sets_the_models_threads_and_refuses_a_negative_count(models_dir, rg1_uncr, tmp_path,
+                                                                            capsys):
+    import torch
+
+    rc = main(["analyze", str(rg1_uncr), "--models", str(models_dir), "--out", str(tmp_path / "bad"),
+               "--threads", "-1"])
+    assert rc == 2 and "--threads" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    rc = main(["analyze", str(rg1_uncr), "--models", str(models_dir), "--out", str(tmp_path / "o"),
+               "--device", "cpu", "--map-size", "64", "--no-panels", "--threads", "1", "--quiet"])
+    assert rc == 0 and torch.get_num_threads() == 1
+    assert (tmp_path / "o" / rg1_uncr.stem / "results.h5").is_file()
