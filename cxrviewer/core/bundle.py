@@ -307,7 +307,7 @@ def _label_set(family: str, declared: Any = None) -> LabelSet | None:
     if family in ("classifier", "cia"):
         return NIH14
     if family == "segmentation":
-        from .models.unet import SEGMENTATION_CLASSES
+        from .labelsets import SEGMENTATION_CLASSES  # (not from .models: that imports torchvision)
 
         return LabelSet("lung/heart segmentation", tuple(SEGMENTATION_CLASSES))
     return None

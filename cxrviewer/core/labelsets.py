@@ -135,6 +135,10 @@ VINDR_CXR = LabelSet(
 RSNA_PNEUMONIA = LabelSet("rsna-pneumonia", ("Lung Opacity",), {"Opacity": "Lung Opacity"},
                           title="RSNA Pneumonia Detection (Lung Opacity)")
 
+#: the lung/heart U-Net's output channels, in order (cxrviewer/core/models/unet.py); here, without
+#: torch, so that reading a segmentation bundle's manifest never imports the networks
+SEGMENTATION_CLASSES: tuple[str, ...] = ("left_lung", "right_lung", "heart")
+
 LUNG_HEART = LabelSet("lung-heart", ("left lung", "right lung", "heart"), {},
                       title="lung/heart segmentation")
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrviewer.core.errors import ModelError
+from cxrviewer.core.labelsets import SEGMENTATION_CLASSES  # (defined there, torch-free; re-exported)
 from cxrviewer.core.models.registry import register_model
 
-SEGMENTATION_CLASSES: tuple[str, ...] = ("left_lung", "right_lung", "heart")
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
