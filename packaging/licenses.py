@@ -228,6 +228,7 @@ def _dep5_main_licence(text: str) -> str:
 def binary_components(binaries: list[list[str]], owned: set[str]) -> list[Component]:
     """Components for shared libraries not owned by a bundled Python distribution."""
     by_pkg: dict[str, Component] = {}
+    libs: dict[str, set[str]] = {}
     for dest, src in sorted(binaries):  # the same notice file from one build to the next
         if not src or os.path.realpath(src) in owned or "site-packages" in src.replace("\\", "/"):
             continue
@@ -250,7 +251,9 @@ def binary_components(binaries: list[list[str]], owned: set[str]) -> list[Compon
             if text:
                 comp.files.append((f"/usr/share/doc/{pkg.split(':')[0]}/copyright", text))
             by_pkg[key] = comp
-        comp.source += f"; {base}"
+        libs.setdefault(key, set()).add(base)
+    for key, comp in by_pkg.items():  # library names sorted: the notice file does not change between builds
+        comp.source += "".join(f"; {b}" for b in sorted(libs[key]))
     return list(by_pkg.values())
 
 
