@@ -212,7 +212,7 @@ class MainWindow(QMainWindow):
         self.inference.finished.connect(ann.on_results)
         # a finished fine-tune offers its bundle ("Use the new model"); nothing switches by itself
         self.view_menu.addAction(ann.finetune.install_dock(self).toggleViewAction())
-        ann.finetune.switchRequested.connect(self._use_finetuned)
+        ann.finetune.switchRequested.connect(lambda path: self.use_bundle(path, "Using the fine-tuned model"))
         ann.storeChanged.connect(self._on_store_changed)
         # File: New, Open, Open read-only, Recent annotation projects ▸, Open the default, Close
         self.file_menu.insertMenu(ann.actions.project.get("default", self.act_quit), self.recent_projects_menu)
@@ -426,7 +426,7 @@ class MainWindow(QMainWindow):
         inf_.classMined.connect(lambda *_: self.grid.refresh())
         self.findings.classSelected.connect(self.select_class)
         self.model_picker.modelSetChanged.connect(self._on_model_set)
-        self.model_picker.bundleImported.connect(self._on_model_imported)
+        self.model_picker.bundleImported.connect(lambda path: self.use_bundle(path, "Imported model"))
 
     # ---- opening --------------------------------------------------------
     def open_paths(self, paths: Sequence[str | os.PathLike[str]]) -> int:
@@ -684,19 +684,12 @@ class MainWindow(QMainWindow):
         settings.set_active_model_dir(folder)
         self.reload_model_folders()
 
-    def _on_model_imported(self, path: str) -> None:
-        """A finished "Import model…": its model-set folder becomes the active one, the bundle selected."""
+    def use_bundle(self, path: str, what: str) -> None:
+        """Make ``path``'s model-set folder the active one with the bundle selected, and say so
+        (a finished "Import model…", the fine-tune panel's "Use the new model")."""
         self.add_model_folder(str(Path(path).parent))
         self.model_picker.select_bundle(path)
-        msg = f"Imported model {Path(path).stem} ({path}); it is now the active model set"
-        self.statusBar().showMessage(msg, 10000)
-        self.log_panel.add(msg)
-
-    def _use_finetuned(self, path: str) -> None:
-        """The fine-tune panel's "Use the new model": its model set becomes the active one, the bundle selected."""
-        self.add_model_folder(str(Path(path).parent))
-        self.model_picker.select_bundle(path)
-        msg = f"Using the fine-tuned model {Path(path).stem} ({path})"
+        msg = f"{what} {Path(path).stem} ({path}); it is now the active model set"
         self.statusBar().showMessage(msg, 10000)
         self.log_panel.add(msg)
 
