@@ -109,8 +109,8 @@ class Pipeline:
     dict, cxrviewer/core/explain/anatomy.py) or the explainers' other documented options.
     ``am_steps`` / ``am_top_k`` / ``am_classes``: attention-mining steps T, how many of the most
     probable classes get their steps at once, and classes that always do.
-    ``all_classes``: True (default): boxes of every class, as the evaluation, the benchmarks and
-    ``cxrviewer analyze --all-classes`` need them; False: boxes of those eager classes only
+    ``all_classes``: True (default): boxes of every class, as the app, ``cxrviewer analyze``, the
+    evaluation and the benchmarks use them; False: boxes of those eager classes only
     (``am_top_k`` most probable and ``am_classes``), the others on demand (:meth:`compute_class`,
     :meth:`class_boxes`); a notice in the results says which classes have boxes.
     """
