@@ -8,13 +8,14 @@ from scipy import ndimage
 EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def normalize01(a: np.ndarray) -> np.ndarray:
-    """Min-max rescale to [0, 1]; a constant map becomes all zeros."""
-    a = np.asarray(a, dtype=np.float64)
+def normalize01(a: np.ndarray, dtype: type | np.dtype = np.float64) -> np.ndarray:
+    """Min-max rescale to [0, 1] in ``dtype`` (the box rules pass float32 to keep their maps
+    float32); a constant map becomes all zeros."""
+    a = np.asarray(a, dtype=dtype)
     lo, hi = float(np.min(a)), float(np.max(a))
     if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 0.0:
         return np.zeros_like(a)
-    return (a - lo) / (hi - lo)
+    return (a - a.dtype.type(lo)) / a.dtype.type(hi - lo)
 
 
 def label_components(binary: np.ndarray) -> tuple[np.ndarray, int]:

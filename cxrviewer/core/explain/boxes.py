@@ -17,7 +17,7 @@ first (``cam.upsample_maps``), as ChestX-ray8 does before thresholding.
 
 The pipeline extracts boxes from float32 maps with the longest side in
 [:data:`BOX_MAP_MIN_SIDE`, :data:`BOX_MAP_SIDE`] (:func:`box_resolution`: a 512-px stored map is
-area-averaged to 128 px, a native grid is upsampled to 64 px), then scales the boxes to original
+bilinearly resampled to 128 px, a native grid is upsampled to 64 px), then scales the boxes to original
 pixels: the 512-px labelling cost 16x the pixels for the same boxes (IoU numbers in
 tests/core/test_explain_boxes.py).
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from cxrviewer.core.explain._components import label_components
+from cxrviewer.core.explain._components import label_components, normalize01
 from cxrviewer.core.geometry import Box
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
 CHESTXRAY8_THRESHOLD = 180.0 / 255.0
 #: Decreasing thresholds for the AM "three boxes" scheme (values not given in the paper).
 AM_THRESHOLDS: tuple[float, ...] = (0.75, 0.5, 0.25)
-#: longest side of the maps the pipeline extracts boxes from (larger maps are area-averaged to it)
+#: longest side of the maps the pipeline extracts boxes from (larger maps are resampled to it)
 BOX_MAP_SIDE = 128
 #: maps smaller than this (native network grids) are upsampled to it first (ChestX-ray8 upsamples)
 BOX_MAP_MIN_SIDE = 64
@@ -68,7 +68,7 @@ def _target_side(h: int, w: int, max_side: int, min_side: int) -> int | None:
 def box_resolution(maps: np.ndarray | torch.Tensor, *, max_side: int = BOX_MAP_SIDE,
                    min_side: int = BOX_MAP_MIN_SIDE, nearest: bool = False) -> np.ndarray:
     """Maps ``[..., h, w]`` as float32 with the longest side in ``[min_side, max_side]`` (aspect kept):
-    area-averaged when larger, bilinear-upsampled when smaller (``nearest``: nearest-neighbour both
+    bilinearly resampled to that range (``nearest``: nearest-neighbour both
     ways, for maps of probabilities per cell such as CIA-Net's grid), else unchanged. The boxes of
     the result, given ``image_size``, are in the same original pixels as those of ``maps``."""
     t = torch.as_tensor(maps).detach().to("cpu", torch.float32)
@@ -79,12 +79,8 @@ def box_resolution(maps: np.ndarray | torch.Tensor, *, max_side: int = BOX_MAP_S
     s = side / max(h, w)
     size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
     x = t.reshape(-1, 1, h, w)
-    if nearest:
-        y = torch.nn.functional.interpolate(x, size=size, mode="nearest")
-    elif side < max(h, w):
-        y = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    else:
-        y = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    y = torch.nn.functional.interpolate(x, size=size, mode="nearest" if nearest else "bilinear",
+                                        **({} if nearest else {"align_corners": False}))
     return y.reshape(*t.shape[:-2], *size).numpy()
 
 
@@ -94,14 +90,6 @@ def _as_2d(heat: np.ndarray | torch.Tensor) -> np.ndarray:
     if a.ndim != 2:
         raise ValueError(f"a heat map must be 2-D, got shape {a.shape}")
     return a
-
-
-def _normalise(a: np.ndarray) -> np.ndarray:
-    """Min-max rescale to [0, 1] in ``a``'s float dtype (float32 maps stay float32); constant -> 0."""
-    lo, hi = float(np.min(a)), float(np.max(a))
-    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 0.0:
-        return np.zeros_like(a)
-    return (a - a.dtype.type(lo)) / a.dtype.type(hi - lo)
 
 
 def _component_boxes(
@@ -137,7 +125,7 @@ def heatmap_to_boxes(
     are scaled from map cells to ``image_size = (H, W)``; score = mean raw heat inside the box.
     """
     raw = _as_2d(heat)
-    boxes = _component_boxes(raw, _normalise(raw) >= threshold, label, image_size, min_cells)
+    boxes = _component_boxes(raw, normalize01(raw, raw.dtype) >= threshold, label, image_size, min_cells)
     return sorted(boxes, key=lambda b: -(b.score or 0.0))
 
 
@@ -158,7 +146,7 @@ def ranked_boxes(
     generate fewer than 3 bboxes").
     """
     raw = _as_2d(heat)
-    norm = _normalise(raw)
+    norm = normalize01(raw, raw.dtype)
     seen: set[tuple[float, float, float, float]] = set()
     cands: list[Box] = []
     for t in sorted(thresholds, reverse=True):
