@@ -1,7 +1,7 @@
 """Run the explanation pipeline headless on studies and write results per study.
 
     cxrviewer analyze PATH ... [--list FILE] [--models DIR] --out DIR [--device auto|cpu|cuda]
-                      [--classes NAME ...] [--panels | --no-panels] [--workers N] [--quiet]
+                      [--classes NAME ...] [--panels | --no-panels] [--workers N] [--threads N] [--quiet]
                       [--progress-every SECONDS]
 
 For each study: ``OUT/<name>/results.h5`` (all maps, boxes, timings; layout in
