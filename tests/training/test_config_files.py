@@ -184,23 +184,39 @@ def test_ties_of_the_first_metric_are_broken_by_the_next(tmp_path):
 
 
 def test_classify_bundle_records_the_epoch_of_the_best_logged_auroc(phantoms, tmp_path):
-    """lr 0.02 over-shoots after epoch 2 (measured at 1 thread: mean AUROC 0.35, 0.45, 0.78, 0.57, 0.62):
-    the bundle holds epoch 2, not the last, and --early-stop 2 ends the 6-epoch run after epoch 4."""
+    """A real ``cxr-train classify`` run keeps the best logged epoch and stops by the early-stop rule.
+
+    lr 0.02 over-shoots, so the mean AUROC goes up and down; its exact path depends on the CPU's float
+    sums (it differed between two x86 machines), so what the run must have done is derived from its own
+    log: the bundle holds the first of the best epochs, and the run ended 2 epochs after the best one
+    (or ran all 6). The scripted-score tests above pin early stopping itself to a fixed history."""
     out = tmp_path / "best.cxrbundle"
     assert main([*CLASSIFY, "--data", str(phantoms), "--epochs", "6", "--lr", "0.02", "--early-stop", "2",
                  "--out", str(out)]) == 0
     run = tmp_path / "best.cxrbundle.run"
     epochs = _epochs(run)
     aurocs = [r["metrics"]["mean_auroc"] for r in epochs]
+    assert len(set(aurocs)) > 1  # the metric moved: the choice below is not the trivial one
+    # the early-stop rule replayed on the logged metric: the first epoch 2 after the best so far ends the run
+    best_so_far, expected_len = 0, 6
+    for i, v in enumerate(aurocs):
+        if v > aurocs[best_so_far]:
+            best_so_far = i
+        if i - best_so_far >= 2:
+            expected_len = i + 1
+            break
+    assert len(epochs) == expected_len
     best = max(range(len(aurocs)), key=lambda i: (aurocs[i], -i))  # the first of equal bests
-    assert best < len(epochs) - 1 and aurocs[-1] < aurocs[best]  # a later epoch is worse
     sel = read_manifest(out).provenance["selection"]
     assert sel["epoch"] == best and sel["metric"] == "metrics.mean_auroc" and sel["value"] == aurocs[best]
-    assert len(epochs) < 6 and len(epochs) - 1 - best == 2 and sel["reason"] == "stopped early"
+    stopped = len(epochs) < 6
+    assert sel["reason"] == ("stopped early" if stopped else "best")
     held = torch.load(run / "best.pt", weights_only=True)
     last = torch.load(run / "checkpoint.pt", weights_only=True)
     assert held["epoch"] == best and last["epoch"] == len(epochs) - 1
-    assert _same(_weights(out), held["model"]) and not _same(_weights(out), last["model"])
+    assert _same(_weights(out), held["model"])
+    if best != len(epochs) - 1:  # a later epoch was kept out of the bundle
+        assert not _same(_weights(out), last["model"])
 
 
 def test_tensorboard_event_files_only_when_the_package_is_installed(tmp_path):
