@@ -1,6 +1,7 @@
 """Benchmark: ``cxrviewer analyze`` studies/s, bytes per study and peak RSS, beside the floor.
 
     .venv/bin/python benchmarks/analyze_throughput.py [--studies 8] [--size 512] [--threads N]
+                                                      [--sets bundled realistic realistic_bf16]
 
 For each model set, in a fresh process (so peak RSS is that set's own):
 
@@ -9,11 +10,16 @@ For each model set, in a fresh process (so peak RSS is that set's own):
   benchmarks/pipeline_cpu.py: ResNet-18 alignment, U-Net 32/4, ResNet-50-MSA, ResNet-50 DM,
   ResNet-50 CIA-Net) at ``--size`` px,
 
-it runs ``cxrviewer analyze`` (the command users run, in-process, folder defaults) over
+(a set named ``*_bf16`` is that set run with ``analyze --cpu-bf16``: bf16 autocast where the CPU
+computes bf16 natively; the report's ``device`` says whether it did), it runs ``cxrviewer analyze``
+(the command users run, in-process, folder defaults) over
 ``--studies`` 1024 px images (the first ones of ../shared/data/nih when present, else phantoms)
-and reports: wall time, the model-loading time, seconds per study after loading, bytes written per
+and reports: wall time, the model-loading time, seconds per study after loading (the wall time less
+one model loading, over the studies), seconds per study in the steady state (between the first and
+the last study's summary.json: what an archive of many studies costs each), bytes written per
 study (results.h5, summary.json and any panels) and the process's peak RSS; beside it the floor,
-one plain forward of the same classifier at its input size (median of 5, no grad), and the
+one plain forward of the same classifier at its input size (median of 5, no grad, float32, in the
+channels-last layout the pipeline runs), and the
 per-study time as a multiple of it. Writes ``benchmarks/results/analyze_throughput.json``.
 """
 from __future__ import annotations
@@ -74,6 +80,7 @@ def _floor_ms(models: Path) -> tuple[float, int]:
     if lb is not None:
         h, w = lb.manifest.input_size
         x = torch.rand(1, int(lb.manifest.arch_kwargs.get("in_channels", 1)), h, w)
+        lb.model.to(memory_format=torch.channels_last)  # as Pipeline places it
         with torch.no_grad():
             lb.model(x)
             times = []
@@ -87,6 +94,8 @@ def _floor_ms(models: Path) -> tuple[float, int]:
 
 def child(kind: str, n: int, size: int) -> dict[str, Any]:
     """One model set in this process: analyze timings, bytes, peak RSS, the forward floor."""
+    bf16 = kind.endswith("_bf16")
+    kind = kind.removesuffix("_bf16")
     from cxrviewer.__main__ import main as cxrviewer_main
     from cxrviewer.core.bundle import load_bundle
 
@@ -103,18 +112,26 @@ def child(kind: str, n: int, size: int) -> dict[str, Any]:
         out = work / "out"
         t = time.perf_counter()
         rc = cxrviewer_main(["analyze", "--list", str(lst), "--models", str(models), "--out", str(out),
-                             "--device", "cpu", "--quiet"])
+                             "--device", "cpu", "--quiet", *(["--cpu-bf16"] if bf16 else [])])
         wall = time.perf_counter() - t
         files = [f for f in out.rglob("*") if f.is_file() and f.parent != out]
+        summaries = sorted(out.rglob("summary.json"), key=lambda f: f.stat().st_mtime)
+        summary = summaries[0] if summaries else None
+        # steady state: from the first study's summary to the last's (no model loading, no start-up)
+        steady = ((summaries[-1].stat().st_mtime - summaries[0].stat().st_mtime) / (len(summaries) - 1)
+                  if len(summaries) > 1 else None)
+        device = json.loads(summary.read_text())["device"] if summary else None
         per_kind: dict[str, int] = {}
         for f in files:
             per_kind[f.name] = per_kind.get(f.name, 0) + f.stat().st_size
         floor_ms, in_size = _floor_ms(models)
     per_study = (wall - load_s) / n
     return {
-        "exit": rc, "studies": n, "source": "nih" if "nih" in str(studies[0]) else "phantoms",
+        "exit": rc, "device": device, "studies": n, "source": "nih" if "nih" in str(studies[0]) else "phantoms",
         "classifier_input": in_size, "wall_s": round(wall, 2), "model_load_s": round(load_s, 2),
-        "s_per_study_after_load": round(per_study, 3), "studies_per_s": round(1 / max(per_study, 1e-9), 3),
+        "s_per_study_after_load": round(per_study, 3),
+        "s_per_study_steady": round(steady, 3) if steady is not None else None,
+        "studies_per_s": round(1 / max(per_study, 1e-9), 3),
         "bytes_per_study": int(sum(per_kind.values()) / n),
         "bytes_per_study_by_file": {k: int(v / n) for k, v in sorted(per_kind.items())},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -128,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--studies", type=int, default=8)
     p.add_argument("--size", type=int, default=512, help="input size of the realistic bundles")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--sets", nargs="+", default=["bundled", "realistic"], choices=["bundled", "realistic"])
+    p.add_argument("--sets", nargs="+", default=["bundled", "realistic"],
+                   choices=["bundled", "realistic", "bundled_bf16", "realistic_bf16"])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "analyze_throughput.json"))
     args = p.parse_args(argv)

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
         study_path = get_testdata_file("RG1_UNCR.dcm")
     study = load_study(study_path)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         bundles = {}
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         "roles": {r: {"architecture": ROLES[r][0], "input_size": role_input_size(r, args.size), **ROLES[r][1]}
                   for r in args.roles},
         "runs": args.runs,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": res.device,

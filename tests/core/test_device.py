@@ -19,7 +19,7 @@ def test_cpu_is_float32_by_default(monkeypatch):
     assert y.dtype == torch.float32
 
 
-def test_cpu_bf16_only_with_amx(monkeypatch):
+def test_cpu_bf16_only_with_native_bf16(monkeypatch):
     monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: True)
     info = cpu_device(cpu_bf16=True)
     assert info.dtype == torch.bfloat16
