@@ -1,8 +1,10 @@
 """Shared test set-up: offscreen Qt, isolated settings, paths to ../shared data."""
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +29,7 @@ os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(TORCH_THREAD
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # Settings (QSettings, model folders) never touch the user's home during tests.
 _SETTINGS_DIR = tempfile.mkdtemp(prefix="cxrviewer-test-settings-")
+atexit.register(shutil.rmtree, _SETTINGS_DIR, ignore_errors=True)  # not left behind in the temp folder
 os.environ.setdefault("CXRVIEWER_CONFIG_DIR", _SETTINGS_DIR)
 os.environ.setdefault("XDG_CONFIG_HOME", _SETTINGS_DIR)
 
