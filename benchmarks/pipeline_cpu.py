@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--study", default=None, help="image to analyse (default RG1_UNCR.dcm)")
     p.add_argument("--roles", nargs="+", default=list(ROLES), choices=list(ROLES))
-    p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU (used only where the CPU computes bf16 natively: AMX or AVX-512 BF16)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bf16 autocast on the CPU (used only where the CPU computes bf16 natively: AMX or AVX-512 BF16)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pipeline_cpu[_bf16].json)")
     args = p.parse_args(argv)
 
