@@ -334,9 +334,10 @@ def _device(args: argparse.Namespace, err: Any) -> Any:
     """The device and precision ``--device`` / ``--cpu-bf16`` ask for (``cpu_bf16`` None: the environment's)."""
     from cxrviewer.core.device import cpu_has_fast_bf16, select_device
 
-    if args.cpu_bf16 and not cpu_has_fast_bf16():
+    device = select_device(args.device, cpu_bf16=True if args.cpu_bf16 else None)
+    if args.cpu_bf16 and not device.is_cuda and not cpu_has_fast_bf16():
         err("--cpu-bf16: this CPU has no native bf16 (AMX or AVX-512 BF16); the CPU runs float32")
-    return select_device(args.device, cpu_bf16=True if args.cpu_bf16 else None)
+    return device
 
 
 def _run(args: argparse.Namespace, shard: Shard, err: Any) -> int:
@@ -358,7 +359,8 @@ def _run(args: argparse.Namespace, shard: Shard, err: Any) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        pipeline = Pipeline.from_dirs(models, _device(args, lambda m: err(shard.tag + m)), map_max_side=args.map_size)
+        device = _device(args, lambda m: err(shard.tag + m))
+        pipeline = Pipeline.from_dirs(models, device, map_max_side=args.map_size)
         classes = [pipeline.class_named(name) for name in args.classes or []]  # the model's own names
         entries, errors = collect_inputs(args.paths, args.list)
     except CxrError as exc:

@@ -6,9 +6,10 @@ Policy
 * CUDA: autocast in bfloat16 when the GPU supports it (Ampere and newer),
   else float16.
 * CPU: float32 by default. bfloat16 autocast on CPU is only a win on CPUs with
-  native bf16 (AMX or AVX-512 BF16, :func:`cpu_has_fast_bf16`) and changes results
-  in the third digit, so it is opt-in: ``select_device("cpu", cpu_bf16=True)`` or the environment variable
-  ``CXRVIEWER_CPU_BF16=1``; it is honoured only when :func:`cpu_has_fast_bf16`.
+  native bf16 (AMX or AVX-512 BF16) and changes results in the third digit, so it
+  is opt-in: ``select_device("cpu", cpu_bf16=True)``, ``cxrviewer analyze --cpu-bf16``
+  or the environment variable ``CXRVIEWER_CPU_BF16=1``; it is honoured only when
+  :func:`cpu_has_fast_bf16`.
 """
 from __future__ import annotations
 
