@@ -190,8 +190,8 @@ class AnnotationController(QObject):
         self.state.studyChanged.connect(self._on_study_changed)
         self.feedback.message.connect(self.message)
         ed, dock, edits = self.editor, self.dock, self.edits
-        ed.drawRequested.connect(edits.draw)
-        ed.geometryRequested.connect(edits.apply_geometry)
+        ed.drawRequested.connect(edits.gesture_draw)
+        ed.geometryRequested.connect(edits.gesture_geometry)
         ed.selectionChanged.connect(dock.set_selection)
         ed.refused.connect(self.feedback.info)
         ed.drawModeChanged.connect(lambda _on: self._update_mode_text())

@@ -68,6 +68,14 @@ class AnnotationEdits(QObject):
         self._dock_timer.setSingleShot(True)
         self._dock_timer.setInterval(0)
         self._dock_timer.timeout.connect(self._show_dock)
+        # a mouse gesture's redraw from the store follows on the next turn as well: the release
+        # handler commits and returns (the box stays drawn where the gesture left it), so no
+        # single handler holds the GUI for the commit, the redraw and a repaint together
+        self._redraw_select: Sequence[ItemKey] | None = None
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.setInterval(0)
+        self._redraw_timer.timeout.connect(self._deferred_refresh)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -91,10 +99,13 @@ class AnnotationEdits(QObject):
             self.dock.set_class(self.editor.draw_label)
 
     # ---- running and redrawing ----------------------------------------------------------
-    def run(self, op: Callable[..., Edit], *args: Any, select_created: bool = False) -> Edit | None:
+    def run(self, op: Callable[..., Edit], *args: Any, select_created: bool = False,
+            defer_redraw: bool = False) -> Edit | None:
         """Run one session edit, report why not if it was refused or failed, redraw.
 
         ``select_created``: select the boxes the edit created (drawn, pasted, accepted).
+        ``defer_redraw``: the redraw of a committed edit follows on the next event-loop turn
+        (mouse gestures; :meth:`flush_view` does it at once).
         """
         try:
             edit = op(*args)
@@ -113,14 +124,21 @@ class AnnotationEdits(QObject):
         if is_committed(edit):
             self.edited.emit(edit)
         created = [("box", b) for b in created_box_ids(edit)] if select_created else []
-        self.refresh(select=created or None)
+        if defer_redraw:
+            self._redraw_select = created or None
+            self._redraw_timer.start()
+        else:
+            self.refresh(select=created or None)
         return edit
 
     def refresh(self, select: Sequence[ItemKey] | None = None) -> None:
         """Redraw boxes, proposals, labels and status of the shown study from the store.
 
-        ``select``: the selection to show (default: keep what is still there).
+        ``select``: the selection to show (default: a deferred gesture's, else keep what is
+        still there).
         """
+        self._redraw_timer.stop()
+        select, self._redraw_select = (self._redraw_select if select is None else select), None
         try:
             snap = self.session.snapshot()
         except CxrError as exc:
@@ -139,8 +157,14 @@ class AnnotationEdits(QObject):
         self.refreshed.emit()
 
     def flush_view(self) -> None:
-        """Show the last redraw in the dock now (else it follows on the next event-loop turn)."""
+        """Show the last edit now: the editor's redraw after a gesture and the dock's list (else
+        they follow on the next event-loop turn)."""
+        if self._redraw_timer.isActive():
+            self.refresh()
         self._show_dock()
+
+    def _deferred_refresh(self) -> None:
+        self.refresh()
 
     def _show_dock(self) -> None:
         self._dock_timer.stop()
@@ -183,12 +207,22 @@ class AnnotationEdits(QObject):
         """A drawn box (the editor's ``drawRequested``; also for code: same path)."""
         return self.run(self.session.draw_box, label, x, y, w, h, select_created=True)
 
-    def apply_geometry(self, kind: str, item_id: int, x: float, y: float, w: float, h: float) -> None:
+    def apply_geometry(self, kind: str, item_id: int, x: float, y: float, w: float, h: float, *,
+                       defer_redraw: bool = False) -> None:
         """A move/resize ended; dragging a proposal accepts it with the new geometry."""
         if kind == "box":
-            self.run(self.session.move_box, item_id, x, y, w, h)
+            self.run(self.session.move_box, item_id, x, y, w, h, defer_redraw=defer_redraw)
         else:
-            self.run(self.session.accept_adjusted, item_id, x, y, w, h, select_created=True)
+            self.run(self.session.accept_adjusted, item_id, x, y, w, h, select_created=True,
+                     defer_redraw=defer_redraw)
+
+    def gesture_draw(self, label: str, x: float, y: float, w: float, h: float) -> None:
+        """The editor's ``drawRequested``: committed now, redrawn on the next event-loop turn."""
+        self.run(self.session.draw_box, label, x, y, w, h, select_created=True, defer_redraw=True)
+
+    def gesture_geometry(self, kind: str, item_id: int, x: float, y: float, w: float, h: float) -> None:
+        """The editor's ``geometryRequested``: committed now, redrawn on the next event-loop turn."""
+        self.apply_geometry(kind, item_id, x, y, w, h, defer_redraw=True)
 
     def delete_selected(self) -> None:
         self.run(self.session.delete, self.selected("box"), self.selected("proposal"))

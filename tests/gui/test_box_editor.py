@@ -252,6 +252,28 @@ def test_an_edit_restyles_the_shown_boxes_in_place(qtbot, host, ctrl):
     assert stored(ctrl)[1][1] == "Effusion"
 
 
+def test_a_gesture_commits_at_release_and_redraws_on_the_next_turn(qtbot, host, ctrl):
+    """The release handler only commits (benchmarks/box_editor_stall.py: no handler holds the GUI
+    for the commit, the redraw and a repaint together); the drawn preview becomes the stored box's
+    graphics on the next event-loop turn; an undo before that turn undoes the gesture's edit."""
+    panel = host.panel
+    qtbot.keyClick(panel, Qt.Key.Key_W)
+    drag(panel, (50, 60), (150, 140))
+    preview = ctrl.editor._preview
+    assert preview is not None and len(stored(ctrl)) == 1  # on disk at release, not yet redrawn
+    assert shown(ctrl) == []
+    qtbot.waitUntil(lambda: shown(ctrl) != [], timeout=2000)
+    s = assert_in_sync(ctrl)
+    key = ("box", s[0][0])
+    assert ctrl.editor._preview is None and ctrl.editor.outline(key) is preview.rect  # adopted, not rebuilt
+    assert ctrl.editor.selected == [key] and preview.text.toPlainText().startswith(s[0][1])
+    # move, then undo before the redraw: the move is undone, the box is where it was drawn
+    drag(panel, (100, 100), (140, 130))
+    assert stored(ctrl)[0][2:4] == pytest.approx((s[0][2] + 40, s[0][3] + 30), abs=3)
+    ctrl.edits.undo()
+    assert assert_in_sync(ctrl) == s
+
+
 def test_class_copy_paste_duplicate_carry(qtbot, host, ctrl):
     panel = host.panel
     ctrl.edits.set_class("Nodule")

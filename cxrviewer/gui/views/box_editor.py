@@ -400,22 +400,27 @@ class BoxEditor(QObject):
     def _redraw(self, full: bool = False) -> None:
         """Sync the graphics with ``_items``/selection: items that stay are restyled in place
         (:meth:`_Drawn.update`), new ones built, gone ones removed."""
-        self._drop_preview()
         if full or self.layer.image_shape is None:
+            self._drop_preview()
             self.layer.clear()
             self._drawn.clear()
             if self.layer.image_shape is None:
                 return
+        # a drawn box's preview becomes the stored box's graphics (already built: caption, handles)
+        preview, self._preview = self._preview, None
         sel = set(self._selected)
         keep: dict[ItemKey, _Drawn] = {}
         for it in self._items:
             d = self._drawn.pop(it.key, None)
-            if d is None:
+            if d is None and preview is not None and it.kind == "box" and it.key in sel:
+                d, preview = preview, None
+                d.update(it, True)
+            elif d is None:
                 d = _Drawn(self.layer, it, it.key in sel)
             elif d.item != it or d.selected != (it.key in sel) or d.shown != it.rect:
                 d.update(it, it.key in sel)
             keep[it.key] = d
-        for d in self._drawn.values():
+        for d in [*self._drawn.values(), *([preview] if preview is not None else [])]:
             self._remove(d)
         self._drawn = keep
         self._layout_labels()
@@ -573,14 +578,15 @@ class BoxEditor(QObject):
         return True
 
     def _finish(self, d: _Drag) -> None:
-        self._drop_preview()  # the store's answer draws the box
         x, y, w, h = d.current
         if d.mode == "draw":
             self.set_draw_mode(False)
             if w < self.MIN_SIZE or h < self.MIN_SIZE:
+                self._drop_preview()
                 self.refused.emit(f"box not added: {w:.1f} x {h:.1f} px is empty; drag out a box "
                                   "inside the image")
                 return
+            # the preview stays until the store's answer is drawn (the next redraw drops it)
             self.drawRequested.emit(self.draw_label, x, y, w, h)
             return
         assert d.key is not None
@@ -596,8 +602,11 @@ class BoxEditor(QObject):
         self._preview = _Drawn(self.layer, item, True)
 
     def _cancel_drag(self) -> None:
+        """Undo the drag in flight, if any (a finished draw's preview waits for the redraw)."""
         d, self._drag = self._drag, None
-        if d is not None and d.key in self._drawn:
+        if d is None:
+            return
+        if d.key in self._drawn:
             self._drawn[d.key].set_rect(d.rect)  # type: ignore[index]
         self._drop_preview()
 
