@@ -12,11 +12,11 @@ per-stage timings, device, models, and ``not_available``: panel -> why this mode
 show it, e.g. ``"contrast": "needs a CIA model with a normal bank (not loaded)"``, ``"prior boxes":
 "NIH classes only: not for Lung Opacity"``, ``source_file``: the file's ``bytes`` and ``mtime_ns``
 and ``analysis``: each role's ``weights_sha256`` and the options ``classes``, ``map_size``,
-``panels``, which a rerun compares to skip the study) and, with ``--panels`` (the default
+``panels`` and, for a bf16 CPU run, ``cpu_precision``, which a rerun compares to skip the study) and, with ``--panels`` (the default
 only when the input is a single file), ``panels.png`` (original, CAM, aligned, attention
 mining, contrast + paired normal, disease mask, lung/heart masks, as available). A study's
 folder is written (and its PNG encoded) by a background thread while the next study is
-computed. A study that cannot be read, analysed or written gets a one-line error; the others
+computed, where that thread has a core of its own (``_spare_core``). A study that cannot be read, analysed or written gets a one-line error; the others
 go on and the exit status is non-zero at the end.
 
 ``<name>`` is the file's stem (for an NIH folder: the image id, e.g. ``00002578_000``).
