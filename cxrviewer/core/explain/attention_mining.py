@@ -312,7 +312,7 @@ class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="
             for i, c in enumerate(want):
                 steps[res.classes[c]] = hts[i * st.steps:(i + 1) * st.steps]
                 erased[res.classes[c]] = ers[i * st.steps:(i + 1) * st.steps].astype(np.uint8)
-        return ExplainerOutput({"final": finals.astype(np.float32), "steps": steps, "erased": erased},
+        return ExplainerOutput({"final": np.asarray(finals, dtype=np.float32), "steps": steps, "erased": erased},
                                {"steps": st.steps}, state=st)
 
     def compute_class(self, results: "Results", class_index: int) -> bool:

@@ -84,7 +84,7 @@ class Mapper:
         if self.theta_inv is not None:
             grid = _inverse_grid(self.theta_inv, tuple(out.shape[-2:]))
             out = F.grid_sample(out[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
-        res = (out + lo).numpy().astype(np.float32)
+        res = np.asarray((out + lo).numpy(), dtype=np.float32)  # (already float32: no copy of the stack)
         if self.log is not None and 4 * m.shape[-2] * m.shape[-1] <= self.map_shape[0] * self.map_shape[1]:
             self.log.add(m.numpy(), res, self.recipe(mode))
         return res
