@@ -42,14 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from pipeline_cpu import ROLES, role_input_size  # noqa: E402  (one realistic-size model set for every benchmark)
 
-#: toy roles for --cpu-smoke (the tiny networks of the tests)
-SMOKE_ROLES = {
-    "alignment": ("alignment", {"backbone": "tiny"}),
-    "segmentation": ("unet", {"width": 4, "depth": 3}),
-    "classifier": ("msa", {"backbone": "tiny"}),
-    "dm": ("dm", {"backbone": "tiny", "mask_size": 8}),
-    "cia": ("cia", {"backbone": "tiny", "head_channels": 16}),
-}
+from cxrviewer.selftest import TINY_BUNDLES  # noqa: E402
+
+#: toy roles for --cpu-smoke: the self-test's tiny networks, plus a DM
+SMOKE_ROLES = {**TINY_BUNDLES, "dm": ("dm", {"backbone": "tiny", "mask_size": 8})}
 
 
 #: the files holding tests marked ``cuda`` (tests/core/test_gpu_check_script.py checks this list is complete)

@@ -88,17 +88,11 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-def _write_text(path: Path, text: str) -> None:
-    from cxrviewer.core.atomic import mkstemp_beside
+def _write_utf8(path: Path, text: str) -> None:
+    """``text`` to ``path`` atomically (the project's :func:`~cxrviewer.core.annotations.export.atomic_write`)."""
+    from cxrviewer.core.annotations.export import atomic_write
 
-    fd, tmp = mkstemp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"))
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -185,14 +179,14 @@ def write_outputs(curves: Mapping[str, Any] | None, predictions: Sequence[Mappin
     out.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     if predictions:
-        _write_text(out / "predictions.csv", _csv_text(PREDICTION_FIELDS, [[r.get(k) for k in PREDICTION_FIELDS]
+        _write_utf8(out / "predictions.csv", _csv_text(PREDICTION_FIELDS, [[r.get(k) for k in PREDICTION_FIELDS]
                                                                            for r in predictions]))
         written.append("predictions.csv")
     if curves and curves.get("roc"):
-        _write_text(out / "curves.json", json.dumps(curves) + "\n")
+        _write_utf8(out / "curves.json", json.dumps(curves) + "\n")
         written.append("curves.json")
         for name, text in _curve_csvs(curves).items():
-            _write_text(out / name, text)
+            _write_utf8(out / name, text)
             written.append(name)
         suffix = f": {title}" if title else ""
         for name, draw, what in (("roc.png", roc_image, "ROC curve per class"),

@@ -168,17 +168,16 @@ def default_baseline(args: Sequence[str] = ()) -> str | None:
         return str(chosen)
     from ..core.bundle import default_models_dir
     from ..core.catalog import scan_bundles
+    from ..core.roles import assign_roles
 
     folder = settings.active_model_dir() or str(default_models_dir())
     try:
         bundles = [b for b in scan_bundles(folder) if not b.error]
     except (CxrError, OSError):
         return None
-    for role in ("cia", "classifier"):
-        for b in bundles:
-            if (b.role or b.family) == role:
-                return str(b.path)
-    return None
+    roles = assign_roles(bundles)  # the roles the pipeline gives this set
+    b = roles.get("cia") or roles.get("classifier")
+    return str(b.path) if b is not None else None
 
 
 class FineTuneJob(QObject):

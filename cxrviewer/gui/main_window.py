@@ -32,6 +32,7 @@ from PySide6.QtWidgets import (QComboBox, QDockWidget, QFileDialog, QHBoxLayout,
                                QWidget)
 
 from .. import __version__
+from ..core.annotations import SUFFIX as PROJECT_SUFFIX
 from ..core.catalog import model_classes
 from ..core.display import DisplayData, load_for_display
 from ..core.errors import CxrError
@@ -116,10 +117,6 @@ def shortcuts_html() -> str:
 def _num(v: float) -> str:
     """Compact number for the status bar: integers when large, 3 significant digits else."""
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
-
-
-#: files given to the window (command line, Open with) that are annotation projects, not studies
-PROJECT_SUFFIX = ".cxrann"
 
 
 class MainWindow(QMainWindow):
@@ -432,7 +429,7 @@ class MainWindow(QMainWindow):
     def open_paths(self, paths: Sequence[str | os.PathLike[str]]) -> int:
         """Expand ``paths`` to a worklist off the GUI thread; returns the request number."""
         paths = [str(p) for p in paths]
-        projects = [p for p in paths if p.lower().endswith(PROJECT_SUFFIX)]
+        projects = [p for p in paths if p.lower().endswith(PROJECT_SUFFIX)]  # annotation projects, not studies
         if projects:  # `cxrviewer PROJECT.cxrann` (a file manager's "Open with"): the annotation project
             self.annotations.open_store(projects[-1], create=False)
             paths = [p for p in paths if p not in projects]

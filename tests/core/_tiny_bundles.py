@@ -6,15 +6,12 @@ from pathlib import Path
 import numpy as np
 
 from cxrviewer.core.study import Study, StudyMeta
+from cxrviewer.selftest import TINY_BUNDLES
 
-#: role -> (architecture, kwargs) of a tiny, fast network
-TINY = {
-    "alignment": ("alignment", {"backbone": "tiny"}),
-    "segmentation": ("unet", {"width": 4, "depth": 3}),
-    "classifier": ("msa", {"backbone": "tiny"}),
-    "dm": ("dm", {"backbone": "tiny", "mask_size": 8}),
-    "cia": ("cia", {"backbone": "tiny", "head_channels": 16}),
-}
+#: role -> (architecture, kwargs) of a tiny, fast network: the self-test's, plus a DM (this order
+#: of the roles is the order of their seeds in make_tiny_bundles)
+TINY = {role: TINY_BUNDLES.get(role, ("dm", {"backbone": "tiny", "mask_size": 8}))
+        for role in ("alignment", "segmentation", "classifier", "dm", "cia")}
 
 
 def make_tiny_bundles(folder: Path, roles=tuple(TINY), *, input_size: int = 128, overrides=None) -> dict[str, Path]:

@@ -322,16 +322,21 @@ def test_summary_raises_only_typed_errors(tmp_path, name):
     assert dt < 10 and peak < 200 * 2**20 and rss < 2**30, (name, dt, peak, rss)
 
 
+def _mutants(base: bytes, rng: np.random.Generator, n: int, max_flips: int, folder: Path):
+    """``(i, path)`` of ``n`` copies of ``base`` with 1 to ``max_flips - 1`` random bytes changed (seeded)."""
+    for i in range(n):
+        b = bytearray(base)
+        for _ in range(int(rng.integers(1, max_flips))):
+            b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+        p = folder / f"m{i}.h5"
+        p.write_bytes(bytes(b))
+        yield i, p
+
+
 def test_random_byte_mutants_give_typed_errors_only(tmp_path):
     """Byte flips anywhere in a valid file (seeded): a result or a ResultsFileError, fast."""
     base = _valid(tmp_path / "base.h5").read_bytes()
-    rng = np.random.default_rng(1)
-    for i in range(150):
-        b = bytearray(base)
-        for _ in range(int(rng.integers(1, 20))):
-            b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
-        p = tmp_path / f"m{i}.h5"
-        p.write_bytes(bytes(b))
+    for i, p in _mutants(base, np.random.default_rng(1), 150, 20, tmp_path):
         for fn in (read_results, results_summary):
             err, dt, peak, rss = _bounded(lambda: fn(p))
             assert err is None or isinstance(err, ResultsFileError), (i, type(err).__name__, err)
@@ -447,12 +452,7 @@ def test_byte_mutants_of_native_and_quantised_maps_give_typed_errors_only(tmp_pa
     with h5py.File(tmp_path / "base.h5", "r") as f:
         assert f["explainers/cam/cam"].attrs["encoding"] == "native"
         assert f["explainers/anatomy/posterior"].attrs["encoding"] == "quantised"
-    for i in range(120):
-        b = bytearray(base)
-        for _ in range(int(rng.integers(1, 12))):
-            b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
-        p = tmp_path / f"m{i}.h5"
-        p.write_bytes(bytes(b))
+    for i, p in _mutants(base, rng, 120, 12, tmp_path):
         err, dt, peak, rss = _bounded(lambda: read_results(p))
         assert err is None or isinstance(err, ResultsFileError), (i, type(err).__name__, err)
         assert dt < 10 and peak < 200 * 2**20 and rss < 2**30, (i, dt, peak, rss)

@@ -196,7 +196,7 @@ def compare(store: str | os.PathLike, new: str | os.PathLike, old: str | os.Path
 
 def run(args: argparse.Namespace) -> int:
     """Compare, write ``--out`` (atomically) and print ``{"compare": OUT}``."""
-    from cxrviewer.core.atomic import mkstemp_beside
+    from cxrviewer.core.annotations.export import atomic_write
     from cxrviewer.core.errors import CxrError
 
     try:
@@ -204,10 +204,9 @@ def run(args: argparse.Namespace) -> int:
     except CxrError as err:
         raise SystemExit(f"cxr-train compare: {err}") from err
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_beside(out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    try:
+        atomic_write(out, json.dumps(result, indent=1).encode("utf-8"))  # a failed write leaves no temp file
+    except CxrError as err:
+        raise SystemExit(f"cxr-train compare: {err}") from err
     print(json.dumps({"compare": str(out)}))
     return 0

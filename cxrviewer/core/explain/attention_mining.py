@@ -157,18 +157,15 @@ def mine_cam(h1: torch.Tensor, steps: int = 3, threshold: float = 0.5) -> Attent
         if h1.dim() == 2:
             h1 = h1.unsqueeze(0)
         b, h, wd = h1.shape
-        keep = torch.ones(b, h, wd, dtype=torch.float32, device=h1.device)  # M_0
         h1_np = h1.cpu().numpy()
-        keep_np = np.ones((b, h, wd), dtype=bool)
+        keep_np = np.ones((b, h, wd), dtype=bool)  # M_0
         heatmaps: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         for _ in range(steps):
-            ht = h1 * keep  # Eq. 7
-            ht_np = h1_np * keep_np
+            ht_np = h1_np * keep_np  # Eq. 7 (the erasure runs in numpy: one product, not a torch twin)
             keep_np = np.stack([erasure_step(ht_np[i], keep_np[i], threshold) for i in range(b)])
-            keep = torch.from_numpy(keep_np.astype(np.float32)).to(h1.device)
-            heatmaps.append(ht)
-            masks.append(keep)
+            heatmaps.append(torch.from_numpy(ht_np).to(h1.device))
+            masks.append(torch.from_numpy(keep_np.astype(np.float32)).to(h1.device))
         # Eq. 8 on the per-step maps rescaled to [0, 1] over the cells kept at that step:
         # fill erased regions from the earlier heat maps (sum_{t'<t} N(H_t') * (1 - M_t')), then average.
         total = torch.zeros_like(heatmaps[0])
@@ -258,7 +255,7 @@ def _mine(st: _AMState, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H_f, H_t steps, erased) of class ``c`` in original coordinates."""
     am = mine_cam(st.cams[c], steps=st.steps)
     steps = st.mapper(torch.cat(am.heatmaps, 0))
-    erased = (st.mapper(torch.cat([1.0 - m for m in am.masks], 0), nearest=True) > 0.5).astype(np.uint8)
+    erased = (st.mapper(torch.cat([1.0 - m for m in am.masks], 0), nearest=True, record=False) > 0.5).astype(np.uint8)
     return st.mapper(am.final)[0], steps, erased
 
 
@@ -308,7 +305,8 @@ class AttentionMiningExplainer(Explainer, title="Attention mining (AM)", short="
         steps, erased = {}, {}
         if want:
             hts = st.mapper(torch.cat([torch.cat(mined[c].heatmaps, 0) for c in want], 0))
-            ers = st.mapper(torch.cat([1.0 - m for c in want for m in mined[c].masks], 0), nearest=True) > 0.5
+            ers = st.mapper(torch.cat([1.0 - m for c in want for m in mined[c].masks], 0), nearest=True,
+                            record=False) > 0.5
             for i, c in enumerate(want):
                 steps[res.classes[c]] = hts[i * st.steps:(i + 1) * st.steps]
                 erased[res.classes[c]] = ers[i * st.steps:(i + 1) * st.steps].astype(np.uint8)

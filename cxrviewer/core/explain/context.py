@@ -14,6 +14,7 @@ Grad-CAM (a backward through the head only) and attention mining all share one b
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 from collections import OrderedDict
@@ -72,8 +73,10 @@ class Mapper:
     theta_inv: torch.Tensor | None  # [1, 2, 3]
     log: "NativeLog | None" = None
 
-    def __call__(self, maps: torch.Tensor, *, nearest: bool = False) -> np.ndarray:
-        """``[N, h, w]`` raw maps -> ``[N, *map_shape]`` float32; outside = the map's minimum."""
+    def __call__(self, maps: torch.Tensor, *, nearest: bool = False, record: bool = True) -> np.ndarray:
+        """``[N, h, w]`` raw maps -> ``[N, *map_shape]`` float32; outside = the map's minimum.
+        ``record=False``: not logged for the results writer (a caller that thresholds the maps
+        stores masks, which never match a recorded float map)."""
         m = maps.detach().float().cpu()
         if m.dim() == 2:
             m = m[None]
@@ -85,7 +88,7 @@ class Mapper:
             grid = _inverse_grid(self.theta_inv, tuple(out.shape[-2:]))
             out = F.grid_sample(out[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
         res = np.asarray((out + lo).numpy(), dtype=np.float32)  # (already float32: no copy of the stack)
-        if self.log is not None and 4 * m.shape[-2] * m.shape[-1] <= self.map_shape[0] * self.map_shape[1]:
+        if record and self.log is not None and 4 * m.shape[-2] * m.shape[-1] <= self.map_shape[0] * self.map_shape[1]:
             self.log.add(m.numpy(), res, self.recipe(mode))
         return res
 
@@ -160,11 +163,14 @@ class ExplainContext:
         """The manifest-driven preprocessing of the bundle serving ``role``."""
         return Preprocess.from_manifest(self.bundles[role].manifest)
 
-    def forward(self, role: str, frame: torch.Tensor | None = None) -> tuple[Mapping[str, torch.Tensor],
-                                                                             CropBox | None]:
+    def forward(self, role: str, frame: torch.Tensor | None = None, *,
+                input_size: tuple[int, int] | None = None) -> tuple[Mapping[str, torch.Tensor], CropBox | None]:
         """Run the ``role`` bundle (no grad) on ``frame`` (default: the aligned working frame),
-        preprocessed as its manifest says; returns its output dict and the input crop box."""
+        preprocessed as its manifest says (at ``input_size`` when given); returns its output dict
+        and the input crop box."""
         pre = self.preprocess(role)
+        if input_size is not None:
+            pre = dataclasses.replace(pre, input_size=tuple(input_size))
         x01, box = pre.crop_resize(self.work if frame is None else frame)
         with torch.no_grad(), self.device.autocast():
             return self.bundles[role].model(pre.normalise(x01)), box

@@ -18,7 +18,6 @@ a bundle trained at 512 runs at 512 unless its maker validated a smaller ``run_s
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -68,10 +67,7 @@ class SegmentationExplainer(Explainer, title="Lung / heart segmentation", short=
     def compute(self, ctx: "ExplainContext") -> ExplainerOutput | None:
         b = ctx.bundles["segmentation"]
         size = run_size(b.manifest.input_size, b.manifest.inference, ctx.option("segmentation_size", None))
-        pre = dataclasses.replace(ctx.preprocess("segmentation"), input_size=size)
-        x01, box = pre.crop_resize(ctx.frame)  # the original frame (see the module docstring)
-        with torch.no_grad(), ctx.device.autocast():
-            out = b.model(pre.normalise(x01))
+        out, box = ctx.forward("segmentation", ctx.frame, input_size=size)  # the original frame (module docstring)
         probs = torch.sigmoid(out["logits"].float())[0]
         seg_frame = maps_to_frame(probs, ctx.frame_shape, box)[None]
         if ctx.theta is not None:
@@ -80,7 +76,7 @@ class SegmentationExplainer(Explainer, title="Lung / heart segmentation", short=
             ctx.seg_work = warp(seg_frame, ctx.theta)
         else:
             ctx.seg_work = seg_frame
-        masks = (ctx.mapper(box, aligned=False)(probs) > 0.5).astype(np.uint8)
+        masks = (ctx.mapper(box, aligned=False)(probs, record=False) > 0.5).astype(np.uint8)
         names = getattr(b.model, "classes", None) or b.manifest.classes
         return ExplainerOutput({"masks": masks}, {"classes": list(names), "run_size": list(size)})
 
