@@ -567,7 +567,7 @@ class FineTuneController(QObject):
         panel = self.panel
         panel.reset(f"Fine-tuning: {Path(job.out).name}")
         panel.set_running(True)
-        panel.epochs = job.tracker.epochs or total_epochs(job.args)
+        panel.epochs = total_epochs(job.args, job.run_dir)  # (the job's tracker is made by job.start())
         self.show_panel()
         job.progress.connect(lambda f, t: self.progressChanged.emit(None if f < 0 else f, t, True))
         job.progress.connect(lambda f, _t: panel.set_progress(None if f < 0 else f, job.seconds_left(),
