@@ -18,8 +18,8 @@ and reports: wall time, the model-loading time, seconds per study after loading 
 one model loading, over the studies), seconds per study in the steady state (between the first and
 the last study's summary.json: what an archive of many studies costs each), bytes written per
 study (results.h5, summary.json and any panels) and the process's peak RSS; beside it the floor,
-one plain forward of the same classifier at its input size (median of 5, no grad, float32, in the
-channels-last layout the pipeline runs), and the
+one plain forward of the same classifier at its input size (median of 5, no grad, float32, BN folded
+and in the channels-last layout, as the pipeline runs it), and the
 per-study time as a multiple of it. Writes ``benchmarks/results/analyze_throughput.json``.
 """
 from __future__ import annotations
@@ -80,7 +80,10 @@ def _floor_ms(models: Path) -> tuple[float, int]:
     if lb is not None:
         h, w = lb.manifest.input_size
         x = torch.rand(1, int(lb.manifest.arch_kwargs.get("in_channels", 1)), h, w)
-        lb.model.to(memory_format=torch.channels_last)  # as Pipeline places it
+        from cxrviewer.core.models.fold import fold_batchnorm
+
+        fold_batchnorm(lb.model)  # as Pipeline places it: BN folded, channels-last
+        lb.model.to(memory_format=torch.channels_last)
         with torch.no_grad():
             lb.model(x)
             times = []

@@ -35,8 +35,13 @@ def test_forward_with_precomputed_negative_equals_the_pair(share: bool) -> None:
 
 @pytest.fixture(scope="module")
 def cia_path(tmp_path_factory):
+    """A CIA bundle without precomputed bank maps (as older and imported bundles): init_bundle
+    writes them, as `cxr-train cia` does, so they are dropped here."""
     torch.manual_seed(0)
-    return make_tiny_bundles(tmp_path_factory.mktemp("cia"), ("cia",), input_size=SIZE)["cia"]
+    folder = tmp_path_factory.mktemp("cia")
+    made = make_tiny_bundles(folder, ("cia",), input_size=SIZE)["cia"]
+    assert BANK_ATTENTION in load_bundle(made).extras
+    return _resave(made, folder / "bare.cxrbundle", lambda b: {}, drop=(BANK_ATTENTION, BANK_ATTENTION_KEY))
 
 
 def _run(b, **options):
@@ -81,9 +86,9 @@ def test_memory_cache_is_keyed_by_dtype_and_weights(cia_path) -> None:
     _same(changed, _run(b, cia_bank_cache=False))
 
 
-def _resave(src, dst, extras_update):
+def _resave(src, dst, extras_update, drop=()):
     b = load_bundle(src)
-    extras = {**b.extras, **extras_update(b)}
+    extras = {**{k: v for k, v in b.extras.items() if k not in drop}, **extras_update(b)}
     m = b.manifest
     return save_bundle(b.model, dst, classes=list(m.classes), input_size=tuple(m.input_size),
                        normalisation=m.normalisation, role="cia", extras=extras, overwrite=True)
@@ -104,6 +109,25 @@ def test_precomputed_in_the_bundle_is_used_and_equal(cia_path, tmp_path) -> None
     assert res.attr("contrast", "normal_bank_cache") == "bundle" and batches == [1]
     assert res.attr("contrast", "normal_bank_cache_notice") is None
     _same(res, _run(load_bundle(cia_path), cia_bank_cache=False))
+
+
+def test_a_folded_model_keeps_the_bundle_maps_until_its_weights_change(cia_path, tmp_path) -> None:
+    """The pipeline folds BN into the convolutions (models/fold.py): the bundle's maps, keyed by
+    the unfolded weights, still serve the equal-valued folded model, and no longer once the folded
+    weights change."""
+    from cxrviewer.core.models.fold import is_folded
+
+    path = _resave(cia_path, tmp_path / "pre.cxrbundle", _precomputed)
+    b = load_bundle(path)
+    unfolded = negative_fingerprint(b.model)
+    assert _run(b).attr("contrast", "normal_bank_cache") == "bundle" and is_folded(b.model)
+    assert negative_fingerprint(b.model) == unfolded
+    with torch.no_grad():
+        b.model.attention_conv.weight.mul_(-2.0)
+    assert negative_fingerprint(b.model) != unfolded
+    res = _run(b)
+    assert res.attr("contrast", "normal_bank_cache") == "computed"
+    assert "different model" in res.attr("contrast", "normal_bank_cache_notice")
 
 
 def _wrong_shape(b):

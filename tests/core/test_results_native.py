@@ -10,7 +10,7 @@ import torch
 
 from cxrviewer.core.explain.context import Mapper
 from cxrviewer.core.io.results import QUANT_LEVELS, read_results, write_results
-from cxrviewer.core.results import MapRecipe, NativeLog, Results, remap
+from cxrviewer.core.results import MapRecipe, NativeLog, Results, remap, slice_digest
 
 CLASSES = ("Atelectasis", "Nodule", "Mass")
 
@@ -45,7 +45,7 @@ def test_numpy_remap_matches_the_torch_mapper(seed):
         assert back.shape == out.shape and back.dtype == np.float32
         assert np.abs(back - out).max() <= 1e-4 * _span(out), (seed, nearest)
         hits = log.find(out[1])  # the log knows where each slice came from
-        assert any(np.array_equal(n, x[1].numpy()) for n, _ in hits)
+        assert any(np.array_equal(n, x[1].numpy()) and c == slice_digest(out[1]) for n, _, c in hits)
 
 
 def _results(rng: np.random.Generator, map_shape=(96, 80)) -> tuple[Results, Mapper, torch.Tensor]:
@@ -95,6 +95,22 @@ def test_a_map_changed_after_mapping_is_quantised_not_redrawn(tmp_path):
     for a, b in zip(cam, back):
         assert np.abs(b - a).max() <= 0.5 / QUANT_LEVELS * _span(a) * 1.001
     assert np.abs(back - cam).max() <= 1e-3 * _span(cam)
+
+
+def test_a_slice_changed_off_the_fingerprint_is_caught_by_its_digest(tmp_path):
+    """One pixel of the third slice changed where the log's sparse fingerprint does not look: the
+    slice's digest no longer matches its drawing, so it is redrawn and compared, and the stack is
+    quantised; the untouched stack beside it is stored native from its digests."""
+    rng = np.random.default_rng(4)
+    r, mp, native = _results(rng)
+    cam, kept = mp(native), mp(native * 2)
+    y, x = 5, 5  # the fingerprint samples rows and columns 0, 8, 16, ... of a 96 x 80 map
+    assert y % (96 // 12) and x % (80 // 12)  # off the sampled rows and columns
+    cam[2, y, x] += 10 * _span(cam[2])
+    r.maps = {"cam": {"cam": cam}, "gradcam": {"gradcam": kept}}
+    with h5py.File(write_results(r, tmp_path / "r.h5"), "r") as f:
+        assert f["explainers/cam/cam"].attrs["encoding"] == "quantised"
+        assert f["explainers/gradcam/gradcam"].attrs["encoding"] == "native"
 
 
 def test_maps_without_a_native_grid_are_quantised_masks_kept_exact(tmp_path):

@@ -150,7 +150,7 @@ def test_runs_with_and_without_workers_reach_identical_weights(phantoms, tmp_pat
     start = _untrained()
     assert any(not torch.equal(start[k], none[k]) for k in none)  # it trained
     _assert_same(two, again)  # two runs with workers: identical
-    _assert_same(none, two)  # with and without workers: identical (the same batches)
+    _assert_same(none, two)  # with and without workers (which start on epoch 2 during epoch 1's end): identical
     if where != "device transform":  # the CPU path feeds exactly what the loop fed before
         _assert_same(none, _train(cache, tmp_path / "old", 0, old_loop=True))
 

@@ -176,8 +176,13 @@ def init_bundle(arch: str, out: str | Path, *, kwargs: dict[str, Any] | None = N
     canon = default_canonical() if canonical is None else (Path(canonical) if canonical else None)
     extras: dict[str, np.ndarray] = {}
     extras_info: dict[str, Any] = {}
+    norm = {"kind": "minus1_1"}
     if model.family == "cia":
         extras, extras_info = normal_bank(input_size, normals=normals, n=bank_size, seed=seed, canonical=canon)
+        # the bank's M- precomputed as `cxr-train cia` writes it, so the app pairs without an encoder pass
+        from training.trainers.cia import with_bank_attention
+
+        extras = with_bank_attention(model.eval(), extras, input_size, norm)
     prov = {
         "command": command or f"init_bundle({arch!r}, kwargs={kwargs!r}, input_size={input_size})",
         "seed": seed,
@@ -189,7 +194,7 @@ def init_bundle(arch: str, out: str | Path, *, kwargs: dict[str, Any] | None = N
         "licence_notes": "random weights, no training data; for tests and demos only",
     }
     return save_bundle(model, out, classes=_class_names(model), input_size=input_size,
-                       normalisation={"kind": "minus1_1"}, name=name,
+                       normalisation=norm, name=name,
                        canonical_chest=canonical_ref(canon) if canon is not None else None,
                        description=f"untrained {model.arch} ({model.arch_kwargs.get('backbone', '')})",
                        extras=extras or None, extras_info=extras_info, provenance=prov,

@@ -24,6 +24,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -250,6 +251,7 @@ class Trainer:
         self.device_transform = device_transform
         self._loader: DataLoader | None = None  # the persistent loader of the device_transform path
         self._sampler = None
+        self._next: tuple[int, Any] | None = None  # (epoch, its batch iterator, already filling)
         params = list(params) if params is not None else [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -406,6 +408,9 @@ class Trainer:
                                           num_workers=cfg.num_workers, collate_fn=self.collate_fn, pin_memory=pin,
                                           persistent_workers=cfg.num_workers > 0,
                                           generator=torch.Generator().manual_seed(cfg.seed))
+            if self._next is not None and self._next[0] == epoch:
+                it, self._next = self._next[1], None
+                return it
             self._sampler.set_epoch(epoch)
             return self._loader
         if self.world > 1:
@@ -417,6 +422,15 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         return DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen, pin_memory=pin,
                           num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=False)
+
+    def _start_next_epoch(self, epoch: int) -> None:
+        """Let the persistent workers start on epoch ``epoch``'s first batches now, while this
+        epoch is evaluated and checkpointed (its items depend only on the sampler's epoch key, so
+        the batches are the ones that epoch would load anyway)."""
+        if self._loader is None or epoch >= self.cfg.epochs or self.cfg.num_workers == 0:
+            return
+        self._sampler.set_epoch(epoch)
+        self._next = (epoch, iter(self._loader))
 
     @property
     def _raw_batches(self) -> bool:
@@ -469,7 +483,7 @@ class Trainer:
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
             epoch += 1
-        self._loader = self._sampler = None  # ends the persistent workers
+        self._loader = self._sampler = self._next = None  # ends the persistent workers
         self._finish()
         return self.history
 
@@ -514,6 +528,7 @@ class Trainer:
                            "eta_s": per_step * ((len(loader) - step - 1) + len(loader) * (cfg.epochs - epoch - 1)),
                            **{k: float(v) for k, v in logs.items()}})
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        self._start_next_epoch(epoch + 1)
         rec = {"kind": "epoch", "epoch": epoch, "epochs": cfg.epochs, "steps": n_batches,
                "loss": loss_sum / max(n_batches, 1), "seconds": dt,
                "cpu_seconds": cpu, "images_per_s": n_img / max(dt, 1e-9), "lr": self._lr_for(epoch)}
@@ -528,7 +543,7 @@ class Trainer:
         return rec
 
     def close(self) -> None:
-        self._loader = self._sampler = None
+        self._loader = self._sampler = self._next = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -69,7 +69,7 @@ import numpy as np
 
 from ..errors import CxrError
 from ..geometry import Box
-from ..results import RESULTS_FORMAT_VERSION, MapRecipe, NativeLog, Results, remap
+from ..results import RESULTS_FORMAT_VERSION, MapRecipe, NativeLog, Results, remap, slice_digest
 from ..atomic import mkstemp_beside
 from ..jsonsafe import loads_strict
 from ._common import MAX_PIXELS
@@ -133,7 +133,12 @@ def _slice_tol(flat: np.ndarray, frac: float) -> np.ndarray:
 
 
 def _native_of(a: np.ndarray, log: NativeLog) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """``a``'s native grid and recipe from ``log`` when redrawing it reproduces ``a`` (checked)."""
+    """``a``'s native grid and recipe from ``log`` when redrawing it reproduces ``a`` (checked).
+
+    A slice whose digest is that of a logged drawing (:func:`~cxrviewer.core.results.slice_digest`)
+    is that drawing, so its native grid needs no redraw of its own; the numpy redraw is compared
+    with one such slice per stack (the recipe is the same linear map for every slice) and with
+    every slice without an exact match (changed since it was drawn, or a fingerprint collision)."""
     H, W = a.shape[-2:]
     flat = a.reshape(-1, H, W)
     if not np.all(np.isfinite(flat)):
@@ -142,17 +147,25 @@ def _native_of(a: np.ndarray, log: NativeLog) -> tuple[np.ndarray, dict[str, Any
     if not all(cands):
         return None
     recipe, shape = cands[0][0][1], cands[0][0][0].shape
-    cands = [[n for n, r in c if r == recipe and n.shape == shape] for c in cands]
+    cands = [[(n, c) for n, r, c in cs if r == recipe and n.shape == shape] for cs in cands]
     if not all(cands) or max(shape) > MAX_NATIVE_SIDE or recipe.map_shape != (H, W):
         return None
-    native = np.stack([c[0] for c in cands])
-    tol = _slice_tol(flat, NATIVE_TOL)
+    native = np.empty((len(flat), *shape), np.float32)
+    exact = []
+    for i, (s, cs) in enumerate(zip(flat, cands)):
+        digest = slice_digest(s)
+        hit = next((n for n, c in cs if c == digest), None)
+        native[i] = cs[0][0] if hit is None else hit
+        exact.append(hit is not None)
+    check = [i for i, e in enumerate(exact) if not e] + [i for i, e in enumerate(exact) if e][:1]
     try:
-        ok = np.abs(remap(native, recipe) - flat).max(axis=(1, 2)) <= tol
-        for i in np.flatnonzero(~ok):  # same fingerprint, another native (e.g. constant maps)
-            for n in cands[i][1:]:
-                if np.abs(remap(n[None], recipe)[0] - flat[i]).max() <= tol[i]:
-                    native[i], ok[i] = n, True
+        tol = _slice_tol(flat[check], NATIVE_TOL)
+        ok = np.abs(remap(native[check], recipe) - flat[check]).max(axis=(1, 2)) <= tol
+        for j in np.flatnonzero(~ok):  # same fingerprint, another native (e.g. constant maps)
+            i = check[j]
+            for n, _ in cands[i][1:]:
+                if np.abs(remap(n[None], recipe)[0] - flat[i]).max() <= tol[j]:
+                    native[i], ok[j] = n, True
                     break
     except ValueError:  # a recipe the numpy redraw does not cover (e.g. shrinking)
         return None

@@ -111,6 +111,16 @@ class CIANet(nn.Module):
         """
         return self._attention(self.attention_encoder()(x_neg, until="stage4")["stage4"])
 
+    def before_fold(self) -> None:
+        """Record :func:`negative_fingerprint` of the unfolded weights (``models/fold.py``): a bank
+        cache made by this model before folding stays valid for the folded, equal-valued one."""
+        self._pre_fold = _hash_state(self)
+
+    def after_fold(self) -> None:
+        """Pair the unfolded weights' fingerprint with the folded ones' (weights changed after
+        folding no longer match, and are fingerprinted as they are)."""
+        self._fold_fingerprints = (_hash_state(self), self._pre_fold)
+
     def _positive(self, x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M+, F+)`` of the positive alone."""
         if self.share_encoder:
@@ -181,8 +191,8 @@ def negative_state(model: CIANet) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def negative_fingerprint(model: CIANet) -> str:
-    """SHA-256 of :func:`negative_state` (names, shapes, float32 values): what a cached ``M-`` was made by."""
+def _hash_state(model: CIANet) -> str:
+    """SHA-256 of :func:`negative_state` as it is now (names, shapes, float32 values)."""
     h = hashlib.sha256()
     for name, t in negative_state(model):
         v = t.detach()
@@ -190,6 +200,15 @@ def negative_fingerprint(model: CIANet) -> str:
         h.update(f"{name}:{tuple(v.shape)}:{v.dtype};".encode())
         h.update(v.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def negative_fingerprint(model: CIANet) -> str:
+    """SHA-256 of :func:`negative_state` (names, shapes, float32 values): what a cached ``M-`` was made by.
+    A BN-folded model (``models/fold.py``, inference only) whose folded weights are unchanged answers
+    with the value of its unfolded weights."""
+    digest = _hash_state(model)
+    pair = getattr(model, "_fold_fingerprints", None)
+    return pair[1] if pair is not None and pair[0] == digest else digest
 
 
 def _pair_inputs(batch: int, size: int, in_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
