@@ -6,7 +6,9 @@ computes. Per class (:func:`fit_localiser`):
 
 * a template per anchor (image, thorax, heart): coordinate-descent search, from the coordinate-wise
   median and every training box, for the box (as anchor fractions) with the most training hits
-  averaged over T(IoU) 0.1/0.3/0.5/0.7 plus a quarter of the mean IoU (ties -> the median);
+  averaged over T(IoU) 0.1/0.3/0.5/0.7 plus a quarter of the mean IoU (ties -> the median); its
+  score, which picks the anchor and is weighed against the side template's at run time, is that
+  objective held out (inner 5-fold: :func:`heldout_template`), not the training value;
 * a side template relative to the lung on the box's own side, left and right pooled by mirroring,
   and two L2-regularised logistic regressions p(image-left | evidence): anatomy only, and anatomy
   plus the CAM term (when the studies had a classifier);
@@ -25,8 +27,8 @@ import numpy as np
 from cxrviewer.core.classes import BOXED_CLASSES
 from cxrviewer.core.explain.anatomy import ANCHORS, FEATURES, to_norm
 
-__all__ = ["THRESHOLDS", "Sample", "collect_evidence", "fit_localiser", "logistic", "platt", "sample_from_results",
-           "template"]
+__all__ = ["THRESHOLDS", "Sample", "collect_evidence", "fit_localiser", "heldout_template", "logistic", "platt",
+           "sample_from_results", "template"]
 
 #: the T(IoU) values a template is fitted for (the evaluation's thresholds)
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
@@ -34,6 +36,8 @@ THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
 MIN_SIDE_BOXES = 8
 #: L2 strength of the side regressions on standardised features (1 / C)
 SIDE_L2 = 3.0
+#: inner folds of the held-out template scores that choose the anchor and the side rule
+INNER_FOLDS = 5
 
 Quad = tuple[float, float, float, float]
 
@@ -163,20 +167,38 @@ def _side(anchors: Mapping[str, Quad], box: Quad) -> str:
     return "L" if (box[0] + box[2]) / 2.0 < mid else "R"
 
 
+def heldout_template(anchors: np.ndarray, mirror: np.ndarray, gts: np.ndarray,
+                     folds: int = INNER_FOLDS, seed: int = 0) -> tuple[list[float], float, float]:
+    """:func:`template` on all boxes, its training objective and its held-out objective: the mean,
+    over ``folds`` inner folds of the boxes (leave-one-out below ``folds`` boxes), of the objective
+    on each fold of the template fitted without it. The held-out value is what a template scores
+    on a new patient; the training one favours templates fitted to few or scattered boxes."""
+    box, train = template(anchors, mirror, gts)
+    n = len(gts)
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), min(folds, n))
+    total = 0.0
+    for part in parts:
+        rest = np.setdiff1d(np.arange(n), part)
+        fitted, _ = template(anchors[rest], mirror[rest], gts[rest])
+        total += len(part) * _objective(np.asarray(fitted), anchors[part], mirror[part], gts[part])
+    return box, train, round(total / n, 5)
+
+
 def _fit_class(ex: list[tuple[Sample, Quad]], index: int) -> dict[str, Any]:
     gts = np.array([b for _, b in ex], float)
-    syms = {a: template(np.array([s.anchors[a] for s, _ in ex], float), np.zeros(len(ex), bool), gts)
+    syms = {a: heldout_template(np.array([s.anchors[a] for s, _ in ex], float), np.zeros(len(ex), bool), gts)
             for a in ANCHORS}
-    anchor = max(ANCHORS, key=lambda a: (syms[a][1], a == "image"))
-    out: dict[str, Any] = {"n": len(ex), "sym": {"anchor": anchor, "box": syms[anchor][0], "score": syms[anchor][1]},
-                           "sym_scores": {a: syms[a][1] for a in ANCHORS}, "side": None}
+    anchor = max(ANCHORS, key=lambda a: (syms[a][2], a == "image"))
+    out: dict[str, Any] = {"n": len(ex), "sym": {"anchor": anchor, "box": syms[anchor][0], "score": syms[anchor][2],
+                                                 "train_score": syms[anchor][1]},
+                           "sym_scores": {a: syms[a][2] for a in ANCHORS}, "side": None}
     if len(ex) < MIN_SIDE_BOXES:
         return out
     sides = [_side(s.anchors, b) for s, b in ex]
-    box, score = template(np.array([s.anchors[k] for (s, _), k in zip(ex, sides)], float),
-                          np.array([k == "R" for k in sides]), gts)
+    box, train, score = heldout_template(np.array([s.anchors[k] for (s, _), k in zip(ex, sides)], float),
+                                         np.array([k == "R" for k in sides]), gts)
     y = np.array([k == "L" for k in sides], float)
-    side: dict[str, Any] = {"box": box, "score": score, "p_left": round(float(y.mean()), 5)}
+    side: dict[str, Any] = {"box": box, "score": score, "train_score": train, "p_left": round(float(y.mean()), 5)}
     if 0 < y.sum() < len(y):
         x = np.array([s.features for s, _ in ex], float)
         side["anatomy"] = logistic(x, y)

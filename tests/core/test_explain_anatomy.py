@@ -114,6 +114,23 @@ def test_template_beats_the_median_when_boxes_are_bimodal():
     assert box == pytest.approx([0, 0, 0.3, 0.3], abs=0.02) and score > 0.6
 
 
+def test_heldout_score_sees_through_a_template_fitted_to_scattered_small_boxes():
+    """Small boxes anywhere (nodules): the training objective rewards a template sitting on a
+    cluster of training boxes, the held-out one sees that it finds nothing new; boxes in one place
+    score the same either way."""
+    from training.localiser import heldout_template
+
+    rng = np.random.default_rng(0)
+    anchors = np.tile([0.0, 0.0, 100.0, 100.0], (30, 1))
+    xy = rng.uniform(0, 92, (30, 2))
+    scattered = np.c_[xy, xy + 8]
+    _, train, held = heldout_template(anchors, np.zeros(30, bool), scattered)
+    assert held < 0.5 * train
+    same = np.tile([20.0, 30.0, 60.0, 80.0], (30, 1))
+    box, train, held = heldout_template(anchors, np.zeros(30, bool), same)
+    assert held == pytest.approx(train, abs=1e-4) and box == pytest.approx([0.2, 0.3, 0.6, 0.8], abs=0.02)
+
+
 def test_platt_calibration_recovers_a_known_slope():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, 4000)
