@@ -8,14 +8,16 @@ findings pool into one template). ``training/localiser.py`` (``cxr-train localis
 class and from training folds only,
 
 * one template per anchor (the box that maximises training hits at T(IoU) 0.1-0.7), and which
-  anchor is best for the class (Cardiomegaly: the heart; diffuse findings: the thorax);
+  anchor is best for the class by the templates' held-out hit rates (Cardiomegaly: the heart;
+  diffuse findings: the thorax);
 * a side model: a logistic regression p(left | evidence) on the lung-mask asymmetry (area, height),
   the zone intensity asymmetry of the lungs and, with a classifier, the class's CAM mass in each
   lung (disease-masks Eq. 1);
 * the calibration of the classifier's probability (Platt, fitted on held-out folds).
 
 At run time (:class:`AnatomyExplainer`) the side template wins over the symmetric one only when
-``max(p_left, 1 - p_left) * side_score > symmetric_score`` (both training hit rates), i.e. when
+``max(p_left, 1 - p_left) * side_score > symmetric_score`` (both hit rates held out over inner
+folds of the training boxes), i.e. when
 the evidence makes the one-sided box the better bet. The posterior map per class is the mixture of
 the candidate boxes weighted by those expected hit rates, shaped by the lung/heart masks; the box
 is its most probable candidate and its score the calibrated class probability.
