@@ -6,8 +6,8 @@
         [--lr 1e-3] [--lr-step-epochs 40] [--weight-decay 1e-4] [--augment '{"rotation_deg": 5}']
         [--cv-dir CV] [--bundle resources/models/nih-classifier.cxrbundle]
 
-Trains one model per held-out fold (same recipe, seed 0) on the images exactly as the app feeds
-them to the classifier: the aligned cache (``training.data.build_cache(..., align=BUNDLE)``: the
+Trains one model per held-out fold (same recipe, ``--seed``, default 0; the folds are always seed 0)
+on the images exactly as the app feeds them to the classifier: the aligned cache (``training.data.build_cache(..., align=BUNDLE)``: the
 app's ``align_for_models``, the whole registered chest, rejected alignments unaligned). Reports
 AUROC per class per fold and mean +- std over folds, plus CAM localisation on fold 0's boxed
 images beside the floor (median training box). Writes benchmarks/results/nih_classifier_cv.json
@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--augment", default="{}", help="AugmentConfig overrides as JSON ('none': no augmentation)")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the weights, the batch order and the augmentation (the folds are always seed 0)")
     ap.add_argument("--only-folds", default=None, help="comma-separated folds to run (tuning); no outputs shipped")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--align", default=str(MODELS / "alignment.cxrbundle"),
@@ -123,11 +125,11 @@ def run_fold(f: int, args: argparse.Namespace, ctx: dict) -> dict:
     tr = [row[r.key] for r, k in zip(records, folds) if k != f]
     te = [row[r.key] for r, k in zip(records, folds) if k == f]
     aug = None if args.augment.strip().lower() == "none" else AugmentConfig(**json.loads(args.augment))
-    train_ds = CachedDataset(cache, tr, augment_cfg=aug, seed=0)
-    test_ds = CachedDataset(cache, te, seed=0)
-    torch.manual_seed(0)
+    train_ds = CachedDataset(cache, tr, augment_cfg=aug, seed=args.seed)
+    test_ds = CachedDataset(cache, te, seed=args.seed)
+    torch.manual_seed(args.seed)
     model = create_model(args.arch, **ctx["kwargs"])
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=0, log_every=0,
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=0,
                       weight_decay=args.weight_decay, lr_step_epochs=args.lr_step_epochs,
                       device=args.device, out_dir=str(Path(ctx["tmp"]) / f"fold{f}"))
     t0 = time.perf_counter()
@@ -237,7 +239,7 @@ def finish(args: argparse.Namespace, command: str, runs: list[dict], summary: di
                f"{__import__('torch').get_num_threads()}, device {next(model.parameters()).device}")
     result = {"command": command, "data": args.data, "arch": args.arch, "arch_kwargs": json.loads(args.arch_kwargs),
               "size": args.size, "epochs": args.epochs, "lr": args.lr, "lr_step_epochs": args.lr_step_epochs,
-              "weight_decay": args.weight_decay, "augment": args.augment, "frame": frame,
+              "weight_decay": args.weight_decay, "seed": args.seed, "augment": args.augment, "frame": frame,
               "cache_alignment": train_ds.alignment, "folds": [r["row"] for r in runs], "auroc_summary": summary,
               "mean_auroc": mean, "fold0_localisation": loc, "wall_s": wall_s, "machine": machine}
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
