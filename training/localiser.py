@@ -9,6 +9,11 @@ computes. Per class (:func:`fit_localiser`):
   averaged over T(IoU) 0.1/0.3/0.5/0.7 plus a quarter of the mean IoU (ties -> the median); its
   score, which picks the anchor and is weighed against the side template's at run time, is that
   objective held out (inner 5-fold: :func:`heldout_template`), not the training value;
+* the location prior as a fourth candidate (:func:`median_box`: the coordinate-wise median
+  (x, y, w, h) of the boxes in image fractions, the ``prior`` explainer's box): it is kept unless an
+  anatomy template beats its held-out objective by more than :data:`PRIOR_MARGIN`, so a class whose
+  boxes the anatomy cannot place (nodules anywhere) falls back to the floor instead of a template
+  that only fits the training boxes;
 * a side template relative to the lung on the box's own side, left and right pooled by mirroring,
   and two L2-regularised logistic regressions p(image-left | evidence): anatomy only, and anatomy
   plus the CAM term (when the studies had a classifier);
@@ -25,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from cxrviewer.core.classes import BOXED_CLASSES
-from cxrviewer.core.explain.anatomy import ANCHORS, FEATURES, to_norm
+from cxrviewer.core.explain.anatomy import ANCHORS, FEATURES, PRIOR, to_norm
 
-__all__ = ["THRESHOLDS", "Sample", "collect_evidence", "fit_localiser", "heldout_template", "logistic", "platt",
-           "sample_from_results", "template"]
+__all__ = ["PRIOR_MARGIN", "THRESHOLDS", "Sample", "collect_evidence", "fit_localiser", "heldout_template",
+           "logistic", "median_box", "platt", "sample_from_results", "template"]
 
 #: the T(IoU) values a template is fitted for (the evaluation's thresholds)
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
@@ -38,6 +43,8 @@ MIN_SIDE_BOXES = 8
 SIDE_L2 = 3.0
 #: inner folds of the held-out template scores that choose the anchor and the side rule
 INNER_FOLDS = 5
+#: how much more held-out objective than the location prior an anatomy template needs to replace it
+PRIOR_MARGIN = 0.0
 
 Quad = tuple[float, float, float, float]
 
@@ -167,31 +174,47 @@ def _side(anchors: Mapping[str, Quad], box: Quad) -> str:
     return "L" if (box[0] + box[2]) / 2.0 < mid else "R"
 
 
-def heldout_template(anchors: np.ndarray, mirror: np.ndarray, gts: np.ndarray,
-                     folds: int = INNER_FOLDS, seed: int = 0) -> tuple[list[float], float, float]:
-    """:func:`template` on all boxes, its training objective and its held-out objective: the mean,
-    over ``folds`` inner folds of the boxes (leave-one-out below ``folds`` boxes), of the objective
-    on each fold of the template fitted without it. The held-out value is what a template scores
-    on a new patient; the training one favours templates fitted to few or scattered boxes."""
-    box, train = template(anchors, mirror, gts)
+def median_box(anchors: np.ndarray, mirror: np.ndarray, gts: np.ndarray) -> tuple[list[float], float]:
+    """The location prior as anchor fractions ``(x0, y0, x1, y1)``: the coordinate-wise median
+    ``(x, y, w, h)`` of the boxes (cxrviewer/core/explain/metrics.py ``floor_boxes``; with the image as
+    the anchor it is the ``prior`` explainer's box), and its training objective."""
+    norms = np.array([to_norm(tuple(g), tuple(a), mirror=bool(m)) for a, m, g in zip(anchors, mirror, gts)])
+    x, y = np.median(norms[:, 0]), np.median(norms[:, 1])
+    w, h = np.median(norms[:, 2] - norms[:, 0]), np.median(norms[:, 3] - norms[:, 1])
+    box = np.array([x, y, x + w, y + h])
+    return [round(float(v), 5) for v in box], round(_objective(box, anchors, mirror, gts), 5)
+
+
+def heldout_template(anchors: np.ndarray, mirror: np.ndarray, gts: np.ndarray, folds: int = INNER_FOLDS,
+                     seed: int = 0, fit: Callable[..., tuple[list[float], float]] = template,
+                     ) -> tuple[list[float], float, float]:
+    """``fit`` (:func:`template`, or :func:`median_box`) on all boxes, its training objective and its
+    held-out objective: the mean, over ``folds`` inner folds of the boxes (leave-one-out below
+    ``folds`` boxes), of the objective on each fold of the box fitted without it. The held-out value
+    is what a template scores on a new patient; the training one favours templates fitted to few or
+    scattered boxes."""
+    box, train = fit(anchors, mirror, gts)
     n = len(gts)
     parts = np.array_split(np.random.default_rng(seed).permutation(n), min(folds, n))
     total = 0.0
     for part in parts:
         rest = np.setdiff1d(np.arange(n), part)
-        fitted, _ = template(anchors[rest], mirror[rest], gts[rest])
+        fitted, _ = fit(anchors[rest], mirror[rest], gts[rest])
         total += len(part) * _objective(np.asarray(fitted), anchors[part], mirror[part], gts[part])
     return box, train, round(total / n, 5)
 
 
 def _fit_class(ex: list[tuple[Sample, Quad]], index: int) -> dict[str, Any]:
     gts = np.array([b for _, b in ex], float)
-    syms = {a: heldout_template(np.array([s.anchors[a] for s, _ in ex], float), np.zeros(len(ex), bool), gts)
-            for a in ANCHORS}
+    flat = np.zeros(len(ex), bool)
+    syms = {a: heldout_template(np.array([s.anchors[a] for s, _ in ex], float), flat, gts) for a in ANCHORS}
+    syms[PRIOR] = heldout_template(np.array([s.anchors["image"] for s, _ in ex], float), flat, gts, fit=median_box)
     anchor = max(ANCHORS, key=lambda a: (syms[a][2], a == "image"))
+    if syms[PRIOR][2] + PRIOR_MARGIN >= syms[anchor][2]:  # the anatomy does not beat the floor: keep it
+        anchor = PRIOR
     out: dict[str, Any] = {"n": len(ex), "sym": {"anchor": anchor, "box": syms[anchor][0], "score": syms[anchor][2],
                                                  "train_score": syms[anchor][1]},
-                           "sym_scores": {a: syms[a][2] for a in ANCHORS}, "side": None}
+                           "sym_scores": {a: syms[a][2] for a in (*ANCHORS, PRIOR)}, "side": None}
     if len(ex) < MIN_SIDE_BOXES:
         return out
     sides = [_side(s.anchors, b) for s, b in ex]

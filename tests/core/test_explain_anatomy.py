@@ -131,6 +131,35 @@ def test_heldout_score_sees_through_a_template_fitted_to_scattered_small_boxes()
     assert held == pytest.approx(train, abs=1e-4) and box == pytest.approx([0.2, 0.3, 0.6, 0.8], abs=0.02)
 
 
+def test_scattered_small_boxes_fall_back_to_the_location_prior():
+    """Nodules anywhere: no anatomy template beats the median box held out, so the localiser keeps
+    the prior (the ``prior`` explainer's box: median x, y, w, h in image fractions) and ``decide``
+    places it in the image whatever the anatomy; the heart-anchored Cardiomegaly is not affected."""
+    from cxrviewer.core.explain.anatomy import PRIOR
+    from training.localiser import median_box
+
+    rng = np.random.default_rng(3)
+    samples = _samples(40)
+    for s in samples:
+        x0, y0 = rng.uniform(60, 560), rng.uniform(80, 520)
+        s.classes.append("Nodule")
+        s.boxes.append(("Nodule", (x0, y0, x0 + 30, y0 + 30)))
+    model = fit_localiser(samples, classes=("Cardiomegaly", "Nodule"))
+    nod = model["classes"]["Nodule"]
+    assert nod["sym"]["anchor"] == PRIOR and nod["sym_scores"][PRIOR] >= max(
+        nod["sym_scores"][a] for a in ("image", "thorax", "heart"))
+    assert model["classes"]["Cardiomegaly"]["sym"]["anchor"] == "heart"
+    img = np.array([s.anchors["image"] for s in samples])
+    gts = np.array([s.boxes[-1][1] for s in samples])
+    frac = np.c_[gts[:, 0] / img[:, 2], gts[:, 1] / img[:, 3], (gts[:, 2] - gts[:, 0]) / img[:, 2],
+                 (gts[:, 3] - gts[:, 1]) / img[:, 3]]
+    x, y, w, h = np.median(frac, axis=0)
+    assert median_box(img, np.zeros(len(img), bool), gts)[0] == pytest.approx([x, y, x + w, y + h], abs=1e-4)
+    a = dict(samples[0].anchors, image=(0.0, 0.0, 500.0, 400.0))
+    box, choice, _ = decide({"sym": nod["sym"]}, a, samples[0].features, None)
+    assert choice == f"sym:{PRIOR}" and box == pytest.approx(from_norm(nod["sym"]["box"], a["image"]))
+
+
 def test_platt_calibration_recovers_a_known_slope():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, 4000)
@@ -180,3 +209,24 @@ def test_pipeline_runs_it_as_the_default_box_method_and_results_h5_keeps_it(tmp_
     res0 = Pipeline(bundles, "cpu", map_max_side=128, options={"anatomy_model": {}}).run(synthetic_study())
     assert "anatomy" not in res0.boxes and len(res0.attr("anatomy", "features")) == 5
     assert any("no localiser model" in n for n in res0.notices) and default_box_method(res0.boxes) != "anatomy"
+    # a malformed model (an unknown anchor): a notice, the other maps, no boxes, no crash
+    bad = {"classes": {"Cardiomegaly": {"sym": {"anchor": "lung", "box": [0, 0, 1, 1], "score": 0.5}}}}
+    res1 = Pipeline(bundles, "cpu", map_max_side=128, options={"anatomy_model": bad}).run(synthetic_study())
+    assert "anatomy" not in res1.boxes and "cam" in res1.maps
+    assert any("not a localiser model" in n and "evidence only" in n for n in res1.notices)
+
+
+def test_a_corrupt_localiser_file_is_a_typed_error(tmp_path):
+    from cxrviewer.core.errors import ExplainError
+    from cxrviewer.core.explain.anatomy import check_model, load_model
+
+    assert load_model(tmp_path / "absent.json") == {}
+    p = tmp_path / "loc.json"
+    p.write_text('{"classes": {"Nodule": {"sym": ', encoding="utf-8")  # cut short, as by a full disk
+    with pytest.raises(ExplainError, match="cannot read the localiser model"):
+        load_model(p)
+    with pytest.raises(ExplainError, match="'side' needs"):
+        check_model({"classes": {"Nodule": {"sym": {"anchor": "prior", "box": [0, 0, 1, 1], "score": 0.1},
+                                            "side": {"box": [0, 0, 1], "score": 0.2}}}})
+    good = fit_localiser(_samples(20), classes=("Cardiomegaly",))
+    assert check_model(good) == good

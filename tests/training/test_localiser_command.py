@@ -47,7 +47,7 @@ def test_localiser_learns_from_the_pipeline_and_writes_a_model(phantoms, lungs, 
     model = json.loads(out.read_text())
     assert model["classes"] and model["calibration"] is None  # no held-out folds: no calibration
     for c, m in model["classes"].items():
-        assert m["n"] >= 3 and m["sym"]["anchor"] in ("image", "thorax", "heart") and len(m["sym"]["box"]) == 4
+        assert m["n"] >= 3 and m["sym"]["anchor"] in ("image", "thorax", "heart", "prior") and len(m["sym"]["box"]) == 4
         assert 0.0 <= m["prevalence"] <= 1.0
     assert model["provenance"]["n_boxed"] > 0
 

@@ -9,7 +9,8 @@ class and from training folds only,
 
 * one template per anchor (the box that maximises training hits at T(IoU) 0.1-0.7), and which
   anchor is best for the class by the templates' held-out hit rates (Cardiomegaly: the heart;
-  diffuse findings: the thorax);
+  diffuse findings: the thorax), or the location prior itself (:data:`PRIOR`, the ``prior``
+  explainer's median box) when no anchor beats it held out;
 * a side model: a logistic regression p(left | evidence) on the lung-mask asymmetry (area, height),
   the zone intensity asymmetry of the lungs and, with a classifier, the class's CAM mass in each
   lung (disease-masks Eq. 1);
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxrviewer.core.errors import ExplainError
 from cxrviewer.core.explain.labels import NIH_ONLY, nih_lookup, nih_name
 from cxrviewer.core.explain.registry import Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer
 from cxrviewer.core.geometry import Box
@@ -41,12 +43,15 @@ if TYPE_CHECKING:
     from cxrviewer.core.explain.context import ExplainContext
     from cxrviewer.core.results import Results
 
-__all__ = ["ANCHORS", "FEATURES", "AnatomyExplainer", "anatomy_boxes", "anatomy_features", "anatomy_shaping",
-           "cam_log_ratio", "decide", "default_model_path", "from_norm", "load_model", "posterior_map",
-           "side_probability", "to_norm"]
+__all__ = ["ANCHORS", "FEATURES", "PRIOR", "AnatomyExplainer", "anatomy_boxes", "anatomy_features",
+           "anatomy_shaping", "cam_log_ratio", "check_model", "decide", "default_model_path", "from_norm", "load_model",
+           "posterior_map", "side_probability", "to_norm"]
 
 #: the anchors a symmetric template may be relative to (``side`` templates use the lung boxes)
 ANCHORS = ("image", "thorax", "heart")
+#: the symmetric choice that is the location prior itself (image fractions; training/localiser.py
+#: keeps it when no anatomy template beats it on held-out boxes)
+PRIOR = "prior"
 #: the evidence of the side model, in this order (``cam_log_ratio`` only with a classifier)
 FEATURES = ("log_area_ratio", "log_height_ratio", "upper_diff", "middle_diff", "lower_diff", "cam_log_ratio")
 #: the pipeline option that overrides the shipped model (a dict as written by training/localiser.py)
@@ -64,11 +69,39 @@ def default_model_path() -> Path:
 
 @lru_cache(maxsize=4)
 def _read(path: str, mtime: float) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        return check_model(json.loads(Path(path).read_text(encoding="utf-8")), path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExplainError(f"cannot read the localiser model {path}: {exc}") from exc
+
+
+def check_model(model: Any, source: str = "the given model") -> dict[str, Any]:
+    """``model`` when it is a localiser model as training/localiser.py writes it (per class a
+    ``sym`` template on a known anchor, optionally a ``side`` one), else :class:`ExplainError`."""
+    def bad(why: str) -> ExplainError:
+        return ExplainError(f"{source} is not a localiser model: {why}")
+
+    if not isinstance(model, Mapping) or not isinstance(model.get("classes", {}), Mapping):
+        raise bad("expected an object with 'classes'")
+    for c, cls in model.get("classes", {}).items():
+        sym = cls.get("sym") if isinstance(cls, Mapping) else None
+        if not _scored(sym) or sym.get("anchor") not in (*ANCHORS, PRIOR):
+            raise bad(f"class {c!r}: 'sym' needs an anchor in {(*ANCHORS, PRIOR)}, a 4-number box and a score")
+        if cls.get("side") is not None and not _scored(cls["side"]):
+            raise bad(f"class {c!r}: 'side' needs a 4-number box and a score")
+    return dict(model)
+
+
+def _scored(t: Any) -> bool:
+    """A template: a mapping with a 4-number ``box`` and a number ``score``."""
+    box = t.get("box") if isinstance(t, Mapping) else None
+    return (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(x, (int, float)) for x in box)
+            and isinstance(t.get("score"), (int, float)))
 
 
 def load_model(path: str | Path | None = None) -> dict[str, Any]:
-    """The localiser model at ``path`` (default :func:`default_model_path`); ``{}`` when absent."""
+    """The localiser model at ``path`` (default :func:`default_model_path`); ``{}`` when absent;
+    :class:`ExplainError` when unreadable or malformed (:func:`check_model`)."""
     p = Path(path) if path is not None else default_model_path()
     return dict(_read(str(p), p.stat().st_mtime)) if p.is_file() else {}
 
@@ -184,7 +217,7 @@ def decide(cls: Mapping[str, Any], anchors: Mapping[str, Quad], features: Sequen
     """The box of one class, its choice (``sym:<anchor>`` or ``side:L|R``) and the weighted
     candidates ``[(box, expected hit rate)]`` the posterior map is made of (module docstring)."""
     sym = cls["sym"]
-    sym_box = from_norm(sym["box"], anchors[sym["anchor"]])
+    sym_box = from_norm(sym["box"], anchors["image" if sym["anchor"] == PRIOR else sym["anchor"]])
     cands = [(sym_box, float(sym["score"]))]
     side = cls.get("side")
     if not side:
@@ -267,7 +300,11 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
             return None
         masks = np.asarray(masks)
         ev = self._evidence(ctx, masks, anchors)
-        model, source = self._model(ctx)
+        try:
+            model, source = self._model(ctx)
+        except ExplainError as exc:  # a broken localiser file costs its boxes, not the other maps
+            ctx.results.notices.append(f"anatomy-guided localisation: {exc}; evidence only, no boxes")
+            return ExplainerOutput({}, {"source": None, **ev})
         if not model.get("classes"):  # the evidence alone (what training/localiser.py learns from)
             ctx.results.notices.append("anatomy-guided localisation: no localiser model "
                                        f"({source}); evidence only, no boxes")
@@ -315,7 +352,8 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
     def _model(ctx: "ExplainContext") -> tuple[dict[str, Any], str]:
         given = ctx.option(OPTION, None)
         if isinstance(given, Mapping):
-            return dict(given), str(given.get("name", "pipeline option"))
+            name = str(given.get("name", "pipeline option"))
+            return check_model(given, name), name
         return load_model(), f"resources/priors/{default_model_path().name}"
 
     def propose_boxes(self, results: "Results") -> list[Box] | None:
@@ -344,7 +382,8 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
             return ""
         c = results.classes[class_index]
         choice = (results.attr(self.name, "choice") or {}).get(c, "")
-        where = {"side:L": "image-left lung", "side:R": "image-right lung"}.get(choice, choice.replace("sym:", ""))
+        where = {"side:L": "image-left lung", "side:R": "image-right lung", f"sym:{PRIOR}": "location prior"}.get(
+            choice, choice.replace("sym:", ""))
         kind = {"platt": "calibrated p", "uncalibrated": "uncalibrated p", "prevalence": "prevalence"}.get(
             str(results.attr(self.name, "score_kind")), "score")
         score = (results.attr(self.name, "scores") or {}).get(c)
