@@ -29,8 +29,9 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -458,35 +459,76 @@ def watch_parent(parent: int, every: float = 1.0) -> None:
 
 class Prefetcher:
     """Loads ``entries`` in order with ``workers`` processes, up to ``2 * workers`` ahead
-    (``workers=0``: in this process, when asked)."""
+    (``workers=0``: in this process, when asked).
 
-    def __init__(self, entries: list[Any], workers: int) -> None:
+    A worker that dies (a decoder crash, the OS's out-of-memory killer) breaks the whole pool and
+    every load queued in it: the pool is restarted, the entry is retried alone (so a study that
+    kills its worker twice is reported as an error, and only it), and the queued ones are sent
+    again. ``loader`` (a module-level function, for the worker processes) is :func:`load_entry`."""
+
+    def __init__(self, entries: list[Any], workers: int,
+                 loader: Callable[[Any], tuple[str, Any]] = load_entry) -> None:
         self.entries = entries
+        self.loader = loader
+        self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
         self.pending: deque[Future[tuple[str, Any]]] = deque()
         self.next = 0
+        self.restarts = 0
         if workers > 0 and entries:
-            import multiprocessing
-
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=watch_parent, initargs=(os.getpid(),))
             self.ahead = 2 * workers
+            self.pool = self._start()
             self._fill()
+
+    def _start(self) -> ProcessPoolExecutor:
+        import multiprocessing
+
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=watch_parent, initargs=(os.getpid(),))
 
     def _fill(self) -> None:
         while self.pool is not None and self.next < len(self.entries) and len(self.pending) < self.ahead:
-            self.pending.append(self.pool.submit(load_entry, self.entries[self.next]))
+            try:
+                self.pending.append(self.pool.submit(self.loader, self.entries[self.next]))
+            except BrokenProcessPool:  # broken since: :meth:`get` restarts it
+                return
             self.next += 1
+
+    def _restart(self) -> None:
+        """A fresh pool; the loads queued in the broken one are sent again by :meth:`_fill`."""
+        assert self.pool is not None
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.next -= len(self.pending)
+        self.pending.clear()
+        self.restarts += 1
+        self.pool = self._start()
 
     def get(self, i: int) -> tuple[str, Any]:
         """The load result of ``entries[i]`` (called with i = 0, 1, 2, ... in order)."""
         if self.pool is None:
-            return load_entry(self.entries[i])
-        fut = self.pending.popleft()
+            return self.loader(self.entries[i])
+        try:
+            if self.pending:
+                out = self._result(self.pending.popleft(), i)
+            else:  # the pool broke while it was being filled
+                self.next = i + 1
+                out = self._result(self.pool.submit(self.loader, self.entries[i]), i)
+        except BrokenProcessPool:  # a worker died: this entry or one queued beside it
+            self._restart()
+            try:
+                out = self._result(self.pool.submit(self.loader, self.entries[i]), i)
+            except BrokenProcessPool:  # alone in a fresh pool: this entry kills its worker
+                self._restart()
+                out = "error", f"{entry_path(self.entries[i])}: could not be loaded (its decoding process died)"
         self._fill()
+        return out
+
+    def _result(self, fut: Future[tuple[str, Any]], i: int) -> tuple[str, Any]:
         try:
             return fut.result()
-        except Exception as exc:  # noqa: BLE001 - a worker killed by the OS
+        except BrokenProcessPool:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a worker reports, never takes the run down
             return "error", f"{entry_path(self.entries[i])}: could not be loaded ({type(exc).__name__}: {exc})"
 
     def close(self) -> None:

@@ -335,3 +335,20 @@ def test_background_writer_keeps_order_bounds_the_queue_and_stops_after_an_inter
     assert ran == [0, 1, 2]  # the job after the interrupt never started
     serial = _archive.BackgroundWriter(threaded=False)
     assert serial.submit("a", job(9)) == [("a", None)] and ran[-1] == 9
+
+
+def test_a_worker_that_dies_costs_only_its_study(tmp_path):
+    """A decoding worker killed mid-load breaks the whole process pool: the prefetcher restarts it,
+    retries the study alone (one that dies twice is the only error), and loads the rest."""
+    import _crashing_loaders  # beside this file, as _tiny_bundles: the spawned workers import it by name
+
+    entries = ["ok:0", "ok:1", "crash:2", "ok:3", f"once:{tmp_path / 'marker'}", "ok:5", "ok:6"]
+    pre = _archive.Prefetcher(entries, 2, loader=_crashing_loaders.load)
+    try:
+        outs = [pre.get(i) for i in range(len(entries))]
+    finally:
+        pre.close()
+    assert [s for s, _ in outs] == ["ok", "ok", "error", "ok", "ok", "ok", "ok"]
+    assert "crash:2" in outs[2][1] and "process died" in outs[2][1]
+    assert [v for s, v in outs if s == "ok"] == [e for e in entries if not e.startswith("crash")]
+    assert (tmp_path / "marker").exists() and pre.restarts >= 3  # crash:2 twice, once:... once
