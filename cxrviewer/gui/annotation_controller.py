@@ -300,9 +300,11 @@ class AnnotationController(QObject):
             self.edits.refresh()
 
     def close_store(self) -> None:
-        """Close the project; waits until every edit made is on disk."""
+        """Close the project; waits until every edit made is on disk (and a running DICOM SEG
+        export of it is written)."""
         if self.session.store is None:
             return
+        self.io.wait_for_export()
         self._poll.stop()
         self.editor.clear()
         self.edits.flush_view()  # (a pending dock update must not outlive the project)

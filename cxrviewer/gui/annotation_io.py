@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QLockFile, QObject, QStandardPaths, Signal
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QInputDialog,
+from PySide6.QtCore import QCoreApplication, QLockFile, QObject, QStandardPaths, Qt, Signal
+from PySide6.QtWidgets import (QApplication, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QInputDialog,
                                QLabel, QMessageBox, QVBoxLayout, QWidget)
 
 from ..core.annotations import SUFFIX, AnnotationSession, Edit, EditRefused, UnmappedClassesError
@@ -40,6 +40,7 @@ from ..core.errors import CxrError
 from ..core.labelsets import BUILTIN, LabelSet, get_label_set
 from . import settings
 from .annotation_feedback import AnnotationFeedback
+from .workers import JobRunner
 
 EXPORT_FORMATS = {"coco": "COCO JSON", "coco-results": "COCO results (model proposals)",
                   "voc": "Pascal VOC (VOCdevkit)", "yolo": "YOLO (Ultralytics dataset)",
@@ -180,6 +181,14 @@ def ask_mapping(parent: QWidget, unmapped: Sequence[str], label_set: LabelSet
     return dlg.choices() if dlg.exec() == QDialog.DialogCode.Accepted else None
 
 
+def _said(result: Any) -> tuple[Path, str]:
+    """A DICOM export's folder and its summary (with the first skipped study, if any)."""
+    said = result.summary()
+    if result.skipped:
+        said += f" (first: {result.skipped[0][0]}: {result.skipped[0][1]})"
+    return result.folder, f"({said})"
+
+
 class AnnotationIO(QObject):
     """Exports, imports and the project file dialogs of one window.
 
@@ -188,6 +197,8 @@ class AnnotationIO(QObject):
     """
 
     imported = Signal(object)
+    #: the file or folder an export wrote (a DICOM SEG export's when its worker finished)
+    exported = Signal(object)
 
     def __init__(self, session: AnnotationSession, feedback: AnnotationFeedback,
                  parent: QWidget) -> None:
@@ -197,11 +208,17 @@ class AnnotationIO(QObject):
         self.parent_widget = parent
         #: ``fn(parent, unmapped, label_set) -> (mapping, add_unknown) or None`` (tests replace it)
         self.ask_mapping: Callable[..., tuple[dict[str, str | None], bool] | None] = ask_mapping
+        self._jobs: JobRunner | None = None
+        self._seg_seq = 0
 
     # ---- exports / imports ----------------------------------------------------------
     def export_to(self, fmt: str, target: str | os.PathLike, *,
                   include_identifiers: bool = False) -> Path | None:
-        """Write an export (atomically); None (and a message) when it failed."""
+        """Write an export (atomically); None (and a message) when it failed. DICOM SEG runs in
+        the background (:meth:`_start_seg_export`): None now, :attr:`exported` when written."""
+        if fmt == "dicom-seg":
+            self._start_seg_export(target)
+            return None
         try:
             if fmt in DICOM_FORMATS:
                 out, said = self._export_dicom(fmt, target)
@@ -215,6 +232,7 @@ class AnnotationIO(QObject):
             self.feedback.error(f"Export failed: {exc}")
             return None
         self.feedback.info(f"Exported {EXPORT_FORMATS.get(fmt, fmt)} {said}")
+        self.exported.emit(out)
         return out
 
     def _export_dicom(self, fmt: str, target: str | os.PathLike) -> tuple[Path, str]:
@@ -223,26 +241,63 @@ class AnnotationIO(QObject):
 
         if self.session.store is None:
             raise EditRefused("No annotation project open")
-        if fmt == "dicom-seg":  # may run the segmentation model (~1 s a study): a busy cursor
-            from PySide6.QtCore import Qt
-            from PySide6.QtWidgets import QApplication
+        return _said(export_dicom(self.session.store, target, kinds=EXPORT_KINDS[fmt]))
 
-            from ..core.seg_export import export_dicom_seg
-            from .inference import results_cache_dir
+    # ---- the background DICOM SEG export ---------------------------------------------
+    @property
+    def exporting(self) -> bool:
+        """A DICOM SEG export is running (its result not delivered yet)."""
+        return self._seg_seq != 0
 
-            self.feedback.info("Exporting DICOM SEG (the segmentation model runs on studies "
-                               "without stored masks)…")
-            QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
-            try:
-                result = export_dicom_seg(self.session.store, target, results=[results_cache_dir()])
-            finally:
-                QApplication.restoreOverrideCursor()
-        else:
-            result = export_dicom(self.session.store, target, kinds=EXPORT_KINDS[fmt])
-        said = result.summary()
-        if result.skipped:
-            said += f" (first: {result.skipped[0][0]}: {result.skipped[0][1]})"
-        return result.folder, f"({said})"
+    def _start_seg_export(self, target: str | os.PathLike) -> None:
+        """Start the DICOM SEG export on a worker thread: it may run the segmentation model
+        (~1 s a study), so the window stays usable; the store is thread-safe and the export is
+        written to a temporary folder renamed into place (cxrviewer/core/dicom_objects/exchange.py)."""
+        from ..core.seg_export import export_dicom_seg
+        from .inference import results_cache_dir
+
+        store = self.session.store
+        if store is None:
+            self.feedback.refused(EditRefused("No annotation project open"))
+            return
+        if self.exporting:
+            self.feedback.refused(EditRefused("A DICOM SEG export is already running"))
+            return
+        if self._jobs is None:
+            self._jobs = JobRunner(self)
+            self._jobs.finished.connect(self._seg_done)
+            self._jobs.failed.connect(self._seg_failed)
+        self.feedback.info("Exporting DICOM SEG in the background (the segmentation model runs on "
+                           "studies without stored masks)…")
+        QApplication.setOverrideCursor(Qt.CursorShape.BusyCursor)
+        self._seg_seq = self._jobs.submit("export-seg", export_dicom_seg, store, target,
+                                          results=[results_cache_dir()])
+
+    def _seg_finish(self, seq: int) -> bool:
+        if seq != self._seg_seq:
+            return False
+        self._seg_seq = 0
+        QApplication.restoreOverrideCursor()
+        return True
+
+    def _seg_done(self, channel: str, seq: int, result: Any) -> None:
+        if self._seg_finish(seq):
+            out, said = _said(result)
+            self.feedback.info(f"Exported {EXPORT_FORMATS['dicom-seg']} {said}")
+            self.exported.emit(out)
+
+    def _seg_failed(self, channel: str, seq: int, message: str, exc: object) -> None:
+        if self._seg_finish(seq):
+            self.feedback.error(f"Export failed: {message}")
+
+    def wait_for_export(self, timeout_ms: int = 600_000) -> bool:
+        """Block until a running DICOM SEG export is written (before the project closes) and
+        deliver its message; True when none is left running."""
+        if self._jobs is None or not self.exporting:
+            return True
+        done = self._jobs.pool.waitForDone(timeout_ms)
+        QCoreApplication.sendPostedEvents(self._jobs)  # its finished/failed, queued to this thread
+        return done
 
     def import_from(self, fmt: str, source: str | os.PathLike, **kwargs: Any) -> Edit | None:
         """Import boxes (one undo step); studies not opened yet are matched when opened.

@@ -109,7 +109,13 @@ def test_dicom_seg_menu_entry(host, tmp_path, monkeypatch):
                         lambda *a, **k: calls.append(k) or real(*a, **k))
     out = tmp_path / "seg"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), "Folder (*)"))
+    written: list[Path] = []
+    ctrl.io.exported.connect(written.append)
+    act.trigger()  # on a worker thread: the window stays usable, a second export is refused
+    assert ctrl.io.exporting and said[-1].startswith("Exporting DICOM SEG in the background")
     act.trigger()
+    assert "already running" in said[-1]
+    assert ctrl.io.wait_for_export() and not ctrl.io.exporting and written == [out]
     assert len(calls) == 1 and [p.name for p in calls[0]["results"]] == ["results-cache"]
     assert said[-1].startswith("Exported DICOM SEG (lung/heart masks, finding maps) (1 study, 1 DICOM")
     assert "with masks by the segmentation model" in said[-1]
@@ -118,6 +124,10 @@ def test_dicom_seg_menu_entry(host, tmp_path, monkeypatch):
     assert ctrl.io.import_from("dicom-sr", out / "RG1_UNCR" / "SEG.dcm") is None
     assert said[-1].startswith("Import failed:") and "3 anatomy segments" in said[-1]
     assert _rows(ctrl) == []
+    out = tmp_path / "seg2"  # closing the project waits for its export
+    act.trigger()
+    ctrl.close_store()
+    assert written[-1] == out and (out / "RG1_UNCR" / "SEG.dcm").is_file() and not ctrl.io.exporting
     ctrl.shutdown()
 
 
