@@ -22,6 +22,7 @@ A study with neither stored results nor a segmentation model to run is skipped a
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,11 +55,14 @@ class ResultsIndex:
     """Finds a study's stored analysis by pixel hash: the files beside the image
     (:func:`~cxrviewer.core.result_cache.sidecar_candidates`), then the ``places`` (results
     files, folders of them, ``cxrviewer analyze`` output folders with ``*/results.h5``, the
-    app's results cache). Folders are indexed once, on first use (no maps read)."""
+    app's results cache). Folders are indexed once, on first use (no maps read); the app's cache
+    files are indexed by the hash in their names (:func:`~cxrviewer.core.result_cache.cache_path`)
+    and opened only when a study's hash matches, so an export does not open every cached analysis."""
 
     def __init__(self, places: Sequence[str | os.PathLike] = ()) -> None:
         self.places = [Path(p) for p in places]
         self._by_sha: dict[str, Path] | None = None
+        self._by_prefix: dict[str, list[Path]] = {}
 
     def _index(self) -> dict[str, Path]:
         if self._by_sha is None:
@@ -67,10 +71,19 @@ class ResultsIndex:
                 files = [place] if place.is_file() else sorted(
                     f for pattern in ("*/results.h5", "*.h5", "*.hdf5") for f in place.glob(pattern))
                 for f in files:
-                    sha = _summary_sha(f)
-                    if sha:
+                    named = _CACHE_NAME.match(f.name)
+                    if named:
+                        self._by_prefix.setdefault(named.group(1), []).append(f)
+                    elif sha := _summary_sha(f):
                         self._by_sha.setdefault(sha, f)
         return self._by_sha
+
+    def _indexed(self, sha: str) -> list[Path]:
+        """The indexed files of the pixels ``sha`` (a cache file's name is checked against its
+        summary before it counts)."""
+        by_sha = self._index()
+        named = [f for f in self._by_prefix.get(sha[:32], []) if _summary_sha(f) == sha]
+        return ([by_sha[sha]] if sha in by_sha else []) + named
 
     def find(self, study_path: str | os.PathLike, sha: str) -> tuple[Results, Path] | None:
         """The first stored analysis of the pixels ``sha`` and its file, or None. The files
@@ -81,18 +94,23 @@ class ResultsIndex:
                    *(d / stem / "results.h5" for d in self.places if d.is_dir())]
         cands = [p for p in guesses
                  if p.is_file() and p.suffix.lower() in RESULTS_SUFFIXES and _summary_sha(p) == sha]
-        for path in cands:
-            try:
-                return read_results(path), path
-            except CxrError:
-                continue
-        found = self._index().get(sha)
-        if found is not None and found not in cands:
-            try:
-                return read_results(found), found
-            except CxrError:
-                return None
-        return None
+        found = _first_readable(cands)
+        if found is None:  # only now are the places indexed
+            found = _first_readable([f for f in self._indexed(sha) if f not in cands])
+        return found
+
+
+def _first_readable(paths: Sequence[Path]) -> tuple[Results, Path] | None:
+    for path in paths:
+        try:
+            return read_results(path), path
+        except CxrError:
+            continue
+    return None
+
+
+#: the name of a results-cache file (cxrviewer/core/result_cache.py ``cache_path``): hash prefix, model key
+_CACHE_NAME = re.compile(r"^([0-9a-f]{32})-[^/]+\.h5$")
 
 
 def _summary_sha(path: Path) -> str | None:

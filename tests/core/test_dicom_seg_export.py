@@ -381,3 +381,28 @@ def test_stored_results_are_found_by_pixel_hash_under_results_folders(tiny, tmp_
         with pytest.raises(DicomObjectError, match="no stored analysis"):
             export_dicom_seg(store, tmp_path / "none", results=[other], run_model=False)
     assert not (tmp_path / "none").exists()
+
+
+def test_a_results_cache_is_indexed_by_file_name_not_opened_whole(tiny, tmp_path, monkeypatch):
+    """The app's cache names each file by its pixels' hash (result_cache.cache_path): a lookup
+    opens the files whose name matches, not every cached analysis; a name that lies is checked."""
+    from cxrviewer.core import seg_export
+    from cxrviewer.core.result_cache import cache_path
+
+    sha = read_results(tiny["h5"]).pixel_sha256
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for i in range(6):  # other studies' analyses (they are never opened)
+        shutil.copy(tiny["h5"], cache_path(f"{i:064x}", "k", cache))
+    shutil.copy(tiny["h5"], cache_path(sha, "k", cache))
+    liar = cache_path("f" * 32 + sha[32:], "k", cache)  # another hash prefix
+    opened: list[str] = []
+    real = seg_export._summary_sha
+    monkeypatch.setattr(seg_export, "_summary_sha", lambda p: opened.append(Path(p).name) or real(p))
+    index = seg_export.ResultsIndex([cache])
+    found = index.find(tmp_path / "elsewhere" / "chest.png", sha)
+    assert found is not None and found[1] == cache_path(sha, "k", cache)
+    assert opened == [cache_path(sha, "k", cache).name]
+    assert index.find(tmp_path / "elsewhere" / "x.png", "e" * 64) is None and len(opened) == 1
+    shutil.copy(tiny["h5"], liar)  # its name says "fff…", its summary says ``sha``
+    assert seg_export.ResultsIndex([cache]).find(tmp_path / "x.png", "f" * 32 + sha[32:]) is None
