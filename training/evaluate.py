@@ -163,7 +163,7 @@ def evaluate_pipeline(pipeline: "Pipeline", records: Sequence[Any], *, train_box
     """
     scorers = scored_explainers(pipeline, methods)
     box_method = predictions_method_of([e.name for e in scorers], predictions_method)
-    run = _Run(pipeline, scorers)
+    run = _Run(pipeline, scorers, box_method)
     priors = _Priors(prior_boxes, prior_title or "prior (median box of the given training boxes)")
     if priors and "prior" in run.titles:
         run.titles["prior"] = priors.title
@@ -205,8 +205,8 @@ _NONE = object()
 class _Run:
     """What :func:`evaluate_pipeline` collects study by study."""
 
-    def __init__(self, pipeline: "Pipeline", scorers: Sequence["Explainer"]) -> None:
-        self.pipeline, self.scorers = pipeline, scorers
+    def __init__(self, pipeline: "Pipeline", scorers: Sequence["Explainer"], box_method: str | None) -> None:
+        self.pipeline, self.scorers, self.box_method = pipeline, scorers, box_method
         self.classes = tuple(pipeline.classes)
         self.probs: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
@@ -215,7 +215,8 @@ class _Run:
         self.gts: dict[str, list[Box]] = {}
         self.failed: list[dict[str, str]] = []
         self.keys: list[str] = []  # the studies with probabilities, in the order of probs / labels
-        self.top: dict[str, dict[str, list[Box]]] = {e.name: {} for e in scorers}  # every study's best box per class
+        #: the predictions method's best box per class of every study (the rows of predictions.csv)
+        self.top: dict[str, dict[str, list[Box]]] = {box_method: {}} if box_method else {}
         self.all_gts: dict[str, list[Box]] = {}
 
     def add(self, key: str, rec: Any) -> None:
@@ -235,8 +236,9 @@ class _Run:
         self.all_gts[key] = list(study.gt_boxes or [])
         for e in self.scorers:
             self.titles[e.name] = str(res.attr(e.name, "title", self.titles[e.name]))
-            self.top[e.name][key] = top_boxes([replace(b, label=_nih_name(b.label))
-                                               for b in res.boxes.get(e.name, [])], 1)
+        if self.box_method:
+            self.top[self.box_method][key] = top_boxes([replace(b, label=_nih_name(b.label))
+                                                        for b in res.boxes.get(self.box_method, [])], 1)
         if study.gt_boxes:
             self.gts[key] = list(study.gt_boxes)
             for e in self.scorers:
