@@ -14,17 +14,19 @@ Grad-CAM (a backward through the head only) and attention mining all share one b
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cxrviewer.core.errors import CxrError
 from cxrviewer.core.preprocess import CropBox, Preprocess, maps_to_frame
@@ -34,7 +36,32 @@ if TYPE_CHECKING:
     from cxrviewer.core.device import DeviceInfo
     from cxrviewer.core.results import MapRecipe, NativeLog, Results
 
-__all__ = ["ClassifierPass", "ExplainContext", "Mapper", "accepts"]
+__all__ = ["ClassifierPass", "ExplainContext", "Mapper", "accepts", "capture_activation"]
+
+
+@contextlib.contextmanager
+def capture_activation(layer: nn.Module | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Hook ``layer`` for one forward: its output is stored as ``store["act"]``, re-attached as a
+    grad leaf when the model is frozen or runs under ``no_grad``. ``layer=None`` captures nothing."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
+        act = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(act, torch.Tensor):
+            return None
+        if not act.requires_grad:
+            act = act.detach().requires_grad_(True)
+            store["act"] = act
+            return type(out)([act, *out[1:]]) if isinstance(out, (tuple, list)) else act
+        store["act"] = act
+        return None
+
+    handle = layer.register_forward_hook(hook) if layer is not None else None
+    try:
+        yield store
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 _GRIDS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -221,8 +248,6 @@ class ExplainContext:
             m = self.seg_work[:, :3].amax(1, keepdim=True)  # merged binary mask M_g (lung-heart Eq. 3)
             m_in, _ = pre.crop_resize(m)
             extra["lung_heart_mask"] = (m_in > 0.5).float()
-        from cxrviewer.core.explain.gradcam import capture_activation
-
         layer = model.feature_layer() if callable(getattr(model, "feature_layer", None)) else None
         with capture_activation(layer) as store, torch.enable_grad(), self.device.autocast():
             out = model(pre.normalise(x01), **extra)

@@ -1,7 +1,7 @@
 """Grad-CAM (Selvaraju et al., cited as [23] in disease-masks-attention.txt Sec. 2.1): the one implementation.
 
 ``alpha_k = mean_{ij} d y_c / d A_k^{ij}``, ``L = ReLU(sum_k alpha_k A_k)`` at a target layer.
-:func:`capture_activation` hooks the layer and re-attaches its output as a leaf that requires
+:func:`~cxrviewer.core.explain.context.capture_activation` (the classifier pass's hook) hooks the layer and re-attaches its output as a leaf that requires
 grad; :func:`gradcam_from_activation` takes the gradients of any number of class scores from
 ONE forward (a backward through the head only). The pipeline, :func:`grad_cam` (any
 ``nn.Module``), :func:`head_gradcam` (the registry's single-model form: from a forward already
@@ -9,9 +9,8 @@ run, through ``model.head`` only) and the evaluation all go through these functi
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,11 +18,9 @@ from torch import nn
 
 from cxrviewer.core.errors import ExplainError
 from cxrviewer.core.explain.boxes import BoxRule
+from cxrviewer.core.explain.context import ExplainContext, capture_activation
 from cxrviewer.core.explain.registry import (Explainer, ExplainerOutput, MapSpec, PanelSpec, register_explainer,
                                              to_numpy)
-
-if TYPE_CHECKING:
-    from cxrviewer.core.explain.context import ExplainContext
 
 __all__ = ["GradCamExplainer", "capture_activation", "grad_cam", "gradcam_from_activation", "head_gradcam"]
 
@@ -34,31 +31,6 @@ def _logits_of(out: Any) -> torch.Tensor:
     if isinstance(out, Mapping) and "logits" in out:
         return out["logits"]
     raise ExplainError("Grad-CAM needs a model returning a tensor or a dict with 'logits'")
-
-
-@contextlib.contextmanager
-def capture_activation(layer: nn.Module | None) -> Iterator[dict[str, torch.Tensor]]:
-    """Hook ``layer`` for one forward: its output is stored as ``store["act"]``, re-attached as a
-    grad leaf when the model is frozen or runs under ``no_grad``. ``layer=None`` captures nothing."""
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
-        act = out[0] if isinstance(out, (tuple, list)) else out
-        if not isinstance(act, torch.Tensor):
-            return None
-        if not act.requires_grad:
-            act = act.detach().requires_grad_(True)
-            store["act"] = act
-            return type(out)([act, *out[1:]]) if isinstance(out, (tuple, list)) else act
-        store["act"] = act
-        return None
-
-    handle = layer.register_forward_hook(hook) if layer is not None else None
-    try:
-        yield store
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def gradcam_from_activation(logits: torch.Tensor, act: torch.Tensor,
