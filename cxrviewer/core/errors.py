@@ -61,6 +61,10 @@ class ModelError(CxrError):
     """A network could not be built or run (unknown architecture, bad arguments)."""
 
 
+class ImportModelError(ModelError):
+    """A checkpoint cannot be turned into a bundle (unreadable, wrong layout, unknown classes)."""
+
+
 class ExplainError(CxrError):
     """An explanation method cannot run on this model/output (unknown method, missing output)."""
 

@@ -15,7 +15,7 @@ def convert(src: str, dst: str, err: str, meta: str) -> None:
     try:
         import torch
 
-        from .checkpoint import find_state_dict
+        from .state_dict import find_state_dict
 
         obj = torch.load(src, map_location="cpu", weights_only=False)
         targets = getattr(obj, "targets", None) or getattr(obj, "pathologies", None)

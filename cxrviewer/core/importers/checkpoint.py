@@ -32,7 +32,8 @@ import torch
 
 from ..bundle import MAX_PARAMETERS, MAX_WEIGHTS_PICKLE_BYTES
 from ..checksum import sha256_file
-from ..errors import ModelError
+from ..errors import ImportModelError
+from .state_dict import find_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,9 @@ MAX_CHECKPOINT_BYTES = 3 * 4 * MAX_PARAMETERS + (64 << 20)
 MAX_SAFETENSORS_HEADER = MAX_WEIGHTS_PICKLE_BYTES
 #: Seconds the child that unpickles a legacy checkpoint may take.
 PICKLE_CHILD_TIMEOUT_S = 600.0
-#: Keys under which training scripts store a model's state dict, in the order they are tried.
-STATE_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net", "network", "weights",
-                               "params", "state_dict_ema", "model_ema")
-
 
 #: What torch's weights-only unpickler says about a well-formed pickle that holds other objects.
 _NEEDS_PICKLE: tuple[str, ...] = ("Unsupported global", "Unsupported class", "Trying to call reduce", "GLOBAL")
-
-
-class ImportModelError(ModelError):
-    """A checkpoint cannot be turned into a bundle (unreadable, wrong layout, unknown classes)."""
 
 
 class PickleRequiredError(ImportModelError):
@@ -75,30 +68,6 @@ class Checkpoint:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def find_state_dict(obj: Any, depth: int = 0) -> dict[str, torch.Tensor]:
-    """The state dict inside a loaded checkpoint: a module's, a mapping of tensors, or one under
-    a key of :data:`STATE_KEYS` (``{"state_dict": ..., "optimizer": ...}``)."""
-    if isinstance(obj, torch.nn.Module):
-        return dict(obj.state_dict())
-    if not isinstance(obj, Mapping):
-        raise ImportModelError(f"the checkpoint holds a {type(obj).__name__}, not a model or a state dict")
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if tensors and len(tensors) == len(obj):
-        return tensors
-    if depth < 3:
-        for key in STATE_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, (Mapping, torch.nn.Module)):
-                try:
-                    return find_state_dict(inner, depth + 1)
-                except ImportModelError:
-                    continue
-    if tensors:
-        return tensors
-    keys = ", ".join(repr(k) for k in list(obj)[:8])
-    raise ImportModelError(f"the checkpoint holds no state dict (top-level keys: {keys})")
 
 
 def _check_zip(p: Path) -> None:
