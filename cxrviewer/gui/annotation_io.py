@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QCoreApplication, QLockFile, QObject, QStandardPaths, Qt, Signal
-from PySide6.QtWidgets import (QApplication, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QInputDialog,
-                               QLabel, QMessageBox, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QApplication, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
+                               QInputDialog, QLabel, QMessageBox, QVBoxLayout, QWidget)
 
 from ..core.annotations import SUFFIX, AnnotationSession, Edit, EditRefused, UnmappedClassesError
 from ..core.errors import CxrError
