@@ -209,7 +209,7 @@ def test_pipeline_runs_it_as_the_default_box_method_and_results_h5_keeps_it(tmp_
 
     anat, k = get_explainer("anatomy"), res.classes.index("Cardiomegaly")
     back.attrs["anatomy"]["choice"]["Cardiomegaly"] = "sym:prior"  # what a prior-fallback class shows
-    assert anat.caption(back, anat.panels[0], k).startswith("box: location prior · ")
+    assert anat.caption(back, anat.panels[0], k).startswith("· box: location prior · ")
     # without a localiser model: the evidence is kept, nothing is proposed, the notice says why
     res0 = Pipeline(bundles, "cpu", map_max_side=128, options={"anatomy_model": {}}).run(synthetic_study())
     assert "anatomy" not in res0.boxes and len(res0.attr("anatomy", "features")) == 5

@@ -387,5 +387,5 @@ class AnatomyExplainer(Explainer, title="Anatomy-guided localisation", short="an
         kind = {"platt": "calibrated p", "uncalibrated": "uncalibrated p", "prevalence": "prevalence"}.get(
             str(results.attr(self.name, "score_kind")), "score")
         score = (results.attr(self.name, "scores") or {}).get(c)
-        return " · ".join(x for x in (f"box: {where}" if where else "",
-                                      f"{kind} {score:.2f}" if score is not None else "") if x)
+        parts = [x for x in (f"box: {where}" if where else "", f"{kind} {score:.2f}" if score is not None else "") if x]
+        return "".join(f"· {x} " for x in parts).rstrip()  # after "Anatomy · <class> p=..", the same separator
