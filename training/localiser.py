@@ -11,7 +11,7 @@ computes. Per class (:func:`fit_localiser`):
   objective held out (inner 5-fold: :func:`heldout_template`), not the training value;
 * the location prior as a fourth candidate (:func:`median_box`: the coordinate-wise median
   (x, y, w, h) of the boxes in image fractions, the ``prior`` explainer's box): it is kept unless an
-  anatomy template beats its held-out objective by more than :data:`PRIOR_MARGIN`, so a class whose
+  anatomy template beats its held-out objective, so a class whose
   boxes the anatomy cannot place (nodules anywhere) falls back to the floor instead of a template
   that only fits the training boxes;
 * a side template relative to the lung on the box's own side, left and right pooled by mirroring,
@@ -32,7 +32,7 @@ import numpy as np
 from cxrviewer.core.classes import BOXED_CLASSES
 from cxrviewer.core.explain.anatomy import ANCHORS, FEATURES, PRIOR, to_norm
 
-__all__ = ["PRIOR_MARGIN", "THRESHOLDS", "Sample", "collect_evidence", "fit_localiser", "heldout_template",
+__all__ = ["THRESHOLDS", "Sample", "collect_evidence", "fit_localiser", "heldout_template",
            "logistic", "median_box", "platt", "sample_from_results", "template"]
 
 #: the T(IoU) values a template is fitted for (the evaluation's thresholds)
@@ -43,8 +43,6 @@ MIN_SIDE_BOXES = 8
 SIDE_L2 = 3.0
 #: inner folds of the held-out template scores that choose the anchor and the side rule
 INNER_FOLDS = 5
-#: how much more held-out objective than the location prior an anatomy template needs to replace it
-PRIOR_MARGIN = 0.0
 
 Quad = tuple[float, float, float, float]
 
@@ -114,10 +112,15 @@ def _objective(n: np.ndarray, a: np.ndarray, mirror: np.ndarray, g: np.ndarray) 
     return float(np.mean([(v >= t).mean() for t in THRESHOLDS]) + 0.25 * v.mean())
 
 
+def _norms(anchors: np.ndarray, mirror: np.ndarray, gts: np.ndarray) -> np.ndarray:
+    """The boxes ``gts`` as fractions of their anchors ``[N, 4]`` (:func:`to_norm`)."""
+    return np.array([to_norm(tuple(g), tuple(a), mirror=bool(m)) for a, m, g in zip(anchors, mirror, gts)])
+
+
 def template(anchors: np.ndarray, mirror: np.ndarray, gts: np.ndarray) -> tuple[list[float], float]:
     """The box (anchor fractions) with the best training objective (module docstring) and that
     objective. ``anchors``/``gts`` ``[N, 4]`` (x0, y0, x1, y1) pixels, ``mirror`` bool ``[N]``."""
-    norms = np.array([to_norm(tuple(g), tuple(a), mirror=bool(m)) for a, m, g in zip(anchors, mirror, gts)])
+    norms = _norms(anchors, mirror, gts)
     best = np.median(norms, axis=0)
     score = _objective(best, anchors, mirror, gts)
     for n in norms:
@@ -178,7 +181,7 @@ def median_box(anchors: np.ndarray, mirror: np.ndarray, gts: np.ndarray) -> tupl
     """The location prior as anchor fractions ``(x0, y0, x1, y1)``: the coordinate-wise median
     ``(x, y, w, h)`` of the boxes (cxrviewer/core/explain/metrics.py ``floor_boxes``; with the image as
     the anchor it is the ``prior`` explainer's box), and its training objective."""
-    norms = np.array([to_norm(tuple(g), tuple(a), mirror=bool(m)) for a, m, g in zip(anchors, mirror, gts)])
+    norms = _norms(anchors, mirror, gts)
     x, y = np.median(norms[:, 0]), np.median(norms[:, 1])
     w, h = np.median(norms[:, 2] - norms[:, 0]), np.median(norms[:, 3] - norms[:, 1])
     box = np.array([x, y, x + w, y + h])
@@ -210,7 +213,7 @@ def _fit_class(ex: list[tuple[Sample, Quad]], index: int) -> dict[str, Any]:
     syms = {a: heldout_template(np.array([s.anchors[a] for s, _ in ex], float), flat, gts) for a in ANCHORS}
     syms[PRIOR] = heldout_template(np.array([s.anchors["image"] for s, _ in ex], float), flat, gts, fit=median_box)
     anchor = max(ANCHORS, key=lambda a: (syms[a][2], a == "image"))
-    if syms[PRIOR][2] + PRIOR_MARGIN >= syms[anchor][2]:  # the anatomy does not beat the floor: keep it
+    if syms[PRIOR][2] >= syms[anchor][2]:  # the anatomy does not beat the floor: keep it
         anchor = PRIOR
     out: dict[str, Any] = {"n": len(ex), "sym": {"anchor": anchor, "box": syms[anchor][0], "score": syms[anchor][2],
                                                  "train_score": syms[anchor][1]},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,15 +26,27 @@ from .results import Results
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESULTS_SUFFIXES", "cache_path", "expand_paths", "read_matching", "sidecar_candidates"]
+__all__ = ["CACHE_SHA_DIGITS", "RESULTS_SUFFIXES", "cache_path", "cache_sha_prefix", "expand_paths", "read_matching",
+           "sidecar_candidates"]
 
 RESULTS_SUFFIXES = (".h5", ".hdf5")
 _IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
+#: how many hex digits of the pixels' hash begin a cache file's name (:func:`cache_path`)
+CACHE_SHA_DIGITS = 32
+_CACHE_NAME = re.compile(rf"^([0-9a-f]{{{CACHE_SHA_DIGITS}}})-.+\.h5$")
+
+
 def cache_path(sha: str, key: str, folder: Path) -> Path:
     """The cache file of the pixels ``sha`` analysed with the model set ``key``."""
-    return folder / f"{sha[:32]}-{key}.h5"
+    return folder / f"{sha[:CACHE_SHA_DIGITS]}-{key}.h5"
+
+
+def cache_sha_prefix(name: str) -> str | None:
+    """The hash prefix a cache file named ``name`` carries (:func:`cache_path`); None for any other name."""
+    m = _CACHE_NAME.match(name)
+    return m.group(1) if m else None
 
 
 def sidecar_candidates(study_path: str | os.PathLike) -> list[Path]:

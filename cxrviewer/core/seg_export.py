@@ -22,7 +22,6 @@ A study with neither stored results nor a segmentation model to run is skipped a
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from .errors import CxrError
 from .io import load_study
 from .io.results import read_results, results_summary
 from .labelsets import NIH14, normalise
-from .result_cache import RESULTS_SUFFIXES, sidecar_candidates
+from .result_cache import CACHE_SHA_DIGITS, RESULTS_SUFFIXES, cache_sha_prefix, sidecar_candidates
 from .results import Results
 from .study import Study
 
@@ -71,9 +70,9 @@ class ResultsIndex:
                 files = [place] if place.is_file() else sorted(
                     f for pattern in ("*/results.h5", "*.h5", "*.hdf5") for f in place.glob(pattern))
                 for f in files:
-                    named = _CACHE_NAME.match(f.name)
-                    if named:
-                        self._by_prefix.setdefault(named.group(1), []).append(f)
+                    prefix = cache_sha_prefix(f.name)
+                    if prefix:
+                        self._by_prefix.setdefault(prefix, []).append(f)
                     elif sha := _summary_sha(f):
                         self._by_sha.setdefault(sha, f)
         return self._by_sha
@@ -82,7 +81,7 @@ class ResultsIndex:
         """The indexed files of the pixels ``sha`` (a cache file's name is checked against its
         summary before it counts)."""
         by_sha = self._index()
-        named = [f for f in self._by_prefix.get(sha[:32], []) if _summary_sha(f) == sha]
+        named = [f for f in self._by_prefix.get(sha[:CACHE_SHA_DIGITS], []) if _summary_sha(f) == sha]
         return ([by_sha[sha]] if sha in by_sha else []) + named
 
     def find(self, study_path: str | os.PathLike, sha: str) -> tuple[Results, Path] | None:
@@ -107,10 +106,6 @@ def _first_readable(paths: Sequence[Path]) -> tuple[Results, Path] | None:
         except CxrError:
             continue
     return None
-
-
-#: the name of a results-cache file (cxrviewer/core/result_cache.py ``cache_path``): hash prefix, model key
-_CACHE_NAME = re.compile(r"^([0-9a-f]{32})-[^/]+\.h5$")
 
 
 def _summary_sha(path: Path) -> str | None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QCoreApplication, QLockFile, QObject, QStandardPaths, Qt, Signal
+from PySide6.QtCore import QLockFile, QObject, QStandardPaths, Qt, Signal
 from PySide6.QtWidgets import (QApplication, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
                                QInputDialog, QLabel, QMessageBox, QVBoxLayout, QWidget)
 
@@ -295,9 +295,7 @@ class AnnotationIO(QObject):
         deliver its message; True when none is left running."""
         if self._jobs is None or not self.exporting:
             return True
-        done = self._jobs.pool.waitForDone(timeout_ms)
-        QCoreApplication.sendPostedEvents(self._jobs)  # its finished/failed, queued to this thread
-        return done
+        return self._jobs.wait(timeout_ms)
 
     def import_from(self, fmt: str, source: str | os.PathLike, **kwargs: Any) -> Edit | None:
         """Import boxes (one undo step); studies not opened yet are matched when opened.

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal, Slot
+from PySide6.QtCore import QCoreApplication, QObject, QRunnable, QThreadPool, Signal, Slot
 
 from ..core.errors import CxrError
 
@@ -176,6 +176,13 @@ class JobRunner(QObject):
         self._pending[seq] = (channel, job.signals)  # keep the signals alive until delivery
         self.pool.start(job)
         return seq
+
+    def wait(self, timeout_ms: int = 60_000) -> bool:
+        """Wait for the queued and running jobs, then deliver their results (this thread's
+        posted signals); True when the pool is idle. Unlike :meth:`shutdown`, it stays usable."""
+        done = self.pool.waitForDone(timeout_ms)
+        QCoreApplication.sendPostedEvents(self)
+        return done
 
     def cancel(self, channel: str) -> None:
         """Make every request on ``channel`` stale (running ones finish unseen)."""

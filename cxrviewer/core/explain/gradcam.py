@@ -1,11 +1,12 @@
 """Grad-CAM (Selvaraju et al., cited as [23] in disease-masks-attention.txt Sec. 2.1): the one implementation.
 
 ``alpha_k = mean_{ij} d y_c / d A_k^{ij}``, ``L = ReLU(sum_k alpha_k A_k)`` at a target layer.
-:func:`~cxrviewer.core.explain.context.capture_activation` (the classifier pass's hook) hooks the layer and re-attaches its output as a leaf that requires
-grad; :func:`gradcam_from_activation` takes the gradients of any number of class scores from
-ONE forward (a backward through the head only). The pipeline, :func:`grad_cam` (any
-``nn.Module``), :func:`head_gradcam` (the registry's single-model form: from a forward already
-run, through ``model.head`` only) and the evaluation all go through these functions.
+:func:`~cxrviewer.core.explain.context.capture_activation` (the classifier pass's hook) hooks the
+layer and re-attaches its output as a leaf that requires grad; :func:`gradcam_from_activation`
+takes the gradients of any number of class scores from ONE forward (a backward through the head
+only). The pipeline, :func:`grad_cam` (any ``nn.Module``), :func:`head_gradcam` (the registry's
+single-model form: from a forward already run, through ``model.head`` only) and the evaluation all
+go through these functions.
 """
 from __future__ import annotations
 
